@@ -1,0 +1,38 @@
+"""cffi (API mode) build of larql._kernels from csrc/.
+
+Only csrc/larql.h is handed to cffi. Each ISA file enables its own instruction set with a
+`#pragma GCC target`, so the whole library is compiled for the baseline and the fastest
+kernels are chosen at run time (csrc/dispatch.c).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _cdef_from_header(text: str) -> str:
+    """larql.h minus preprocessor lines: cffi parses plain declarations."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    return "\n".join(lines)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_from_header((CSRC / "larql.h").read_text()))
+ffibuilder.set_source(
+    "larql._kernels",
+    '#include "larql.h"\n',
+    sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
+    include_dirs=[str(CSRC.relative_to(ROOT))],
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-Wall"],
+    extra_link_args=["-pthread", "-lm"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,31 @@
+"""`larql bench WHAT`: benchmarks printed as ratios against a baseline measured in the same run.
+
+Each module in BENCHES exposes `add_arguments(parser)` and `main(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {
+    "kernels": ("larql.benchmarks.kernels", "kernel GB/s vs read bandwidth, ggml and numpy"),
+    "extract": ("larql.benchmarks.extract", "extraction weights/s and peak RSS at 26B A4B shapes"),
+    "run": ("larql.benchmarks.run", "per-token decode time split by component, prefill tokens/s"),
+    "server": ("larql.benchmarks.server", "expert-server round trips, throughput and end-to-end tok/s"),
+}
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark and print ratios against a baseline")
+    bench_sub = p.add_subparsers(dest="bench", metavar="WHAT")
+    for name, (module_name, help_text) in BENCHES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        bp = bench_sub.add_parser(name, help=help_text)
+        module.add_arguments(bp)
+        bp.set_defaults(func=module.main)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,113 @@
+"""The expert interface: where a layer's routed experts get computed.
+
+The model calls `forward(layer, h, ids, weights)` with the raw residual `h` (T x hidden); the
+backend applies `pre_feedforward_layernorm_2`, runs each token's K experts and returns the
+*raw* weighted sum (T x hidden). The caller applies `post_feedforward_layernorm_2` after
+adding the partial sums of every shard, which is why a shard never normalises its output.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from . import kernels
+
+
+class Experts(Protocol):
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """h: f32 [T, H] residual; ids: int32 [T, K]; weights: f32 [T, K] -> f32 [T, H]."""
+        ...
+
+    def forward_multi(
+        self, work: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]
+    ) -> list[np.ndarray]:
+        """Several layers' work at once (batch dispatch): one result per (layer, h, ids, weights)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """RMSNorm in f32 over the last axis; the weight is applied as is (Gemma 4 has no 1 + w)."""
+    x = np.asarray(x, dtype=np.float32)
+    ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    y = x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
+    return y * weight if weight is not None else y
+
+
+class LocalExperts:
+    """Experts computed in this process from the vindex's mmapped LYRW files.
+
+    `experts`/`layers` restrict what is served (a shard); work naming anything else raises
+    ExpertOwnershipError instead of silently returning a partial sum.
+    """
+
+    def __init__(self, vindex, experts: list[int] | None = None, layers: list[int] | None = None) -> None:
+        self.vindex = vindex
+        cfg = vindex.config
+        self.eps = cfg.rms_norm_eps
+        self.num_experts = cfg.num_experts
+        self.layers = sorted(layers if layers is not None else vindex.layers_present)
+        self.experts = sorted(experts if experts is not None else vindex.experts_present)
+        self._owned = np.zeros(cfg.num_experts, dtype=bool)
+        self._owned[self.experts] = True
+        self._tables: dict[int, kernels.ExpertTable] = {}
+        self._norms: dict[int, np.ndarray] = {}
+
+    def _table(self, layer: int) -> kernels.ExpertTable:
+        table = self._tables.get(layer)
+        if table is None:
+            if layer not in self.layers:
+                raise ExpertOwnershipError(f"layer {layer} is not served here (layers {_ranges(self.layers)})")
+            ef = self.vindex.expert_file(layer)
+            ef.advise_random()
+            table = ef.table(self.experts)
+            self._tables[layer] = table
+            self._norms[layer] = self.vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
+        return table
+
+    def check(self, layer: int, ids: np.ndarray) -> None:
+        if layer not in self.layers:
+            raise ExpertOwnershipError(f"layer {layer} is not served here (layers {_ranges(self.layers)})")
+        used = ids[ids >= 0]
+        if used.size and (used.max() >= self.num_experts or not self._owned[used].all()):
+            bad = sorted({int(e) for e in used if e >= self.num_experts or not self._owned[e]})
+            raise ExpertOwnershipError(
+                f"experts {bad} are not served here (experts {_ranges(self.experts)}, layer {layer})"
+            )
+
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self.check(layer, ids)
+        table = self._table(layer)
+        xe = rms_norm(np.atleast_2d(h), self._norms[layer], self.eps)
+        return kernels.moe_ffn(table, xe, ids, np.ascontiguousarray(weights, dtype=np.float32))
+
+    def forward_multi(self, work):
+        return [self.forward(*w) for w in work]
+
+    def close(self) -> None:
+        self._tables.clear()
+
+
+class ExpertOwnershipError(ValueError):
+    """Work named an expert or layer this backend does not hold."""
+
+
+def _ranges(values: list[int]) -> str:
+    """[0,1,2,5,6] -> '0-2,5-6'."""
+    out: list[str] = []
+    start = prev = None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = v
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ",".join(out) or "none"
