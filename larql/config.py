@@ -132,6 +132,17 @@ class ModelConfig:
             raise ConfigError("per-layer input embeddings (hidden_size_per_layer_input > 0) are not supported")
         if text.get("num_kv_shared_layers"):
             raise ConfigError("KV-shared layers (num_kv_shared_layers > 0) are not supported")
+        # transformers >= 5.2x serialises the full-attention geometry as `per_layer_config`
+        # ({"5": {"head_dim": 512, "num_key_value_heads": 2}}) instead of global_* fields.
+        per_layer = text.get("per_layer_config") or {}
+        for i, t in enumerate(layer_types):
+            extra = per_layer.get(str(i)) or {}
+            if t == "full_attention" and extra:
+                text = {**text}
+                text.setdefault("global_head_dim", extra.get("head_dim"))
+                if "num_key_value_heads" in extra:
+                    text.setdefault("num_global_key_value_heads", extra["num_key_value_heads"])
+                break
         return cls(
             model_type=text.get("model_type", "gemma4_text"),
             num_layers=n_layers,
