@@ -1,29 +1,56 @@
 """The vindex: one model's weights on disk, split by role, everything mmapped.
 
-CONTRACT (filled in by the vindex work; other modules code against these names).
+Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f32 files).
 
-    vx = open_vindex(path)                 # validates index.json, manifests, layer file headers lazily
-    vx.path, vx.index (dict), vx.config (larql.config.ModelConfig), vx.quant ("q4k"|"f16"|"f32")
+    vx = open_vindex(path)                 # validates index.json and every manifest (sizes, offsets
+                                           # inside their files, shapes vs index.json); maps files
+                                           # lazily; LYRW headers/offset tables are validated when a
+                                           # layer's ExpertFile is first opened
+    vx.path, vx.index (dict), vx.config (larql.config.ModelConfig), vx.quant ("q4k"|"f16"|"f32"),
+    vx.dtype ("f16"|"f32": the embeddings' dtype), vx.eos_ids (list[int])
     vx.norm(key) -> np.ndarray f32         # e.g. "layers.3.input_layernorm.weight", "norm.weight",
                                            # "layers.3.router.proj.weight" (reshaped [E, H]),
                                            # "layers.3.router.scale", "layers.3.router.per_expert_scale",
-                                           # "layers.3.layer_scalar" (shape [1])
-    vx.has(key) -> bool
+                                           # "layers.3.layer_scalar" (shape [1]),
+                                           # "layers.3.self_attn.q_norm.weight" / "k_norm.weight"
+    vx.has(key) -> bool                    # is that vector in norms.bin
     vx.embeddings() -> np.ndarray [vocab, hidden] f16 or f32 (zero-copy view)
-    vx.lm_head() -> QMatrix | None          # None = tied to embeddings
+    vx.lm_head() -> QMatrix | None          # None = tied to embeddings (always, for Gemma 4)
     vx.attn(layer) -> AttnWeights(q, k, v, o: QMatrix; v is None when k_eq_v on that layer)
     vx.dense_mlp(layer) -> DenseWeights(gate, up, down: QMatrix)
+        QMatrix.cols is the stored (padded) row length, logical_cols the model's.
     vx.expert_file(layer) -> ExpertFile     # raises VindexError naming the file if absent
     vx.layers_present -> list[int]; vx.experts_present -> list[int] (what this slice holds)
     vx.tokenizer_path -> Path | None; vx.chat_template -> str | None
-    vx.expert_fingerprint() -> str          # sha256 over index identity + expert-file headers/offset
-                                            # tables: equal across shards of one model
+    vx.expert_fingerprint() -> str          # equal across every slice/shard of one extraction
+    vx.file_sizes() -> {relative path: bytes}; vx.close()
 
-    ExpertFile: layer, path, version, quant_format, num_experts, inter, hidden,
+    ExpertFile: layer, path, version, quant_format, num_experts, inter, hidden, header, buffer (uint8
+        view of the whole mmap; offsets are absolute), size,
         entry(e) -> ExpertEntry(gate_up_off, gate_up_len, down_off, down_len, gate_up_fmt, down_fmt) | None,
-        has(e) -> bool, table(experts=None) -> larql.kernels.ExpertTable (only the named experts),
-        advise_random(), prefetch(experts) (MADV_WILLNEED), prefault(experts) -> bytes touched,
-        resident(experts) -> fraction of pages resident (mincore), close()
+        has(e) -> bool, present() -> list[int], gate_up(e)/down(e) -> uint8 views,
+        table(experts=None) -> larql.kernels.ExpertTable (only the named experts; None = all held),
+        advise_random(), prefetch(experts=None) (MADV_WILLNEED), prefault(experts=None) -> bytes covered,
+        resident(experts=None) -> fraction of pages resident (mincore), close()
 
     VindexError(ValueError): every bad-input error, naming the file and field.
+
+Writing (no torch needed):
+    write_vindex(out, config, source, quant="q4k"|"f16"|"f32", tokenizer_json=None, chat_template=None,
+                 progress=True, lyrw_version=2, ...) -> Path      # atomic: OUT.tmp-<pid> then rename
+    random_model.random_tensors(config, seed) -> ArraySource   # HF-named f32 tensors (`.tensors`)
+    synthetic.write_synthetic_vindex(out, num_layers=2, quant="q4k", seed=0, **dims) -> Path
+    TensorSource protocol: get(key), has(key), expert(layer, e) (keys are HF names minus `model.`).
+Reading sources: sources.open_source(path) (HF safetensors dir or .gguf) -> (ModelConfig, TensorSource, info).
+Operations: extract.extract(src, out, quant=...), slicing.slice_vindex(src, dst, preset=..., experts=..., layers=...),
+    hub.pull(repo, out, preset=...), hub.publish(dir, repo, slices=...), verify.verify(path).
 """
+
+from .format import VindexError, format_ranges, parse_ranges
+from .reader import AttnWeights, DenseWeights, ExpertFile, Vindex, open_vindex
+from .writer import ArraySource, TensorSource, write_vindex
+
+__all__ = [
+    "ArraySource", "AttnWeights", "DenseWeights", "ExpertFile", "TensorSource", "Vindex", "VindexError",
+    "format_ranges", "open_vindex", "parse_ranges", "write_vindex",
+]

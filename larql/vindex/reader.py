@@ -1,0 +1,544 @@
+"""Open a vindex: validate its metadata, map its files read-only, hand out zero-copy views.
+
+Files are mapped lazily, on first use, so a slice holding only some files (an expert server
+has no attention weights, an embed slice no layers) opens fine; asking for a part whose file
+is absent raises VindexError naming that file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, ModelConfig
+from . import format as fm
+from .format import VindexError
+
+
+@dataclass(frozen=True)
+class AttnWeights:
+    q: Any
+    k: Any
+    v: Any  # None when the layer reuses K as V (attention_k_eq_v on a full layer)
+    o: Any
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    gate: Any
+    up: Any
+    down: Any
+
+
+def _qmatrix(fmt: int, rows: int, cols: int, data: np.ndarray, logical_cols: int):
+    from ..kernels import QMatrix
+
+    return QMatrix(fmt=fmt, rows=rows, cols=cols, data=data, logical_cols=logical_cols)
+
+
+class _Mapped:
+    """One read-only mmap of a whole file, plus a uint8 numpy view of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        if self.size == 0:
+            self.mm = None
+            self.array = np.zeros(0, dtype=np.uint8)
+            return
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self.mm, dtype=np.uint8)
+        self.array.flags.writeable = False
+
+    @property
+    def address(self) -> int:
+        return int(self.array.ctypes.data) if self.size else 0
+
+    def madvise(self, advice: int, start: int = 0, length: int | None = None) -> None:
+        if self.mm is None:
+            return
+        length = self.size - start if length is None else length
+        a = start - start % mmap.PAGESIZE
+        self.mm.madvise(advice, a, min(self.size - a, length + (start - a)))
+
+
+_libc = None
+
+
+def _mincore(addr: int, length: int) -> np.ndarray:
+    """One byte per page of [addr, addr+length) (addr page-aligned): bit 0 set = resident."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-length // mmap.PAGESIZE)
+    vec = np.zeros(max(pages, 1), dtype=np.uint8)
+    if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec.ctypes.data_as(ctypes.c_void_p)):
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return vec[:pages]
+
+
+class ExpertFile:
+    """One layer's LYRW file: every expert of that layer, mapped once."""
+
+    def __init__(self, path: Path, layer: int, num_experts: int, inter: int, hidden: int) -> None:
+        self.path = path
+        self.layer = layer
+        self._map = _Mapped(path)
+        hdr, entries = fm.parse_lyrw(self._map.array, path, self._map.size)
+        for label, got, want in (("num_entries", hdr.num_entries, num_experts),
+                                 ("intermediate", hdr.inter, inter), ("hidden", hdr.hidden, hidden)):
+            if got != want:
+                raise VindexError(f"{path}: header {label}={got} but index.json says {want}")
+        for e, ent in enumerate(entries):
+            for f in (ent.gate_up_fmt, ent.down_fmt) if ent else ():
+                if f not in fm.SUPPORTED:
+                    raise VindexError(f"{path}: expert {e} uses {fm.FORMAT_NAMES[f]}, which larql cannot compute")
+        self.header = hdr
+        self.version = hdr.version
+        self.quant_format = hdr.quant_format
+        self.num_experts = hdr.num_entries
+        self.inter = hdr.inter
+        self.hidden = hdr.hidden
+        self._entries = entries
+
+    @property
+    def buffer(self):
+        """The whole mapped file (for kernels: absolute offsets index into it)."""
+        return self._map.array
+
+    @property
+    def size(self) -> int:
+        return self._map.size
+
+    def entry(self, e: int) -> fm.ExpertEntry | None:
+        if not 0 <= e < self.num_experts:
+            return None
+        return self._entries[e]
+
+    def has(self, e: int) -> bool:
+        return self.entry(e) is not None
+
+    def present(self) -> list[int]:
+        return [e for e, ent in enumerate(self._entries) if ent is not None]
+
+    def _entries_for(self, experts) -> list[tuple[int, fm.ExpertEntry]]:
+        ids = self.present() if experts is None else [int(e) for e in experts]
+        out = []
+        for e in ids:
+            ent = self.entry(e)
+            if ent is None:
+                raise VindexError(f"{self.path}: expert {e} is not in this file "
+                                  f"(holds {fm.format_ranges(self.present())})")
+            out.append((e, ent))
+        return out
+
+    def gate_up(self, e: int) -> np.ndarray:
+        """Raw bytes of expert e's gate_up matrix (a view)."""
+        ent = self._entries_for([e])[0][1]
+        return self._map.array[ent.gate_up_off:ent.gate_up_off + ent.gate_up_len]
+
+    def down(self, e: int) -> np.ndarray:
+        ent = self._entries_for([e])[0][1]
+        return self._map.array[ent.down_off:ent.down_off + ent.down_len]
+
+    def table(self, experts=None):
+        """A kernels.ExpertTable over the mmap holding only the named experts (None: all held)."""
+        from ..kernels import ExpertTable
+
+        slots: list[tuple | None] = [None] * self.num_experts
+        for e, ent in self._entries_for(experts):
+            slots[e] = (self._map.array, ent.gate_up_off, ent.gate_up_fmt, ent.down_off, ent.down_fmt)
+        return ExpertTable(self.hidden, self.inter, slots)
+
+    # Access hints ----------------------------------------------------------------------
+    def advise_random(self) -> None:
+        self._map.madvise(mmap.MADV_RANDOM)
+
+    def prefetch(self, experts=None) -> None:
+        for _, ent in self._entries_for(experts):
+            self._map.madvise(mmap.MADV_WILLNEED, ent.start, ent.end - ent.start)
+
+    def prefault(self, experts=None) -> int:
+        """Touch one byte per page of each named expert's range; returns the bytes covered."""
+        arr = self._map.array
+        total = 0
+        for _, ent in self._entries_for(experts):
+            first = ent.start - ent.start % mmap.PAGESIZE
+            # A strided sum reads exactly one byte in every page of the range.
+            int(arr[first:ent.end:mmap.PAGESIZE].sum(dtype=np.uint64))
+            total += ent.end - ent.start
+        return total
+
+    def resident(self, experts=None) -> float:
+        """Fraction of the named experts' pages that are in memory (mincore)."""
+        if self._map.size == 0:
+            return 0.0
+        base = self._map.address
+        res = tot = 0
+        for _, ent in self._entries_for(experts):
+            first = ent.start - ent.start % mmap.PAGESIZE
+            vec = _mincore(base + first, ent.end - first)
+            res += int(np.count_nonzero(vec & 1))
+            tot += vec.size
+        return res / tot if tot else 0.0
+
+    def close(self) -> None:
+        # The mmap stays valid while any numpy view or ExpertTable references it; dropping
+        # our references lets Python unmap it once those are gone.
+        self._map = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    key: str
+    shape: tuple[int, ...]
+    fmt: int
+    offset: int
+    length: int
+    file: str
+
+
+class Vindex:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise VindexError(f"{self.path}: not a vindex directory")
+        self.index: dict[str, Any] = fm.read_json(self.path / fm.INDEX_JSON, "the vindex metadata")
+        if not isinstance(self.index, dict):
+            raise VindexError(f"{self.path / fm.INDEX_JSON}: expected a JSON object")
+        self._check_index()
+        try:
+            self.config: ModelConfig = ModelConfig.from_index(self.index)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise VindexError(f"{self.path / fm.INDEX_JSON}: {e}") from None
+        q = str(self.index.get("quant") or "none").lower()
+        dtype = str(self.index.get("dtype") or "f32").lower()
+        if q in ("none", ""):
+            q = dtype
+        if q not in ("q4k", "f16", "f32"):
+            raise VindexError(f"{self.path / fm.INDEX_JSON}: quant {q!r} is not one of q4k, f16, f32")
+        if dtype not in ("f16", "f32"):
+            raise VindexError(f"{self.path / fm.INDEX_JSON}: dtype {dtype!r} is not f16 or f32")
+        self.quant: str = q
+        self.dtype: str = dtype
+        self._maps: dict[str, _Mapped] = {}
+        self._expert_files: dict[int, ExpertFile] = {}
+        self._vectors: dict[str, ManifestEntry] = {}
+        self._attn: dict[str, ManifestEntry] = {}
+        self._dense: dict[str, ManifestEntry] = {}
+        self._lm_head: ManifestEntry | None = None
+        self._load_manifests()
+        self.layers_present: list[int] = self._layers_present()
+        self.experts_present: list[int] = self._experts_present()
+
+    # Metadata ------------------------------------------------------------------------------
+    def _check_index(self) -> None:
+        idx = self.index
+        name = self.path / fm.INDEX_JSON
+        v = idx.get("version", 2)
+        if not isinstance(v, int) or v > 2 or v < 1:
+            raise VindexError(f"{name}: unsupported version {v!r} (supported: 1, 2)")
+        for key in ("num_layers", "hidden_size", "vocab_size"):
+            if not isinstance(idx.get(key), int) or idx[key] <= 0:
+                raise VindexError(f"{name}: field {key!r} missing or not a positive integer")
+
+    def _manifest(self, name: str) -> list[dict] | None:
+        p = self.path / name
+        if not p.exists():
+            return None
+        data = fm.read_json(p, "a weight manifest")
+        if not isinstance(data, list):
+            raise VindexError(f"{p}: expected a JSON array of entries")
+        return data
+
+    def _entry(self, manifest: str, raw: Any, default_file: str | None, default_fmt: str | None) -> ManifestEntry:
+        where = f"{self.path / manifest}"
+        if not isinstance(raw, dict):
+            raise VindexError(f"{where}: entry {raw!r} is not an object")
+        key = raw.get("key")
+        try:
+            shape = tuple(int(s) for s in raw["shape"])
+            offset, length = int(raw["offset"]), int(raw["length"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise VindexError(f"{where}: entry {key!r}: bad or missing field {e}") from None
+        fmt_name = raw.get("format") or default_fmt
+        if fmt_name is None:
+            kind = raw.get("kind", "")
+            fmt_name = {"tensor_q4k": "Q4_K", "tensor_f16": "f16"}.get(kind, self.dtype if kind == "tensor" else "f32")
+        fmt = fm.format_id(fmt_name)
+        file = raw.get("file") or default_file
+        if not file:
+            raise VindexError(f"{where}: entry {key!r} names no file")
+        if offset < 0 or length < 0:
+            raise VindexError(f"{where}: entry {key!r}: negative offset/length")
+        n = int(np.prod(shape)) if shape else 1
+        if len(shape) == 2:
+            want = shape[0] * fm.row_bytes(fmt, shape[1])
+            if shape[1] % fm.block_values(fmt):
+                raise VindexError(f"{where}: entry {key!r}: {fm.FORMAT_NAMES[fmt]} row length {shape[1]} "
+                                  f"is not a multiple of {fm.block_values(fmt)}")
+        else:
+            want = fm.row_bytes(fmt, n)
+        if length != want:
+            raise VindexError(f"{where}: entry {key!r}: length {length} != {want} expected for "
+                              f"shape {list(shape)} in {fm.FORMAT_NAMES[fmt]}")
+        fp = self.path / file
+        if fp.exists() and offset + length > fp.stat().st_size:
+            raise VindexError(f"{fp}: entry {key!r} ({where}) spans {offset}+{length}, past the end "
+                              f"of the file ({fp.stat().st_size} bytes)")
+        return ManifestEntry(str(key), shape, fmt, offset, length, file)
+
+    def _load_manifests(self) -> None:
+        wm = self._manifest(fm.WEIGHT_MANIFEST) or []
+        for raw in wm:
+            ent = self._entry(fm.WEIGHT_MANIFEST, raw, None, None)
+            if ent.file == fm.NORMS_BIN or ent.fmt in (fm.F32,) and len(ent.shape) == 1:
+                self._vectors[ent.key] = ent
+            elif ent.key == "lm_head.weight":
+                self._lm_head = ent
+        seen_attn = set()
+        for q in (self.quant, *[k for k in fm.ATTN_FILES if k != self.quant]):
+            blob, man = fm.ATTN_FILES[q]
+            if man in seen_attn:
+                continue
+            seen_attn.add(man)
+            for raw in self._manifest(man) or []:
+                ent = self._entry(man, raw, blob, None)
+                self._attn[ent.key] = ent
+            blob, man = fm.DENSE_FILES[q]
+            for raw in self._manifest(man) or []:
+                ent = self._entry(man, raw, blob, None)
+                self._dense[ent.key] = ent
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Manifest shapes must agree with index.json (checked once, at open)."""
+        c = self.config
+        for key, ent in {**self._attn, **self._dense}.items():
+            parts = key.split(".")
+            if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit():
+                continue
+            layer = int(parts[1])
+            if layer >= c.num_layers:
+                raise VindexError(f"{self.path / ent.file}: entry {key!r} names layer {layer} "
+                                  f"but num_layers is {c.num_layers}")
+            want = self._expected_shape(layer, parts[-2])
+            if want is None:
+                continue
+            rows, cols = want
+            if len(ent.shape) != 2 or ent.shape[0] != rows or ent.shape[1] not in (cols, fm.padded_cols(ent.fmt, cols)):
+                raise VindexError(f"{self.path / ent.file}: entry {key!r} has shape {list(ent.shape)}, "
+                                  f"index.json implies [{rows}, {cols}]")
+        for key, ent in self._vectors.items():
+            n = int(np.prod(ent.shape))
+            want = None
+            if key.endswith("router.proj.weight"):
+                want = c.num_experts * c.hidden_size
+            elif key.endswith("per_expert_scale"):
+                want = c.num_experts
+            elif key.endswith("layer_scalar"):
+                want = 1
+            elif key.endswith(("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale")) \
+                    or key == "norm.weight":
+                want = c.hidden_size
+            if want is not None and n != want:
+                raise VindexError(f"{self.path / ent.file}: vector {key!r} has {n} values, "
+                                  f"index.json implies {want}")
+
+    def _expected_shape(self, layer: int, proj: str) -> tuple[int, int] | None:
+        c = self.config
+        hd, kv, H = c.layer_head_dim(layer), c.layer_kv_heads(layer), c.hidden_size
+        return {
+            "q_proj": (c.num_heads * hd, H), "k_proj": (kv * hd, H), "v_proj": (kv * hd, H),
+            "o_proj": (H, c.num_heads * hd), "gate_proj": (c.intermediate_size, H),
+            "up_proj": (c.intermediate_size, H), "down_proj": (H, c.intermediate_size),
+        }.get(proj)
+
+    def _layers_present(self) -> list[int]:
+        lp = self.index.get("layers_present")
+        if isinstance(lp, list):
+            return sorted(int(x) for x in lp)
+        d = self.path / fm.LAYERS_DIR
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.glob("layer_*.weights"):
+            try:
+                out.append(int(p.name[6:-8]))
+            except ValueError:
+                continue
+        return sorted(x for x in out if x < self.config.num_layers)
+
+    def _experts_present(self) -> list[int]:
+        ep = self.index.get("experts_present")
+        if isinstance(ep, list):
+            return sorted(int(x) for x in ep)
+        return list(range(self.config.num_experts)) if self.layers_present else []
+
+    # Files ----------------------------------------------------------------------------------
+    def _file(self, name: str, what: str) -> _Mapped:
+        m = self._maps.get(name)
+        if m is None:
+            p = self.path / name
+            if not p.exists():
+                raise VindexError(f"{p}: missing ({what}); this vindex slice does not hold it")
+            m = self._maps[name] = _Mapped(p)
+        return m
+
+    def has(self, key: str) -> bool:
+        return key in self._vectors
+
+    def norm(self, key: str) -> np.ndarray:
+        ent = self._vectors.get(key)
+        if ent is None:
+            raise VindexError(f"{self.path / fm.WEIGHT_MANIFEST}: no vector {key!r}")
+        m = self._file(ent.file, "norms and router vectors")
+        if ent.fmt != fm.F32:
+            raise VindexError(f"{self.path / ent.file}: vector {key!r} is {fm.FORMAT_NAMES[ent.fmt]}, expected f32")
+        arr = m.array[ent.offset:ent.offset + ent.length].view(np.float32)
+        if key.endswith("router.proj.weight"):
+            return arr.reshape(self.config.num_experts, self.config.hidden_size)
+        return arr.reshape(ent.shape) if len(ent.shape) > 1 else arr
+
+    def embeddings(self) -> np.ndarray:
+        c = self.config
+        m = self._file(fm.EMBEDDINGS_BIN, "token embeddings")
+        dt = np.float16 if self.dtype == "f16" else np.float32
+        want = c.vocab_size * c.hidden_size * np.dtype(dt).itemsize
+        if m.size != want:
+            raise VindexError(f"{m.path}: {m.size} bytes, expected {want} "
+                              f"(vocab_size {c.vocab_size} x hidden_size {c.hidden_size} {self.dtype})")
+        return m.array.view(dt).reshape(c.vocab_size, c.hidden_size)
+
+    def _qm(self, ent: ManifestEntry, logical_cols: int):
+        m = self._file(ent.file, "weights")
+        rows, cols = ent.shape
+        return _qmatrix(ent.fmt, rows, cols, m.array[ent.offset:ent.offset + ent.length],
+                        min(logical_cols, cols) if logical_cols else cols)
+
+    def lm_head(self):
+        ent = self._lm_head
+        if ent is None:
+            return None
+        return self._qm(ent, self.config.hidden_size)
+
+    def attn(self, layer: int) -> AttnWeights:
+        c = self.config
+        if not 0 <= layer < c.num_layers:
+            raise VindexError(f"layer {layer} out of range 0-{c.num_layers - 1}")
+        blob = fm.ATTN_FILES[self.quant][0]
+        out = {}
+        for p in ("q", "k", "v", "o"):
+            key = f"layers.{layer}.self_attn.{p}_proj.weight"
+            if p == "v" and c.layer_k_eq_v(layer):
+                out[p] = None  # the reference writes K again here; the model uses raw K
+                continue
+            ent = self._attn.get(key)
+            if ent is None:
+                raise VindexError(f"{self.path / blob}: no entry {key!r} (attention weights missing)")
+            logical = c.num_heads * c.layer_head_dim(layer) if p == "o" else c.hidden_size
+            out[p] = self._qm(ent, logical)
+        return AttnWeights(**out)
+
+    def dense_mlp(self, layer: int) -> DenseWeights:
+        c = self.config
+        blob = fm.DENSE_FILES[self.quant][0]
+        out = {}
+        for p in ("gate", "up", "down"):
+            key = f"layers.{layer}.mlp.{p}_proj.weight"
+            ent = self._dense.get(key)
+            if ent is None:
+                raise VindexError(f"{self.path / blob}: no entry {key!r} (dense MLP weights missing)")
+            out[p] = self._qm(ent, c.intermediate_size if p == "down" else c.hidden_size)
+        return DenseWeights(**out)
+
+    def expert_file(self, layer: int) -> ExpertFile:
+        ef = self._expert_files.get(layer)
+        if ef is None:
+            c = self.config
+            p = self.path / fm.layer_file(layer)
+            if not 0 <= layer < c.num_layers:
+                raise VindexError(f"layer {layer} out of range 0-{c.num_layers - 1}")
+            if not p.exists():
+                raise VindexError(f"{p}: missing (experts of layer {layer}); this vindex holds layers "
+                                  f"{fm.format_ranges(self.layers_present)}")
+            ef = ExpertFile(p, layer, c.num_experts, c.moe_intermediate_size, c.hidden_size)
+            self._expert_files[layer] = ef
+        return ef
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / fm.TOKENIZER_JSON
+        return p if p.exists() else None
+
+    @property
+    def chat_template(self) -> str | None:
+        p = self.path / fm.CHAT_TEMPLATE
+        if p.exists():
+            return p.read_text()
+        tc = self.path / "tokenizer_config.json"
+        if tc.exists():
+            try:
+                t = json.loads(tc.read_text()).get("chat_template")
+                return t if isinstance(t, str) else None
+            except json.JSONDecodeError:
+                return None
+        return None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self.config.eos_token_ids)
+
+    def expert_fingerprint(self) -> str:
+        """Equal across every shard/slice of one extraction (recorded at extract time and
+        carried by slices); for a vindex without one (the reference's), a hash of the model
+        identity and every layer file's header and offset table."""
+        fp = self.index.get("expert_fingerprint")
+        if isinstance(fp, str) and fp:
+            return fp
+        h = hashlib.sha256()
+        ident = {k: self.index.get(k) for k in ("model", "num_layers", "hidden_size", "vocab_size", "quant")}
+        ident["moe"] = (self.index.get("model_config") or {}).get("moe")
+        h.update(json.dumps(ident, sort_keys=True).encode())
+        for layer in self.layers_present:
+            ef = self.expert_file(layer)
+            h.update(bytes(ef.buffer[:ef.header.table_bytes]))
+        return h.hexdigest()
+
+    def file_sizes(self) -> dict[str, int]:
+        out = {}
+        for p in sorted(self.path.rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(self.path))] = p.stat().st_size
+        return out
+
+    def close(self) -> None:
+        for ef in self._expert_files.values():
+            ef.close()
+        self._expert_files.clear()
+        self._maps.clear()
+
+    def __enter__(self) -> Vindex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Vindex({str(self.path)!r}, quant={self.quant}, layers={fm.format_ranges(self.layers_present)}, "
+                f"experts={fm.format_ranges(self.experts_present)})")
+
+
+def open_vindex(path: str | os.PathLike) -> Vindex:
+    return Vindex(path)

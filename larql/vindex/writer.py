@@ -1,0 +1,377 @@
+"""Write a vindex from a TensorSource, one tensor at a time.
+
+The writer never holds more than one layer's attention/dense tensors and a bounded batch of
+experts in memory. Everything goes into `OUT.tmp-<pid>` and is renamed to OUT at the end, so an
+interrupted extract never leaves a directory that looks like a complete vindex.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .. import __version__
+from ..config import ModelConfig
+from . import format as fm
+from .format import VindexError
+
+QUANTS = ("q4k", "f16", "f32")
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Weights by vindex key (HF name without `model.`/`model.language_model.`)."""
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a float array (any float dtype); VindexError naming the key if absent."""
+        ...
+
+    def has(self, key: str) -> bool: ...
+
+    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gate_up [2I, H], down [H, I]) of one expert, as float arrays."""
+        ...
+
+
+# A source may also offer already-encoded bytes (GGUF blocks copied as they are, synthetic
+# random blocks): `encoded(key, fmt) -> uint8 array | None` and
+# `encoded_expert(layer, e, fmt_gu, fmt_down) -> (bytes, bytes) | None`.
+
+
+def plan(quant: str) -> dict[str, int]:
+    """Which format each role is stored in."""
+    if quant == "q4k":
+        # The reference's mix: Q4_K everywhere but V and the dense down projection (Q6_K).
+        return dict(q=fm.Q4_K, k=fm.Q4_K, v=fm.Q6_K, o=fm.Q4_K, gate=fm.Q4_K, up=fm.Q4_K, down=fm.Q6_K,
+                    expert_gu=fm.Q4_K, expert_down=fm.Q4_K, embed=fm.F16)
+    f = fm.F16 if quant == "f16" else fm.F32
+    return dict(q=f, k=f, v=f, o=f, gate=f, up=f, down=f, expert_gu=f, expert_down=f, embed=f)
+
+
+def encode(x: np.ndarray, fmt: int) -> np.ndarray:
+    """A float matrix [rows, cols] -> its bytes (uint8) in fmt; K-quant rows zero-padded to 256."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if fmt == fm.F32:
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint8)
+    if fmt == fm.F16:
+        return np.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint8)
+    from .. import kernels
+
+    out = kernels.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt)
+    want = x.shape[0] * fm.row_bytes(fmt, x.shape[1])
+    if out.nbytes != want:
+        raise VindexError(f"quantiser returned {out.nbytes} bytes for {x.shape} in {fm.FORMAT_NAMES[fmt]}, "
+                          f"expected {want}")
+    return out.reshape(-1).view(np.uint8)
+
+
+class _HashingFile:
+    """Sequential writer that hashes what it writes (checksums without a second read)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "wb")
+        self.h = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.h.update(mv)
+        self.pos += mv.nbytes
+        return mv.nbytes
+
+    def pad_to(self, pos: int) -> None:
+        if pos < self.pos:
+            raise AssertionError("writer moved backwards")
+        if pos > self.pos:
+            self.write(bytes(pos - self.pos))
+
+    def close(self) -> str:
+        self.f.close()
+        return self.h.hexdigest()
+
+
+class _Blob:
+    """A manifest-described blob file (attention or dense MLP)."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.out = _HashingFile(root / name)
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, key: str, data: np.ndarray, fmt: int, rows: int, cols: int) -> None:
+        off = self.out.pos
+        n = self.out.write(data)
+        self.entries.append({"key": key, "shape": [rows, fm.padded_cols(fmt, cols)],
+                             "format": fm.FORMAT_NAMES[fmt], "offset": off, "length": n})
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+
+
+def write_vindex(out: str | os.PathLike, config: ModelConfig, source: TensorSource, *, quant: str = "q4k",
+                 tokenizer_json: str | os.PathLike | bytes | None = None, chat_template: str | None = None,
+                 progress: bool = True, lyrw_version: int = 2, model_name: str = "", source_info:
+                 dict | None = None, threads: int | None = None, overwrite: bool = False,
+                 extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a complete vindex for `config` from `source` into `out` (atomically)."""
+    if quant not in QUANTS:
+        raise VindexError(f"unknown --quant {quant!r} (choose from {', '.join(QUANTS)})")
+    if lyrw_version not in (1, 2):
+        raise VindexError(f"LYRW version must be 1 or 2, not {lyrw_version}")
+    out = Path(out)
+    if out.exists() and not overwrite and any(out.iterdir() if out.is_dir() else [out]):
+        raise VindexError(f"{out}: already exists (pass --force to replace it)")
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        checksums, fingerprint = _write_all(tmp, config, source, quant, progress, lyrw_version, threads)
+        if tokenizer_json is not None:
+            data = tokenizer_json if isinstance(tokenizer_json, bytes) else Path(tokenizer_json).read_bytes()
+            (tmp / fm.TOKENIZER_JSON).write_bytes(data)
+        if chat_template:
+            (tmp / fm.CHAT_TEMPLATE).write_text(chat_template)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        for name in [fm.TOKENIZER_JSON, fm.CHAT_TEMPLATE, *(extra_files or {})]:
+            if (tmp / name).exists():
+                checksums[name] = fm.sha256_file(tmp / name)
+        index = build_index(config, quant, model_name, source_info, checksums, fingerprint)
+        (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_index(config: ModelConfig, quant: str, model_name: str, source_info: dict | None,
+                checksums: dict[str, str], fingerprint: str) -> dict[str, Any]:
+    dtype = "f32" if quant == "f32" else "f16"
+    return {
+        "version": 2,
+        "model": model_name or "gemma4",
+        "family": "gemma4",
+        "source": {
+            "huggingface_repo": None, "huggingface_revision": None, "safetensors_sha256": None,
+            "extracted_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "larql_version": f"larql-py {__version__}",
+            **(source_info or {}),
+        },
+        "checksums": dict(sorted(checksums.items())),
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "embed_scale": config.embed_scale,
+        "extract_level": "all",
+        "dtype": dtype,
+        "quant": quant,
+        "layers": [],
+        "down_top_k": 0,
+        "has_model_weights": True,
+        "ffn_layout": "per_layer",
+        "model_config": config.to_index_model_config(),
+        "layers_present": list(range(config.num_layers)),
+        "experts_present": list(range(config.num_experts)),
+        "expert_fingerprint": fingerprint,
+        "larql_format": 1,
+    }
+
+
+def _get(source: TensorSource, key: str, fmt: int, rows: int, cols: int) -> np.ndarray:
+    enc = getattr(source, "encoded", None)
+    if enc is not None:
+        data = enc(key, fmt)
+        if data is not None:
+            return np.asarray(data, dtype=np.uint8).reshape(-1)
+    x = source.get(key)
+    if tuple(x.shape) != (rows, cols):
+        raise VindexError(f"source tensor {key!r} has shape {list(x.shape)}, config implies [{rows}, {cols}]")
+    return encode(x, fmt)
+
+
+def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, progress: bool,
+               lyrw_version: int, threads: int | None) -> tuple[dict[str, str], str]:
+    p = plan(quant)
+    checksums: dict[str, str] = {}
+    H, L = c.hidden_size, c.num_layers
+    per_layer = 9 + c.num_experts
+    bar = _progress(L * per_layer + 2, f"extract {quant}", progress)
+    tick: Callable[[int], None] = (lambda n=1: bar.update(n)) if bar else (lambda n=1: None)
+
+    # Embeddings: [vocab, hidden] in the index dtype (f16 for q4k, like the reference).
+    emb = _HashingFile(root / fm.EMBEDDINGS_BIN)
+    enc = getattr(source, "encoded", None)
+    raw = enc("embed_tokens.weight", p["embed"]) if enc else None
+    if raw is None:
+        e = source.get("embed_tokens.weight")
+        if tuple(e.shape) != (c.vocab_size, H):
+            raise VindexError(f"source embed_tokens has shape {list(e.shape)}, config implies [{c.vocab_size}, {H}]")
+        for i in range(0, c.vocab_size, 16384):   # chunked: never a second full copy
+            emb.write(encode(e[i:i + 16384], p["embed"]))
+        del e
+    else:
+        emb.write(raw)
+    checksums[fm.EMBEDDINGS_BIN] = emb.close()
+    tick()
+
+    attn = _Blob(root, fm.ATTN_FILES[quant][0])
+    dense = _Blob(root, fm.DENSE_FILES[quant][0])
+    norms = _HashingFile(root / fm.NORMS_BIN)
+    vectors: list[dict[str, Any]] = []
+
+    def add_vector(key: str, required: bool = True) -> None:
+        if not source.has(key):
+            if required:
+                raise VindexError(f"source has no tensor {key!r}")
+            return
+        v = np.ascontiguousarray(source.get(key), dtype=np.float32).reshape(-1)
+        off = norms.pos
+        n = norms.write(v.view(np.uint8))
+        vectors.append({"key": key, "kind": "vector", "shape": [int(v.size)], "offset": off, "length": n,
+                        "file": fm.NORMS_BIN})
+
+    fp_hash = hashlib.sha256()
+    fp_hash.update(json.dumps(c.to_index_model_config(), sort_keys=True).encode())
+    workers = threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for layer in range(L):
+            hd, kv = c.layer_head_dim(layer), c.layer_kv_heads(layer)
+            pre = f"layers.{layer}"
+            shapes = {"q": (c.num_heads * hd, H), "k": (kv * hd, H), "v": (kv * hd, H), "o": (H, c.num_heads * hd)}
+            for proj in ("q", "k", "v", "o"):
+                key = f"{pre}.self_attn.{proj}_proj.weight"
+                rows, cols = shapes[proj]
+                if proj == "v" and c.layer_k_eq_v(layer):
+                    if quant != "q4k":
+                        tick()
+                        continue
+                    # The reference keeps 4 entries per layer: K's values, as Q6_K, in V's slot.
+                    data = _get(source, f"{pre}.self_attn.k_proj.weight", p["v"], rows, cols)
+                else:
+                    data = _get(source, key, p[proj], rows, cols)
+                attn.add(key, data, p[proj], rows, cols)
+                tick()
+            shapes = {"gate": (c.intermediate_size, H), "up": (c.intermediate_size, H), "down": (H, c.intermediate_size)}
+            for proj in ("gate", "up", "down"):
+                key = f"{pre}.mlp.{proj}_proj.weight"
+                rows, cols = shapes[proj]
+                dense.add(key, _get(source, key, p[proj], rows, cols), p[proj], rows, cols)
+                tick()
+            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                         "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+                add_vector(f"{pre}.{name}.weight")
+            add_vector(f"{pre}.self_attn.q_norm.weight")
+            add_vector(f"{pre}.self_attn.k_norm.weight")
+            add_vector(f"{pre}.layer_scalar")
+            add_vector(f"{pre}.router.proj.weight")
+            add_vector(f"{pre}.router.scale")
+            add_vector(f"{pre}.router.per_expert_scale")
+            tick()
+            digest = _write_layer(root, c, source, layer, p, lyrw_version, pool, tick)
+            checksums[fm.layer_file(layer)] = digest
+            fp_hash.update(f"{layer}:{digest}".encode())
+    add_vector("norm.weight")
+    tick()
+    checksums[attn.name] = attn.out.close()
+    checksums[dense.name] = dense.out.close()
+    checksums[fm.NORMS_BIN] = norms.close()
+    man_a, man_d = fm.ATTN_FILES[quant][1], fm.DENSE_FILES[quant][1]
+    (root / man_a).write_text(json.dumps(attn.entries, indent=1))
+    (root / man_d).write_text(json.dumps(dense.entries, indent=1))
+    (root / fm.WEIGHT_MANIFEST).write_text(json.dumps(vectors, indent=1))
+    for name in (man_a, man_d, fm.WEIGHT_MANIFEST):
+        checksums[name] = fm.sha256_file(root / name)
+    if bar:
+        bar.close()
+    return checksums, fp_hash.hexdigest()
+
+
+def _write_layer(root: Path, c: ModelConfig, source: TensorSource, layer: int, p: dict[str, int],
+                 version: int, pool: ThreadPoolExecutor, tick) -> str:
+    """One LYRW file; experts are encoded in parallel batches and written in order."""
+    E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    fgu, fdn = p["expert_gu"], p["expert_down"]
+    hdr, entries, size = fm.layout_lyrw(version, fgu, fdn, list(range(E)), E, I, H)
+    f = _HashingFile(root / fm.layer_file(layer))
+    f.write(fm.pack_lyrw(hdr, entries))
+    enc = getattr(source, "encoded_expert", None)
+
+    def one(e: int) -> tuple[np.ndarray, np.ndarray]:
+        if enc is not None:
+            got = enc(layer, e, fgu, fdn)
+            if got is not None:
+                return np.asarray(got[0], np.uint8).reshape(-1), np.asarray(got[1], np.uint8).reshape(-1)
+        gu, dn = source.expert(layer, e)
+        if tuple(gu.shape) != (2 * I, H) or tuple(dn.shape) != (H, I):
+            raise VindexError(f"source expert {e} of layer {layer}: gate_up {list(gu.shape)} / down "
+                              f"{list(dn.shape)}, config implies [{2 * I}, {H}] / [{H}, {I}]")
+        return encode(gu, fgu), encode(dn, fdn)
+
+    batch = max(1, (pool._max_workers or 1) * 2)
+    for start in range(0, E, batch):
+        ids = list(range(start, min(E, start + batch)))
+        for e, (gu, dn) in zip(ids, pool.map(one, ids)):
+            ent = entries[e]
+            assert ent is not None
+            f.pad_to(ent.gate_up_off)
+            if gu.nbytes != ent.gate_up_len or dn.nbytes != ent.down_len:
+                raise VindexError(f"expert {e} of layer {layer}: encoded to {gu.nbytes}+{dn.nbytes} bytes, "
+                                  f"expected {ent.gate_up_len}+{ent.down_len}")
+            f.write(gu)
+            f.write(dn)
+            tick()
+    if f.pos != size:
+        raise AssertionError(f"layer file size {f.pos} != planned {size}")
+    return f.close()
+
+
+class ArraySource:
+    """A TensorSource over a dict of HF-named (or already stripped) numpy arrays."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors = {fm.strip_prefix(k): v for k, v in tensors.items()}
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def get(self, key: str) -> np.ndarray:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise VindexError(f"source has no tensor {key!r}") from None
+
+    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        gu = self.get(f"layers.{layer}.experts.gate_up_proj")
+        dn = self.get(f"layers.{layer}.experts.down_proj")
+        return gu[e], dn[e]
