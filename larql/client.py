@@ -1,0 +1,604 @@
+"""Remote experts: the `Experts` interface over TCP to one or more expert servers.
+
+    experts = connect_shards("0-63=10.0.0.5:8080,64-127=tcp://10.0.0.6:8080", vindex)
+    y = experts.forward(layer, h, ids, weights)      # raw weighted sum over all shards
+
+A shard map names inclusive expert ranges; together they must cover every expert exactly once.
+A range may list replicas (`0-63=a:8080|b:8080`): work a replica fails to answer is retried
+once on the next one, within the request deadline. Each server's `hello` is checked against
+the local vindex (expert-weights fingerprint, hidden size, expert/layer counts, owned ranges)
+before any work is sent, so shards of different models can never be mixed.
+
+Per layer, each shard receives only its own (expert, weight) pairs, for all tokens at once
+(a prefill is one request per shard per layer), all shards concurrently; the partial sums are
+added in shard order. The caller applies post_feedforward_layernorm_2. `forward_multi` sends
+several layers in one `multi` request per shard (batch dispatch: one round trip per token).
+
+`AsyncExpertClient` is the asyncio core; `RemoteExperts` is the synchronous `Experts` the model
+uses, running the core on a private event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from . import protocol as P
+
+DEFAULT_TIMEOUT = 60.0        # seconds for one request (a long prefill on a slow shard)
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+class ShardSpecError(ValueError):
+    """A --moe-shards map is malformed, has gaps or overlaps, or names experts out of range."""
+
+
+class ShardError(ConnectionError):
+    """A shard could not be reached, timed out, or answered something unusable."""
+
+
+# ------------------------------------------------------------------------------------------
+# Shard map parsing
+
+
+@dataclass
+class ShardSpec:
+    first: int
+    last: int
+    replicas: list[tuple[str, int]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    def __str__(self) -> str:
+        return f"{self.label}=" + "|".join(f"{h}:{p}" for h, p in self.replicas)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'host:port', 'tcp://host:port', '[::1]:port' -> (host, port)."""
+    t = text.strip()
+    if "://" in t:
+        scheme, t = t.split("://", 1)
+        if scheme != "tcp":
+            raise ShardSpecError(
+                f"address {text!r}: larql expert servers speak raw TCP, not {scheme}; write host:port "
+                f"or tcp://host:port (on fly.io expose the port as a TCP service, see docs/DEPLOY.md)")
+        t = t.rstrip("/")
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ShardSpecError(f"address {text!r}: expected [ipv6]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = t.rpartition(":")
+        if not sep:
+            raise ShardSpecError(f"address {text!r} has no port: expected host:port")
+    if not host:
+        raise ShardSpecError(f"address {text!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ShardSpecError(f"address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ShardSpecError(f"address {text!r}: port {port} out of range")
+    return host, port
+
+
+def parse_shards(spec: str, num_experts: int) -> list[ShardSpec]:
+    """'0-63=a:1,64-127=b:2|c:3' -> [ShardSpec], validated to cover 0..num_experts-1 exactly once."""
+    if not spec or not spec.strip():
+        raise ShardSpecError("empty shard map: expected e.g. '0-63=host:port,64-127=host:port'")
+    shards: list[ShardSpec] = []
+    for entry in spec.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise ShardSpecError(f"shard map {spec!r} has an empty entry")
+        rng, sep, addrs = entry.partition("=")
+        if not sep or not addrs.strip():
+            raise ShardSpecError(f"shard entry {entry!r}: expected RANGE=HOST:PORT (e.g. 0-63=10.0.0.5:8080)")
+        rng = rng.strip()
+        try:
+            if "-" in rng:
+                a, b = rng.split("-", 1)
+                first, last = int(a), int(b)
+            else:
+                first = last = int(rng)
+        except ValueError:
+            raise ShardSpecError(f"shard entry {entry!r}: bad expert range {rng!r} (expected A-B)") from None
+        if first > last:
+            raise ShardSpecError(f"shard entry {entry!r}: range start {first} is after its end {last}")
+        if first < 0 or last >= num_experts:
+            raise ShardSpecError(
+                f"shard entry {entry!r}: experts {first}-{last} outside 0-{num_experts - 1} "
+                f"(the model has {num_experts} experts)")
+        replicas = [parse_address(a) for a in addrs.split("|")]
+        shards.append(ShardSpec(first, last, replicas))
+    shards.sort(key=lambda s: s.first)
+    expect = 0
+    for s in shards:
+        if s.first > expect:
+            raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{s.first - 1} unserved")
+        if s.first < expect:
+            raise ShardSpecError(f"shard map {spec!r}: range {s.label} overlaps an earlier range")
+        expect = s.last + 1
+    if expect != num_experts:
+        raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{num_experts - 1} unserved")
+    return shards
+
+
+def split_work(ids: np.ndarray, weights: np.ndarray, first: int, last: int):
+    """The part of one layer's routing a shard owning experts first..last computes.
+
+    Returns (rows, ids_s, w_s) for the tokens with at least one owned expert, K compacted to the
+    largest per-token count (slot order preserved, -1/0 padding), or None if nothing is owned."""
+    mask = (ids >= first) & (ids <= last)
+    counts = mask.sum(axis=1)
+    rows = np.flatnonzero(counts)
+    if rows.size == 0:
+        return None
+    K = int(counts.max())
+    if K == ids.shape[1] and rows.size == ids.shape[0] and mask.all():
+        return rows, ids, weights
+    order = np.argsort(~mask[rows], axis=1, kind="stable")[:, :K]
+    m = np.take_along_axis(mask[rows], order, axis=1)
+    ids_s = np.where(m, np.take_along_axis(ids[rows], order, axis=1), -1).astype(np.int32)
+    w_s = np.where(m, np.take_along_axis(weights[rows], order, axis=1), 0.0).astype(np.float32)
+    return rows, ids_s, w_s
+
+
+# ------------------------------------------------------------------------------------------
+# One TCP connection with pipelined requests
+
+
+class Connection(asyncio.Protocol):
+    """A persistent connection: requests carry ids, replies may come back in any order."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.reader = P.FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 1
+        self.closed_exc: Exception | None = None
+        self.info: dict = {}
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float) -> Connection:
+        loop = asyncio.get_running_loop()
+        where = f"{host}:{port}"
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: cls(where), host, port), timeout)
+        except asyncio.TimeoutError:
+            raise ShardError(f"{where}: no TCP connection within {timeout:g}s") from None
+        except OSError as e:
+            raise ShardError(f"{where}: cannot connect ({e.strerror or e})") from None
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from .server import set_nodelay
+
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed_exc = ShardError(f"{self.where}: connection closed" + (f" ({exc})" if exc else ""))
+        self._fail_all(self.closed_exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            bodies = self.reader.feed(data)
+            for body in bodies:
+                msg = P.decode_body(body)
+                rid = P.request_id(msg)
+                fut = self.pending.pop(rid, None) if rid is not None else None
+                if fut is None:
+                    # An error reply without a usable id: the server could not parse something we
+                    # sent. Nothing in flight can be trusted to be answered.
+                    if msg.get("ok") is False:
+                        err = msg.get("error") or {}
+                        raise P.RemoteError(str(err.get("code")), str(err.get("message")), self.where)
+                    continue
+                if not fut.done():
+                    fut.set_result(msg)
+        except Exception as e:  # a broken stream: fail everything, drop the connection
+            self._fail_all(e if isinstance(e, (P.RemoteError, ShardError))
+                           else ShardError(f"{self.where}: unreadable reply ({e})"))
+            self.close()
+
+    @property
+    def usable(self) -> bool:
+        return self.closed_exc is None and self.transport is not None and not self.transport.is_closing()
+
+    def send(self, msg: dict) -> asyncio.Future:
+        """Write one request frame; the future resolves with the reply map."""
+        if not self.usable:
+            raise self.closed_exc or ShardError(f"{self.where}: not connected")
+        rid = self.next_id
+        self.next_id += 1
+        msg["id"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        self.transport.write(P.encode_frame(msg))
+        return fut
+
+    async def request(self, msg: dict, timeout: float) -> dict:
+        fut = self.send(msg)
+        rid = msg["id"]
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self.pending.pop(rid, None)
+            raise ShardError(f"{self.where}: no reply to {msg.get('op')!r} within {timeout:g}s") from None
+        return P.check_reply(reply, self.where)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The asyncio client
+
+
+@dataclass
+class _Replica:
+    host: str
+    port: int
+    conn: Connection | None = None
+    down_until: float = 0.0          # monotonic time before which we do not retry it
+    last_error: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class _Shard:
+    spec: ShardSpec
+    replicas: list[_Replica] = field(default_factory=list)
+
+
+@dataclass
+class ModelIdentity:
+    """What every server must agree with (taken from the local vindex)."""
+
+    hidden: int
+    num_experts: int
+    num_layers: int
+    fingerprint: str | None = None
+
+    @classmethod
+    def from_vindex(cls, vx) -> ModelIdentity:
+        cfg = vx.config
+        return cls(cfg.hidden_size, cfg.num_experts, cfg.num_layers, vx.expert_fingerprint())
+
+
+class AsyncExpertClient:
+    """Sends expert work to a shard map and sums the partial results (asyncio API).
+
+    Every method must be awaited on one event loop (the one `connect` ran on)."""
+
+    def __init__(self, shards: Sequence[ShardSpec], identity: ModelIdentity, *,
+                 timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 encoding: str = "f32", quantize=None, retry_after: float = 5.0) -> None:
+        if encoding not in P.ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r} (one of {list(P.ENCODINGS)})")
+        if encoding == "q8k" and quantize is None:
+            raise ValueError("encoding 'q8k' needs a quantize(layer, h) -> Q8_K bytes function")
+        self.shards = [_Shard(s, [_Replica(h, p) for h, p in s.replicas]) for s in shards]
+        self.identity = identity
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.encoding = encoding
+        self.quantize = quantize
+        self.retry_after = retry_after
+        self.round_trips = 0            # requests sent (all shards), for prefill accounting
+        self.retries = 0
+
+    # --- connecting -----------------------------------------------------------------------
+    async def connect(self) -> AsyncExpertClient:
+        """Connect every replica and check its hello; a shard with no usable replica is an error."""
+        results = await asyncio.gather(
+            *(self._open(sh, r) for sh in self.shards for r in sh.replicas), return_exceptions=True)
+        for r in results:  # a wrong-model or misconfigured server is fatal even if a replica is fine
+            if isinstance(r, (ShardSpecError, P.RemoteError)):
+                await self.close()
+                raise r
+        for sh in self.shards:
+            if not any(r.conn is not None for r in sh.replicas):
+                errs = "; ".join(r.last_error for r in sh.replicas)
+                await self.close()
+                raise ShardError(f"shard {sh.spec.label}: no replica reachable: {errs}")
+        return self
+
+    async def _open(self, sh: _Shard, rep: _Replica) -> None:
+        try:
+            conn = await Connection.open(rep.host, rep.port, self.connect_timeout)
+        except ShardError as e:
+            rep.last_error = str(e)
+            rep.down_until = time.monotonic() + self.retry_after
+            raise
+        try:
+            info = await conn.request({"op": "hello", "version": P.PROTOCOL_VERSION,
+                                       "client": f"larql {__version__}"}, self.connect_timeout)
+            self._check_hello(sh.spec, rep.where, info)
+        except BaseException as e:
+            conn.close()
+            rep.last_error = str(e)
+            rep.down_until = time.monotonic() + self.retry_after
+            raise
+        conn.info = info
+        rep.conn = conn
+
+    def _check_hello(self, spec: ShardSpec, where: str, info: dict) -> None:
+        me = self.identity
+        where = f"shard {spec.label} at {where}"
+        checks = (("hidden", me.hidden), ("num_experts", me.num_experts), ("num_layers", me.num_layers))
+        for key, mine in checks:
+            if info.get(key) != mine:
+                raise ShardSpecError(f"{where} serves a model with {key}={info.get(key)!r}, the local "
+                                     f"vindex has {mine}: not the same model")
+        if me.fingerprint is not None and info.get("fingerprint") != me.fingerprint:
+            raise ShardSpecError(
+                f"{where} serves different expert weights (fingerprint {str(info.get('fingerprint'))[:16]}… "
+                f"vs local {me.fingerprint[:16]}…): refusing to mix shards of different models")
+        experts = set(P.from_ranges(info.get("experts"), me.num_experts, "experts"))
+        want = set(range(spec.first, spec.last + 1))
+        if missing := sorted(want - experts):
+            raise ShardSpecError(f"{where} does not hold experts {P.ranges_text(missing)} "
+                                 f"(it serves experts {P.ranges_text(sorted(experts))})")
+        layers = set(P.from_ranges(info.get("layers"), me.num_layers, "layers"))
+        if missing := sorted(set(range(me.num_layers)) - layers):
+            raise ShardSpecError(f"{where} does not hold layers {P.ranges_text(missing)} "
+                                 f"(it serves layers {P.ranges_text(sorted(layers))})")
+        encs = info.get("encodings")
+        if not isinstance(encs, list) or self.encoding not in encs:
+            raise ShardSpecError(f"{where} does not accept {self.encoding!r} inputs (it accepts {encs!r})")
+
+    async def close(self) -> None:
+        for sh in self.shards:
+            for r in sh.replicas:
+                if r.conn is not None:
+                    r.conn.close()
+                    r.conn = None
+
+    # --- sending --------------------------------------------------------------------------
+    async def _call(self, sh: _Shard, msg: dict) -> dict:
+        """One request to a shard; on a transport failure retry once on another replica."""
+        deadline = time.monotonic() + self.timeout
+        errors: list[str] = []
+        tried = 0
+        order = sorted(sh.replicas, key=lambda r: (r.conn is None, r.down_until > time.monotonic()))
+        for rep in order:
+            if tried == 2:  # the first try plus one retry
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            tried += 1
+            try:
+                if rep.conn is None or not rep.conn.usable:
+                    rep.conn = None
+                    await self._open(sh, rep)
+                self.round_trips += 1
+                if tried > 1:
+                    self.retries += 1
+                return await rep.conn.request(dict(msg), left)
+            except (ShardError, OSError) as e:
+                if rep.conn is not None:
+                    rep.conn.close()
+                    rep.conn = None
+                rep.down_until = time.monotonic() + self.retry_after
+                rep.last_error = str(e)
+                errors.append(str(e))
+        raise ShardError(f"shard {sh.spec.label}: no answer ({'; '.join(errors) or 'deadline passed'}); "
+                         f"refusing to continue without experts {sh.spec.label}")
+
+    def _max_tokens(self, sh: _Shard, K: int) -> int:
+        """Tokens per request so that request and reply both fit in one frame."""
+        H = self.identity.hidden
+        per_token = max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * K
+        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in sh.replicas if r.conn]
+        max_frame = min([P.MAX_FRAME, *limits])
+        return max(1, (max_frame - 65536) // per_token)
+
+    def _payload(self, layer: int, h: np.ndarray, rows: np.ndarray):
+        x = h[rows] if rows.size != h.shape[0] else h
+        if self.encoding == "q8k":
+            return self.quantize(layer, x)
+        return x
+
+    async def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """h f32 [T, H] raw residual, ids int32 [T, K], weights f32 [T, K] -> f32 [T, H] raw sum."""
+        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
+        ids = np.ascontiguousarray(np.atleast_2d(ids), dtype=np.int32)
+        weights = np.ascontiguousarray(np.atleast_2d(weights), dtype=np.float32)
+        T, H = h.shape
+        if H != self.identity.hidden or ids.shape != weights.shape or ids.shape[0] != T:
+            raise ValueError(f"forward: h {h.shape}, ids {ids.shape}, weights {weights.shape} do not "
+                             f"match hidden={self.identity.hidden}")
+        jobs, where = [], []
+        for si, sh in enumerate(self.shards):
+            part = split_work(ids, weights, sh.spec.first, sh.spec.last)
+            if part is None:
+                continue
+            rows, ids_s, w_s = part
+            step = self._max_tokens(sh, ids_s.shape[1])
+            for a in range(0, rows.size, step):
+                r = rows[a: a + step]
+                sl = slice(a, a + step)
+                item = P.encode_work(layer, self._payload(layer, h, r), ids_s[sl], w_s[sl], self.encoding)
+                msg = {"op": "experts", **item}
+                jobs.append(self._call(sh, msg))
+                where.append((si, r))
+        replies = await asyncio.gather(*jobs)
+        out = np.zeros((T, H), dtype=np.float32)
+        for (_, r), rep in zip(where, replies, strict=True):  # shard order: the sum is reproducible
+            y = P.decode_result(rep, r.size, H)
+            if r.size == T:
+                out += y
+            else:
+                out[r] += y
+        return out
+
+    async def forward_multi(self, work: Sequence[tuple]) -> list[np.ndarray]:
+        """Several layers' work, one `multi` request per shard (batch dispatch)."""
+        H = self.identity.hidden
+        prepared = []
+        for layer, h, ids, w in work:
+            h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
+            ids = np.ascontiguousarray(np.atleast_2d(ids), dtype=np.int32)
+            w = np.ascontiguousarray(np.atleast_2d(w), dtype=np.float32)
+            prepared.append((layer, h, ids, w))
+        jobs, plan = [], []
+        for sh in self.shards:
+            items, where = [], []
+            for wi, (layer, h, ids, w) in enumerate(prepared):
+                part = split_work(ids, w, sh.spec.first, sh.spec.last)
+                if part is None:
+                    continue
+                rows, ids_s, w_s = part
+                items.append(P.encode_work(layer, self._payload(layer, h, rows), ids_s, w_s, self.encoding))
+                where.append((wi, rows))
+            if items:
+                jobs.append(self._call(sh, {"op": "multi", "items": items}))
+                plan.append(where)
+        replies = await asyncio.gather(*jobs)
+        outs = [np.zeros((h.shape[0], H), dtype=np.float32) for _, h, _, _ in prepared]
+        for where, rep in zip(plan, replies, strict=True):
+            ys = rep.get("ys")
+            if not isinstance(ys, list) or len(ys) != len(where):
+                raise ShardError(f"multi reply holds {len(ys) if isinstance(ys, list) else ys!r} results, "
+                                 f"expected {len(where)}")
+            for (wi, rows), yb in zip(where, ys, strict=True):
+                y = P.decode_result({"y": yb}, rows.size, H)
+                outs[wi][rows] += y
+        return outs
+
+    async def stats(self) -> list[dict]:
+        """Each connected replica's `stats` reply, tagged with its address."""
+        out = []
+        for sh in self.shards:
+            for r in sh.replicas:
+                if r.conn is not None and r.conn.usable:
+                    s = await r.conn.request({"op": "stats"}, self.timeout)
+                    out.append({"shard": sh.spec.label, "address": r.where, **s})
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# The synchronous Experts the model uses
+
+
+class RemoteExperts:
+    """`Experts` backed by expert servers; runs an AsyncExpertClient on a private loop thread."""
+
+    def __init__(self, client: AsyncExpertClient) -> None:
+        from .server import new_event_loop
+
+        self.client = client
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="larql-remote-experts",
+                                        daemon=True)
+        self._thread.start()
+        self._closed = False
+        try:
+            self._run(client.connect(), client.connect_timeout * 2 + 5)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro, timeout: float | None = None):
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout if timeout is not None else self.client.timeout * 2 + 5)
+        except TimeoutError:
+            fut.cancel()
+            raise ShardError("expert request did not complete in time") from None
+
+    @property
+    def round_trips(self) -> int:
+        return self.client.round_trips
+
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return self._run(self.client.forward(layer, h, ids, weights))
+
+    def forward_multi(self, work):
+        return self._run(self.client.forward_multi(work))
+
+    def stats(self) -> list[dict]:
+        return self._run(self.client.stats())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._run(self.client.close(), 5)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> RemoteExperts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: a forgotten client must not leave a thread running
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _q8k_quantizer(vx):
+    """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k'."""
+    from . import kernels
+    from .experts import rms_norm
+
+    eps = vx.config.rms_norm_eps
+    norms: dict[int, np.ndarray] = {}
+
+    def quantize(layer: int, h: np.ndarray) -> np.ndarray:
+        w = norms.get(layer)
+        if w is None:
+            w = norms[layer] = vx.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
+        return kernels.quantize_q8k(rms_norm(h, w, eps))
+
+    return quantize
+
+
+def async_client(spec: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 encoding: str = "f32") -> AsyncExpertClient:
+    """An unconnected AsyncExpertClient for a shard map (await `.connect()` on your loop)."""
+    shards = parse_shards(spec, vindex.config.num_experts)
+    quantize = _q8k_quantizer(vindex) if encoding == "q8k" else None
+    return AsyncExpertClient(shards, ModelIdentity.from_vindex(vindex), timeout=timeout,
+                             connect_timeout=connect_timeout, encoding=encoding, quantize=quantize)
+
+
+def connect_shards(spec: str, vindex, timeout: float = DEFAULT_TIMEOUT, *,
+                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, encoding: str = "f32") -> RemoteExperts:
+    """Parse and validate a shard map, connect to every server, check each hello against the
+    local vindex; returns the synchronous Experts. All errors are raised before any work."""
+    client = async_client(spec, vindex, timeout=timeout, connect_timeout=connect_timeout, encoding=encoding)
+    return RemoteExperts(client)

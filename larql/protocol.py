@@ -1,0 +1,324 @@
+"""The expert wire protocol: length-prefixed msgpack frames over TCP (see docs/PROTOCOL.md).
+
+A frame is a little-endian u32 body length followed by a msgpack map. Vectors travel as msgpack
+`bin` (raw little-endian bytes), never as lists of floats. Every field of a request is checked
+here, against the server's model shape, before any byte reaches the C kernels.
+
+This module is pure: it knows nothing about sockets or event loops, so the server, the client
+and the tests share exactly one definition of every message.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct("<I")
+# The largest body a peer accepts. Big enough for a 2048-token f32 prefill of one 2816-wide
+# layer (23 MiB) with room to spare; a client splits larger prefills (see max_tokens_per_frame).
+MAX_FRAME = 64 << 20
+
+# Input encodings of the residual. "f32"/"f16" carry the raw residual (the server applies
+# pre_feedforward_layernorm_2); "q8k" carries the already-normed input quantised to Q8_K.
+ENCODINGS = ("f32", "f16", "q8k")
+Q8K_BLOCK = 256
+Q8K_BLOCK_BYTES = 292  # f32 d + 256 int8 + 16 int16 group sums
+
+OPS = ("hello", "info", "health", "experts", "multi", "warmup", "stats")
+
+# Error codes in replies: stable strings a client can branch on.
+E_BAD_FRAME = "bad_frame"        # not msgpack, not a map, or oversized
+E_BAD_REQUEST = "bad_request"    # a field is missing or has the wrong type/shape/length
+E_UNKNOWN_OP = "unknown_op"
+E_VERSION = "version"            # hello with an unsupported protocol version
+E_NEED_HELLO = "hello_required"  # compute before the handshake
+E_NOT_OWNED = "not_owned"        # an expert or layer this shard does not hold
+E_INTERNAL = "internal"          # the server failed (a bug); the request did nothing
+E_SHUTDOWN = "shutting_down"
+
+
+class ProtocolError(ValueError):
+    """A frame or field was malformed. `code` is one of the E_* strings."""
+
+    def __init__(self, message: str, code: str = E_BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(RuntimeError):
+    """The peer answered a request with an error reply."""
+
+    def __init__(self, code: str, message: str, where: str = "") -> None:
+        super().__init__(f"{where}: {message} [{code}]" if where else f"{message} [{code}]")
+        self.code = code
+        self.remote_message = message
+
+
+# ------------------------------------------------------------------------------------------
+# Frames
+
+
+def encode_frame(msg: dict[str, Any]) -> bytes:
+    """One bytes object holding header and body, so a frame is always written with one write."""
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit", E_BAD_FRAME)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes | memoryview) -> dict[str, Any]:
+    """msgpack body -> dict with str keys; anything else is a ProtocolError (never another type)."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"body is not valid msgpack ({type(e).__name__}: {e})", E_BAD_FRAME) from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"body must be a msgpack map, got {type(msg).__name__}", E_BAD_FRAME)
+    return msg
+
+
+class FrameReader:
+    """Accumulates stream bytes and yields complete frame bodies.
+
+    An oversized length makes the stream unrecoverable (we cannot tell where the next frame
+    starts without reading gigabytes), so `feed` raises and the caller closes the connection.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (length,) = HEADER.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise ProtocolError(
+                    f"frame length {length} exceeds the {self.max_frame}-byte limit", E_BAD_FRAME
+                )
+            if n - pos - 4 < length:
+                break
+            out.append(bytes(buf[pos + 4 : pos + 4 + length]))
+            pos += 4 + length
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
+        return len(self._buf)
+
+
+# ------------------------------------------------------------------------------------------
+# Field checks
+
+
+def get_int(msg: dict, key: str, lo: int, hi: int) -> int:
+    """An int field in [lo, hi]; bools are not ints here."""
+    v = msg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"field {key!r} must be an integer, got {_typename(v)}")
+    if not lo <= v <= hi:
+        raise ProtocolError(f"field {key!r}={v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def get_bytes(msg: dict, key: str, length: int) -> bytes:
+    v = msg.get(key)
+    if not isinstance(v, bytes):
+        raise ProtocolError(f"field {key!r} must be msgpack bin, got {_typename(v)}")
+    if len(v) != length:
+        raise ProtocolError(f"field {key!r} has {len(v)} bytes, expected {length}")
+    return v
+
+
+def get_str(msg: dict, key: str, choices: tuple[str, ...] | None = None, default: str | None = None) -> str:
+    v = msg.get(key, default)
+    if not isinstance(v, str):
+        raise ProtocolError(f"field {key!r} must be a string, got {_typename(v)}")
+    if choices is not None and v not in choices:
+        raise ProtocolError(f"field {key!r}={v!r} is not one of {list(choices)}")
+    return v
+
+
+def request_id(msg: dict) -> int | None:
+    """The request id if it is a valid one, else None (the error reply then carries id nil)."""
+    v = msg.get("id")
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63:
+        return v
+    return None
+
+
+def _typename(v: Any) -> str:
+    return "nothing" if v is None else type(v).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# Expert work: one layer, T tokens, K (expert, weight) pairs each
+
+
+def q8k_row_bytes(hidden: int) -> int:
+    return (hidden + Q8K_BLOCK - 1) // Q8K_BLOCK * Q8K_BLOCK_BYTES
+
+
+def x_bytes(enc: str, tokens: int, hidden: int) -> int:
+    if enc == "f32":
+        return tokens * hidden * 4
+    if enc == "f16":
+        return tokens * hidden * 2
+    return tokens * q8k_row_bytes(hidden)
+
+
+@dataclass
+class Work:
+    """One layer's expert work as decoded from the wire (views over the frame's bytes).
+
+    x is f32 [T, H] raw residual for f32/f16, or uint8 [T, row_bytes] of normed Q8_K for q8k.
+    """
+
+    layer: int
+    x: np.ndarray
+    ids: np.ndarray      # int32 [T, K], -1 = empty slot
+    weights: np.ndarray  # f32 [T, K]
+    enc: str
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[0]
+
+
+def encode_work(layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, enc: str = "f32") -> dict:
+    """Client side: one `experts`/`multi` item. x is the raw residual f32 [T, H] for f32/f16, or
+    the Q8_K bytes (uint8 [T, row_bytes]) of the normed input for q8k."""
+    ids = np.ascontiguousarray(ids, dtype="<i4")
+    weights = np.ascontiguousarray(weights, dtype="<f4")
+    if enc == "f32":
+        xb = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    elif enc == "f16":
+        xb = np.ascontiguousarray(x, dtype="<f2").tobytes()
+    elif enc == "q8k":
+        xb = np.ascontiguousarray(x, dtype=np.uint8).tobytes()
+    else:
+        raise ProtocolError(f"unknown encoding {enc!r} (one of {list(ENCODINGS)})")
+    T, K = ids.shape
+    return {"layer": int(layer), "T": int(T), "K": int(K), "enc": enc,
+            "x": xb, "ids": ids.tobytes(), "w": weights.tobytes()}
+
+
+def decode_work(item: Any, *, hidden: int, num_layers: int, num_experts: int,
+                max_tokens: int = 1 << 20) -> Work:
+    """Server side: validate one work item completely (types, ranges, byte lengths, expert ids).
+
+    Ownership is the server's business (it knows what it holds); everything else that could
+    make a kernel read out of bounds is rejected here."""
+    if not isinstance(item, dict):
+        raise ProtocolError(f"work item must be a map, got {_typename(item)}")
+    layer = get_int(item, "layer", 0, num_layers - 1)
+    T = get_int(item, "T", 1, max_tokens)
+    K = get_int(item, "K", 1, num_experts)
+    enc = get_str(item, "enc", ENCODINGS, default="f32")
+    xb = get_bytes(item, "x", x_bytes(enc, T, hidden))
+    ids = np.frombuffer(get_bytes(item, "ids", T * K * 4), dtype="<i4").reshape(T, K)
+    w = np.frombuffer(get_bytes(item, "w", T * K * 4), dtype="<f4").reshape(T, K)
+    if ids.size and (ids.min() < -1 or ids.max() >= num_experts):
+        bad = sorted({int(e) for e in ids.ravel() if e < -1 or e >= num_experts})[:8]
+        raise ProtocolError(f"expert ids {bad} out of range [0, {num_experts - 1}] (or -1 for none)")
+    if not np.isfinite(w).all():
+        raise ProtocolError("field 'w' holds non-finite weights")
+    if enc == "f32":
+        x = np.frombuffer(xb, dtype="<f4").reshape(T, hidden)
+    elif enc == "f16":
+        x = np.frombuffer(xb, dtype="<f2").reshape(T, hidden).astype(np.float32)
+    else:
+        x = np.frombuffer(xb, dtype=np.uint8).reshape(T, q8k_row_bytes(hidden))
+    return Work(layer, x, ids, w, enc)
+
+
+def decode_result(reply: dict, tokens: int, hidden: int, key: str = "y") -> np.ndarray:
+    """Client side: the f32 [T, H] weighted sums of a reply, length-checked."""
+    yb = reply.get(key)
+    if not isinstance(yb, bytes) or len(yb) != tokens * hidden * 4:
+        got = len(yb) if isinstance(yb, bytes) else _typename(yb)
+        raise ProtocolError(f"reply field {key!r} has {got} bytes, expected {tokens * hidden * 4}")
+    return np.frombuffer(yb, dtype="<f4").reshape(tokens, hidden)
+
+
+def error_reply(rid: int | None, code: str, message: str) -> dict:
+    return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+
+
+def check_reply(reply: dict, where: str = "") -> dict:
+    """Raise RemoteError for an error reply; return the reply otherwise."""
+    if reply.get("ok") is True:
+        return reply
+    err = reply.get("error")
+    if isinstance(err, dict):
+        raise RemoteError(str(err.get("code", "?")), str(err.get("message", "")), where)
+    raise RemoteError(E_BAD_FRAME, f"malformed reply {sorted(reply)!r}", where)
+
+
+# ------------------------------------------------------------------------------------------
+# Ranges ("0-63,70") as used in hello replies, CLI flags and shard specs
+
+
+def parse_range(text: str, limit: int, what: str = "range") -> list[int]:
+    """'0-63' or '0-3,8,10-11' -> sorted ints, each in [0, limit). Inclusive ranges."""
+    out: set[int] = set()
+    text = text.strip()
+    if not text:
+        raise ValueError(f"empty {what}")
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise ValueError(f"bad {what} {part!r} in {text!r}: expected A-B or N") from None
+        if lo > hi:
+            raise ValueError(f"bad {what} {part!r}: start {lo} is after end {hi}")
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{what} {part!r} is outside 0-{limit - 1}")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def to_ranges(values: list[int]) -> list[list[int]]:
+    """[0,1,2,5] -> [[0,2],[5,5]] (inclusive pairs: compact in hello replies)."""
+    out: list[list[int]] = []
+    for v in sorted(values):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return out
+
+
+def from_ranges(pairs: Any, limit: int, what: str) -> list[int]:
+    """Inverse of to_ranges, validated (a hello reply is wire input too)."""
+    if not isinstance(pairs, list):
+        raise ProtocolError(f"{what} must be a list of [first, last] pairs")
+    out: list[int] = []
+    for p in pairs:
+        if (not isinstance(p, list) or len(p) != 2 or not all(isinstance(v, int) for v in p)
+                or not 0 <= p[0] <= p[1] < limit):
+            raise ProtocolError(f"{what} holds a bad range {p!r} (limit {limit})")
+        out.extend(range(p[0], p[1] + 1))
+    return sorted(set(out))
+
+
+def ranges_text(values: list[int]) -> str:
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in to_ranges(values)) or "none"

@@ -1,0 +1,95 @@
+"""`larql serve` (also `larql-server`) and `larql demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a shard of a vindex's experts over TCP",
+        description="Serve the routed experts of a vindex (or a range of them) to `larql run "
+                    "--moe-shards` clients. Needs only index.json, the manifests, norms.bin and "
+                    "layers/ of the vindex.",
+    )
+    p.add_argument("vindex", help="path to the vindex directory")
+    p.add_argument("--experts", default="", metavar="A-B",
+                   help="experts this shard owns, inclusive (e.g. 0-63; default: all)")
+    p.add_argument("--layers", default="", metavar="A-B",
+                   help="layers this shard owns, inclusive (default: all)")
+    p.add_argument("--warmup", action="store_true",
+                   help="pre-fault every page of the owned experts before accepting traffic")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="kernel threads (default: the kernels' own choice, usually all cores)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="expert computations in flight at once, each a fused group of requests (default 2)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=serve_main)
+
+    d = sub.add_parser(
+        "demo",
+        help="no download: build a random model, serve its experts from two local shards, generate",
+        description="Builds a small random Gemma 4 vindex, starts two expert servers on loopback "
+                    "(each owning half of the experts), generates through them and checks the tokens "
+                    "equal in-process experts.",
+    )
+    d.add_argument("--prompt", default="The capital of France is")
+    d.add_argument("--max-tokens", type=int, default=24)
+    d.add_argument("--shards", type=int, default=2, help="expert servers to start (default 2)")
+    d.add_argument("--dispatch", choices=["exact", "batch"], default="exact")
+    d.add_argument("--keep", default="", metavar="DIR", help="write the demo vindex here and keep it")
+    d.add_argument("--in-process", action="store_true",
+                   help="run the servers as threads of this process instead of child processes")
+    d.set_defaults(func=lambda args: __import__("larql.demo", fromlist=["main"]).main(args))
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s larql-server %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import time
+
+    from . import kernels
+    from .protocol import parse_range, ranges_text
+    from .server import ExpertServer, new_event_loop
+    from .vindex import open_vindex
+
+    _setup_logging(args.log_level)
+    log = logging.getLogger("larql.server")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port} out of range")
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    vx = open_vindex(args.vindex)
+    cfg = vx.config
+    experts = parse_range(args.experts, cfg.num_experts, "--experts") if args.experts else None
+    layers = parse_range(args.layers, cfg.num_layers, "--layers") if args.layers else None
+    srv = ExpertServer(vx, experts, layers, workers=args.workers)
+    log.info("vindex %s: %s, hidden %d, %d experts x %d layers; this shard: experts %s, layers %s "
+             "(%.2f GiB of expert weights), kernels %s x%d threads",
+             vx.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
+             ranges_text(srv.experts), ranges_text(srv.layers), srv.owned_bytes() / 2**30,
+             kernels.isa(), kernels.num_threads())
+    if args.warmup:
+        nbytes, secs = srv.warmup(progress=True)
+        log.info("warm-up: %.2f GiB of owned expert pages faulted in %.1f s (%.2f GB/s)",
+                 nbytes / 2**30, secs, nbytes / max(secs, 1e-9) / 1e9)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    t0 = time.time()
+    try:
+        loop.run_until_complete(srv.serve_forever(args.host, args.port))
+    finally:
+        loop.close()
+    log.info("exit after %.0f s (pid %d)", time.time() - t0, os.getpid())
+    return 0
