@@ -1,0 +1,389 @@
+/* Cross-ISA kernel test: every kernel of one SIMD table against lq_kernels_scalar.
+ *
+ *   cc -O2 -DISA=neon csrc/tests/test_isa.c csrc/kernels_scalar.c csrc/kernels_neon.c -Icsrc -lm
+ *   ./a.out [seed] [trials]        (under qemu-aarch64 -cpu max for NEON on x86)
+ *
+ * Prints one line per failure and a final "N passed, N failed" line; exits 1 on any failure,
+ * 77 if this CPU cannot run the table (the automake "skipped" code).
+ *
+ * What "agree" means (the tolerances, derived):
+ * - quantize_q8k: bit-exact d, qs and bsums. Every output is one IEEE division (iscale), one
+ *   multiply and one round-to-nearest-even per value, or an integer sum: there is no summation
+ *   order to differ in, so any difference is a bug (e.g. rounding ties away from zero, or picking
+ *   the other sign when +a and -a are both the largest magnitude).
+ * - Q4_K / Q6_K dots: the per-block integer sums are exact in both, so the only differences are
+ *   float rounding in combining them: per block at most ~5 roundings (int->float, scale, min
+ *   term, subtract, times the activation scale) on quantities bounded by that block's magnitude,
+ *   plus one rounding per block of the running sum. With mag = sum over blocks and values of
+ *   |xd| (|d| sc |q| |q8| + |dmin| m |q8|), each result is within (nb + 8) eps mag of the exact
+ *   value, so two implementations differ by at most 2 (nb + 8) eps mag (eps = FLT_EPSILON).
+ *   "exact" trials (d = dmin = xd = 1, small quants) make every float an integer below 2^24 and
+ *   require bit equality, which pins down the integer paths on their own.
+ * - f32 / f16 dots: the same products summed in different orders. The classic bound for a sum
+ *   of n terms is (n - 1) eps sum|w x| for any order, so the tolerance is 2 (n + 8) eps mag with
+ *   mag = sum |w x| (in double); small-integer trials again require bit equality.
+ * The largest observed error / (eps mag) is printed, to show how far inside the bound we are. */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#ifndef ISA
+#error "compile with -DISA=neon or -DISA=avx2"
+#endif
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define STR_(a) #a
+#define STR(a) STR_(a)
+#define TABLE CAT(lq_kernels_, ISA)
+
+#if defined(__aarch64__)
+const char *lq_neon_int8_path(void); /* kernels_neon.c: "sdot" or "smull" */
+#endif
+
+static const lq_kernels *ref = &lq_kernels_scalar;
+static const lq_kernels *isa = &TABLE;
+
+static int n_pass, n_fail;
+static double worst_ratio[4]; /* observed |diff| / (eps mag) per dot kernel */
+
+/* ---- random numbers (splitmix64: tiny, good enough, reproducible from the seed) ---- */
+static uint64_t rng_state;
+static uint64_t rnd64(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+static uint32_t rnd_below(uint32_t n) { return (uint32_t)(rnd64() % n); }
+static int rnd_int(int lo, int hi) { return lo + (int)rnd_below((uint32_t)(hi - lo + 1)); }
+static double rnd_unif(void) { return (double)(rnd64() >> 11) * 0x1.0p-53; }
+static double rnd_normal(void) {
+    double u = rnd_unif() + 1e-300, v = rnd_unif();
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+static void rnd_bytes(uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) p[i] = (uint8_t)rnd64();
+}
+/* A finite f16 with a random sign and exponent in [emin, emax] (biased; 0 = subnormal). */
+static uint16_t rnd_f16(int emin, int emax) {
+    return (uint16_t)(rnd_below(2) << 15 | rnd_int(emin, emax) << 10 | rnd_below(1024));
+}
+
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#include <stdarg.h>
+static void fail(const char *fmt, ...) {
+    n_fail++;
+    if (n_fail > 30) return; /* the summary still counts them */
+    va_list ap;
+    va_start(ap, fmt);
+    printf("FAIL ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+/* ---- weight blocks, with an independent decoder for the tolerance's magnitude term ---- */
+
+enum { F_RANDOM, F_ZERO, F_MAX, F_BIG_D, F_TINY_D, F_NO_MIN, F_COUNT };
+static int pick_flavor(void) { return rnd_below(10) < 6 ? F_RANDOM : (int)rnd_below(F_COUNT); }
+
+static void make_q4k(block_q4_K *b, int flavor) {
+    rnd_bytes((uint8_t *)b, sizeof *b);
+    b->d = rnd_f16(8, 20); /* about 2^-7 .. 2^5 */
+    b->dmin = rnd_f16(8, 20);
+    switch (flavor) {
+    case F_ZERO: memset(b, 0, sizeof *b); break;
+    case F_MAX: memset(b->scales, 0xff, 12); memset(b->qs, 0xff, 128); b->d = 0x7bff; b->dmin = 0xfbff; break;
+    case F_BIG_D: b->d = 0x7bff; b->dmin = 0x7bff; break;  /* 65504 */
+    case F_TINY_D: b->d = 0x0001; b->dmin = 0x8003; break; /* subnormals */
+    case F_NO_MIN: b->dmin = 0; break;
+    }
+}
+
+static void make_q6k(block_q6_K *b, int flavor) {
+    rnd_bytes((uint8_t *)b, sizeof *b);
+    b->d = rnd_f16(8, 20);
+    switch (flavor) {
+    case F_ZERO: memset(b, 0, sizeof *b); break;
+    case F_MAX: /* q = -32 everywhere, scale -128: the largest products */
+        memset(b->ql, 0, 128); memset(b->qh, 0, 64); memset(b->scales, 0x80, 16); b->d = 0x7bff; break;
+    case F_BIG_D: b->d = 0xfbff; break;
+    case F_TINY_D: b->d = 0x8001; break;
+    case F_NO_MIN: memset(b->ql, 0xff, 128); memset(b->qh, 0xff, 64); break; /* q = +31 everywhere */
+    }
+}
+
+static void q4k_decode(const block_q4_K *b, float *dq, float *mq) {
+    /* value = dq[i] - mq[i]: d * scale * q and dmin * min, both >= 0 for d, dmin >= 0 */
+    const uint8_t *s = b->scales;
+    float d = lq_fp16_to_fp32(b->d), dmin = lq_fp16_to_fp32(b->dmin);
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        if (j < 4) {
+            sc = s[j] & 63;
+            m = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+            m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+        }
+        for (int l = 0; l < 32; l++) {
+            uint8_t byte = b->qs[32 * (j / 2) + l];
+            int q = (j & 1) ? byte >> 4 : byte & 15;
+            dq[32 * j + l] = d * sc * q;
+            mq[32 * j + l] = dmin * m;
+        }
+    }
+}
+
+static void q6k_decode(const block_q6_K *b, float *v) {
+    float d = lq_fp16_to_fp32(b->d);
+    for (int i = 0; i < QK_K; i++) {
+        int h = i / 128, r = i % 128, l = r % 32, k = r / 32; /* k: which of the 4 fields */
+        int lo = (b->ql[64 * h + l + 32 * (k & 1)] >> (4 * (k >> 1))) & 15;
+        int hi = (b->qh[32 * h + l] >> (2 * k)) & 3;
+        v[i] = d * b->scales[i / 16] * ((lo | hi << 4) - 32);
+    }
+}
+
+/* ---- activations ---- */
+
+/* kind 0-4: the special rows below; anything else (or -1: pick at random) plain Gaussian. */
+enum { X_KINDS = 5 };
+static void make_floats(float *x, int64_t n, int kind) {
+    if (kind < 0) kind = (int)rnd_below(8);
+    double scale = pow(10.0, rnd_unif() * 12.0 - 6.0);
+    for (int64_t i = 0; i < n; i++) x[i] = (float)(scale * rnd_normal());
+    if (kind == 0) memset(x, 0, n * sizeof *x);           /* all zero: d = 0 */
+    if (kind == 1) x[rnd_below((uint32_t)n)] = (float)(scale * 1000.0); /* one spike */
+    if (kind == 2 && n >= 2) {                            /* +a and -a tie for the largest */
+        int64_t a = rnd_below((uint32_t)n), b = (a + 1 + rnd_below((uint32_t)n - 1)) % n;
+        x[a] = (float)(scale * 50.0);
+        x[b] = -x[a];
+    }
+    if (kind == 3) { /* iscale = 1 exactly and halves everywhere: round-half-even decides */
+        for (int64_t i = 0; i < n; i++) x[i] = (float)(i % 11) - 5.5f;
+        for (int64_t i = 0; i < n; i += QK_K) x[i] = (rnd_below(2) ? -127.0f : 127.0f);
+    }
+    if (kind == 4) for (int64_t i = 0; i < n; i++) x[i] = rnd_below(2) ? -0.0f : 0.0f;
+}
+
+/* A Q8_K block built directly (quants in [lo, hi], bsums consistent); d = 1 for exact trials. */
+static void make_q8k_raw(block_q8_K *y, int lo, int hi, float d) {
+    y->d = d;
+    for (int i = 0; i < QK_K; i++) y->qs[i] = (int8_t)rnd_int(lo, hi);
+    for (int g = 0; g < QK_K / 16; g++) {
+        int s = 0;
+        for (int i = 0; i < 16; i++) s += y->qs[16 * g + i];
+        y->bsums[g] = (int16_t)s;
+    }
+}
+
+/* ---- checks ---- */
+
+static void check_quantize(int64_t nb, int kind) {
+    int64_t n = nb * QK_K;
+    float *x = malloc(n * sizeof *x);
+    block_q8_K *a = malloc(nb * sizeof *a), *b = malloc(nb * sizeof *b);
+    memset(a, 0xab, nb * sizeof *a); /* every byte of the output must be written */
+    memset(b, 0xab, nb * sizeof *b);
+    make_floats(x, n, kind);
+    ref->quantize_q8k(x, a, n);
+    isa->quantize_q8k(x, b, n);
+    for (int64_t i = 0; i < nb; i++) {
+        int bad = -1;
+        if (memcmp(&a[i].d, &b[i].d, 4)) bad = 0;
+        else if (memcmp(a[i].qs, b[i].qs, QK_K)) bad = 1;
+        else if (memcmp(a[i].bsums, b[i].bsums, sizeof a[i].bsums)) bad = 2;
+        if (bad >= 0) {
+            int j = 0;
+            while (bad == 1 && a[i].qs[j] == b[i].qs[j]) j++;
+            fail("quantize_q8k nb=%lld block %lld: %s differs (scalar d=%.9g, %s d=%.9g%s)", (long long)nb,
+                 (long long)i, bad == 0 ? "d" : bad == 1 ? "qs" : "bsums", a[i].d, isa->name, b[i].d,
+                 bad == 1 ? "; first differing quant shown below" : "");
+            if (bad == 1)
+                printf("     qs[%d]: scalar %d, %s %d, x=%.9g\n", j, a[i].qs[j], isa->name, b[i].qs[j],
+                       x[i * QK_K + j]);
+            free(x), free(a), free(b);
+            return;
+        }
+    }
+    n_pass++;
+    free(x), free(a), free(b);
+}
+
+enum { K_Q4K, K_Q6K, K_F32, K_F16 };
+static const char *kname[] = {"dot_q4k", "dot_q6k", "dot_f32", "dot_f16"};
+
+/* Run both tables with the given strides, check untouched gaps in out, compare per row. */
+static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, const void *w, const void *x,
+                        int64_t x_stride, const double *mag, double chain, int exact) {
+    int64_t os = 1 + rnd_below(3);
+    float *oa = malloc(T * os * sizeof(float)), *ob = malloc(T * os * sizeof(float));
+    const float sentinel = -12345.678f;
+    for (int64_t i = 0; i < T * os; i++) oa[i] = ob[i] = sentinel;
+    if (kernel == K_Q4K || kernel == K_Q6K) {
+        lq_dot_q_fn fa = kernel == K_Q4K ? ref->dot_q4k : ref->dot_q6k;
+        lq_dot_q_fn fb = kernel == K_Q4K ? isa->dot_q4k : isa->dot_q6k;
+        fa(n_or_nb, w, x, x_stride, T, oa, os);
+        fb(n_or_nb, w, x, x_stride, T, ob, os);
+    } else {
+        lq_dot_f_fn fa = kernel == K_F32 ? ref->dot_f32 : ref->dot_f16;
+        lq_dot_f_fn fb = kernel == K_F32 ? isa->dot_f32 : isa->dot_f16;
+        fa(n_or_nb, w, x, x_stride, T, oa, os);
+        fb(n_or_nb, w, x, x_stride, T, ob, os);
+    }
+    int ok = 1;
+    for (int t = 0; t < T && ok; t++) {
+        for (int64_t g = 1; g < os; g++) {
+            if (memcmp(&ob[t * os + g], &sentinel, 4)) {
+                fail("%s %s T=%d n=%lld: wrote out[%lld], outside out_stride=%lld", kname[kernel], mode, T,
+                     (long long)n_or_nb, (long long)(t * os + g), (long long)os);
+                ok = 0;
+            }
+        }
+        double a = oa[t * os], b = ob[t * os], diff = fabs(a - b);
+        double tol = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
+        if (!(diff <= tol)) { /* also catches NaN */
+            fail("%s %s T=%d n=%lld row %d: scalar %.9g, %s %.9g, |diff| %.3g > tol %.3g (mag %.3g)",
+                 kname[kernel], mode, T, (long long)n_or_nb, t, a, isa->name, b, diff, tol, mag[t]);
+            ok = 0;
+        }
+        if (!exact && mag[t] > 0) {
+            double r = diff / (FLT_EPSILON * mag[t]);
+            if (r > worst_ratio[kernel]) worst_ratio[kernel] = r;
+        }
+    }
+    if (ok) n_pass++;
+    free(oa), free(ob);
+}
+
+/* K-quant dots: random blocks of mixed flavours against quantised random activations, then an
+ * exact trial with unit scales. */
+static void check_kquant(int kernel, int64_t nb, int T, int exact) {
+    size_t bsize = kernel == K_Q4K ? sizeof(block_q4_K) : sizeof(block_q6_K);
+    uint8_t *w = malloc(nb * bsize);
+    int64_t xs = nb + rnd_below(3); /* padded activation rows: the stride must be honoured */
+    block_q8_K *x = calloc(T * xs, sizeof *x);
+    float *xf = malloc(nb * QK_K * sizeof *xf);
+    double *mag = calloc(T, sizeof *mag);
+    float dq[QK_K], mq[QK_K];
+
+    for (int64_t i = 0; i < nb; i++) {
+        int flavor = exact ? F_RANDOM : pick_flavor();
+        if (kernel == K_Q4K) {
+            block_q4_K *b = (block_q4_K *)(w + i * bsize);
+            make_q4k(b, flavor);
+            if (exact) b->d = b->dmin = 0x3c00; /* 1.0 */
+        } else {
+            block_q6_K *b = (block_q6_K *)(w + i * bsize);
+            make_q6k(b, flavor);
+            if (exact) b->d = 0x3c00;
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        if (exact) {
+            int r = kernel == K_Q4K ? 4 : 1; /* keeps every partial sum an integer below 2^24 */
+            for (int64_t i = 0; i < nb; i++) make_q8k_raw(&x[t * xs + i], -r, r, 1.0f);
+        } else if (rnd_below(8) == 0) { /* full int8 range, -128 included, arbitrary d */
+            for (int64_t i = 0; i < nb; i++) make_q8k_raw(&x[t * xs + i], -128, 127, (float)rnd_normal());
+        } else {
+            make_floats(xf, nb * QK_K, -1);
+            ref->quantize_q8k(xf, &x[t * xs], nb * QK_K);
+        }
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        if (kernel == K_Q4K) q4k_decode((block_q4_K *)(w + i * bsize), dq, mq);
+        else {
+            q6k_decode((block_q6_K *)(w + i * bsize), dq);
+            memset(mq, 0, sizeof mq);
+        }
+        for (int t = 0; t < T; t++) {
+            const block_q8_K *y = &x[t * xs + i];
+            for (int l = 0; l < QK_K; l++)
+                mag[t] += fabs((double)y->d) * (fabs((double)dq[l]) + fabs((double)mq[l])) * abs(y->qs[l]);
+        }
+    }
+    compare_dot(kernel, exact ? "exact" : "random", nb, T, w, x, xs, mag, (double)nb, exact);
+    free(w), free(x), free(xf), free(mag);
+}
+
+static void check_float(int kernel, int64_t n, int T, int exact) {
+    int64_t xs = n + rnd_below(5);
+    float *x = malloc(T * xs * sizeof *x);
+    void *w = malloc(n * 4);
+    double *mag = calloc(T, sizeof *mag);
+    for (int64_t i = 0; i < n; i++) {
+        float v = exact ? (float)rnd_int(-8, 8) : (float)(pow(10.0, rnd_unif() * 8 - 4) * rnd_normal());
+        if (kernel == K_F32) ((float *)w)[i] = v;
+        else ((uint16_t *)w)[i] = exact ? lq_fp32_to_fp16(v) : rnd_f16(0, 30); /* any finite f16 */
+    }
+    for (int t = 0; t < T; t++) {
+        float *xt = x + t * xs;
+        if (exact) for (int64_t i = 0; i < n; i++) xt[i] = (float)rnd_int(-8, 8);
+        else make_floats(xt, n, -1);
+        for (int64_t i = 0; i < n; i++) {
+            double wi = kernel == K_F32 ? ((float *)w)[i] : lq_fp16_to_fp32(((uint16_t *)w)[i]);
+            mag[t] += fabs(wi * xt[i]);
+        }
+    }
+    compare_dot(kernel, exact ? "exact" : "random", n, T, w, x, xs, mag, (double)n, exact);
+    free(x), free(w), free(mag);
+}
+
+int main(int argc, char **argv) {
+    uint64_t seed = argc > 1 ? strtoull(argv[1], NULL, 0) : 20260101;
+    int trials = argc > 2 ? atoi(argv[2]) : 4;
+    rng_state = seed;
+
+#if defined(__x86_64__)
+    if (strcmp(STR(ISA), "avx2") == 0 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+        printf("SKIP: this CPU lacks AVX2/FMA\n");
+        return 77;
+    }
+#endif
+    printf("test_isa: %s vs %s, seed %llu, %d trials per shape", isa->name, ref->name,
+           (unsigned long long)seed, trials);
+#if defined(__aarch64__)
+    printf(", int8 path %s", lq_neon_int8_path());
+#endif
+    printf("\n");
+
+    static const int Ts[] = {1, 2, 3, 7, 64};
+    static const int64_t nbs[] = {1, 3, 11};
+    static const int64_t odd_n[] = {1, 3, 17, 64, 100, 704}; /* float rows need not fill a block */
+
+    for (int r = 0; r < trials; r++)
+        for (int k = 0; k < 3; k++) check_quantize(nbs[k], -1);
+    for (int r = 0; r < 2 * trials; r++) /* each special row kind: ties, halves, zeros, ... */
+        for (int kind = 0; kind < X_KINDS; kind++) check_quantize(1, kind);
+
+    for (int i = 0; i < 5; i++) {
+        for (int k = 0; k < 3; k++) {
+            for (int r = 0; r < trials; r++) {
+                check_kquant(K_Q4K, nbs[k], Ts[i], 0);
+                check_kquant(K_Q6K, nbs[k], Ts[i], 0);
+                check_float(K_F32, nbs[k] * QK_K, Ts[i], 0);
+                check_float(K_F16, nbs[k] * QK_K, Ts[i], 0);
+            }
+            check_kquant(K_Q4K, nbs[k], Ts[i], 1);
+            check_kquant(K_Q6K, nbs[k], Ts[i], 1);
+            check_float(K_F32, nbs[k] * QK_K, Ts[i], 1);
+            check_float(K_F16, nbs[k] * QK_K, Ts[i], 1);
+        }
+        for (int k = 0; k < 6; k++) {
+            check_float(K_F32, odd_n[k], Ts[i], 0);
+            check_float(K_F16, odd_n[k], Ts[i], 0);
+            check_float(K_F32, odd_n[k], Ts[i], 1);
+            check_float(K_F16, odd_n[k], Ts[i], 1);
+        }
+    }
+    printf("worst |diff|/(eps*mag): q4k %.2f, q6k %.2f, f32 %.2f, f16 %.2f (tolerance is 2*(n+8))\n",
+           worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3]);
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
