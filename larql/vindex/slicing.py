@@ -1,0 +1,172 @@
+"""`larql slice`: copy the parts of a vindex one machine needs, optionally only some experts/layers.
+
+Presets name file groups (the reference's names). `--experts`/`--layers` go further than the
+reference: the layer files are rewritten to hold only the named experts (other rows of the
+offset table are zero), so a shard serving experts 0-63 downloads and stores half the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import format as fm
+from .format import VindexError
+from .reader import open_vindex
+
+# group -> predicate on a relative file name
+GROUPS = {
+    "index": lambda n: n == fm.INDEX_JSON,
+    "manifests": lambda n: n.endswith("manifest.json"),
+    "embeddings": lambda n: n == fm.EMBEDDINGS_BIN,
+    "norms": lambda n: n == fm.NORMS_BIN,
+    "attention": lambda n: n.startswith("attn_weights") and n.endswith(".bin"),
+    "dense": lambda n: n.startswith("interleaved") and n.endswith(".bin"),
+    "lm_head": lambda n: n.startswith("lm_head"),
+    "layers": lambda n: n.startswith(fm.LAYERS_DIR + "/"),
+    "tokenizer": lambda n: n.startswith("tokenizer") or n in (fm.CHAT_TEMPLATE, "generation_config.json",
+                                                              "special_tokens_map.json"),
+}
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    # Our client also runs the dense MLP locally (the reference's client preset leaves it out).
+    "client": ("embeddings", "norms", "attention", "dense", "lm_head", "tokenizer", "manifests"),
+    "attn": ("norms", "attention", "manifests"),
+    "embed": ("embeddings", "tokenizer"),
+    "router": ("norms", "tokenizer", "manifests"),
+    "expert-server": ("embeddings", "norms", "dense", "layers", "tokenizer", "manifests"),
+    "all": tuple(GROUPS),
+}
+ALIASES = {"expert_server": "expert-server", "moe-server": "expert-server", "moe_server": "expert-server"}
+
+
+def preset_groups(preset: str) -> tuple[str, ...]:
+    name = ALIASES.get(preset, preset)
+    if name not in PRESETS:
+        raise VindexError(f"unknown preset {preset!r} (choose from {', '.join([*PRESETS, *ALIASES])})")
+    return ("index", *PRESETS[name])
+
+
+def preset_patterns(preset: str, layers: list[int] | None = None) -> list[str]:
+    """Glob patterns (huggingface_hub allow_patterns) for the files of a preset."""
+    pats = {
+        "index": [fm.INDEX_JSON], "manifests": ["*manifest.json"], "embeddings": [fm.EMBEDDINGS_BIN],
+        "norms": [fm.NORMS_BIN], "attention": ["attn_weights*.bin"], "dense": ["interleaved*.bin"],
+        "lm_head": ["lm_head*"], "tokenizer": ["tokenizer*", fm.CHAT_TEMPLATE, "generation_config.json",
+                                                "special_tokens_map.json"],
+        "layers": [f"{fm.LAYERS_DIR}/*"] if layers is None else [fm.layer_file(x) for x in layers],
+    }
+    out: list[str] = []
+    for g in preset_groups(preset):
+        out += pats[g]
+    return out
+
+
+def select_files(names, preset: str) -> list[str]:
+    groups = preset_groups(preset)
+    return sorted(n for n in names if any(GROUPS[g](n) for g in groups))
+
+
+def _copy(src: Path, dst: Path, bar) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(1 << 22):
+            fo.write(chunk)
+            if bar:
+                bar.update(len(chunk))
+
+
+def _rewrite_layer(ef, experts: list[int], dst: Path, bar) -> str:
+    """A LYRW v2 file holding only `experts` (page-aligned), same header dims; returns sha256."""
+    hdr = fm.LyrwHeader(2, ef.header.quant_format, ef.num_experts, ef.inter, ef.hidden)
+    entries: list[fm.ExpertEntry | None] = [None] * ef.num_experts
+    pos = hdr.table_bytes
+    for e in experts:
+        src = ef.entry(e)
+        pos = fm.align(pos)
+        entries[e] = fm.ExpertEntry(pos, src.gate_up_len, pos + src.gate_up_len, src.down_len,
+                                    src.gate_up_fmt, src.down_fmt)
+        pos += src.gate_up_len + src.down_len
+    from .writer import _HashingFile
+
+    f = _HashingFile(dst)
+    f.write(fm.pack_lyrw(hdr, entries))
+    buf = ef.buffer
+    for e in experts:
+        src, new = ef.entry(e), entries[e]
+        f.pad_to(new.gate_up_off)
+        f.write(buf[src.gate_up_off:src.gate_up_off + src.gate_up_len])
+        f.write(buf[src.down_off:src.down_off + src.down_len])
+        if bar:
+            bar.update(src.gate_up_len + src.down_len)
+    return f.close()
+
+
+def slice_vindex(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str = "all",
+                 experts: str | list[int] | None = None, layers: str | list[int] | None = None,
+                 progress: bool = True, overwrite: bool = False) -> Path:
+    vx = open_vindex(src)
+    c = vx.config
+    src, dst = Path(src), Path(dst)
+    groups = preset_groups(preset)
+    want_e = fm.parse_ranges(experts, c.num_experts, "--experts") if isinstance(experts, str | None) else experts
+    want_l = fm.parse_ranges(layers, c.num_layers, "--layers") if isinstance(layers, str | None) else layers
+    have_e = vx.experts_present if want_e is None else want_e
+    have_l = vx.layers_present if want_l is None else want_l
+    if "layers" in groups:
+        missing_e = sorted(set(have_e) - set(vx.experts_present))
+        missing_l = sorted(set(have_l) - set(vx.layers_present))
+        if missing_e or missing_l:
+            raise VindexError(f"{src}: does not hold " + "; ".join(
+                x for x in (f"experts {fm.format_ranges(missing_e)}" if missing_e else "",
+                            f"layers {fm.format_ranges(missing_l)}" if missing_l else "") if x))
+    else:
+        have_e, have_l = [], []
+    if dst.exists() and not overwrite:
+        raise VindexError(f"{dst}: already exists (pass --force to replace it)")
+    names = [n for n in vx.file_sizes() if n != fm.INDEX_JSON]
+    chosen = [n for n in select_files(names, preset)
+              if not GROUPS["layers"](n) or n in {fm.layer_file(x) for x in have_l}]
+    rewrite = want_e is not None and sorted(want_e) != vx.experts_present
+    sums_src: dict[str, str] = dict(vx.index.get("checksums") or {})
+    sizes = vx.file_sizes()
+    total = sum(sizes[n] for n in chosen)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"slice {preset}", dynamic_ncols=True)
+    tmp = dst.parent / f"{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        sums: dict[str, str] = {}
+        for n in chosen:
+            if GROUPS["layers"](n) and rewrite:
+                layer = int(n[len(fm.LAYERS_DIR) + 7:-8])
+                sums[n] = _rewrite_layer(vx.expert_file(layer), have_e, tmp / n, bar)
+            else:
+                _copy(src / n, tmp / n, bar)
+                if n in sums_src:
+                    sums[n] = sums_src[n]
+        index = dict(vx.index)
+        index["checksums"] = sums
+        index["layers_present"] = list(have_l)
+        index["experts_present"] = list(have_e)
+        index["expert_fingerprint"] = vx.expert_fingerprint()
+        index["slice"] = {"preset": ALIASES.get(preset, preset), "experts": fm.format_ranges(have_e),
+                          "layers": fm.format_ranges(have_l), "files": chosen}
+        (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar:
+            bar.close()
+        vx.close()
+    return dst
