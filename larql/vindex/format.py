@@ -122,8 +122,10 @@ def expert_lengths(fmt_gu: int, fmt_down: int, inter: int, hidden: int) -> tuple
     return 2 * inter * row_bytes(fmt_gu, hidden), hidden * row_bytes(fmt_down, inter)
 
 
-def parse_lyrw(buf, path: Path | str, file_size: int) -> tuple[LyrwHeader, list[ExpertEntry | None]]:
-    """Parse and validate a LYRW header + offset table; zero-length rows are absent experts."""
+def parse_lyrw(buf, path: Path | str, file_size: int, expect: tuple[int, int, int] | None = None,
+               ) -> tuple[LyrwHeader, list[ExpertEntry | None]]:
+    """Parse and validate a LYRW header + offset table; zero-length rows are absent experts.
+    `expect` = (num_entries, intermediate, hidden) from index.json."""
     name = str(path)
     if file_size < LYRW_HEADER.size:
         raise VindexError(f"{name}: truncated: {file_size} bytes, header needs {LYRW_HEADER.size}")
@@ -137,6 +139,11 @@ def parse_lyrw(buf, path: Path | str, file_size: int) -> tuple[LyrwHeader, list[
     if n <= 0 or inter <= 0 or hidden <= 0:
         raise VindexError(f"{name}: header has num_entries={n} intermediate={inter} hidden={hidden}")
     hdr = LyrwHeader(version, qf, n, inter, hidden)
+    if expect is not None:
+        for label, got, want in zip(("num_entries", "intermediate", "hidden"), (n, inter, hidden), expect,
+                                    strict=True):
+            if got != want:
+                raise VindexError(f"{name}: header {label}={got} but index.json says {want}")
     if file_size < hdr.table_bytes:
         raise VindexError(f"{name}: truncated: offset table needs {hdr.table_bytes} bytes, file has {file_size}")
     entries: list[ExpertEntry | None] = []

@@ -95,11 +95,7 @@ class ExpertFile:
         self.path = path
         self.layer = layer
         self._map = _Mapped(path)
-        hdr, entries = fm.parse_lyrw(self._map.array, path, self._map.size)
-        for label, got, want in (("num_entries", hdr.num_entries, num_experts),
-                                 ("intermediate", hdr.inter, inter), ("hidden", hdr.hidden, hidden)):
-            if got != want:
-                raise VindexError(f"{path}: header {label}={got} but index.json says {want}")
+        hdr, entries = fm.parse_lyrw(self._map.array, path, self._map.size, (num_experts, inter, hidden))
         for e, ent in enumerate(entries):
             for f in (ent.gate_up_fmt, ent.down_fmt) if ent else ():
                 if f not in fm.SUPPORTED:
