@@ -1,0 +1,217 @@
+"""`larql pull` / `larql publish` against a local stand-in for the Hugging Face Hub API.
+
+The stand-in is a real HTTP server on 127.0.0.1 implementing the endpoints huggingface_hub's
+`create_repo`, `upload_folder` (regular, non-LFS uploads) and `snapshot_download` call; the
+library itself runs unmodified with HF_ENDPOINT pointing at it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+
+from larql.config import ModelConfig
+from larql.vindex import VindexError, open_vindex, write_vindex
+from larql.vindex.random_model import random_tensors
+from larql.vindex.report import verify
+from tiny_models import make_config
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.commits: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.downloads: list[str] = []
+
+
+def _handler(hub: FakeHub):
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):  # quiet
+            pass
+
+        def _send(self, code: int, body: bytes = b"", ctype="application/json", headers=None, head=False):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _json(self, code: int, obj, **kw):
+            self._send(code, json.dumps(obj).encode(), **kw)
+
+        def _body(self) -> bytes:
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n)
+
+        def _missing(self, repo):
+            self._json(404, {"error": f"Repository {repo} not found"},
+                       headers={"X-Error-Code": "RepoNotFound"})
+
+        def do_POST(self):
+            path = urlparse(self.path).path
+            hub.calls.append(("POST", path))
+            body = self._body()
+            if path == "/api/repos/create":
+                req = json.loads(body)
+                repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                hub.repos.setdefault(repo, {})
+                hub.commits.setdefault(repo, "0" * 40)
+                return self._json(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo})
+            m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit)/(.+)$", path)
+            if m:
+                repo, what = m.group(1), m.group(2)
+                if repo not in hub.repos:
+                    return self._missing(repo)
+                if what == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False, "oid": None} for f in files]})
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        v = item["value"]
+                        hub.repos[repo][v["path"]] = base64.b64decode(v["content"])
+                sha = hashlib.sha1(json.dumps(sorted(hub.repos[repo])).encode() + body[:64]).hexdigest()
+                hub.commits[repo] = sha
+                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}",
+                                        "commitOid": sha})
+            self._json(404, {"error": f"no route {path}"})
+
+        def do_HEAD(self):
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False):
+            url = urlparse(self.path)
+            path = unquote(url.path)
+            hub.calls.append(("HEAD" if head else "GET", path))
+            m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
+            if m:
+                repo = m.group(1)
+                if repo not in hub.repos:
+                    return self._missing(repo)
+                return self._json(200, {"id": repo, "modelId": repo, "sha": hub.commits[repo], "private": False,
+                                        "siblings": [{"rfilename": f} for f in sorted(hub.repos[repo])]}, head=head)
+            m = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
+            if m:
+                repo = m.group(1)
+                if repo not in hub.repos:
+                    return self._missing(repo)
+                entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                           for f, b in sorted(hub.repos[repo].items())]
+                dirs = sorted({f.rsplit("/", 1)[0] for f in hub.repos[repo] if "/" in f})
+                entries += [{"type": "directory", "path": d, "size": 0, "oid": "0" * 40} for d in dirs]
+                return self._json(200, entries, head=head)
+            m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+            if m:
+                repo, _, fname = m.groups()
+                data = hub.repos.get(repo, {}).get(fname)
+                if data is None:
+                    return self._json(404, {"error": "entry not found"}, headers={"X-Error-Code": "EntryNotFound"},
+                                      head=head)
+                if not head:
+                    hub.downloads.append(fname)
+                etag = '"' + hashlib.sha1(data).hexdigest() + '"'
+                return self._send(200, data, ctype="application/octet-stream", head=head,
+                                  headers={"ETag": etag, "X-Repo-Commit": hub.commits[repo]})
+            self._json(404, {"error": f"no route {path}"}, head=head)
+
+    return H
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    state = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    import huggingface_hub.constants as C
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(C, "ENDPOINT", endpoint)
+    monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vindex(tmp_path_factory):
+    cfg = ModelConfig.from_hf(make_config("small").to_dict())
+    out = tmp_path_factory.mktemp("hubsrc") / "m.vindex"
+    from larql.tokenizer import byte_level_tokenizer
+
+    write_vindex(out, cfg, random_tensors(cfg, 1), quant="f16", progress=False,
+                 tokenizer_json=byte_level_tokenizer().to_str().encode())
+    return out
+
+
+def test_publish_then_pull_presets(hub, vindex, tmp_path):
+    from larql.vindex.hub import publish, pull
+
+    repos = publish(vindex, "me/tiny-vindex", slices="expert-server,client")
+    assert repos == ["me/tiny-vindex", "me/tiny-vindex-expert-server", "me/tiny-vindex-client"]
+    local = sorted(str(p.relative_to(vindex)) for p in vindex.rglob("*") if p.is_file())
+    assert sorted(hub.repos["me/tiny-vindex"]) == local
+    assert "attn_weights.bin" not in hub.repos["me/tiny-vindex-expert-server"]
+    assert "layers/layer_03.weights" in hub.repos["me/tiny-vindex-expert-server"]
+    assert "layers/layer_03.weights" not in hub.repos["me/tiny-vindex-client"]
+    assert ("POST", "/api/repos/create") in hub.calls
+
+    # pull only what an expert server needs, and only two layers' expert files
+    hub.downloads.clear()
+    out = pull("me/tiny-vindex", tmp_path / "pulled", preset="expert-server", layers="1-2")
+    got = set(hub.downloads)
+    assert "attn_weights.bin" not in got and "layers/layer_00.weights" not in got
+    assert {"index.json", "norms.bin", "embeddings.bin", "layers/layer_01.weights", "layers/layer_02.weights"} <= got
+    vx = open_vindex(out)
+    src = open_vindex(vindex)
+    assert np.array_equal(vx.expert_file(2).gate_up(5), src.expert_file(2).gate_up(5))
+    assert vx.expert_fingerprint() == src.expert_fingerprint()
+
+    # the full repo round-trips byte for byte (checksums hold)
+    out2 = pull("me/tiny-vindex", tmp_path / "full")
+    assert verify(out2, progress=False) == []
+
+
+def test_pull_missing_repo_and_non_vindex(hub, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from larql.vindex.hub import pull
+
+    with pytest.raises((HfHubHTTPError, OSError, ValueError)):
+        pull("me/absent", tmp_path / "x")
+    hub.repos["me/notvindex"] = {"README.md": b"hello"}
+    hub.commits["me/notvindex"] = "1" * 40
+    with pytest.raises(VindexError, match="not a vindex"):
+        pull("me/notvindex", tmp_path / "y")
+
+
+def test_publish_refuses_bad_input(hub, vindex, tmp_path):
+    from larql.vindex.hub import publish
+
+    with pytest.raises(VindexError, match="OWNER/NAME"):
+        publish(vindex, "noslash")
+    with pytest.raises(VindexError, match="unknown slice"):
+        publish(vindex, "me/x", slices="bogus")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VindexError, match="index.json"):
+        publish(tmp_path / "empty", "me/x")
+    assert "me/x" not in hub.repos
