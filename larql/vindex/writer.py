@@ -43,7 +43,7 @@ class TensorSource(Protocol):
 
 
 # A source may also offer already-encoded bytes (GGUF blocks copied as they are, synthetic
-# random blocks): `encoded(key, fmt) -> uint8 array | None` and
+# random blocks): `encoded(key, fmt, rows, cols) -> uint8 array | None` and
 # `encoded_expert(layer, e, fmt_gu, fmt_down) -> (bytes, bytes) | None`.
 
 
@@ -207,7 +207,7 @@ def build_index(config: ModelConfig, quant: str, model_name: str, source_info: d
 def _get(source: TensorSource, key: str, fmt: int, rows: int, cols: int) -> np.ndarray:
     enc = getattr(source, "encoded", None)
     if enc is not None:
-        data = enc(key, fmt)
+        data = enc(key, fmt, rows, cols)
         if data is not None:
             return np.asarray(data, dtype=np.uint8).reshape(-1)
     x = source.get(key)
@@ -228,7 +228,7 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
     # Embeddings: [vocab, hidden] in the index dtype (f16 for q4k, like the reference).
     emb = _HashingFile(root / fm.EMBEDDINGS_BIN)
     enc = getattr(source, "encoded", None)
-    raw = enc("embed_tokens.weight", p["embed"]) if enc else None
+    raw = enc("embed_tokens.weight", p["embed"], c.vocab_size, H) if enc else None
     if raw is None:
         e = source.get("embed_tokens.weight")
         if tuple(e.shape) != (c.vocab_size, H):
@@ -237,7 +237,8 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
             emb.write(encode(e[i:i + 16384], p["embed"]))
         del e
     else:
-        emb.write(raw)
+        for chunk in [raw] if isinstance(raw, np.ndarray | bytes) else raw:  # an array or chunks of one
+            emb.write(np.asarray(chunk, dtype=np.uint8))
     checksums[fm.EMBEDDINGS_BIN] = emb.close()
     tick()
 
