@@ -296,47 +296,32 @@ static void dot_f16(int64_t n, const void *w, const float *x, int64_t xs, int T,
 }
 
 /* ---- f32 -> Q8_K ----------------------------------------------------------------------------
- * ggml's rule, bit for bit: the value of largest magnitude (the first one on a tie) maps to
- * -127, d = 1/iscale, round to nearest even, clamp at +127. Each value costs one correctly
- * rounded multiply and one rounding, so the result equals the scalar quantiser exactly. */
+ * The scalar rule, bit for bit: iscale = 127 / amax, q = round-to-nearest-even(x * iscale)
+ * clamped to [-127, 127], d = amax / 127. Each quant is one correctly rounded multiply and one
+ * rounding, so there is nothing for the vector order to change. */
 static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     for (int64_t ib = 0; ib < n / QK_K; ib++, x += QK_K) {
         block_q8_K *out = &y[ib];
-        float32x4_t vmax = vld1q_f32(x), vmin = vmax;
-        for (int j = 4; j < QK_K; j += 4) {
-            float32x4_t v = vld1q_f32(x + j);
-            vmax = vmaxq_f32(vmax, v);
-            vmin = vminq_f32(vmin, v);
-        }
-        const float hi = vmaxvq_f32(vmax), lo = vminvq_f32(vmin);
-        const float amax = hi > -lo ? hi : -lo;
-        if (amax == 0.0f) {
+        float32x4_t vmax = vdupq_n_f32(0.0f);
+        for (int j = 0; j < QK_K; j += 4) vmax = vmaxnmq_f32(vmax, vabsq_f32(vld1q_f32(x + j)));
+        const float amax = vmaxnmvq_f32(vmax); /* maxnm skips NaNs, as the scalar's `a > amax` does */
+        if (!(amax > 0.0f)) {
             memset(out, 0, sizeof *out);
             continue;
         }
-        /* Which sign the extreme has decides the sign of d and of every quant. */
-        float max = hi > -lo ? hi : lo;
-        if (hi == -lo) {
-            for (int j = 0; j < QK_K; j++) {
-                if (x[j] == hi || x[j] == lo) {
-                    max = x[j];
-                    break;
-                }
-            }
-        }
-        const float iscale = -127.0f / max;
+        const float iscale = 127.0f / amax;
         for (int g = 0; g < QK_K / 16; g++) {
             int32x4_t r[4];
             for (int k = 0; k < 4; k++) r[k] = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 16 * g + 4 * k), iscale));
-            /* Saturating narrows clamp at +127 exactly like ggml's MIN(127, ...); the low end
-             * cannot go below -127 since |x| <= amax. */
+            /* |x * iscale| <= 127 up to one rounding, so the saturating narrows only ever clamp
+             * a 127.00001 to 127, which the rounding already did: the result stays in [-127, 127]. */
             int16x8_t a = vcombine_s16(vqmovn_s32(r[0]), vqmovn_s32(r[1]));
             int16x8_t b = vcombine_s16(vqmovn_s32(r[2]), vqmovn_s32(r[3]));
             int8x16_t qv = vcombine_s8(vqmovn_s16(a), vqmovn_s16(b));
             vst1q_s8(out->qs + 16 * g, qv);
             out->bsums[g] = (int16_t)vaddlvq_s8(qv);
         }
-        out->d = 1.0f / iscale;
+        out->d = amax / 127.0f;
     }
 }
 

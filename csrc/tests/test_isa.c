@@ -7,10 +7,10 @@
  * 77 if this CPU cannot run the table (the automake "skipped" code).
  *
  * What "agree" means (the tolerances, derived):
- * - quantize_q8k: bit-exact d, qs and bsums. Every output is one IEEE division (iscale), one
- *   multiply and one round-to-nearest-even per value, or an integer sum: there is no summation
- *   order to differ in, so any difference is a bug (e.g. rounding ties away from zero, or picking
- *   the other sign when +a and -a are both the largest magnitude).
+ * - quantize_q8k: bit-exact d, qs and bsums. Every output is one correctly rounded IEEE operation
+ *   (iscale = 127 / amax, d = amax / 127), one multiply and one round-to-nearest-even per quant,
+ *   or an integer sum: there is no summation order to differ in, so any difference is a bug
+ *   (rounding ties away from zero, d = 1 / iscale, a missed clamp, bytes left unwritten).
  * - Q4_K / Q6_K dots: the per-block integer sums are exact in both, so the only differences are
  *   float rounding in combining them: per block at most ~5 roundings (int->float, scale, min
  *   term, subtract, times the activation scale) on quantities bounded by that block's magnitude,
@@ -90,6 +90,7 @@ static void fail(const char *fmt, ...) {
 /* ---- weight blocks, with an independent decoder for the tolerance's magnitude term ---- */
 
 enum { F_RANDOM, F_ZERO, F_MAX, F_BIG_D, F_TINY_D, F_NO_MIN, F_COUNT };
+static const char *flavor_name[F_COUNT] = {"random", "zero", "max", "big-d", "tiny-d", "no-min"};
 static int pick_flavor(void) { return rnd_below(10) < 6 ? F_RANDOM : (int)rnd_below(F_COUNT); }
 
 static void make_q4k(block_q4_K *b, int flavor) {
@@ -152,9 +153,11 @@ static void q6k_decode(const block_q6_K *b, float *v) {
 
 /* ---- activations ---- */
 
-/* kind 0-4: the special rows below; anything else (or -1: pick at random) plain Gaussian. */
+/* kind 0-4: the special rows below; anything else (or -1: pick at random) plain Gaussian.
+ * Returns a name for the row, for failure messages. */
 enum { X_KINDS = 5 };
-static void make_floats(float *x, int64_t n, int kind) {
+static const char *x_kind_name[] = {"zero x", "spike x", "+-tie x", "halves x", "signed-zero x", "gaussian x"};
+static const char *make_floats(float *x, int64_t n, int kind) {
     if (kind < 0) kind = (int)rnd_below(8);
     double scale = pow(10.0, rnd_unif() * 12.0 - 6.0);
     for (int64_t i = 0; i < n; i++) x[i] = (float)(scale * rnd_normal());
@@ -170,6 +173,7 @@ static void make_floats(float *x, int64_t n, int kind) {
         for (int64_t i = 0; i < n; i += QK_K) x[i] = (rnd_below(2) ? -127.0f : 127.0f);
     }
     if (kind == 4) for (int64_t i = 0; i < n; i++) x[i] = rnd_below(2) ? -0.0f : 0.0f;
+    return x_kind_name[kind < X_KINDS ? kind : X_KINDS];
 }
 
 /* A Q8_K block built directly (quants in [lo, hi], bsums consistent); d = 1 for exact trials. */
@@ -221,7 +225,9 @@ static const char *kname[] = {"dot_q4k", "dot_q6k", "dot_f32", "dot_f16"};
 
 /* Run both tables with the given strides, check untouched gaps in out, compare per row. */
 static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, const void *w, const void *x,
-                        int64_t x_stride, const double *mag, double chain, int exact) {
+                        int64_t x_stride, const double *mag, const double *exact_val, double chain, int exact,
+                        const char *w_desc,
+                        const char **x_desc) {
     int64_t os = 1 + rnd_below(3);
     float *oa = malloc(T * os * sizeof(float)), *ob = malloc(T * os * sizeof(float));
     const float sentinel = -12345.678f;
@@ -249,8 +255,11 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
         double a = oa[t * os], b = ob[t * os], diff = fabs(a - b);
         double tol = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
         if (!(diff <= tol)) { /* also catches NaN */
-            fail("%s %s T=%d n=%lld row %d: scalar %.9g, %s %.9g, |diff| %.3g > tol %.3g (mag %.3g)",
-                 kname[kernel], mode, T, (long long)n_or_nb, t, a, isa->name, b, diff, tol, mag[t]);
+            fail("%s %s T=%d n=%lld row %d: scalar %.9g, %s %.9g, |diff| %.3g > tol %.3g\n"
+                 "     (mag %.3g, value in double from the test's own decoder %.9g)\n"
+                 "     weights: %s; activations: %s",
+                 kname[kernel], mode, T, (long long)n_or_nb, t, a, isa->name, b, diff, tol, mag[t], exact_val[t],
+                 w_desc, x_desc[t]);
             ok = 0;
         }
         if (!exact && mag[t] > 0) {
@@ -270,11 +279,14 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
     int64_t xs = nb + rnd_below(3); /* padded activation rows: the stride must be honoured */
     block_q8_K *x = calloc(T * xs, sizeof *x);
     float *xf = malloc(nb * QK_K * sizeof *xf);
-    double *mag = calloc(T, sizeof *mag);
+    double *mag = calloc(T, sizeof *mag), *val = calloc(T, sizeof *val);
     float dq[QK_K], mq[QK_K];
+    const char **x_desc = calloc(T, sizeof *x_desc);
+    char w_desc[16 * 12] = "";
 
     for (int64_t i = 0; i < nb; i++) {
         int flavor = exact ? F_RANDOM : pick_flavor();
+        if (i < 12) snprintf(w_desc + strlen(w_desc), 16, "%s%s", i ? " " : "", flavor_name[flavor]);
         if (kernel == K_Q4K) {
             block_q4_K *b = (block_q4_K *)(w + i * bsize);
             make_q4k(b, flavor);
@@ -289,10 +301,12 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
         if (exact) {
             int r = kernel == K_Q4K ? 4 : 1; /* keeps every partial sum an integer below 2^24 */
             for (int64_t i = 0; i < nb; i++) make_q8k_raw(&x[t * xs + i], -r, r, 1.0f);
+            x_desc[t] = "small Q8_K quants, d = 1";
         } else if (rnd_below(8) == 0) { /* full int8 range, -128 included, arbitrary d */
             for (int64_t i = 0; i < nb; i++) make_q8k_raw(&x[t * xs + i], -128, 127, (float)rnd_normal());
+            x_desc[t] = "raw Q8_K quants in [-128, 127]";
         } else {
-            make_floats(xf, nb * QK_K, -1);
+            x_desc[t] = make_floats(xf, nb * QK_K, -1);
             ref->quantize_q8k(xf, &x[t * xs], nb * QK_K);
         }
     }
@@ -304,19 +318,23 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
         }
         for (int t = 0; t < T; t++) {
             const block_q8_K *y = &x[t * xs + i];
-            for (int l = 0; l < QK_K; l++)
+            for (int l = 0; l < QK_K; l++) {
                 mag[t] += fabs((double)y->d) * (fabs((double)dq[l]) + fabs((double)mq[l])) * abs(y->qs[l]);
+                val[t] += (double)y->d * ((double)dq[l] - (double)mq[l]) * y->qs[l];
+            }
         }
     }
-    compare_dot(kernel, exact ? "exact" : "random", nb, T, w, x, xs, mag, (double)nb, exact);
-    free(w), free(x), free(xf), free(mag);
+    compare_dot(kernel, exact ? "exact" : "random", nb, T, w, x, xs, mag, val, (double)nb, exact, w_desc,
+                x_desc);
+    free(w), free(x), free(xf), free(mag), free(val), free(x_desc);
 }
 
 static void check_float(int kernel, int64_t n, int T, int exact) {
     int64_t xs = n + rnd_below(5);
     float *x = malloc(T * xs * sizeof *x);
     void *w = malloc(n * 4);
-    double *mag = calloc(T, sizeof *mag);
+    double *mag = calloc(T, sizeof *mag), *val = calloc(T, sizeof *val);
+    const char **x_desc = calloc(T, sizeof *x_desc);
     for (int64_t i = 0; i < n; i++) {
         float v = exact ? (float)rnd_int(-8, 8) : (float)(pow(10.0, rnd_unif() * 8 - 4) * rnd_normal());
         if (kernel == K_F32) ((float *)w)[i] = v;
@@ -324,15 +342,21 @@ static void check_float(int kernel, int64_t n, int T, int exact) {
     }
     for (int t = 0; t < T; t++) {
         float *xt = x + t * xs;
-        if (exact) for (int64_t i = 0; i < n; i++) xt[i] = (float)rnd_int(-8, 8);
-        else make_floats(xt, n, -1);
+        if (exact) {
+            for (int64_t i = 0; i < n; i++) xt[i] = (float)rnd_int(-8, 8);
+            x_desc[t] = "small integers";
+        } else {
+            x_desc[t] = make_floats(xt, n, -1);
+        }
         for (int64_t i = 0; i < n; i++) {
             double wi = kernel == K_F32 ? ((float *)w)[i] : lq_fp16_to_fp32(((uint16_t *)w)[i]);
             mag[t] += fabs(wi * xt[i]);
+            val[t] += wi * xt[i];
         }
     }
-    compare_dot(kernel, exact ? "exact" : "random", n, T, w, x, xs, mag, (double)n, exact);
-    free(x), free(w), free(mag);
+    compare_dot(kernel, exact ? "exact" : "random", n, T, w, x, xs, mag, val, (double)n, exact,
+                exact ? "small integers" : kernel == K_F32 ? "random f32" : "random finite f16", x_desc);
+    free(x), free(w), free(mag), free(val), free(x_desc);
 }
 
 int main(int argc, char **argv) {

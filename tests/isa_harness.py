@@ -1,0 +1,79 @@
+"""Build and run csrc/tests/test_isa.c (one SIMD kernel table against the scalar one).
+
+Shared by test_neon.py (aarch64 cross build under qemu-user) and test_isa_native.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+HARNESS = CSRC / "tests" / "test_isa.c"
+SKIP_EXIT = 77  # the harness's "this CPU cannot run the table"
+APT_HINT = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+
+
+@dataclass
+class HarnessRun:
+    passed: int
+    failed: int
+    int8_path: str | None
+    output: str
+
+
+def require_tools(*tools: str) -> None:
+    """Missing tools fail the test in CI (which installs them) and skip it elsewhere."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    reason = f"{', '.join(missing)} not found; install with: {APT_HINT}"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def build(cc: str, isa: str, out: Path, flags: list[str]) -> Path:
+    """Compile the harness with kernels_scalar.c and kernels_<isa>.c into `out`."""
+    sources = [HARNESS, CSRC / "kernels_scalar.c", CSRC / f"kernels_{isa}.c"]
+    for src in sources:
+        if not src.exists():
+            pytest.fail(f"{src.relative_to(ROOT)} is missing")
+    cmd = [
+        cc,
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        *flags,
+        f"-DISA={isa}",
+        *map(str, sources),
+        f"-I{CSRC}",
+        "-lm",
+        "-o",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"build failed: {' '.join(cmd)}\n{res.stderr}"
+    return out
+
+
+def run(cmd: list[str], seed: int, trials: int, timeout: float = 120) -> HarnessRun:
+    """Run a built harness; returns its parsed summary. Fails on any mismatch it reports."""
+    res = subprocess.run([*cmd, str(seed), str(trials)], capture_output=True, text=True, timeout=timeout)
+    output = res.stdout + res.stderr
+    if res.returncode == SKIP_EXIT:
+        pytest.skip(output.strip())
+    summary = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
+    assert summary, f"no summary line (exit {res.returncode}):\n{output}"
+    path = re.search(r"int8 path (\w+)", res.stdout)
+    result = HarnessRun(int(summary[1]), int(summary[2]), path[1] if path else None, output)
+    assert res.returncode == 0 and result.failed == 0, f"{' '.join(cmd)} {seed} {trials}:\n{output}"
+    assert result.passed >= 300, f"too few checks ran:\n{output}"  # a harness that checks nothing fails
+    return result
