@@ -22,6 +22,9 @@
  * - f32 / f16 dots: the same products summed in different orders. The classic bound for a sum
  *   of n terms is (n - 1) eps sum|w x| for any order, so the tolerance is 2 (n + 8) eps mag with
  *   mag = sum |w x| (in double); small-integer trials again require bit equality.
+ * The scalar result is also checked against the value this file decodes itself, in double, with
+ * half the tolerance (one implementation's error), so a layout mistake shared by both tables
+ * does not pass unnoticed.
  * The largest observed error / (eps mag) is printed, to show how far inside the bound we are. */
 #include <float.h>
 #include <math.h>
@@ -260,6 +263,15 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
                  "     weights: %s; activations: %s",
                  kname[kernel], mode, T, (long long)n_or_nb, t, a, isa->name, b, diff, tol, mag[t], exact_val[t],
                  w_desc, x_desc[t]);
+            ok = 0;
+        }
+        /* The reference itself against the test's own decoder, in double: one implementation's
+         * share of the bound. Catches a layout mistake both tables might share. */
+        double dref = fabs(a - exact_val[t]);
+        if (ok && !(dref <= tol / 2)) {
+            fail("%s %s T=%d n=%lld row %d: the scalar reference %.9g is off the value decoded in double"
+                 " %.9g by %.3g > %.3g\n     weights: %s; activations: %s",
+                 kname[kernel], mode, T, (long long)n_or_nb, t, a, exact_val[t], dref, tol / 2, w_desc, x_desc[t]);
             ok = 0;
         }
         if (!exact && mag[t] > 0) {
