@@ -1,0 +1,443 @@
+"""Gemma 4 (text, Mixture-of-Experts variant): the forward pass the laptop runs.
+
+Read top to bottom: weights, KV cache, the pieces of one decoder layer, the model. The ground
+truth is `transformers`' `Gemma4ForCausalLM` (see /work/shared/spec/GEMMA4.md):
+
+    h = embed[ids] * embed_scale
+    per layer:
+        x  = input_layernorm(h)
+        h += post_attention_layernorm(attention(x))        # QK-norm, V-norm, RoPE, scale 1.0
+        m1 = post_feedforward_layernorm_1(dense_mlp(pre_feedforward_layernorm(h)))
+        m2 = post_feedforward_layernorm_2(experts(h, route(h)))   # both FFNs read the same h
+        h  = (h + post_feedforward_layernorm(m1 + m2)) * layer_scalar
+    logits = softcap(norm(h) @ embed^T)
+
+Every matrix product goes through `larql.kernels.matmul` (f32/f16/bf16/Q4_K/Q6_K weights);
+numpy does only vector glue: norms, RoPE, softmax and the attention over the cache. Experts
+sit behind `larql.experts.Experts` (in process or remote); the backend applies
+`pre_feedforward_layernorm_2` and returns the raw weighted sum, and this module applies
+`post_feedforward_layernorm_2` to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import kernels
+from ..config import ModelConfig
+from ..experts import Experts, rms_norm
+from ..kernels import QMatrix
+
+# Queries per attention block during prefill: bounds the score matrix to
+# heads * QUERY_BLOCK * keys floats however long the prompt is.
+QUERY_BLOCK = 256
+
+
+def matmul(w: QMatrix, x: np.ndarray) -> np.ndarray:
+    """y = x @ w.T through the C kernels (a module-level name so a profiler can wrap it)."""
+    return kernels.matmul(w, x)
+
+
+def as_matrix(a: np.ndarray) -> QMatrix:
+    """View a 2-D f32/f16 numpy array as a QMatrix without copying."""
+    a = np.ascontiguousarray(a)
+    fmt = {np.dtype(np.float32): kernels.F32, np.dtype(np.float16): kernels.F16}.get(a.dtype)
+    if fmt is None or a.ndim != 2:
+        raise ValueError(f"cannot use a {a.dtype} array of shape {a.shape} as a weight matrix")
+    rows, cols = a.shape
+    return QMatrix(fmt, rows, cols, a.reshape(-1).view(np.uint8), cols)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (`gelu_pytorch_tanh`)."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def softcap(logits: np.ndarray, cap: float | None) -> np.ndarray:
+    if not cap:
+        return logits
+    c = np.float32(cap)
+    return np.tanh(logits / c) * c
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass
+class LayerWeights:
+    index: int
+    full: bool                      # full attention (else sliding window)
+    head_dim: int
+    kv_heads: int
+    k_eq_v: bool
+    inv_freq: np.ndarray            # [head_dim/2] RoPE frequencies (zeros where not rotated)
+    q: QMatrix
+    k: QMatrix
+    v: QMatrix | None               # None when V reuses the raw K projection
+    o: QMatrix
+    gate: QMatrix
+    up: QMatrix
+    down: QMatrix
+    router: QMatrix                 # [E, H]
+    router_scale: np.ndarray        # [H], folded with H^-0.5
+    per_expert_scale: np.ndarray    # [E]
+    input_norm: np.ndarray
+    post_attn_norm: np.ndarray
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    pre_ffn_norm: np.ndarray
+    post_ffn_norm: np.ndarray
+    post_ffn_norm_1: np.ndarray
+    post_ffn_norm_2: np.ndarray
+    layer_scalar: np.float32
+
+
+def rope_inv_freq(cfg: ModelConfig, layer: int) -> np.ndarray:
+    """Default RoPE on sliding layers; "proportional" partial RoPE on full layers.
+
+    Proportional RoPE keeps the whole head (rotate-half pairs i with i + d/2) but only the first
+    `partial_rotary_factor * d / 2` frequencies are non-zero, with exponents over the full d.
+    """
+    d = cfg.layer_head_dim(layer)
+    if cfg.is_full(layer):
+        theta = cfg.rope_theta_global
+        rotated = int(cfg.partial_rotary_factor_global * d // 2)
+    else:
+        theta, rotated = cfg.rope_theta_local, d // 2
+    inv = np.zeros(d // 2, dtype=np.float32)
+    exps = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(d)
+    inv[:rotated] = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+    return inv
+
+
+def load_layer(vx, layer: int) -> LayerWeights:
+    cfg: ModelConfig = vx.config
+    p = f"layers.{layer}."
+    attn = vx.attn(layer)
+    mlp = vx.dense_mlp(layer)
+    router = np.ascontiguousarray(vx.norm(p + "router.proj.weight"), dtype=np.float32)
+    router = router.reshape(cfg.num_experts, cfg.hidden_size)
+    scale = vx.norm(p + "router.scale").astype(np.float32) * np.float32(cfg.hidden_size ** -0.5)
+    layer_scalar = vx.norm(p + "layer_scalar") if vx.has(p + "layer_scalar") else np.ones(1, np.float32)
+    return LayerWeights(
+        index=layer,
+        full=cfg.is_full(layer),
+        head_dim=cfg.layer_head_dim(layer),
+        kv_heads=cfg.layer_kv_heads(layer),
+        k_eq_v=cfg.layer_k_eq_v(layer),
+        inv_freq=rope_inv_freq(cfg, layer),
+        q=attn.q, k=attn.k, v=attn.v, o=attn.o,
+        gate=mlp.gate, up=mlp.up, down=mlp.down,
+        router=as_matrix(router),
+        router_scale=scale,
+        per_expert_scale=vx.norm(p + "router.per_expert_scale").astype(np.float32),
+        input_norm=vx.norm(p + "input_layernorm.weight"),
+        post_attn_norm=vx.norm(p + "post_attention_layernorm.weight"),
+        q_norm=vx.norm(p + "self_attn.q_norm.weight"),
+        k_norm=vx.norm(p + "self_attn.k_norm.weight"),
+        pre_ffn_norm=vx.norm(p + "pre_feedforward_layernorm.weight"),
+        post_ffn_norm=vx.norm(p + "post_feedforward_layernorm.weight"),
+        post_ffn_norm_1=vx.norm(p + "post_feedforward_layernorm_1.weight"),
+        post_ffn_norm_2=vx.norm(p + "post_feedforward_layernorm_2.weight"),
+        layer_scalar=np.float32(np.asarray(layer_scalar).reshape(-1)[0]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+class LayerCache:
+    """Keys and values of one layer, stored [kv_heads, slot, head_dim] so each head is contiguous.
+
+    Sliding layers keep a ring of `window` slots (position p lives in slot p % window); full
+    layers grow. Each slot remembers its position, so attention masks by position and a second
+    write of the same position (batch dispatch's apply pass) simply overwrites it.
+    """
+
+    def __init__(self, kv_heads: int, head_dim: int, window: int | None, capacity: int = 64) -> None:
+        self.window = window
+        cap = window if window else capacity
+        self.k = np.zeros((kv_heads, cap, head_dim), dtype=np.float32)
+        self.v = np.zeros_like(self.k)
+        self.pos = np.full(cap, -1, dtype=np.int64)
+        self.used = 0  # slots [0, used) have been written at least once
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[1]
+        new_cap = max(need, 2 * cap)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], new_cap, old.shape[2]), dtype=np.float32)
+            new[:, :cap] = old
+            setattr(self, name, new)
+        pos = np.full(new_cap, -1, dtype=np.int64)
+        pos[:cap] = self.pos
+        self.pos = pos
+
+    def write(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """positions [T]; k, v [T, kv_heads, head_dim]. A ring keeps only the last `window`."""
+        if self.window:
+            keep = slice(max(0, len(positions) - self.window), None)
+            positions, k, v = positions[keep], k[keep], v[keep]
+            slots = positions % self.window
+        else:
+            slots = positions
+            if int(slots.max()) >= self.k.shape[1]:
+                self._grow(int(slots.max()) + 1)
+        self.k[:, slots] = k.transpose(1, 0, 2)
+        self.v[:, slots] = v.transpose(1, 0, 2)
+        self.pos[slots] = positions
+        self.used = max(self.used, int(slots.max()) + 1)
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, v [kv_heads, n, head_dim], positions [n]) of every written slot."""
+        n = self.used
+        return self.k[:, :n], self.v[:, :n], self.pos[:n]
+
+
+class KVCache:
+    """One LayerCache per layer plus the next position to fill."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.layers = [
+            LayerCache(cfg.layer_kv_heads(i), cfg.layer_head_dim(i),
+                       None if cfg.is_full(i) else cfg.sliding_window)
+            for i in range(cfg.num_layers)
+        ]
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of one layer
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Neox-style rotate-half. x [T, heads, d]; cos, sin [T, d/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # f32 like transformers: the angle is rounded to f32 before cos/sin.
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(ang), np.sin(ang)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
+           window: int | None) -> np.ndarray:
+    """Scaled-by-1.0 softmax attention with GQA and a position mask.
+
+    q [T, heads, d]; k, v [kv_heads, S, d]; q_pos [T]; k_pos [S] (-1 = empty slot).
+    A key is visible when 0 <= q_pos - k_pos (< window on sliding layers). Returns [T, heads*d].
+    """
+    T, heads, d = q.shape
+    kvh = k.shape[0]
+    g = heads // kvh
+    out = np.empty((T, heads * d), dtype=np.float32)
+    kt = k.transpose(0, 2, 1)
+    for s in range(0, T, QUERY_BLOCK):
+        qb = q[s:s + QUERY_BLOCK]
+        tb = qb.shape[0]
+        dist = q_pos[s:s + tb, None] - k_pos[None, :]
+        visible = (dist >= 0) & (k_pos[None, :] >= 0)
+        if window:
+            visible &= dist < window
+        # [T, heads, d] -> [kvh, g*T, d]: query head h reads kv head h // g.
+        qg = qb.reshape(tb, kvh, g, d).transpose(1, 2, 0, 3).reshape(kvh, g * tb, d)
+        scores = (qg @ kt).reshape(kvh, g, tb, -1)
+        scores = np.where(visible, scores, np.float32(-np.inf))
+        probs = softmax(scores).reshape(kvh, g * tb, -1)
+        a = (probs @ v).reshape(kvh, g, tb, d)
+        out[s:s + tb] = a.transpose(2, 0, 1, 3).reshape(tb, heads * d)
+    return out
+
+
+@dataclass
+class RouteResult:
+    ids: np.ndarray      # int32 [T, K]
+    weights: np.ndarray  # f32 [T, K]
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class Gemma4Model:
+    """Gemma 4 MoE over a vindex. `forward(ids, cache)` runs T new tokens and returns logits.
+
+    experts: an `Experts` backend; None runs them in process from the vindex (LocalExperts).
+    dispatch: "exact" calls the experts layer by layer (what the model computes);
+    "batch" is the reference's one-round-trip approximation (see `_forward_batch`).
+    """
+
+    def __init__(self, vindex, experts: Experts | None = None, dispatch: str = "exact") -> None:
+        if dispatch not in ("exact", "batch"):
+            raise ValueError(f"dispatch must be 'exact' or 'batch', not {dispatch!r}")
+        self.vindex = vindex
+        self.cfg: ModelConfig = vindex.config
+        cfg = self.cfg
+        if not cfg.num_experts:
+            raise ValueError("this vindex has no experts (num_experts = 0); only Gemma 4 MoE is supported")
+        if experts is None:
+            from ..experts import LocalExperts
+
+            experts = LocalExperts(vindex)
+        self.experts = experts
+        self.dispatch = dispatch
+        self.embed = vindex.embeddings()
+        head = vindex.lm_head()
+        self.lm_head: QMatrix = head if head is not None else as_matrix(self.embed)
+        self.embed_scale = np.float32(cfg.embed_scale)
+        self.final_norm = vindex.norm("norm.weight")
+        self.eps = np.float32(cfg.rms_norm_eps)
+        self.layers = [load_layer(vindex, i) for i in range(cfg.num_layers)]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg)
+
+    # -- embeddings and head -------------------------------------------------------------
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embed.shape[0]):
+            bad = int(ids[(ids < 0) | (ids >= self.embed.shape[0])][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.embed.shape[0] - 1})")
+        # transformers multiplies in the weight dtype; for f16 embeddings the scale is f16-rounded
+        # as well, which ModelConfig.embed_scale already encodes.
+        return self.embed[ids].astype(np.float32) * self.embed_scale
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Final norm, tied LM head, soft-cap. h [T, H] -> [T, vocab]."""
+        x = rms_norm(h, self.final_norm, self.eps)
+        return softcap(matmul(self.lm_head, x), self.cfg.final_logit_softcapping)
+
+    # -- attention -------------------------------------------------------------------------
+    def attention(self, lw: LayerWeights, x: np.ndarray, positions: np.ndarray,
+                  cache: LayerCache) -> np.ndarray:
+        cfg = self.cfg
+        T = x.shape[0]
+        d = lw.head_dim
+        q = matmul(lw.q, x).reshape(T, cfg.num_heads, d)
+        k_raw = matmul(lw.k, x).reshape(T, lw.kv_heads, d)
+        v = k_raw if lw.k_eq_v else matmul(lw.v, x).reshape(T, lw.kv_heads, d)
+        cos, sin = rope_tables(positions, lw.inv_freq)
+        q = apply_rope(rms_norm(q, lw.q_norm, self.eps), cos, sin)
+        k = apply_rope(rms_norm(k_raw, lw.k_norm, self.eps), cos, sin)
+        v = rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
+
+        window = None if lw.full else cfg.sliding_window
+        if window and T > 1:
+            # A prompt chunk can be longer than the ring: attend over (ring + chunk), then
+            # keep the chunk's last `window` entries.
+            ck, cv, cpos = cache.view()
+            keys = np.concatenate([ck, k.transpose(1, 0, 2)], axis=1)
+            vals = np.concatenate([cv, v.transpose(1, 0, 2)], axis=1)
+            kpos = np.concatenate([np.where(cpos < positions[0], cpos, -1), positions])
+            a = attend(q, keys, vals, positions, kpos, window)
+            cache.write(positions, k, v)
+        else:
+            cache.write(positions, k, v)
+            keys, vals, kpos = cache.view()
+            a = attend(q, keys, vals, positions, kpos, window)
+        return matmul(lw.o, a)
+
+    # -- feed-forward ----------------------------------------------------------------------
+    def dense_mlp(self, lw: LayerWeights, h: np.ndarray) -> np.ndarray:
+        x = rms_norm(h, lw.pre_ffn_norm, self.eps)
+        return matmul(lw.down, gelu_tanh(matmul(lw.gate, x)) * matmul(lw.up, x))
+
+    def route(self, lw: LayerWeights, h: np.ndarray) -> RouteResult:
+        """Router on the raw residual: softmax over all experts, top-k, renormalise, per-expert scale."""
+        r = rms_norm(h, None, self.eps) * lw.router_scale
+        probs = softmax(matmul(lw.router, r))
+        k = self.cfg.top_k
+        ids = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
+        w = np.take_along_axis(probs, ids, axis=-1)
+        order = np.argsort(-w, axis=-1, kind="stable")  # descending, like torch.topk
+        ids = np.take_along_axis(ids, order, axis=-1)
+        w = np.take_along_axis(w, order, axis=-1)
+        w = w / np.sum(w, axis=-1, keepdims=True)
+        w = w * lw.per_expert_scale[ids]
+        return RouteResult(ids.astype(np.int32), w.astype(np.float32))
+
+    def run_experts(self, lw: LayerWeights, h: np.ndarray, route: RouteResult) -> np.ndarray:
+        return self.experts.forward(lw.index, h, route.ids, route.weights)
+
+    def combine(self, lw: LayerWeights, h: np.ndarray, m1: np.ndarray, moe_sum: np.ndarray) -> np.ndarray:
+        m1 = rms_norm(m1, lw.post_ffn_norm_1, self.eps)
+        m2 = rms_norm(moe_sum, lw.post_ffn_norm_2, self.eps)
+        h = h + rms_norm(m1 + m2, lw.post_ffn_norm, self.eps)
+        return h * lw.layer_scalar
+
+    def layer(self, lw: LayerWeights, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
+              moe_sum: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, RouteResult]:
+        """One decoder layer. With `moe_sum` given, use it instead of calling the experts.
+
+        Returns (new h, the residual the FFNs read, its route)."""
+        x = rms_norm(h, lw.input_norm, self.eps)
+        h = h + rms_norm(self.attention(lw, x, positions, cache), lw.post_attn_norm, self.eps)
+        m1 = self.dense_mlp(lw, h)
+        route = self.route(lw, h)
+        if moe_sum is None:
+            moe_sum = self.run_experts(lw, h, route)
+        return self.combine(lw, h, m1, moe_sum), h, route
+
+    # -- whole model -------------------------------------------------------------------------
+    def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run T new tokens (a prompt chunk, or one decode token) at the cache's next positions.
+
+        Returns logits f32 [vocab] for the last token, or [T, vocab] with all_logits.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("forward needs at least one token")
+        positions = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
+        h = self.embed_tokens(ids)
+        if self.dispatch == "batch":
+            h = self._forward_batch(h, positions, cache)
+        else:
+            for lw in self.layers:
+                h, _, _ = self.layer(lw, h, positions, cache.layers[lw.index])
+        cache.length += ids.size
+        logits = self.logits(h if all_logits else h[-1:])
+        return logits if all_logits else logits[0]
+
+    def _forward_batch(self, h0: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Batch dispatch: every layer's expert work in ONE `forward_multi` (one round trip).
+
+        Pass 1 runs all layers with expert outputs zeroed, collecting each layer's FFN input and
+        route. The experts then run on those inputs at once, and pass 2 reruns the layers using
+        them (rewriting the KV entries pass 1 wrote at the same positions). Approximate: a
+        layer's experts see a residual computed without the experts of the layers before it.
+        """
+        work = []
+        h = h0
+        for lw in self.layers:
+            zero = np.zeros_like(h)
+            h, ffn_in, route = self.layer(lw, h, positions, cache.layers[lw.index], moe_sum=zero)
+            work.append((lw.index, ffn_in, route.ids, route.weights))
+        moe = self.experts.forward_multi(work)
+        if len(moe) != len(work):
+            raise ValueError(f"experts backend returned {len(moe)} results for {len(work)} layers")
+        h = h0
+        for lw, moe_sum in zip(self.layers, moe, strict=True):
+            h, _, _ = self.layer(lw, h, positions, cache.layers[lw.index], moe_sum=moe_sum)
+        return h
+
+    def close(self) -> None:
+        self.experts.close()
