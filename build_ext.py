@@ -30,7 +30,9 @@ ffibuilder.set_source(
     '#include "larql.h"\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[str(CSRC.relative_to(ROOT))],
-    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-Wall"],
+    # -ffp-contract=off: the dequantisers must round exactly like ggml (no fused multiply-add
+    # unless a kernel asks for one with an intrinsic)
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall"],
     extra_link_args=["-pthread", "-lm"],
 )
 

@@ -61,4 +61,20 @@ const lq_kernels *lq_active_kernels(void);
 float lq_fp16_to_fp32(uint16_t h);
 uint16_t lq_fp32_to_fp16(float f);
 
+/* ---- Internals shared by the C files (added to the contract; nothing above changes) ---- */
+
+static inline int lq_is_kquant(int fmt) { return fmt == LQ_Q4_K || fmt == LQ_Q6_K; }
+
+/* Persistent thread pool (threadpool.c). fn(ctx, begin, end, thread_id) is called on disjoint
+ * ranges covering [0, n), each at most `grain` long; the calling thread works too. Jobs from
+ * concurrent callers are serialised. 0 <= thread_id < lq_get_num_threads(). */
+typedef void (*lq_range_fn)(void *ctx, int64_t begin, int64_t end, int thread_id);
+void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
+
+/* Scalar block quantisers / dequantisers (quant.c); n is a multiple of QK_K. */
+void lq_quantize_row_q4k(const float *x, block_q4_K *y, int64_t n);
+void lq_quantize_row_q6k(const float *x, block_q6_K *y, int64_t n);
+void lq_dequantize_row_q4k(const block_q4_K *x, float *y, int64_t n);
+void lq_dequantize_row_q6k(const block_q6_K *x, float *y, int64_t n);
+
 #endif

@@ -1,7 +1,12 @@
 """The only Python module that touches cffi: numpy arrays and buffers in, numpy arrays out.
 
-CONTRACT (filled in by the kernel work; signatures are fixed, other modules code against them).
-All functions raise KernelError (a ValueError) with a message naming the bad argument.
+Every call into C releases the GIL (cffi API mode), so a server's event loop keeps running while
+a thread executor computes. The C thread pool serialises concurrent calls, so any thread may call
+any function here. All functions raise KernelError (a ValueError) naming the bad argument.
+
+Formats are the LYRW quant_format codes (see docs/KERNELS.md): F32, F16, BF16 and the
+ggml-compatible K-quants Q4_K (144 B per 256 values) and Q6_K (210 B); Q8_K (292 B) is the
+activation format.
 """
 
 from __future__ import annotations
@@ -11,12 +16,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from larql._kernels import ffi, lib
+
 F32, F16, BF16, Q4_K, Q6_K, Q8_K = 0, 1, 2, 4, 5, 100
 FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_K: "Q8_K"}
+QK_K = 256
+WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)
+KQUANTS = (Q4_K, Q6_K, Q8_K)
 
 
 class KernelError(ValueError):
     """A kernel call was given a bad format, shape or expert id."""
+
+
+_ERRORS = {
+    -1: "unsupported format for this operation",
+    -2: "bad shape",
+    -3: "expert id out of range or not held",
+    -4: "out of memory",
+    -5: "ISA not available on this CPU",
+}
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise KernelError(f"{what}: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _fmt_name(fmt: int) -> str:
+    return FORMAT_NAMES.get(fmt, f"unknown format {fmt}")
 
 
 @dataclass(frozen=True)
@@ -34,17 +62,153 @@ class QMatrix:
     data: np.ndarray
     logical_cols: int = 0
 
+    def __post_init__(self) -> None:
+        if self.fmt not in WEIGHT_FORMATS:
+            raise KernelError(f"QMatrix: format {_fmt_name(self.fmt)} is not a weight format")
+        need = self.rows * row_bytes(self.fmt, self.cols)
+        if self.rows < 0 or not isinstance(self.data, np.ndarray) or self.data.dtype != np.uint8:
+            raise KernelError("QMatrix: data must be a 1-D uint8 numpy array and rows >= 0")
+        if self.data.ndim != 1 or self.data.size != need or not self.data.flags.c_contiguous:
+            raise KernelError(
+                f"QMatrix: data holds {self.data.size} bytes (contiguous={self.data.flags.c_contiguous}), "
+                f"{self.rows} x {self.cols} {_fmt_name(self.fmt)} needs {need}"
+            )
+        if not 0 <= self.logical_cols <= self.cols:
+            raise KernelError(f"QMatrix: logical_cols {self.logical_cols} outside 0..{self.cols}")
 
-def row_bytes(fmt: int, cols: int) -> int: ...
-def block_size(fmt: int) -> int: ...  # 256 for K-quants, 1 for float formats
-def padded_cols(fmt: int, cols: int) -> int: ...  # cols rounded up to block_size(fmt)
-def quantize(x: np.ndarray, fmt: int) -> np.ndarray: ...  # f32 [rows, cols] -> uint8 [rows*row_bytes]; pads cols with zeros
-def dequantize(data, fmt: int, rows: int, cols: int) -> np.ndarray: ...  # -> f32 [rows, cols]
-def quantize_q8k(x: np.ndarray) -> np.ndarray: ...  # f32 [T, n] -> uint8 [T, n/256*292] (n padded to 256)
-def as_qmatrix(x: np.ndarray, fmt: int) -> QMatrix: ...  # quantise an f32 matrix into a QMatrix
-def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
-    # x: f32 [k] -> [rows], or [T, k] -> [T, rows]; k <= w.cols
-def matmul_q8k(w: QMatrix, xq: np.ndarray, T: int) -> np.ndarray: ...
+
+def row_bytes(fmt: int, cols: int) -> int:
+    """Bytes of one stored row of `cols` values."""
+    n = lib.lq_row_bytes(int(fmt), int(cols))
+    if n == 0:
+        if fmt not in FORMAT_NAMES:
+            raise KernelError(f"row_bytes: unknown format {fmt}")
+        raise KernelError(f"row_bytes: {cols} values is not a valid {_fmt_name(fmt)} row length")
+    return int(n)
+
+
+def block_size(fmt: int) -> int:
+    """256 for K-quants, 1 for float formats."""
+    if fmt not in FORMAT_NAMES:
+        raise KernelError(f"block_size: unknown format {fmt}")
+    return QK_K if fmt in KQUANTS else 1
+
+
+def padded_cols(fmt: int, cols: int) -> int:
+    """cols rounded up to a whole number of blocks of fmt."""
+    b = block_size(fmt)
+    return (int(cols) + b - 1) // b * b
+
+
+def _f32_2d(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise KernelError(f"{name}: expected a 1-D or 2-D array, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _ptr(a: np.ndarray, ctype: str = "void *"):
+    return ffi.cast(ctype, a.ctypes.data)
+
+
+def quantize(x: np.ndarray, fmt: int) -> np.ndarray:
+    """f32 [rows, cols] -> uint8 [rows * row_bytes(fmt, padded cols)]; cols padded with zeros."""
+    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
+        raise KernelError(f"quantize: cannot quantise to {_fmt_name(fmt)}")
+    x = _f32_2d(x, "quantize")
+    rows, cols = x.shape
+    if cols == 0:
+        raise KernelError("quantize: rows of length 0")
+    pc = padded_cols(fmt, cols)
+    if pc != cols:
+        x = np.pad(x, ((0, 0), (0, pc - cols)))
+    out = np.empty(rows * row_bytes(fmt, pc), dtype=np.uint8)
+    if rows:
+        _check(lib.lq_quantize(fmt, _ptr(x, "float *"), _ptr(out), rows, pc), "quantize")
+    return out
+
+
+def _as_bytes(data, name: str) -> np.ndarray:
+    """Any buffer (numpy array, bytes, memoryview of an mmap) as a flat uint8 array, no copy."""
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            raise KernelError(f"{name}: array is not contiguous")
+        return data.reshape(-1).view(np.uint8)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def dequantize(data, fmt: int, rows: int, cols: int) -> np.ndarray:
+    """rows x cols stored in fmt (cols = the stored row length) -> f32 [rows, cols]."""
+    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
+        raise KernelError(f"dequantize: unknown format {fmt}")
+    buf = _as_bytes(data, "dequantize")
+    need = rows * row_bytes(fmt, cols)
+    if rows < 0 or buf.size != need:
+        raise KernelError(
+            f"dequantize: {buf.size} bytes given, {rows} x {cols} {_fmt_name(fmt)} needs {need}"
+        )
+    out = np.empty((rows, cols), dtype=np.float32)
+    if rows:
+        _check(lib.lq_dequantize(fmt, _ptr(buf), _ptr(out, "float *"), rows, cols), "dequantize")
+    return out
+
+
+def quantize_q8k(x: np.ndarray) -> np.ndarray:
+    """f32 [T, n] -> uint8 [T, ceil(n/256)*292]: activations in Q8_K (n padded with zeros)."""
+    x = _f32_2d(x, "quantize_q8k")
+    return quantize(x, Q8_K).reshape(x.shape[0], -1)
+
+
+def as_qmatrix(x: np.ndarray, fmt: int) -> QMatrix:
+    """Quantise an f32 matrix [rows, cols] into a QMatrix (rows padded to whole blocks)."""
+    x = _f32_2d(x, "as_qmatrix")
+    if fmt not in WEIGHT_FORMATS:
+        raise KernelError(f"as_qmatrix: {_fmt_name(fmt)} is not a weight format")
+    rows, cols = x.shape
+    return QMatrix(fmt, rows, padded_cols(fmt, cols), quantize(x, fmt), logical_cols=cols)
+
+
+def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """W x: x f32 [k] -> [rows], or [T, k] -> [T, rows]; k <= w.cols (missing tail = 0)."""
+    x = np.asarray(x)
+    vec = x.ndim == 1
+    x2 = _f32_2d(x, "matmul")
+    T, k = x2.shape
+    if T < 1 or k < 1 or k > w.cols:
+        raise KernelError(f"matmul: x has shape {x.shape}, the matrix takes 1..{w.cols} columns and T >= 1")
+    shape = (w.rows,) if vec else (T, w.rows)
+    y = _out(out, shape, "matmul")
+    if w.rows:
+        _check(
+            lib.lq_matmul(w.fmt, _ptr(w.data), w.rows, w.cols, _ptr(x2, "float *"), k, T, _ptr(y, "float *")),
+            f"matmul ({_fmt_name(w.fmt)} {w.rows} x {w.cols})",
+        )
+    return y
+
+
+def _out(out: np.ndarray | None, shape: tuple, name: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelError(f"{name}: out must be a writable contiguous f32 array of shape {shape}")
+    return out
+
+
+def matmul_q8k(w: QMatrix, xq: np.ndarray, T: int) -> np.ndarray:
+    """W x for activations already in Q8_K (T rows of w.cols/256 blocks) -> f32 [T, rows]."""
+    if w.fmt not in (Q4_K, Q6_K):
+        raise KernelError(f"matmul_q8k: weights must be Q4_K or Q6_K, not {_fmt_name(w.fmt)}")
+    buf = _as_bytes(xq, "matmul_q8k")
+    need = T * row_bytes(Q8_K, w.cols)
+    if T < 1 or buf.size != need:
+        raise KernelError(f"matmul_q8k: {buf.size} activation bytes for T={T}, expected {need}")
+    y = np.empty((T, w.rows), dtype=np.float32)
+    if w.rows:
+        _check(lib.lq_matmul_q8k(w.fmt, _ptr(w.data), w.rows, w.cols, _ptr(buf), T, _ptr(y, "float *")),
+               "matmul_q8k")
+    return y
 
 
 class ExpertTable:
@@ -54,16 +218,113 @@ class ExpertTable:
     down_offset, down_fmt); the buffer is anything exposing the buffer protocol and is kept alive.
     """
 
-    def __init__(self, hidden: int, inter: int, experts: Sequence[tuple | None]) -> None: ...
+    def __init__(self, hidden: int, inter: int, experts: Sequence[tuple | None]) -> None:
+        if hidden < 1 or inter < 1:
+            raise KernelError(f"ExpertTable: hidden={hidden} and inter={inter} must be positive")
+        self.hidden, self.inter = int(hidden), int(inter)
+        self.n_experts = len(experts)
+        self._c = ffi.new("lq_expert[]", max(1, self.n_experts))
+        self._keep: list = []  # cffi buffers: keep the memory mapped and alive
+        self.held = np.zeros(self.n_experts, dtype=bool)
+        views: dict[int, object] = {}
+        for e, spec in enumerate(experts):
+            if spec is None:
+                continue
+            try:
+                buffer, gu_off, gu_fmt, d_off, d_fmt = spec
+            except (TypeError, ValueError):
+                raise KernelError(
+                    f"ExpertTable: expert {e} must be None or (buffer, gate_up_offset, gate_up_fmt, "
+                    "down_offset, down_fmt)"
+                ) from None
+            if gu_fmt not in WEIGHT_FORMATS or d_fmt not in WEIGHT_FORMATS:
+                raise KernelError(f"ExpertTable: expert {e} formats {gu_fmt}/{d_fmt} are not weight formats")
+            gu_len = 2 * self.inter * row_bytes(gu_fmt, padded_cols(gu_fmt, self.hidden))
+            d_len = self.hidden * row_bytes(d_fmt, padded_cols(d_fmt, self.inter))
+            if id(buffer) not in views:
+                cbuf = ffi.from_buffer(buffer)
+                views[id(buffer)] = cbuf
+                self._keep.append((buffer, cbuf))
+            cbuf = views[id(buffer)]
+            size = len(cbuf)
+            for what, off, n in (("gate_up", gu_off, gu_len), ("down", d_off, d_len)):
+                if off < 0 or off + n > size:
+                    raise KernelError(
+                        f"ExpertTable: expert {e} {what} bytes [{off}, {off + n}) lie outside its "
+                        f"buffer of {size} bytes"
+                    )
+            base = ffi.cast("uint8_t *", cbuf)
+            c = self._c[e]
+            c.gate_up = base + int(gu_off)
+            c.down = base + int(d_off)
+            c.gate_up_fmt = int(gu_fmt)
+            c.down_fmt = int(d_fmt)
+            self.held[e] = True
 
 
 def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-            out: np.ndarray | None = None) -> np.ndarray: ...
-    # x: f32 [T, hidden] (normed), ids int32 [T, K] (-1 = skip), weights f32 [T, K] -> f32 [T, hidden]
+            out: np.ndarray | None = None) -> np.ndarray:
+    """sum_k weights[t,k] * down_e(gelu_tanh(gate_e x[t]) * up_e x[t]) with e = ids[t,k].
+
+    x: f32 [T, hidden] (normed; a 1-D x is one token and gives a 1-D result), ids int [T, K]
+    (-1 = skip the slot), weights f32 [T, K] -> f32 [T, hidden].
+    """
+    x = np.asarray(x)
+    vec = x.ndim == 1
+    x2 = _f32_2d(x, "moe_ffn")
+    T = x2.shape[0]
+    if x2.shape[1] != table.hidden or T < 1:
+        raise KernelError(f"moe_ffn: x has shape {x.shape}, expected [T, {table.hidden}] with T >= 1")
+    ids = np.asarray(ids)
+    weights = np.asarray(weights)
+    if vec and ids.ndim == 1:
+        ids, weights = ids[None, :], weights[None, :]
+    if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+        raise KernelError(f"moe_ffn: ids {ids.shape} and weights {weights.shape} must both be [T={T}, K]")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise KernelError(f"moe_ffn: ids must be integers, got {ids.dtype}")
+    used = ids[ids >= 0]
+    if used.size:
+        bad = used[used >= table.n_experts]
+        if bad.size:
+            raise KernelError(f"moe_ffn: expert id {int(bad[0])} out of range (table has {table.n_experts})")
+        absent = used[~table.held[used]]
+        if absent.size:
+            raise KernelError(f"moe_ffn: expert {int(absent[0])} is not held by this table")
+    ids32 = np.ascontiguousarray(ids, dtype=np.int32)
+    w32 = np.ascontiguousarray(weights, dtype=np.float32)
+    y = _out(out, (table.hidden,) if vec else (T, table.hidden), "moe_ffn")
+    _check(
+        lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
+                       ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *")),
+        "moe_ffn",
+    )
+    return y
 
 
-def set_num_threads(n: int) -> None: ...
-def num_threads() -> int: ...
-def isa() -> str: ...
-def available_isas() -> list[str]: ...
-def force_isa(name: str | None) -> None: ...  # None restores the best; KernelError if unavailable
+def set_num_threads(n: int) -> None:
+    """Resize the C thread pool (0 = all online cores)."""
+    if n < 0:
+        raise KernelError(f"set_num_threads: {n} threads")
+    _check(lib.lq_set_num_threads(int(n)), "set_num_threads")
+
+
+def num_threads() -> int:
+    return int(lib.lq_get_num_threads())
+
+
+def isa() -> str:
+    return ffi.string(lib.lq_isa()).decode()
+
+
+def available_isas() -> list[str]:
+    return ffi.string(lib.lq_available_isas()).decode().split()
+
+
+def force_isa(name: str | None) -> None:
+    """Use the named kernel table ("scalar", "avx2", "neon"...); None restores the best."""
+    if name is None:
+        _check(lib.lq_force_isa(ffi.NULL), "force_isa")
+        return
+    if lib.lq_force_isa(name.encode()) != 0:
+        raise KernelError(f"force_isa: {name!r} is not available here (have: {' '.join(available_isas())})")

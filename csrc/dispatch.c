@@ -1,0 +1,61 @@
+/* Runtime choice of the kernel table: the best ISA this CPU supports, unless LARQL_ISA names
+ * another (for tests and benchmarks) or lq_force_isa() is called. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static const lq_kernels *candidates[4];
+static int n_candidates; /* usable tables, best last */
+static char available[64];
+static _Atomic(const lq_kernels *) active;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static void add(const lq_kernels *k) {
+    candidates[n_candidates++] = k;
+    if (available[0]) strcat(available, " ");
+    strcat(available, k->name);
+}
+
+static const lq_kernels *find(const char *name) {
+    for (int i = 0; i < n_candidates; i++)
+        if (strcmp(candidates[i]->name, name) == 0) return candidates[i];
+    return NULL;
+}
+
+static void init(void) {
+    add(&lq_kernels_scalar);
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) add(&lq_kernels_avx2);
+#endif
+#if defined(__aarch64__)
+    add(&lq_kernels_neon); /* Advanced SIMD is part of the aarch64 baseline */
+#endif
+    const lq_kernels *best = candidates[n_candidates - 1];
+    const char *env = getenv("LARQL_ISA");
+    if (env && *env && find(env)) best = find(env);
+    atomic_store(&active, best);
+}
+
+const lq_kernels *lq_active_kernels(void) {
+    pthread_once(&once, init);
+    return atomic_load_explicit(&active, memory_order_acquire);
+}
+
+const char *lq_isa(void) { return lq_active_kernels()->name; }
+
+const char *lq_available_isas(void) {
+    pthread_once(&once, init);
+    return available;
+}
+
+int lq_force_isa(const char *name) {
+    pthread_once(&once, init);
+    const lq_kernels *k = name ? find(name) : candidates[n_candidates - 1];
+    if (!k) return LQ_E_ISA;
+    atomic_store(&active, k);
+    return LQ_OK;
+}

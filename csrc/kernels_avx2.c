@@ -1,0 +1,207 @@
+/* AVX2 + FMA (+ F16C) kernels. Compiled for the baseline target with this file's own target
+ * pragma; dispatch.c only selects the table when cpuid reports avx2 and fma.
+ *
+ * Q4_K / Q6_K x Q8_K: the weight block is unpacked once into eight 32-byte registers of
+ * unsigned quants (one per 32 values), then for each activation row: maddubs (u8 x s8 -> s16
+ * pairs), madd with the sub-block scale (-> s32), one float multiply-add per block with the
+ * combined scale. The Q4_K min term and the Q6_K -32 offset are folded in through the Q8_K
+ * bsums (sums of 16 activations), so neither costs a pass over the values.
+ */
+#if defined(__x86_64__) || defined(_M_X64)
+
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define LQ_TMAX 64
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline void q4k_scale_min(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+                    float *out, int64_t out_stride) {
+    const block_q4_K *w = (const block_q4_K *)w_row;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[LQ_TMAX];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q4_K *wb = &w[b];
+        int sc[8], mn[8];
+        for (int j = 0; j < 8; j++) q4k_scale_min(j, wb->scales, &sc[j], &mn[j]);
+        __m256i q[8], scale[8];
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * c));
+            q[2 * c] = _mm256_and_si256(bytes, m4);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+        }
+        for (int j = 0; j < 8; j++) scale[j] = _mm256_set1_epi16((int16_t)sc[j]);
+        /* each Q8_K bsum covers 16 values; sub-block j is bsums 2j and 2j+1 */
+        const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4],
+                                               mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
+        const float d = lq_fp16_to_fp32(wb->d), dmin = lq_fp16_to_fp32(wb->dmin);
+        for (int t = 0; t < T; t++) {
+            const block_q8_K *xb = &x[t * x_stride + b];
+            __m256i sumi = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                __m256i y = _mm256_loadu_si256((const __m256i *)(xb->qs + 32 * j));
+                __m256i p = _mm256_maddubs_epi16(q[j], y); /* <= 2*15*127: no saturation */
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale[j]));
+            }
+            __m256i pm = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mins);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * d), _mm256_cvtepi32_ps(sumi), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(xb->d * dmin), _mm256_cvtepi32_ps(pm), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+}
+
+static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+                    float *out, int64_t out_stride) {
+    const block_q6_K *w = (const block_q6_K *)w_row;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
+    __m256 acc[LQ_TMAX];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q6_K *wb = &w[b];
+        __m256i q[8], scale[8]; /* q[m]: unsigned 6-bit values 32m..32m+31 */
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
+            __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
+            __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
+            __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
+            __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
+            q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h1);
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h2);
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h3);
+        }
+        for (int m = 0; m < 8; m++)
+            scale[m] = _mm256_set_m128i(_mm_set1_epi16(wb->scales[2 * m + 1]), _mm_set1_epi16(wb->scales[2 * m]));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
+        const float d = lq_fp16_to_fp32(wb->d);
+        for (int t = 0; t < T; t++) {
+            const block_q8_K *xb = &x[t * x_stride + b];
+            __m256i sumi = _mm256_setzero_si256();
+            for (int m = 0; m < 8; m++) {
+                __m256i y = _mm256_loadu_si256((const __m256i *)(xb->qs + 32 * m));
+                __m256i p = _mm256_maddubs_epi16(q[m], y); /* <= 2*63*127: no saturation */
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale[m]));
+            }
+            /* the stored values are q + 32: subtract 32 * sum_g scale_g * bsum_g */
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
+            sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * d), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+}
+
+static void dot_f32(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
+                    int64_t out_stride) {
+    const float *w = (const float *)w_row;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + t * x_stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(xt + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(xt + i + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(xt + i + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(xt + i + 24), a3);
+        }
+        for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(xt + i), a0);
+        float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; i < n; i++) s += w[i] * xt[i];
+        out[t * out_stride] = s;
+    }
+}
+
+static void dot_f16(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
+                    int64_t out_stride) {
+    const uint16_t *w = (const uint16_t *)w_row;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + t * x_stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+            __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + i), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + i + 8), a1);
+        }
+        float s = hsum_ps(_mm256_add_ps(a0, a1));
+        for (; i < n; i++) s += lq_fp16_to_fp32(w[i]) * xt[i];
+        out[t * out_stride] = s;
+    }
+}
+
+/* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
+ * MXCSR mode of cvtps2dq), d = amax/127. */
+static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < QK_K; i += 8) mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), mx);
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        float amax = _mm_cvtss_f32(m);
+        if (!(amax > 0.f)) {
+            memset(&y[b], 0, sizeof(block_q8_K));
+            continue;
+        }
+        const __m256 is = _mm256_set1_ps(127.f / amax);
+        const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+        for (int i = 0; i < QK_K; i += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++) {
+                v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), is));
+                v[k] = _mm256_max_epi32(_mm256_min_epi32(v[k], lim), nlim);
+            }
+            /* packs work per 128-bit lane: fix the order with one permute */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(y[b].qs + i), p);
+        }
+        for (int g = 0; g < QK_K / 16; g++) {
+            __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(y[b].qs + 16 * g)));
+            __m256i s32 = _mm256_madd_epi16(w16, _mm256_set1_epi16(1));
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+            s = _mm_hadd_epi32(s, s);
+            s = _mm_hadd_epi32(s, s);
+            y[b].bsums[g] = (int16_t)_mm_cvtsi128_si32(s);
+        }
+        y[b].d = amax / 127.f;
+    }
+}
+
+const lq_kernels lq_kernels_avx2 = {
+    .name = "avx2",
+    .dot_q4k = dot_q4k,
+    .dot_q6k = dot_q6k,
+    .dot_f32 = dot_f32,
+    .dot_f16 = dot_f16,
+    .quantize_q8k = quantize_q8k,
+};
+
+#endif

@@ -1,0 +1,392 @@
+"""larql.kernels: formats against gguf, quantiser quality, matmul and the fused expert FFN.
+
+Quantised results are checked against numpy on the dequantised weights within the bound that the
+Q8_K rounding of the activations explains (derived in docs/KERNELS.md):
+
+    |y - y_ref| <= sum_i |w_i| * |x_i - x^_i| + slack,   |x_i - x^_i| <= d_b / 2 * (1 + 2^-20),
+
+with d_b = max|x| / 127 over x's 256-block b, and slack = n * 2^-23 * sum_i |w_i x_i| for the f32
+accumulation (n = 256 values per block; generous). The tests evaluate the first term exactly
+from the actual rounding (x^ = dequantised Q8_K), so the bound is tight, not a tolerance guess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from larql import kernels as K
+
+GGUF_TYPES = {K.Q4_K: QT.Q4_K, K.Q6_K: QT.Q6_K, K.F16: QT.F16, K.BF16: QT.BF16}
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(((a.astype(np.float64) - b) ** 2).sum() / (b.astype(np.float64) ** 2).sum()))
+
+
+def q8k_roundtrip(x: np.ndarray) -> np.ndarray:
+    """x as the kernels see it after Q8_K quantisation (padded to whole blocks)."""
+    x = np.atleast_2d(x)
+    q = K.quantize_q8k(x)
+    return K.dequantize(q, K.Q8_K, x.shape[0], K.padded_cols(K.Q8_K, x.shape[1]))
+
+
+def q8k_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per-output bound on |W x^ - W x| plus f32 accumulation slack: w [rows, n], x [T, n]."""
+    n = w.shape[1]
+    xh = q8k_roundtrip(x)[:, :n].astype(np.float64)
+    aw = np.abs(w.astype(np.float64))
+    rounding = np.abs(xh - x) @ aw.T
+    slack = (np.abs(x.astype(np.float64)) + np.abs(xh)) @ aw.T * (n * 2.0**-23) + 1e-30
+    return rounding + slack
+
+
+# ---- formats ----------------------------------------------------------------------------
+
+def random_blocks(fmt: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random raw blocks with f16 scales drawn from everywhere: zero, subnormal, tiny, huge."""
+    size = K.row_bytes(fmt, 256)
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    specials = np.array([0.0, 6e-8, 3e-5, 1e-3, 1.0, 0.5, 1000.0, 65504.0, -2.0, -65504.0], dtype=np.float16)
+    finite = rng.standard_normal(n_blocks).astype(np.float16)
+    pick = rng.random(n_blocks) < 0.5
+    scales = np.where(pick, specials[rng.integers(0, specials.size, n_blocks)], finite)
+    scales = np.where(np.isfinite(scales), scales, np.float16(1.0)).astype(np.float16)
+    if fmt == K.Q4_K:
+        raw[:, 0:2] = scales.view(np.uint8).reshape(-1, 2)
+        dmin = specials[rng.integers(0, specials.size, n_blocks)]
+        raw[:, 2:4] = dmin.view(np.uint8).reshape(-1, 2)
+    else:  # Q6_K: d is the last two bytes
+        raw[:, 208:210] = scales.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+@pytest.mark.parametrize("fmt", [K.Q4_K, K.Q6_K])
+def test_dequantize_bit_exact_against_gguf(fmt):
+    rng = np.random.default_rng(fmt)
+    raw = random_blocks(fmt, 4000, rng)
+    ours = K.dequantize(raw.reshape(-1), fmt, 4000, 256)
+    ref = gq.dequantize(raw, GGUF_TYPES[fmt]).reshape(4000, 256)
+    assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", [K.F16, K.BF16])
+def test_float_formats_round_trip_like_numpy(fmt):
+    rng = np.random.default_rng(3)
+    x = np.concatenate([
+        rng.standard_normal(5000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 5000),
+        np.array([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e-8, 6e-8, 2.9e-8, 3e-8, -1e30, np.inf, -np.inf]),
+    ]).astype(np.float32)
+    q = K.quantize(x[None, :], fmt)
+    if fmt == K.F16:
+        assert np.array_equal(q.view(np.uint16), x.astype(np.float16).view(np.uint16))
+        back = K.dequantize(q, fmt, 1, x.size)[0]
+        assert np.array_equal(back, x.astype(np.float16).astype(np.float32))
+    else:
+        bits = x.view(np.uint32).astype(np.uint64)
+        expect = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        assert np.array_equal(q.view(np.uint16), expect)
+        back = K.dequantize(q, fmt, 1, x.size)[0]
+        assert np.array_equal(back, gq.dequantize(q, QT.BF16).reshape(-1))
+
+
+def test_f16_every_value_exact():
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = np.isfinite(h.view(np.float16))
+    ours = K.dequantize(h.view(np.uint8), K.F16, 1, 65536)[0]
+    assert np.array_equal(ours[finite], h.view(np.float16)[finite].astype(np.float32))
+    back = K.quantize(ours[None, finite], K.F16).view(np.uint16)
+    assert np.array_equal(back, h[finite])
+
+
+def test_q8k_layout():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x[1, :256] = 0.0
+    q = K.quantize_q8k(x)
+    assert q.shape == (3, 2 * 292)
+    blk = q.reshape(6, 292)
+    d = blk[:, :4].copy().view(np.float32)[:, 0]
+    qs = blk[:, 4:260].view(np.int8)
+    bsums = blk[:, 260:].copy().view(np.int16)
+    amax = np.abs(x.reshape(6, 256)).max(axis=1)
+    assert np.allclose(d, amax / 127, rtol=1e-7)
+    assert np.array_equal(bsums, qs.reshape(6, 16, 16).astype(np.int16).sum(axis=2))
+    assert (qs[2] == 0).all() and d[2] == 0
+    assert np.abs(qs).max() == 127
+    xh = q8k_roundtrip(x)
+    half_step = amax.reshape(3, 2).repeat(256, axis=1) / 254 * (1 + 2**-20)
+    assert (np.abs(xh - x) <= half_step).all()
+
+
+# ---- quantisers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,limit", [(K.Q4_K, 0.073), (K.Q6_K, 0.0185)])
+def test_quantiser_quality_on_gaussian_data(fmt, limit):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((256, 2048)).astype(np.float32)
+    q = K.quantize(x, fmt)
+    # bit-compatible: gguf decodes what we wrote to the same values we decode
+    ours = K.dequantize(q, fmt, 256, 2048)
+    ref = gq.dequantize(q.reshape(256, -1), GGUF_TYPES[fmt]).reshape(256, 2048)
+    assert np.array_equal(ours, ref)
+    assert rel_rms(ours, x) <= limit
+
+
+@pytest.mark.parametrize("fmt", [K.Q4_K, K.Q6_K])
+def test_quantiser_edge_blocks(fmt):
+    x = np.zeros((6, 256), dtype=np.float32)
+    x[1] = 3.0  # constant positive
+    x[2] = -np.linspace(0, 5, 256)  # all negative
+    x[3, 17] = 1e-3  # one spike
+    x[4] = np.linspace(-1e4, 1e4, 256)  # large
+    x[5] = np.linspace(-2e-3, 2e-3, 256)  # small: the f16 super-scale is subnormal
+    back = K.dequantize(K.quantize(x, fmt), fmt, 6, 256)
+    assert np.isfinite(back).all()
+    assert (back[0] == 0).all()
+    for r in range(1, 6):
+        assert rel_rms(back[r], x[r]) < (0.1 if fmt == K.Q4_K else 0.03), r
+
+
+def test_quantize_pads_columns_with_zeros():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    m = K.as_qmatrix(x, K.Q4_K)
+    assert (m.rows, m.cols, m.logical_cols) == (3, 512, 300)
+    back = K.dequantize(m.data, K.Q4_K, 3, 512)
+    assert np.abs(back[:, 300:]).max() < 0.05 * np.abs(x).max()
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(K.KernelError, match="Q4_K"):
+        K.row_bytes(K.Q4_K, 100)
+    with pytest.raises(K.KernelError, match="format"):
+        K.quantize(np.zeros((1, 256), np.float32), 3)
+    with pytest.raises(K.KernelError, match="bytes"):
+        K.dequantize(np.zeros(100, np.uint8), K.Q4_K, 1, 256)
+    m = K.as_qmatrix(np.zeros((4, 256), np.float32), K.Q4_K)
+    with pytest.raises(K.KernelError, match="columns"):
+        K.matmul(m, np.zeros(257, np.float32))
+    with pytest.raises(K.KernelError):
+        K.QMatrix(K.Q4_K, 4, 256, np.zeros(10, np.uint8))
+    with pytest.raises(K.KernelError, match="not available"):
+        K.force_isa("no-such-isa")
+
+
+# ---- matmul -----------------------------------------------------------------------------
+
+def dequantized(m: K.QMatrix) -> np.ndarray:
+    return K.dequantize(m.data, m.fmt, m.rows, m.cols)
+
+
+@pytest.mark.parametrize("fmt", [K.Q4_K, K.Q6_K])
+@pytest.mark.parametrize("T", [1, 3, 17, 64, 65])
+def test_quantised_matmul_within_q8k_bound(fmt, T):
+    rng = np.random.default_rng(T * 10 + fmt)
+    rows, cols, x_cols = 37, 768, 700
+    m = K.as_qmatrix(rng.standard_normal((rows, cols)).astype(np.float32), fmt)
+    w = dequantized(m)[:, :x_cols]
+    x = rng.standard_normal((T, x_cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = q8k_bound(w, x)
+    for isa in K.available_isas():
+        K.force_isa(isa)
+        try:
+            y = K.matmul(m, x)
+        finally:
+            K.force_isa(None)
+        assert y.shape == (T, rows)
+        assert (np.abs(y - ref) <= bound).all(), isa
+        # and the bound is not vacuous: quantisation error is visible but small
+        assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", [K.F32, K.F16, K.BF16])
+def test_float_matmul_matches_numpy(fmt):
+    rng = np.random.default_rng(fmt + 40)
+    rows, cols, T = 29, 301, 5
+    m = K.as_qmatrix(rng.standard_normal((rows, cols)).astype(np.float32), fmt)
+    w = dequantized(m)
+    x = rng.standard_normal((T, 250)).astype(np.float32)
+    ref = x.astype(np.float64) @ w[:, :250].T.astype(np.float64)
+    for isa in K.available_isas():
+        K.force_isa(isa)
+        try:
+            y = K.matmul(m, x)
+            y1 = K.matmul(m, x[2])
+        finally:
+            K.force_isa(None)
+        scale = np.abs(x).astype(np.float64) @ np.abs(w[:, :250]).T
+        assert (np.abs(y - ref) <= 1e-6 * scale).all(), isa
+        assert np.array_equal(y1, y[2])
+
+
+# ---- the fused expert FFN ---------------------------------------------------------------
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def make_experts(rng, n, hidden, inter, gu_fmt, d_fmt, absent=()):
+    specs, deq = [], []
+    for e in range(n):
+        gu = (rng.standard_normal((2 * inter, hidden)) * 0.05).astype(np.float32)
+        dn = (rng.standard_normal((hidden, inter)) * 0.05).astype(np.float32)
+        qg, qd = K.quantize(gu, gu_fmt), K.quantize(dn, d_fmt)
+        buf = np.concatenate([np.zeros(7, np.uint8), qg, qd])  # unaligned on purpose
+        deq.append((
+            K.dequantize(qg, gu_fmt, 2 * inter, K.padded_cols(gu_fmt, hidden))[:, :hidden],
+            K.dequantize(qd, d_fmt, hidden, K.padded_cols(d_fmt, inter))[:, :inter],
+        ))
+        specs.append(None if e in absent else (buf, 7, gu_fmt, 7 + qg.size, d_fmt))
+    return K.ExpertTable(hidden, inter, specs), deq
+
+
+def moe_reference(deq, x, ids, weights, quantised):
+    """float64 numpy on the dequantised weights; with quantised=True also the Q8_K bound."""
+    T, hidden = x.shape
+    ref = np.zeros((T, hidden))
+    bound = np.zeros((T, hidden))
+    for t in range(T):
+        for k in range(ids.shape[1]):
+            e = ids[t, k]
+            if e < 0:
+                continue
+            g, d = deq[e]
+            inter = d.shape[1]
+            gu = g.astype(np.float64) @ x[t]
+            h = gelu_tanh(gu[:inter]) * gu[inter:]
+            ref[t] += weights[t, k] * (d.astype(np.float64) @ h)
+            if quantised:
+                # gate/up see Q8_K(x): their error is bounded exactly by the rounding of x
+                eg = q8k_bound(g, x[t:t + 1])[0]
+                # |gelu'| <= 1.13 everywhere, so the error of h = gelu(gate) * up is at most
+                eh = (GELU_SLOPE * eg[:inter] * np.abs(gu[inter:])
+                      + (np.abs(gelu_tanh(gu[:inter])) + GELU_SLOPE * eg[:inter]) * eg[inter:]
+                      + 1e-6 * np.abs(h))  # f32 tanh
+                # down sees Q8_K(h + eh): a half step of the block scale of |h| + eh at most
+                step = q8k_half_step(np.abs(h) + eh)
+                ad = np.abs(d.astype(np.float64))
+                slack = ad @ (np.abs(h) + eh) * (inter * 2.0**-23)
+                bound[t] += abs(weights[t, k]) * (ad @ (eh + step) + slack)
+    return ref, bound
+
+
+GELU_SLOPE = 1.13  # max |d/dx gelu_tanh(x)| is about 1.1289
+
+
+def q8k_half_step(x: np.ndarray) -> np.ndarray:
+    """The largest Q8_K rounding error of each element of x (1-D): d_b / 2 = max_b|x| / 254."""
+    n = x.size
+    blocks = np.pad(x, (0, (-n) % 256)).reshape(-1, 256)
+    half = np.abs(blocks).max(axis=1, keepdims=True) / 254.0 * (1 + 2**-20)
+    return half.repeat(256, axis=1).reshape(-1)[:n]
+
+
+@pytest.mark.parametrize("gu_fmt,d_fmt", [(K.F32, K.F32), (K.F16, K.F16), (K.BF16, K.F32)])
+def test_moe_ffn_float_experts_exact_path(gu_fmt, d_fmt):
+    rng = np.random.default_rng(11)
+    hidden, inter = 320, 200
+    table, deq = make_experts(rng, 6, hidden, inter, gu_fmt, d_fmt, absent=(4,))
+    x = rng.standard_normal((5, hidden)).astype(np.float32)
+    ids = np.array([[0, 1, 2], [1, -1, 0], [5, 3, 2], [0, 0, 1], [-1, -1, -1]], dtype=np.int32)
+    w = rng.random((5, 3)).astype(np.float32)
+    ref, _ = moe_reference(deq, x, ids, w, quantised=False)
+    for isa in K.available_isas():
+        K.force_isa(isa)
+        try:
+            y = K.moe_ffn(table, x, ids, w)
+        finally:
+            K.force_isa(None)
+        assert np.allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()), isa
+        assert (y[4] == 0).all()
+
+
+@pytest.mark.parametrize("gu_fmt,d_fmt", [(K.Q4_K, K.Q4_K), (K.Q4_K, K.Q6_K)])
+@pytest.mark.parametrize("T", [1, 7])
+def test_moe_ffn_quantised_within_bound(gu_fmt, d_fmt, T):
+    rng = np.random.default_rng(T + 100 * d_fmt)
+    hidden, inter, n, k = 512, 200, 8, 4
+    table, deq = make_experts(rng, n, hidden, inter, gu_fmt, d_fmt)
+    x = rng.standard_normal((T, hidden)).astype(np.float32)
+    ids = np.stack([rng.permutation(n)[:k] for _ in range(T)]).astype(np.int32)
+    if T > 1:
+        ids[1, 2] = -1
+    w = rng.random((T, k)).astype(np.float32)
+    ref, bound = moe_reference(deq, x, ids, w, quantised=True)
+    for isa in K.available_isas():
+        K.force_isa(isa)
+        try:
+            y = K.moe_ffn(table, x, ids, w)
+        finally:
+            K.force_isa(None)
+        assert (np.abs(y - ref) <= bound).all(), isa
+
+
+def test_moe_ffn_bad_ids_raise_and_zero_out():
+    rng = np.random.default_rng(12)
+    table, _ = make_experts(rng, 4, 256, 64, K.Q4_K, K.Q4_K, absent=(2,))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    w = np.ones((2, 2), np.float32)
+    out = np.full((2, 256), 7.0, np.float32)
+    with pytest.raises(K.KernelError, match="out of range"):
+        K.moe_ffn(table, x, np.array([[0, 4], [1, 1]]), w, out=out)
+    with pytest.raises(K.KernelError, match="not held"):
+        K.moe_ffn(table, x, np.array([[0, 1], [2, 1]]), w)
+    with pytest.raises(K.KernelError, match="shape"):
+        K.moe_ffn(table, x[:, :100], np.array([[0, 1], [1, 1]]), w)
+
+
+def test_expert_table_rejects_short_buffers():
+    with pytest.raises(K.KernelError, match="outside"):
+        K.ExpertTable(256, 64, [(np.zeros(1000, np.uint8), 0, K.Q4_K, 0, K.Q4_K)])
+
+
+# ---- threads ----------------------------------------------------------------------------
+
+def test_thread_counts_give_identical_results():
+    rng = np.random.default_rng(13)
+    table, _ = make_experts(rng, 6, 512, 300, K.Q4_K, K.Q6_K)
+    m = K.as_qmatrix(rng.standard_normal((333, 512)).astype(np.float32), K.Q4_K)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    ids = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [5, 5, 4, -1]], np.int32)
+    w = rng.random((3, 4)).astype(np.float32)
+    big = rng.standard_normal((64, 1024)).astype(np.float32)
+    n0 = K.num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            K.set_num_threads(n)
+            assert K.num_threads() == n
+            results.append((K.moe_ffn(table, x, ids, w), K.matmul(m, x), K.quantize(big, K.Q4_K)))
+    finally:
+        K.set_num_threads(n0)
+    for r in results[1:]:
+        for a, b in zip(r, results[0], strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    import threading
+
+    rng = np.random.default_rng(14)
+    table, _ = make_experts(rng, 4, 512, 256, K.Q4_K, K.Q4_K)
+    xs = [rng.standard_normal((2, 512)).astype(np.float32) for _ in range(4)]
+    ids = np.array([[0, 1], [2, 3]], np.int32)
+    w = np.ones((2, 2), np.float32)
+    expect = [K.moe_ffn(table, x, ids, w) for x in xs]
+    errors = []
+
+    def work(i):
+        for _ in range(30):
+            if not np.array_equal(K.moe_ffn(table, xs[i], ids, w), expect[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
