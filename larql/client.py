@@ -520,6 +520,7 @@ class RemoteExperts:
         try:
             self._run(client.connect(), client.connect_timeout * 2 + 5)
         except BaseException:
+            self._closed = True
             self._stop_loop()
             raise
 

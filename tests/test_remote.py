@@ -1,0 +1,325 @@
+"""Remote experts against real servers on loopback: exact results, sharding, pipelining,
+grouping, encodings, and every way a shard can be wrong, dead or silent."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from larql import protocol as P
+from larql.client import (AsyncExpertClient, ModelIdentity, ShardError, ShardSpecError, connect_shards,
+                          parse_shards, split_work)
+from larql.demo import build_demo_vindex, demo_config
+from larql.experts import LocalExperts
+from larql.server import ExpertServer
+from larql.vindex import open_vindex
+
+E, L, H, TOPK = 8, 2, 64, 3
+
+
+@pytest.fixture(scope="module", params=["f32", "q4k"])
+def vx(request, tmp_path_factory):
+    cfg = demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK)
+    path = build_demo_vindex(tmp_path_factory.mktemp(f"remote-{request.param}") / "v",
+                             quant=request.param, config=cfg)
+    return open_vindex(path)
+
+
+class Shards:
+    """Servers for a shard layout; `spec` is the --moe-shards string."""
+
+    def __init__(self, vx, ranges, **kw):
+        self.handles = [ExpertServer(open_vindex(vx.path), experts=range(a, b + 1), **kw)
+                        .start_in_thread("127.0.0.1", 0) for a, b in ranges]
+        self.ranges = ranges
+        self.spec = ",".join(f"{a}-{b}={h.address}" for (a, b), h in zip(self.ranges, self.handles, strict=True))
+
+    def stop(self):
+        for h in self.handles:
+            h.stop()
+
+
+def routing(T, seed=0, K=TOPK):
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((T, H)).astype(np.float32) * 3
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, K)).astype(np.float32)
+    return h, ids, w
+
+
+def sharded_local(vx, ranges, layer, h, ids, w):
+    """The same partition computed in process, partials added in shard order."""
+    out = np.zeros_like(h)
+    for a, b in ranges:
+        part = split_work(ids, w, a, b)
+        if part is None:
+            continue
+        rows, i_s, w_s = part
+        out[rows] += LocalExperts(vx, experts=list(range(a, b + 1))).forward(layer, h[rows], i_s, w_s)
+    return out
+
+
+@pytest.mark.parametrize("ranges", [[(0, 7)], [(0, 3), (4, 7)], [(0, 1), (2, 3), (4, 5), (6, 7)]],
+                         ids=["1shard", "2shards", "4shards"])
+def test_remote_equals_in_process(vx, ranges):
+    shards = Shards(vx, ranges)
+    try:
+        with connect_shards(shards.spec, vx, timeout=20) as rx:
+            local = LocalExperts(vx)
+            for T, seed in ((1, 1), (1, 2), (9, 3)):   # decode steps and a prefill
+                for layer in range(L):
+                    h, ids, w = routing(T, seed + layer)
+                    got = rx.forward(layer, h, ids, w)
+                    assert got.dtype == np.float32 and got.shape == (T, H)
+                    # bit-exact against the same partition in process ...
+                    np.testing.assert_array_equal(got, sharded_local(vx, ranges, layer, h, ids, w))
+                    # ... and equal up to summation order to the unsharded experts
+                    np.testing.assert_allclose(got, local.forward(layer, h, ids, w), rtol=1e-5, atol=1e-6)
+            # one request per shard per layer, whatever T is
+            assert rx.round_trips <= 3 * L * len(ranges)
+            multi = [(layer, *routing(2, 40 + layer)) for layer in range(L)]
+            before = rx.round_trips
+            ys = rx.forward_multi(multi)
+            assert rx.round_trips - before <= len(ranges)            # one `multi` per shard
+            for (layer, h, ids, w), y in zip(multi, ys, strict=True):
+                np.testing.assert_array_equal(y, rx.forward(layer, h, ids, w))
+    finally:
+        shards.stop()
+
+
+def test_encodings_f16_and_q8k(vx):
+    shards = Shards(vx, [(0, 3), (4, 7)])
+    try:
+        h, ids, w = routing(5, 7)
+        ref = LocalExperts(vx).forward(1, h, ids, w)
+        scale = float(np.abs(ref).max())
+        for enc, tol in (("f16", 2e-3 if vx.quant == "f32" else 2e-2), ("q8k", 2e-2)):
+            with connect_shards(shards.spec, vx, timeout=20, encoding=enc) as rx:
+                got = rx.forward(1, h, ids, w)
+            err = np.abs(got - ref).max() / scale
+            assert 0 < err <= tol, (enc, err)   # lossy, but close
+    finally:
+        shards.stop()
+
+
+def test_grouped_requests_read_experts_once_and_stay_exact(vx):
+    """A burst of pipelined single-token requests for one layer is fused into few kernel calls."""
+    srv = ExpertServer(open_vindex(vx.path), workers=1)
+    h_ = srv.start_in_thread("127.0.0.1", 0)
+    try:
+        local = LocalExperts(vx)
+        works = [routing(1, 100 + i) for i in range(40)]
+        s = socket.create_connection((h_.host, h_.port), timeout=10)
+        s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
+        burst = b"".join(P.encode_frame({"op": "experts", "id": i + 1, **P.encode_work(0, *wk)})
+                         for i, wk in enumerate(works))
+        s.sendall(burst)
+        reader, replies = P.FrameReader(), {}
+        while len(replies) < len(works) + 1:
+            for body in reader.feed(s.recv(1 << 20)):
+                rep = P.decode_body(body)
+                replies[rep["id"]] = rep
+        s.close()
+        for i, (h, ids, w) in enumerate(works):
+            y = P.decode_result(P.check_reply(replies[i + 1]), 1, H)
+            np.testing.assert_array_equal(y, local.forward(0, h, ids, w))
+        st = srv.stats.snapshot()
+        assert st["expert_requests"] == len(works)
+        assert st["kernel_calls"] < len(works)     # fused
+    finally:
+        h_.stop()
+
+
+def test_pipelined_out_of_order_replies_are_matched(vx):
+    """Many concurrent forwards on one connection; a big prefill overtaken by small decodes."""
+    shards = Shards(vx, [(0, 7)], workers=2)
+    try:
+        local = LocalExperts(vx)
+
+        async def run():
+            client = AsyncExpertClient(parse_shards(shards.spec, E), ModelIdentity.from_vindex(vx), timeout=20)
+            await client.connect()
+            jobs = [(0, *routing(600, 5))] + [(1, *routing(1, 200 + i)) for i in range(20)]
+            outs = await asyncio.gather(*(client.forward(*j) for j in jobs))
+            conn = client.shards[0].replicas[0].conn
+            await client.close()
+            return jobs, outs, conn
+
+        jobs, outs, conn = asyncio.run(run())
+        assert not conn.pending
+        for (layer, h, ids, w), y in zip(jobs, outs, strict=True):
+            np.testing.assert_array_equal(y, local.forward(layer, h, ids, w))
+    finally:
+        shards.stop()
+
+
+def test_hello_checks_refuse_wrong_shards(vx, tmp_path):
+    other = build_demo_vindex(tmp_path / "other", quant="f32",
+                              config=demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK), seed=9)
+    wrong_model = ExpertServer(open_vindex(other)).start_in_thread("127.0.0.1", 0)
+    half = ExpertServer(open_vindex(vx.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    one_layer = ExpertServer(open_vindex(vx.path), layers=[0]).start_in_thread("127.0.0.1", 0)
+    try:
+        with pytest.raises(ShardSpecError, match="different expert weights"):
+            connect_shards(f"0-7={wrong_model.address}", vx, timeout=5)
+        with pytest.raises(ShardSpecError, match="does not hold experts 4-7"):
+            connect_shards(f"0-7={half.address}", vx, timeout=5)
+        with pytest.raises(ShardSpecError, match="does not hold layers 1"):
+            connect_shards(f"0-7={one_layer.address}", vx, timeout=5)
+        with pytest.raises(ShardSpecError, match="unserved"):
+            connect_shards(f"0-3={half.address}", vx, timeout=5)
+        # a misconfigured replica is fatal even when another replica of the range is fine
+        with pytest.raises(ShardSpecError, match="does not hold layers 1"):
+            connect_shards(f"0-3={half.address}|{one_layer.address},4-7={one_layer.address}", vx, timeout=5)
+    finally:
+        for s in (wrong_model, half, one_layer):
+            s.stop()
+
+
+def test_ownership_error_from_server_names_what_it_owns(vx):
+    half = ExpertServer(open_vindex(vx.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    try:
+        s = socket.create_connection((half.host, half.port), timeout=10)
+        s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
+        h, ids, w = routing(2, 1)
+        ids[:] = [[0, 6, 1], [2, 3, 7]]
+        s.sendall(P.encode_frame({"op": "experts", "id": 1, **P.encode_work(0, h, ids, w)}))
+        reader, reps = P.FrameReader(), []
+        while len(reps) < 2:
+            reps += [P.decode_body(b) for b in reader.feed(s.recv(65536))]
+        s.close()
+        err = reps[1]
+        assert err["ok"] is False and err["error"]["code"] == P.E_NOT_OWNED
+        assert "6-7" in err["error"]["message"] and "owns experts 0-3" in err["error"]["message"]
+        assert "y" not in err       # never a partial sum
+    finally:
+        half.stop()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SilentServer:
+    """Accepts connections and reads forever, never answering (a hung process)."""
+
+    def __init__(self, answer_hello_from: ExpertServer | None = None):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.info = answer_hello_from.info() if answer_hello_from else None
+        self.conns = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        reader = P.FrameReader()
+        try:
+            while data := c.recv(65536):
+                for body in reader.feed(data):
+                    msg = P.decode_body(body)
+                    if msg.get("op") == "hello" and self.info:
+                        c.sendall(P.encode_frame({"id": msg["id"], "ok": True, **self.info}))
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_dead_and_hung_servers_are_clear_errors_within_timeout(vx):
+    dead = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match=f"127.0.0.1:{dead}.*cannot connect"):
+        connect_shards(f"0-7=127.0.0.1:{dead}", vx, timeout=2, connect_timeout=2)
+    assert time.monotonic() - t0 < 10
+
+    silent = SilentServer()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ShardError, match="no reply to 'hello' within 1s"):
+            connect_shards(f"0-7=127.0.0.1:{silent.port}", vx, timeout=1, connect_timeout=1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        silent.close()
+
+    # answers hello correctly, then never computes: the forward raises instead of hanging
+    real = ExpertServer(open_vindex(vx.path))
+    stall = SilentServer(answer_hello_from=real)
+    try:
+        with connect_shards(f"0-7=127.0.0.1:{stall.port}", vx, timeout=1, connect_timeout=2) as rx:
+            h, ids, w = routing(1)
+            t0 = time.monotonic()
+            with pytest.raises(ShardError, match="no answer.*refusing to continue without experts 0-7"):
+                rx.forward(0, h, ids, w)
+            assert time.monotonic() - t0 < 10
+    finally:
+        stall.close()
+
+
+def test_failover_to_replica_and_no_silent_zeros(vx):
+    a = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
+    dead = _free_port()
+    try:
+        local = LocalExperts(vx)
+        h, ids, w = routing(2, 3)
+        ref = local.forward(1, h, ids, w)
+        # a dead replica listed first is skipped at connect time
+        with connect_shards(f"0-7=127.0.0.1:{dead}|{a.address}", vx, timeout=5, connect_timeout=1) as rx:
+            np.testing.assert_array_equal(rx.forward(1, h, ids, w), ref)
+        with connect_shards(f"0-3={a.address}|{b.address},4-7={b.address}", vx, timeout=5) as rx:
+            np.testing.assert_array_equal(rx.forward(1, h, ids, w), sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w))
+            a.stop()                       # the primary of 0-3 dies mid-session
+            got = rx.forward(1, h, ids, w)   # retried on b
+            np.testing.assert_array_equal(got, sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w))
+            assert rx.client.retries >= 1
+            b.stop()                       # now nothing serves any range
+            with pytest.raises(ShardError, match="no answer"):
+                rx.forward(1, h, ids, w)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_work(vx):
+    srv = ExpertServer(open_vindex(vx.path))
+    h_ = srv.start_in_thread("127.0.0.1", 0)
+    s = socket.create_connection((h_.host, h_.port), timeout=20)
+    s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
+    h, ids, w = routing(2000, 11)
+    s.sendall(P.encode_frame({"op": "experts", "id": 1, **P.encode_work(0, h, ids, w)}))
+    time.sleep(0.05)
+    stopper = threading.Thread(target=h_.stop)
+    stopper.start()
+    reader, reps = P.FrameReader(), {}
+    while 1 not in reps:
+        data = s.recv(1 << 20)
+        assert data, "connection closed before the in-flight reply"
+        for body in reader.feed(data):
+            rep = P.decode_body(body)
+            reps[rep["id"]] = rep
+    stopper.join(30)
+    s.close()
+    y = P.decode_result(P.check_reply(reps[1]), 2000, H)
+    np.testing.assert_array_equal(y, LocalExperts(vx).forward(0, h, ids, w))
+    with pytest.raises(OSError):
+        socket.create_connection((h_.host, h_.port), timeout=2)
