@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from larql import protocol as P
-from larql.client import (AsyncExpertClient, ModelIdentity, ShardError, ShardSpecError, connect_shards,
-                          parse_shards, split_work)
+from larql.client import (
+    AsyncExpertClient,
+    ModelIdentity,
+    ShardError,
+    ShardSpecError,
+    connect_shards,
+    parse_shards,
+    split_work,
+)
 from larql.demo import build_demo_vindex, demo_config
 from larql.experts import LocalExperts
 from larql.server import ExpertServer
@@ -37,7 +44,8 @@ class Shards:
         self.handles = [ExpertServer(open_vindex(vx.path), experts=range(a, b + 1), **kw)
                         .start_in_thread("127.0.0.1", 0) for a, b in ranges]
         self.ranges = ranges
-        self.spec = ",".join(f"{a}-{b}={h.address}" for (a, b), h in zip(self.ranges, self.handles, strict=True))
+        pairs = zip(self.ranges, self.handles, strict=True)
+        self.spec = ",".join(f"{a}-{b}={h.address}" for (a, b), h in pairs)
 
     def stop(self):
         for h in self.handles:
@@ -142,7 +150,8 @@ def test_pipelined_out_of_order_replies_are_matched(vx):
         local = LocalExperts(vx)
 
         async def run():
-            client = AsyncExpertClient(parse_shards(shards.spec, E), ModelIdentity.from_vindex(vx), timeout=20)
+            client = AsyncExpertClient(parse_shards(shards.spec, E), ModelIdentity.from_vindex(vx),
+                                       timeout=20)
             await client.connect()
             jobs = [(0, *routing(600, 5))] + [(1, *routing(1, 200 + i)) for i in range(20)]
             outs = await asyncio.gather(*(client.forward(*j) for j in jobs))
@@ -287,10 +296,11 @@ def test_failover_to_replica_and_no_silent_zeros(vx):
         with connect_shards(f"0-7=127.0.0.1:{dead}|{a.address}", vx, timeout=5, connect_timeout=1) as rx:
             np.testing.assert_array_equal(rx.forward(1, h, ids, w), ref)
         with connect_shards(f"0-3={a.address}|{b.address},4-7={b.address}", vx, timeout=5) as rx:
-            np.testing.assert_array_equal(rx.forward(1, h, ids, w), sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w))
+            ref2 = sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w)
+            np.testing.assert_array_equal(rx.forward(1, h, ids, w), ref2)
             a.stop()                       # the primary of 0-3 dies mid-session
             got = rx.forward(1, h, ids, w)   # retried on b
-            np.testing.assert_array_equal(got, sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w))
+            np.testing.assert_array_equal(got, ref2)
             assert rx.client.retries >= 1
             b.stop()                       # now nothing serves any range
             with pytest.raises(ShardError, match="no answer"):
