@@ -47,6 +47,14 @@ def add_commands(sub) -> None:
     d.set_defaults(func=lambda args: __import__("larql.demo", fromlist=["main"]).main(args))
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def _setup_logging(level: str) -> None:
     import logging
 
@@ -76,14 +84,14 @@ def serve_main(args: argparse.Namespace) -> int:
     layers = parse_range(args.layers, cfg.num_layers, "--layers") if args.layers else None
     srv = ExpertServer(vx, experts, layers, workers=args.workers)
     log.info("vindex %s: %s, hidden %d, %d experts x %d layers; this shard: experts %s, layers %s "
-             "(%.2f GiB of expert weights), kernels %s x%d threads",
+             "(%s of expert weights), kernels %s x%d threads",
              vx.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
-             ranges_text(srv.experts), ranges_text(srv.layers), srv.owned_bytes() / 2**30,
+             ranges_text(srv.experts), ranges_text(srv.layers), human_bytes(srv.owned_bytes()),
              kernels.isa(), kernels.num_threads())
     if args.warmup:
         nbytes, secs = srv.warmup(progress=True)
-        log.info("warm-up: %.2f GiB of owned expert pages faulted in %.1f s (%.2f GB/s)",
-                 nbytes / 2**30, secs, nbytes / max(secs, 1e-9) / 1e9)
+        log.info("warm-up: %s of owned expert pages faulted in %.2f s (%.2f GB/s)",
+                 human_bytes(nbytes), secs, nbytes / max(secs, 1e-9) / 1e9)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     t0 = time.time()

@@ -333,3 +333,21 @@ def test_graceful_shutdown_finishes_in_flight_work(vx):
     np.testing.assert_array_equal(y, LocalExperts(vx).forward(0, h, ids, w))
     with pytest.raises(OSError):
         socket.create_connection((h_.host, h_.port), timeout=2)
+
+
+def test_server_needs_only_norms_manifests_and_layers(vx, tmp_path):
+    """An expert-only slice (no embeddings, attention, dense MLP, tokenizer) serves fine."""
+    import shutil
+
+    slim = tmp_path / "slim"
+    slim.mkdir()
+    for name in ("index.json", "weight_manifest.json", "norms.bin"):
+        shutil.copy(vx.path / name, slim / name)
+    shutil.copytree(vx.path / "layers", slim / "layers")
+    srv = ExpertServer(open_vindex(slim)).start_in_thread("127.0.0.1", 0)
+    try:
+        with connect_shards(f"0-7={srv.address}", vx, timeout=10) as rx:
+            h, ids, w = routing(3, 8)
+            np.testing.assert_array_equal(rx.forward(1, h, ids, w), LocalExperts(vx).forward(1, h, ids, w))
+    finally:
+        srv.stop()
