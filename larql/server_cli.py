@@ -40,7 +40,11 @@ def add_commands(sub) -> None:
     d.add_argument("--prompt", default="The capital of France is")
     d.add_argument("--max-tokens", type=int, default=24)
     d.add_argument("--shards", type=int, default=2, help="expert servers to start (default 2)")
-    d.add_argument("--dispatch", choices=["exact", "batch"], default="exact")
+    d.add_argument("--dispatch", choices=["exact", "batch"], default="exact",
+                   help="exact: one round trip per layer; batch: one per token (approximate)")
+    d.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (0 = greedy; a random model's greedy text is dull)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (both runs use it)")
     d.add_argument("--keep", default="", metavar="DIR", help="write the demo vindex here and keep it")
     d.add_argument("--in-process", action="store_true",
                    help="run the servers as threads of this process instead of child processes")
