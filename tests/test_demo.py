@@ -1,0 +1,30 @@
+"""`larql demo` end to end: real server processes, remote generation identical to in-process."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_demo_runs_and_matches_in_process():
+    out = subprocess.run([sys.executable, "-m", "larql", "demo", "--max-tokens", "12"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "started 2 expert servers (processes)" in text
+    assert re.search(r'--moe-shards "0-7=127\.0\.0\.1:\d+,8-15=127\.0\.0\.1:\d+"', text)
+    assert "the 12 tokens are identical to a run with the experts in process" in text
+    m = re.search(r"prefill of (\d+) prompt tokens: (\d+) round trips", text)
+    assert m and int(m.group(2)) <= 2 * 4        # one request per shard per layer at most
+    assert re.search(r"decode [\d.]+ tok/s", text)
+    # both servers answered requests and reported their latency
+    assert len(re.findall(r"server +\d+-\d+ @ 127\.0\.0\.1:\d+: [1-9]\d* requests", text)) == 2
+
+
+def test_demo_batch_dispatch_in_process_servers():
+    out = subprocess.run([sys.executable, "-m", "larql", "demo", "--max-tokens", "6", "--dispatch", "batch",
+                          "--in-process", "--shards", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "started 4 expert servers (threads)" in out.stdout
+    assert "batch dispatch is approximate" in out.stdout
