@@ -326,15 +326,21 @@ def _write_layer(root: Path, c: ModelConfig, source: TensorSource, layer: int, p
     enc = getattr(source, "encoded_expert", None)
 
     def one(e: int) -> tuple[np.ndarray, np.ndarray]:
-        if enc is not None:
-            got = enc(layer, e, fgu, fdn)
-            if got is not None:
-                return np.asarray(got[0], np.uint8).reshape(-1), np.asarray(got[1], np.uint8).reshape(-1)
-        gu, dn = source.expert(layer, e)
+        got = enc(layer, e, fgu, fdn) if enc is not None else None
+        got = got or (None, None)      # either part may come pre-encoded; the rest is encoded here
+        if got[0] is not None and got[1] is not None:
+            return np.asarray(got[0], np.uint8).reshape(-1), np.asarray(got[1], np.uint8).reshape(-1)
+        part = getattr(source, "expert_part", None)
+        if part is not None:   # decode only the parts that were not pre-encoded
+            gu = part(layer, e, "gate_up_proj") if got[0] is None else np.zeros((2 * I, H), np.float32)
+            dn = part(layer, e, "down_proj") if got[1] is None else np.zeros((H, I), np.float32)
+        else:
+            gu, dn = source.expert(layer, e)
         if tuple(gu.shape) != (2 * I, H) or tuple(dn.shape) != (H, I):
             raise VindexError(f"source expert {e} of layer {layer}: gate_up {list(gu.shape)} / down "
                               f"{list(dn.shape)}, config implies [{2 * I}, {H}] / [{H}, {I}]")
-        return encode(gu, fgu), encode(dn, fdn)
+        return (np.asarray(got[0], np.uint8).reshape(-1) if got[0] is not None else encode(gu, fgu),
+                np.asarray(got[1], np.uint8).reshape(-1) if got[1] is not None else encode(dn, fdn))
 
     batch = max(1, (pool._max_workers or 1) * 2)
     for start in range(0, E, batch):
