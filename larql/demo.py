@@ -68,15 +68,20 @@ def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
 class ServerProcess:
     """`larql serve` in a child process on a loopback port; stopped with SIGTERM."""
 
-    def __init__(self, vindex: Path, experts: str, port: int, log_path: Path) -> None:
+    def __init__(self, vindex: Path, experts: str, port: int, log_path: Path, *, threads: int = 1,
+                 warmup: bool = True, extra: tuple[str, ...] = ()) -> None:
         self.port = port
         self.log_path = log_path
         self._log = open(log_path, "wb")
         cmd = [sys.executable, "-m", "larql", "serve", str(vindex), "--experts", experts,
-               "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--warmup"]
+               "--host", "127.0.0.1", "--port", str(port), *extra]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if warmup:
+            cmd.append("--warmup")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -117,7 +117,12 @@ class LayerBatcher:
         self.local = local
         self.hidden = local.vindex.config.hidden_size
         self.stats = stats
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="larql-experts")
+        # workers == 0: compute on the event-loop thread itself. The kernel's own threads do
+        # the work either way; this saves two thread hand-offs per request, and frames that
+        # arrive meanwhile wait in the socket and are fused into the next call.
+        self.inline = workers == 0
+        self.executor = (None if self.inline
+                         else ThreadPoolExecutor(workers, thread_name_prefix="larql-experts"))
         self.free = workers
         self.pending: dict[tuple[int, bool], list[_Job]] = {}
         self.running: set[tuple[int, bool]] = set()
@@ -138,6 +143,16 @@ class LayerBatcher:
 
     def _kick(self) -> None:
         self._kick_scheduled = False
+        if self.inline:
+            while self.pending:
+                key = next(iter(self.pending))
+                jobs = self.pending.pop(key)
+                try:
+                    result, exc = self._compute(key, [j.work for j in jobs]), None
+                except Exception as e:  # handed to each request's reply
+                    result, exc = None, e
+                self._finish(jobs, result, exc)
+            return
         for key in list(self.pending):
             if self.free == 0:
                 break
@@ -175,14 +190,19 @@ class LayerBatcher:
     def _done(self, key: tuple[int, bool], jobs: list[_Job], f: asyncio.Future) -> None:
         self.running.discard(key)
         self.free += 1
-        self.inflight -= len(jobs)
         exc = f.exception()
+        self._finish(jobs, None if exc is not None else f.result(), exc)
+        if self.pending:
+            self._kick()
+
+    def _finish(self, jobs: list[_Job], result, exc: BaseException | None) -> None:
+        self.inflight -= len(jobs)
         if exc is not None:
             for j in jobs:
                 if not j.fut.done():
                     j.fut.set_exception(exc)
         else:
-            y, dt = f.result()
+            y, dt = result
             self.stats.compute_s += dt
             self.stats.kernel_calls += 1
             self.stats.expert_requests += len(jobs)
@@ -193,11 +213,10 @@ class LayerBatcher:
                 if not j.fut.done():
                     j.fut.set_result(y[row: row + T])
                 row += T
-        if self.pending:
-            self._kick()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=False)
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=False)
 
 
 def _pad(a: np.ndarray, K: int, fill) -> np.ndarray:
@@ -236,7 +255,7 @@ class ExpertServer:
         for layer in layers:  # fail at startup, naming the file, if a layer file is unusable
             vindex.expert_file(layer)
         self.local = LocalExperts(vindex, experts=experts, layers=layers)
-        self.workers = max(1, workers)
+        self.workers = max(0, workers)
         self.max_frame = max_frame
         self.stats = Stats()
         self.fingerprint = vindex.expert_fingerprint()

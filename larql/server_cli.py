@@ -26,7 +26,8 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="kernel threads (default: the kernels' own choice, usually all cores)")
     p.add_argument("--workers", type=int, default=2,
-                   help="expert computations in flight at once, each a fused group of requests (default 2)")
+                   help="expert computations in flight at once, each a fused group of requests "
+                        "(default 2; 0 computes on the event-loop thread: lowest latency, one at a time)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve_main)
 
