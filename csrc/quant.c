@@ -26,10 +26,34 @@ static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ?
 /* ---- Q4_K ---- */
 
 /* Fit x[i] ~ s*q[i] - m with q in 0..15, m >= 0, minimising sum (s*q - m - x)^2.
- * Candidate grids: iscale = (15 + k*step) / (max - min) for a few k; for each grid the
+ * Candidate grids: iscale = (15 + k/10) / (max - min) for a few k; for each grid the
  * rounding fixes q, and (s, m) then come from 2x2 least squares (m clamped at 0).
- * The closed-form error uses sums only, so each candidate is one pass over 32 values. */
-#define Q4_NSTEP 16
+ * The closed-form error uses sums only, so each candidate is one pass over 32 values.
+ * The pass is written as 8 independent lanes (clamp in float, then round) so the compiler
+ * vectorises it without changing a single rounding: results are the same on every machine. */
+#define Q4_KMIN (-2)
+#define Q4_KMAX 16
+
+/* 4-lane helpers in GCC's portable vector extension (SSE2 on x86-64, NEON on aarch64): each lane
+ * does exactly the IEEE operations the scalar code would, so results do not depend on the ISA. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f round4(v4f v) { /* ties to even, |v| < 2^22 */
+    const v4f magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f}; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+
+static inline v4f clamp4(v4f v, float lo, float hi) {
+    const v4f vlo = {lo, lo, lo, lo}, vhi = {hi, hi, hi, hi};
+    v4i m = v > vlo;
+    v = (v4f)(((v4i)v & m) | ((v4i)vlo & ~m));
+    m = v < vhi;
+    return (v4f)(((v4i)v & m) | ((v4i)vhi & ~m));
+}
+
+static inline float hsum4(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
 static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
     float xmin = x[0], xmax = x[0], sx = 0.f, sx2 = 0.f;
     for (int i = 0; i < 32; i++) {
@@ -44,21 +68,25 @@ static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
         *m_out = -xmin;
         return;
     }
+    float xs[32];
+    for (int i = 0; i < 32; i++) xs[i] = x[i] - xmin;
     const float n = 32.f;
     float best_err = INFINITY, best_s = 0.f, best_m = -xmin;
-    for (int k = -2; k <= Q4_NSTEP; k++) {
+    for (int k = Q4_KMIN; k <= Q4_KMAX; k++) {
         float iscale = (15.f + 0.1f * (float)k) / (xmax - xmin);
-        int sq = 0, sq2 = 0;
-        float sqx = 0.f;
-        for (int i = 0; i < 32; i++) {
-            int q = clampi(nearest_int(iscale * (x[i] - xmin)), 0, 15);
-            sq += q;
-            sq2 += q * q;
-            sqx += (float)q * x[i];
+        const v4f vis = {iscale, iscale, iscale, iscale};
+        v4f aq = {0}, aq2 = {0}, aqx = {0};
+        for (int i = 0; i < 32; i += 4) {
+            v4f xv, sv;
+            memcpy(&xv, x + i, 16);
+            memcpy(&sv, xs + i, 16);
+            v4f q = round4(clamp4(vis * sv, 0.f, 15.f));
+            aq += q;
+            aq2 += q * q;
+            aqx += q * xv;
         }
-        /* x ~ s*q + b: normal equations */
-        float fq = (float)sq, fq2 = (float)sq2;
-        if (sq2 == 0) continue;
+        float fq = hsum4(aq), fq2 = hsum4(aq2), sqx = hsum4(aqx);
+        if (fq2 == 0.f) continue;
         float det = n * fq2 - fq * fq; /* 0 when every q is equal: no offset to fit */
         float s = det > 0.f ? (n * sqx - sx * fq) / det : 0.f;
         float b = det > 0.f ? (fq2 * sx - fq * sqx) / det : 1.f;
@@ -158,17 +186,20 @@ static float fit_q6_sub(const float *x) {
     float best = -1.f, best_s = 0.f;
     for (int k = -9; k <= 9; k++) {
         float iscale = -(32.f + 0.1f * (float)k) / vmax;
-        float sxq = 0.f;
-        int sq2 = 0;
-        for (int i = 0; i < 16; i++) {
-            int q = clampi(nearest_int(iscale * x[i]), -32, 31);
-            sxq += x[i] * (float)q;
-            sq2 += q * q;
+        const v4f vis = {iscale, iscale, iscale, iscale};
+        v4f axq = {0}, aq2 = {0};
+        for (int i = 0; i < 16; i += 4) {
+            v4f xv;
+            memcpy(&xv, x + i, 16);
+            v4f q = round4(clamp4(vis * xv, -32.f, 31.f));
+            axq += xv * q;
+            aq2 += q * q;
         }
+        float sxq = hsum4(axq), sq2 = hsum4(aq2);
         /* the error with the optimal s = sxq/sq2 is sum x^2 - sxq^2/sq2: maximise sxq^2/sq2 */
-        if (sq2 > 0 && sxq * sxq / (float)sq2 > best) {
-            best = sxq * sxq / (float)sq2;
-            best_s = sxq / (float)sq2;
+        if (sq2 > 0.f && sxq * sxq / sq2 > best) {
+            best = sxq * sxq / sq2;
+            best_s = sxq / sq2;
         }
     }
     return best_s;
