@@ -24,7 +24,7 @@ from .config import ModelConfig
 
 
 def demo_config(num_layers: int = 4, hidden: int = 256, num_experts: int = 16, top_k: int = 4,
-                vocab: int = 260) -> ModelConfig:
+                vocab: int = 260, moe_intermediate: int = 352) -> ModelConfig:
     """A small but complete Gemma 4 MoE shape: sliding and full layers, k_eq_v, Q4_K-able rows."""
     return ModelConfig(
         model_type="gemma4_text", num_layers=num_layers, hidden_size=hidden, intermediate_size=384,
@@ -34,7 +34,7 @@ def demo_config(num_layers: int = 4, hidden: int = 256, num_experts: int = 16, t
                      for i in range(num_layers)],
         rope_theta_local=10_000.0, rope_theta_global=1_000_000.0, partial_rotary_factor_global=0.25,
         rms_norm_eps=1e-6, final_logit_softcapping=30.0, num_experts=num_experts, top_k=top_k,
-        moe_intermediate_size=352, bos_token_id=2, eos_token_ids=[1], pad_token_id=0,
+        moe_intermediate_size=moe_intermediate, bos_token_id=2, eos_token_ids=[1], pad_token_id=0,
     )
 
 
