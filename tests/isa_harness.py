@@ -1,5 +1,7 @@
-"""Build and run csrc/tests/test_isa.c (one SIMD kernel table against the scalar one).
+"""Build and run the C tests in csrc/tests/.
 
+test_isa.c: one SIMD kernel table against the scalar one. test_lib.c: the whole library through
+its public API (dispatch, matmul and MoE drivers, thread pool), best ISA against scalar.
 Shared by test_neon.py (aarch64 cross build under qemu-user) and test_isa_native.py.
 """
 
@@ -17,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 HARNESS = CSRC / "tests" / "test_isa.c"
+LIB_TEST = CSRC / "tests" / "test_lib.c"
 SKIP_EXIT = 77  # the harness's "this CPU cannot run the table"
 APT_HINT = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 
@@ -62,6 +65,40 @@ def build(cc: str, isa: str, out: Path, flags: list[str]) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"build failed: {' '.join(cmd)}\n{res.stderr}"
     return out
+
+
+def build_lib_test(cc: str, out: Path, flags: list[str]) -> Path:
+    """Compile test_lib.c with every csrc/*.c (the library as build_ext builds it, minus cffi)."""
+    sources = [LIB_TEST, *sorted(CSRC.glob("*.c"))]
+    cmd = [
+        cc,
+        "-O2",
+        "-std=gnu11",
+        "-pthread",
+        "-Wall",
+        *flags,
+        *map(str, sources),
+        f"-I{CSRC}",
+        "-lm",
+        "-o",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"build failed: {' '.join(cmd)}\n{res.stderr}"
+    return out
+
+
+def run_lib_test(cmd: list[str], expected_isa: str | None, timeout: float = 120) -> str:
+    """Run a built test_lib; returns its output. Fails on any mismatch it reports."""
+    args = [*cmd, expected_isa] if expected_isa else cmd
+    env = {k: v for k, v in os.environ.items() if k not in ("LARQL_ISA", "LARQL_NUM_THREADS")}
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    output = res.stdout + res.stderr
+    summary = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
+    assert summary, f"no summary line (exit {res.returncode}):\n{output}"
+    assert res.returncode == 0 and summary[2] == "0", f"{' '.join(args)}:\n{output}"
+    assert int(summary[1]) >= 30, f"too few checks ran:\n{output}"
+    return output
 
 
 def run(cmd: list[str], seed: int, trials: int, timeout: float = 120) -> HarnessRun:

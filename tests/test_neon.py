@@ -3,7 +3,8 @@
 Two builds: baseline armv8-a, where the int8 dot products exist in both forms (smull and sdot)
 and the CPU's HWCAP picks one, and armv8.2-a+dotprod, where only sdot is compiled. qemu's
 `cortex-a57` has no dotprod and its `max` has it, so all three combinations really run.
-Also proves the whole C library compiles for aarch64.
+Also proves the whole C library compiles for aarch64 and runs there: dispatch picks NEON, and
+matmul / MoE through the public API agree with the scalar table (csrc/tests/test_lib.c).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from isa_harness import CSRC, ROOT, build, require_tools, run
+from isa_harness import CSRC, ROOT, build, build_lib_test, require_tools, run, run_lib_test
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
@@ -69,3 +70,13 @@ def test_whole_library_cross_compiles(tmp_path: Path) -> None:
     )
     if nm.returncode == 0:
         assert "lq_kernels_neon" in nm.stdout
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a57", "max"])
+def test_whole_library_runs_on_aarch64(tmp_path_factory: pytest.TempPathFactory, cpu: str) -> None:
+    require_tools(CROSS_CC, QEMU)
+    exe = tmp_path_factory.getbasetemp() / "test_lib_aarch64"
+    if not exe.exists():
+        build_lib_test(CROSS_CC, exe, ["-static"])
+    output = run_lib_test([QEMU, "-cpu", cpu, str(exe)], expected_isa="neon")
+    assert "default neon" in output, output

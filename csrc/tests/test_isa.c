@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "blocks_ref.h"
 #include "kernels.h"
 
 #ifndef ISA
@@ -119,38 +120,6 @@ static void make_q6k(block_q6_K *b, int flavor) {
     case F_BIG_D: b->d = 0xfbff; break;
     case F_TINY_D: b->d = 0x8001; break;
     case F_NO_MIN: memset(b->ql, 0xff, 128); memset(b->qh, 0xff, 64); break; /* q = +31 everywhere */
-    }
-}
-
-static void q4k_decode(const block_q4_K *b, float *dq, float *mq) {
-    /* value = dq[i] - mq[i]: d * scale * q and dmin * min, both >= 0 for d, dmin >= 0 */
-    const uint8_t *s = b->scales;
-    float d = lq_fp16_to_fp32(b->d), dmin = lq_fp16_to_fp32(b->dmin);
-    for (int j = 0; j < 8; j++) {
-        int sc, m;
-        if (j < 4) {
-            sc = s[j] & 63;
-            m = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
-            m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
-        }
-        for (int l = 0; l < 32; l++) {
-            uint8_t byte = b->qs[32 * (j / 2) + l];
-            int q = (j & 1) ? byte >> 4 : byte & 15;
-            dq[32 * j + l] = d * sc * q;
-            mq[32 * j + l] = dmin * m;
-        }
-    }
-}
-
-static void q6k_decode(const block_q6_K *b, float *v) {
-    float d = lq_fp16_to_fp32(b->d);
-    for (int i = 0; i < QK_K; i++) {
-        int h = i / 128, r = i % 128, l = r % 32, k = r / 32; /* k: which of the 4 fields */
-        int lo = (b->ql[64 * h + l + 32 * (k & 1)] >> (4 * (k >> 1))) & 15;
-        int hi = (b->qh[32 * h + l] >> (2 * k)) & 3;
-        v[i] = d * b->scales[i / 16] * ((lo | hi << 4) - 32);
     }
 }
 
@@ -292,7 +261,6 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
     block_q8_K *x = calloc(T * xs, sizeof *x);
     float *xf = malloc(nb * QK_K * sizeof *xf);
     double *mag = calloc(T, sizeof *mag), *val = calloc(T, sizeof *val);
-    float dq[QK_K], mq[QK_K];
     const char **x_desc = calloc(T, sizeof *x_desc);
     char w_desc[16 * 12] = "";
 
@@ -322,20 +290,8 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
             ref->quantize_q8k(xf, &x[t * xs], nb * QK_K);
         }
     }
-    for (int64_t i = 0; i < nb; i++) {
-        if (kernel == K_Q4K) q4k_decode((block_q4_K *)(w + i * bsize), dq, mq);
-        else {
-            q6k_decode((block_q6_K *)(w + i * bsize), dq);
-            memset(mq, 0, sizeof mq);
-        }
-        for (int t = 0; t < T; t++) {
-            const block_q8_K *y = &x[t * xs + i];
-            for (int l = 0; l < QK_K; l++) {
-                mag[t] += fabs((double)y->d) * (fabs((double)dq[l]) + fabs((double)mq[l])) * abs(y->qs[l]);
-                val[t] += (double)y->d * ((double)dq[l] - (double)mq[l]) * y->qs[l];
-            }
-        }
-    }
+    for (int t = 0; t < T; t++)
+        ref_q_row(kernel == K_Q4K ? LQ_Q4_K : LQ_Q6_K, w, nb, &x[t * xs], &mag[t], &val[t]);
     compare_dot(kernel, exact ? "exact" : "random", nb, T, w, x, xs, mag, val, (double)nb, exact, w_desc,
                 x_desc);
     free(w), free(x), free(xf), free(mag), free(val), free(x_desc);
