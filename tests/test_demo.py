@@ -28,3 +28,19 @@ def test_demo_batch_dispatch_in_process_servers():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "started 4 expert servers (threads)" in out.stdout
     assert "batch dispatch is approximate" in out.stdout
+
+
+def test_embedding_examples_run():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    out = subprocess.run([sys.executable, str(root / "stream_tokens.py"), "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "sync:  prompt" in out.stdout and "async: prompt" in out.stdout
+    assert len(re.findall(r"server \d+-\d+ at 127\.0\.0\.1:\d+: [1-9]\d* requests", out.stdout)) == 2
+    out = subprocess.run([sys.executable, str(root / "expert_client.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"\|remote - in-process\| max = ([\d.e+-]+) .* async == sync: True", out.stdout)
+    assert m and float(m.group(1)) < 1e-4
