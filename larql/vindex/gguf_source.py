@@ -104,6 +104,15 @@ class GGUFSource:
             return x.reshape(-1)
         return x
 
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor, decoding only those rows."""
+        t = self._tensor(key)
+        data = np.asarray(t.data)[start:stop]
+        q = self._gguf.GGMLQuantizationType
+        if t.tensor_type in (q.F32, q.F16):
+            return data
+        return self._gguf.quants.dequantize(data, t.tensor_type)
+
     def encoded(self, key: str, fmt: int, rows: int, cols: int) -> np.ndarray | None:
         """The GGUF's bytes as they are, when they already are `fmt` rows of `cols`."""
         if fmt not in _COPYABLE or cols % 256:

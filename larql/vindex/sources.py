@@ -24,7 +24,9 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
 
 
 def bf16_to_f32(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.uint32) << 16).view(np.float32)
+    y = x.astype(np.uint32)
+    y <<= 16          # in place: one temporary, not two
+    return y.view(np.float32)
 
 
 @dataclass
@@ -112,6 +114,12 @@ class SafetensorsSource:
 
     def get(self, key: str) -> np.ndarray:
         dt, x = self._raw(key)
+        return bf16_to_f32(x) if dt == "BF16" else x
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor as floats (only those rows are converted)."""
+        dt, x = self._raw(key)
+        x = x[start:stop]
         return bf16_to_f32(x) if dt == "BF16" else x
 
     def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:

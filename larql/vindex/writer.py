@@ -230,12 +230,20 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
     enc = getattr(source, "encoded", None)
     raw = enc("embed_tokens.weight", p["embed"], c.vocab_size, H) if enc else None
     if raw is None:
-        e = source.get("embed_tokens.weight")
-        if tuple(e.shape) != (c.vocab_size, H):
-            raise VindexError(f"source embed_tokens has shape {list(e.shape)}, config implies [{c.vocab_size}, {H}]")
-        for i in range(0, c.vocab_size, 16384):   # chunked: never a second full copy
-            emb.write(encode(e[i:i + 16384], p["embed"]))
-        del e
+        # Chunked: a source with `rows()` converts only 16384 rows at a time (the bf16 table of
+        # the real model would otherwise become a 3 GB f32 temporary).
+        rows = getattr(source, "rows", None)
+        full = None if rows is not None else source.get("embed_tokens.weight")
+        if full is not None and tuple(full.shape) != (c.vocab_size, H):
+            raise VindexError(f"source embed_tokens has shape {list(full.shape)}, "
+                              f"config implies [{c.vocab_size}, {H}]")
+        for i in range(0, c.vocab_size, 16384):
+            chunk = full[i:i + 16384] if full is not None else rows("embed_tokens.weight", i, i + 16384)
+            if chunk.shape != (min(16384, c.vocab_size - i), H):
+                raise VindexError(f"source embed_tokens rows {i}.. have shape {list(chunk.shape)}, "
+                                  f"config implies [{c.vocab_size}, {H}]")
+            emb.write(encode(chunk, p["embed"]))
+        del full
     else:
         for chunk in [raw] if isinstance(raw, np.ndarray | bytes) else raw:  # an array or chunks of one
             emb.write(np.asarray(chunk, dtype=np.uint8))
