@@ -106,6 +106,9 @@ def test_wrong_version_and_missing_hello(server):
     (raw_frame(msgpack.packb([1, 2, 3])), P.E_BAD_FRAME, "map"),
     (raw_frame(b""), P.E_BAD_FRAME, "msgpack"),
     (raw_frame(msgpack.packb({1: "x"})), P.E_BAD_FRAME, "msgpack"),
+    (raw_frame(b"\x91" * 100000 + b"\x00"), P.E_BAD_FRAME, "msgpack"),        # nested 100k deep
+    (raw_frame(b"\xdd\xff\xff\xff\xff"), P.E_BAD_FRAME, "msgpack"),          # claims 4G elements
+    (raw_frame(b"\xc6\xff\xff\xff\xff"), P.E_BAD_FRAME, "msgpack"),          # claims a 4 GiB bin
     ({"op": "health"}, P.E_BAD_REQUEST, "'id'"),
     ({"op": "health", "id": -4}, P.E_BAD_REQUEST, "'id'"),
     ({"op": "health", "id": "7"}, P.E_BAD_REQUEST, "'id'"),
