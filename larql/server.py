@@ -519,6 +519,8 @@ class _Conn(asyncio.Protocol):
             elif op == "stats":
                 self._send({"id": rid, "ok": True, **self.srv.stats.snapshot()})
             elif op == "warmup":
+                if not self.greeted:
+                    raise P.ProtocolError("send 'hello' before 'warmup'", P.E_NEED_HELLO)
                 self._warmup(rid)
             else:
                 self._error(rid, P.E_UNKNOWN_OP, f"unknown op {op!r} (ops: {', '.join(P.OPS)})")

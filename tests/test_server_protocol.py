@@ -205,3 +205,14 @@ def test_stats_count_requests_and_errors(server):
     assert after["errors"] >= before["errors"] + 1
     for key in ("bytes_in", "bytes_out", "compute_s", "p50_us", "p99_us", "connections"):
         assert key in after
+
+
+def test_warmup_op_reports_owned_bytes(server, vindex_path):
+    vx = open_vindex(vindex_path)
+    ef = vx.expert_file(0)
+    owned = sum(ef.entry(e).down_off + ef.entry(e).down_len - ef.entry(e).gate_up_off for e in range(4))
+    with connect(server, hello=False) as s:
+        assert rt(s, {"op": "warmup", "id": 1})["error"]["code"] == P.E_NEED_HELLO
+        assert rt(s, {"op": "hello", "id": 2, "version": P.PROTOCOL_VERSION})["ok"]
+        r = rt(s, {"op": "warmup", "id": 3})
+    assert r["ok"] and r["bytes"] == owned and r["seconds"] >= 0
