@@ -17,8 +17,13 @@ from larql.vindex.format import strip_prefix
 
 def _state(model) -> dict[str, np.ndarray]:
     sd = {strip_prefix(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
-    sd.update({strip_prefix(k): v.detach().float().numpy() for k, v in model.named_buffers()
-               if k.endswith("layer_scalar")})
+    sd.update(
+        {
+            strip_prefix(k): v.detach().float().numpy()
+            for k, v in model.named_buffers()
+            if k.endswith("layer_scalar")
+        }
+    )
     # tied: the vindex keeps one copy (embeddings.bin) and lm_head() is None
     lm = sd.pop("lm_head.weight", None)
     assert lm is None or np.array_equal(lm, sd["embed_tokens.weight"])
@@ -32,8 +37,11 @@ def _f(qm) -> np.ndarray:
 
 def check_all_tensors(vx, sd: dict[str, np.ndarray], exact: bool) -> int:
     """Every tensor of the checkpoint is in the vindex, equal (f32) or f16-rounded (f16)."""
-    cmp = (lambda a, b: np.array_equal(a, b)) if exact else \
-        (lambda a, b: np.array_equal(a, b.astype(np.float16).astype(np.float32)))
+    cmp = (
+        (lambda a, b: np.array_equal(a, b))
+        if exact
+        else (lambda a, b: np.array_equal(a, b.astype(np.float16).astype(np.float32)))
+    )
     c = vx.config
     n = 0
     for key, want in sd.items():
@@ -97,11 +105,14 @@ def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
     # bf16 -> f32 is exact, so the f32 vindex holds exactly the bf16 values
     import torch
 
-    sd = {strip_prefix(k): v.detach().to(torch.bfloat16).float().numpy() for k, v in model.state_dict().items()
-          if k != "lm_head.weight"}
+    sd = {
+        strip_prefix(k): v.detach().to(torch.bfloat16).float().numpy()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     check_all_tensors(vx, sd, exact=True)
     # embed_scale is rounded the way the bf16 checkpoint stores it
-    assert vx.config.embed_scale == float(torch.tensor(64 ** 0.5, dtype=torch.bfloat16))
+    assert vx.config.embed_scale == float(torch.tensor(64**0.5, dtype=torch.bfloat16))
 
 
 def _multimodal_copy(ckpt, dst):
@@ -114,8 +125,12 @@ def _multimodal_copy(ckpt, dst):
     mm["model.vision_tower.encoder.weight"] = np.ones((3, 3), np.float32)
     save_file(mm, str(dst / "model.safetensors"))
     text = json.loads((ckpt / "config.json").read_text())
-    cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
-           "vision_config": {"hidden_size": 3}}
+    cfg = {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        "vision_config": {"hidden_size": 3},
+    }
     (dst / "config.json").write_text(json.dumps(cfg))
     shutil.copy(ckpt / "tokenizer.json", dst / "tokenizer.json")
 

@@ -20,11 +20,11 @@ Q = gguf.GGMLQuantizationType
 
 def _choose(key: str, shape) -> Q:
     if len(shape) == 1 or key.endswith(("layer_scalar", "router.proj.weight")):
-        return Q.F32                       # llama.cpp keeps norms and the router (ffn_gate_inp) in f32
+        return Q.F32  # llama.cpp keeps norms and the router (ffn_gate_inp) in f32
     if key == "embed_tokens.weight":
         return Q.Q8_0
     if shape[-1] % 256:
-        return Q.Q8_0                      # e.g. expert down: 160-value rows
+        return Q.Q8_0  # e.g. expert down: 160-value rows
     if key.endswith(("v_proj.weight", "mlp.down_proj.weight")):
         return Q.Q6_K
     return Q.Q4_K
@@ -34,13 +34,15 @@ def write_gguf(model, tokenizer, path) -> dict[str, tuple[Q, np.ndarray]]:
     """The tiny model as a llama.cpp-style gemma4 GGUF; returns {vindex key: (type, raw data)}."""
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(**model.config.to_dict())   # plain values (per-layer fields are ambiguous)
+    cfg = SimpleNamespace(**model.config.to_dict())  # plain values (per-layer fields are ambiguous)
     n = cfg.num_hidden_layers
     swa = [t == "sliding_attention" for t in cfg.layer_types]
     plc = {int(k): v for k, v in (cfg.per_layer_config or {}).items()}
     full_hd = next((v["head_dim"] for k, v in plc.items() if not swa[k]), cfg.head_dim)
-    kv = [cfg.num_key_value_heads if s else plc.get(i, {}).get("num_key_value_heads", cfg.num_key_value_heads)
-          for i, s in enumerate(swa)]
+    kv = [
+        cfg.num_key_value_heads if s else plc.get(i, {}).get("num_key_value_heads", cfg.num_key_value_heads)
+        for i, s in enumerate(swa)
+    ]
     w = gguf.GGUFWriter(str(path), "gemma4")
     w.add_name("tiny-gemma4")
     w.add_block_count(n)
@@ -73,7 +75,7 @@ def write_gguf(model, tokenizer, path) -> dict[str, tuple[Q, np.ndarray]]:
     for hf, p in model.state_dict().items():
         key = strip_prefix(hf)
         if key == "lm_head.weight":
-            continue     # tied
+            continue  # tied
         x = p.detach().float().numpy()
         qt = _choose(key, x.shape)
         if qt == Q.F32:
@@ -109,16 +111,25 @@ def test_gguf_extract(gguf_model, tmp_path):
     model, tok, path, stored = gguf_model
     vx = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
     c, hc = vx.config, model.config.to_dict()
-    assert (c.num_layers, c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size) == \
-        (hc["num_hidden_layers"], hc["hidden_size"], hc["num_experts"], hc["top_k_experts"], 160)
+    assert (c.num_layers, c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size) == (
+        hc["num_hidden_layers"],
+        hc["hidden_size"],
+        hc["num_experts"],
+        hc["top_k_experts"],
+        160,
+    )
     assert c.layer_types == hc["layer_types"] and c.attention_k_eq_v
     assert c.layer_kv_heads(2) == 1 and c.layer_head_dim(2) == 128 and c.layer_head_dim(0) == 64
     sd = {strip_prefix(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
     for layer in range(c.num_layers):
         # Q4_K / Q6_K blocks are copied byte for byte
         a, d = vx.attn(layer), vx.dense_mlp(layer)
-        for qm, key in ((a.q, "self_attn.q_proj.weight"), (a.o, "self_attn.o_proj.weight"),
-                        (d.gate, "mlp.gate_proj.weight"), (d.down, "mlp.down_proj.weight")):
+        for qm, key in (
+            (a.q, "self_attn.q_proj.weight"),
+            (a.o, "self_attn.o_proj.weight"),
+            (d.gate, "mlp.gate_proj.weight"),
+            (d.down, "mlp.down_proj.weight"),
+        ):
             assert np.array_equal(qm.data, stored[f"layers.{layer}.{key}"][1].reshape(-1).view(np.uint8)), key
         ef = vx.expert_file(layer)
         gu_raw = stored[f"layers.{layer}.experts.gate_up_proj"][1]
@@ -130,11 +141,20 @@ def test_gguf_extract(gguf_model, tmp_path):
             dn = gguf.quants.dequantize(np.asarray(ef.down(e)).reshape(c.hidden_size, -1), Q.Q4_K)
             assert dn.shape == (c.hidden_size, 256)
             want = sd[f"layers.{layer}.experts.down_proj"][e]
-            err = np.sqrt(np.mean((dn[:, :160] - want) ** 2) / np.mean(want ** 2))
+            err = np.sqrt(np.mean((dn[:, :160] - want) ** 2) / np.mean(want**2))
             assert 1e-4 < err < 0.12
-        for key in ("router.scale", "router.per_expert_scale", "layer_scalar", "pre_feedforward_layernorm_2.weight"):
-            assert np.array_equal(vx.norm(f"layers.{layer}.{key}"), sd[f"layers.{layer}.{key}"].reshape(-1)), key
-        assert np.array_equal(vx.norm(f"layers.{layer}.router.proj.weight"), sd[f"layers.{layer}.router.proj.weight"])
+        for key in (
+            "router.scale",
+            "router.per_expert_scale",
+            "layer_scalar",
+            "pre_feedforward_layernorm_2.weight",
+        ):
+            assert np.array_equal(
+                vx.norm(f"layers.{layer}.{key}"), sd[f"layers.{layer}.{key}"].reshape(-1)
+            ), key
+        assert np.array_equal(
+            vx.norm(f"layers.{layer}.router.proj.weight"), sd[f"layers.{layer}.router.proj.weight"]
+        )
     # Q8_0 embeddings decoded then stored as f16
     emb = vx.embeddings().astype(np.float32)
     assert np.abs(emb - sd["embed_tokens.weight"]).max() < 0.01

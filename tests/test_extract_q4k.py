@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from larql import kernels
-from larql.vindex import open_vindex
 from larql.vindex import format as fm
+from larql.vindex import open_vindex
 from larql.vindex.extract import extract
 from larql.vindex.format import strip_prefix
 
@@ -34,10 +34,10 @@ def _decode(data: np.ndarray, fmt: int, rows: int, logical: int) -> np.ndarray:
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2)))
+    return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want**2)))
 
 
-@pytest.mark.parametrize("name", ["small", "wide"])   # hidden 64 (padded to 256) and 256
+@pytest.mark.parametrize("name", ["small", "wide"])  # hidden 64 (padded to 256) and 256
 def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
     model, ckpt = tiny_checkpoint(name)
     sd = {strip_prefix(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -54,8 +54,11 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
         else:
             assert c.layer_k_eq_v(layer)
         for proj, qm in mats.items():
-            key = (f"layers.{layer}.self_attn.{proj}_proj.weight" if proj in "qkvo"
-                   else f"layers.{layer}.mlp.{proj}_proj.weight")
+            key = (
+                f"layers.{layer}.self_attn.{proj}_proj.weight"
+                if proj in "qkvo"
+                else f"layers.{layer}.mlp.{proj}_proj.weight"
+            )
             want = sd[key]
             assert qm.fmt == (fm.Q6_K if proj in ("v", "down") else fm.Q4_K), key
             assert qm.cols == fm.padded_cols(qm.fmt, want.shape[1]) and qm.logical_cols == want.shape[1]
@@ -70,13 +73,17 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
             gu = _decode(ef.gate_up(e), fm.Q4_K, 2 * c.moe_intermediate_size, c.hidden_size)
             dn = _decode(ef.down(e), fm.Q4_K, c.hidden_size, c.moe_intermediate_size)
             errs[fm.Q4_K] += [_rel_err(gu, gu_all[e]), _rel_err(dn, dn_all[e])]
-        for key in (f"layers.{layer}.router.proj.weight", f"layers.{layer}.layer_scalar",
-                    f"layers.{layer}.pre_feedforward_layernorm_2.weight"):
-            assert np.array_equal(vx.norm(key).reshape(sd[key].shape) if key in sd else vx.norm(key),
-                                  sd.get(key, vx.norm(key))), key
+        for key in (
+            f"layers.{layer}.router.proj.weight",
+            f"layers.{layer}.layer_scalar",
+            f"layers.{layer}.pre_feedforward_layernorm_2.weight",
+        ):
+            assert np.array_equal(
+                vx.norm(key).reshape(sd[key].shape) if key in sd else vx.norm(key), sd.get(key, vx.norm(key))
+            ), key
     for fmt, es in errs.items():
         assert es and max(es) < MAX_REL_ERR[fmt], (fm.FORMAT_NAMES[fmt], max(es))
-        assert min(es) > 1e-4     # really quantised, not stored as floats
+        assert min(es) > 1e-4  # really quantised, not stored as floats
     # reference compatibility: four attention entries per layer, V slot of k_eq_v layers holds K as Q6_K
     man = json.loads((vx.path / "attn_weights_q4k_manifest.json").read_text())
     assert len(man) == 4 * c.num_layers
@@ -86,10 +93,14 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
         v = next(e for e in man if e["key"] == f"layers.{full[0]}.self_attn.v_proj.weight")
         assert v["format"] == "Q6_K"
         k_dec = gguf.quants.dequantize(
-            np.frombuffer((vx.path / "attn_weights_q4k.bin").read_bytes()[v["offset"]:v["offset"] + v["length"]],
-                          np.uint8).reshape(v["shape"][0], -1), GG[fm.Q6_K])
+            np.frombuffer(
+                (vx.path / "attn_weights_q4k.bin").read_bytes()[v["offset"] : v["offset"] + v["length"]],
+                np.uint8,
+            ).reshape(v["shape"][0], -1),
+            GG[fm.Q6_K],
+        )
         want = sd[f"layers.{full[0]}.self_attn.k_proj.weight"]
-        assert _rel_err(k_dec[:, :want.shape[1]], want) < MAX_REL_ERR[fm.Q6_K]
+        assert _rel_err(k_dec[:, : want.shape[1]], want) < MAX_REL_ERR[fm.Q6_K]
 
 
 def test_q4k_experts_feed_the_kernel_table(tiny_checkpoint, tmp_path):
@@ -113,6 +124,6 @@ def test_q4k_experts_feed_the_kernel_table(tiny_checkpoint, tmp_path):
             gu = _decode(ef.gate_up(e), fm.Q4_K, 2 * I, c.hidden_size)
             dn = _decode(ef.down(e), fm.Q4_K, c.hidden_size, I)
             g, u = gu[:I] @ x[t], gu[I:] @ x[t]
-            gelu = 0.5 * g * (1 + np.tanh(0.7978845608 * (g + 0.044715 * g ** 3)))
+            gelu = 0.5 * g * (1 + np.tanh(0.7978845608 * (g + 0.044715 * g**3)))
             ref[t] += w[t, j] * (dn @ (gelu * u))
     np.testing.assert_allclose(y, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())

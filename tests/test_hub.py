@@ -17,12 +17,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from tiny_models import make_config
 
 from larql.config import ModelConfig
 from larql.vindex import VindexError, open_vindex, write_vindex
 from larql.vindex.random_model import random_tensors
 from larql.vindex.report import verify
-from tiny_models import make_config
 
 
 class FakeHub:
@@ -58,8 +58,9 @@ def _handler(hub: FakeHub):
             return self.rfile.read(n)
 
         def _missing(self, repo):
-            self._json(404, {"error": f"Repository {repo} not found"},
-                       headers={"X-Error-Code": "RepoNotFound"})
+            self._json(
+                404, {"error": f"Repository {repo} not found"}, headers={"X-Error-Code": "RepoNotFound"}
+            )
 
         def do_POST(self):
             path = urlparse(self.path).path
@@ -78,8 +79,20 @@ def _handler(hub: FakeHub):
                     return self._missing(repo)
                 if what == "preupload":
                     files = json.loads(body)["files"]
-                    return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                       "shouldIgnore": False, "oid": None} for f in files]})
+                    return self._json(
+                        200,
+                        {
+                            "files": [
+                                {
+                                    "path": f["path"],
+                                    "uploadMode": "regular",
+                                    "shouldIgnore": False,
+                                    "oid": None,
+                                }
+                                for f in files
+                            ]
+                        },
+                    )
                 for line in body.splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
@@ -87,8 +100,9 @@ def _handler(hub: FakeHub):
                         hub.repos[repo][v["path"]] = base64.b64decode(v["content"])
                 sha = hashlib.sha1(json.dumps(sorted(hub.repos[repo])).encode() + body[:64]).hexdigest()
                 hub.commits[repo] = sha
-                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}",
-                                        "commitOid": sha})
+                return self._json(
+                    200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}", "commitOid": sha}
+                )
             self._json(404, {"error": f"no route {path}"})
 
         def do_HEAD(self):
@@ -103,15 +117,26 @@ def _handler(hub: FakeHub):
                 repo = m.group(1)
                 if repo not in hub.repos:
                     return self._missing(repo)
-                return self._json(200, {"id": repo, "modelId": repo, "sha": hub.commits[repo], "private": False,
-                                        "siblings": [{"rfilename": f} for f in sorted(hub.repos[repo])]}, head=head)
+                return self._json(
+                    200,
+                    {
+                        "id": repo,
+                        "modelId": repo,
+                        "sha": hub.commits[repo],
+                        "private": False,
+                        "siblings": [{"rfilename": f} for f in sorted(hub.repos[repo])],
+                    },
+                    head=head,
+                )
             m = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
             if m:
                 repo = m.group(1)
                 if repo not in hub.repos:
                     return self._missing(repo)
-                entries = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                           for f, b in sorted(hub.repos[repo].items())]
+                entries = [
+                    {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for f, b in sorted(hub.repos[repo].items())
+                ]
                 dirs = sorted({f.rsplit("/", 1)[0] for f in hub.repos[repo] if "/" in f})
                 entries += [{"type": "directory", "path": d, "size": 0, "oid": "0" * 40} for d in dirs]
                 return self._json(200, entries, head=head)
@@ -120,13 +145,22 @@ def _handler(hub: FakeHub):
                 repo, _, fname = m.groups()
                 data = hub.repos.get(repo, {}).get(fname)
                 if data is None:
-                    return self._json(404, {"error": "entry not found"}, headers={"X-Error-Code": "EntryNotFound"},
-                                      head=head)
+                    return self._json(
+                        404,
+                        {"error": "entry not found"},
+                        headers={"X-Error-Code": "EntryNotFound"},
+                        head=head,
+                    )
                 if not head:
                     hub.downloads.append(fname)
                 etag = '"' + hashlib.sha1(data).hexdigest() + '"'
-                return self._send(200, data, ctype="application/octet-stream", head=head,
-                                  headers={"ETag": etag, "X-Repo-Commit": hub.commits[repo]})
+                return self._send(
+                    200,
+                    data,
+                    ctype="application/octet-stream",
+                    head=head,
+                    headers={"ETag": etag, "X-Repo-Commit": hub.commits[repo]},
+                )
             self._json(404, {"error": f"no route {path}"}, head=head)
 
     return H
@@ -143,7 +177,9 @@ def hub(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setattr(C, "ENDPOINT", endpoint)
-    monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        C, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_TOKEN", "hf_test")
@@ -158,8 +194,14 @@ def vindex(tmp_path_factory):
     out = tmp_path_factory.mktemp("hubsrc") / "m.vindex"
     from larql.tokenizer import byte_level_tokenizer
 
-    write_vindex(out, cfg, random_tensors(cfg, 1), quant="f16", progress=False,
-                 tokenizer_json=byte_level_tokenizer().to_str().encode())
+    write_vindex(
+        out,
+        cfg,
+        random_tensors(cfg, 1),
+        quant="f16",
+        progress=False,
+        tokenizer_json=byte_level_tokenizer().to_str().encode(),
+    )
     return out
 
 
@@ -180,7 +222,13 @@ def test_publish_then_pull_presets(hub, vindex, tmp_path):
     out = pull("me/tiny-vindex", tmp_path / "pulled", preset="expert-server", layers="1-2")
     got = set(hub.downloads)
     assert "attn_weights.bin" not in got and "layers/layer_00.weights" not in got
-    assert {"index.json", "norms.bin", "embeddings.bin", "layers/layer_01.weights", "layers/layer_02.weights"} <= got
+    assert {
+        "index.json",
+        "norms.bin",
+        "embeddings.bin",
+        "layers/layer_01.weights",
+        "layers/layer_02.weights",
+    } <= got
     vx = open_vindex(out)
     src = open_vindex(vindex)
     assert np.array_equal(vx.expert_file(2).gate_up(5), src.expert_file(2).gate_up(5))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_models import make_config
 
 from larql.cli import main as cli
 from larql.config import ModelConfig
@@ -12,7 +13,6 @@ from larql.vindex import format as fm
 from larql.vindex.random_model import random_tensors
 from larql.vindex.report import verify
 from larql.vindex.slicing import slice_vindex
-from tiny_models import make_config
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,38 @@ def _files(d):
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("preset,has,lacks", [
-    ("client", ["embeddings.bin", "norms.bin", "attn_weights.bin", "interleaved.bin", "tokenizer.json"],
-     ["layers/layer_00.weights"]),
-    ("attn", ["norms.bin", "attn_weights.bin", "attn_weights_manifest.json"],
-     ["embeddings.bin", "tokenizer.json", "layers/layer_00.weights"]),
-    ("embed", ["embeddings.bin", "tokenizer.json", "chat_template.jinja"], ["norms.bin", "weight_manifest.json"]),
-    ("router", ["norms.bin", "tokenizer.json", "weight_manifest.json"], ["embeddings.bin", "attn_weights.bin"]),
-    ("expert-server", ["embeddings.bin", "norms.bin", "interleaved.bin", "layers/layer_02.weights",
-                       "tokenizer.json"], ["attn_weights.bin"]),
-    ("moe-server", ["layers/layer_00.weights"], ["attn_weights.bin"]),
-    ("all", ["attn_weights.bin", "layers/layer_02.weights", "embeddings.bin"], []),
-])
+@pytest.mark.parametrize(
+    "preset,has,lacks",
+    [
+        (
+            "client",
+            ["embeddings.bin", "norms.bin", "attn_weights.bin", "interleaved.bin", "tokenizer.json"],
+            ["layers/layer_00.weights"],
+        ),
+        (
+            "attn",
+            ["norms.bin", "attn_weights.bin", "attn_weights_manifest.json"],
+            ["embeddings.bin", "tokenizer.json", "layers/layer_00.weights"],
+        ),
+        (
+            "embed",
+            ["embeddings.bin", "tokenizer.json", "chat_template.jinja"],
+            ["norms.bin", "weight_manifest.json"],
+        ),
+        (
+            "router",
+            ["norms.bin", "tokenizer.json", "weight_manifest.json"],
+            ["embeddings.bin", "attn_weights.bin"],
+        ),
+        (
+            "expert-server",
+            ["embeddings.bin", "norms.bin", "interleaved.bin", "layers/layer_02.weights", "tokenizer.json"],
+            ["attn_weights.bin"],
+        ),
+        ("moe-server", ["layers/layer_00.weights"], ["attn_weights.bin"]),
+        ("all", ["attn_weights.bin", "layers/layer_02.weights", "embeddings.bin"], []),
+    ],
+)
 def test_presets(full, tmp_path, preset, has, lacks):
     src = full[0]
     dst = slice_vindex(src, tmp_path / "s.vindex", preset=preset, progress=False)
@@ -88,8 +108,9 @@ def test_expert_shard_is_physically_half(full, tmp_path):
 
 def test_layer_slice(full, tmp_path):
     src, cfg, _ = full
-    dst = slice_vindex(src, tmp_path / "l.vindex", preset="expert-server", layers="1-2", experts="3",
-                       progress=False)
+    dst = slice_vindex(
+        src, tmp_path / "l.vindex", preset="expert-server", layers="1-2", experts="3", progress=False
+    )
     vx = open_vindex(dst)
     assert vx.layers_present == [1, 2] and vx.experts_present == [3]
     assert sorted(p.name for p in (dst / "layers").iterdir()) == ["layer_01.weights", "layer_02.weights"]
@@ -99,8 +120,22 @@ def test_layer_slice(full, tmp_path):
 
 def test_cli_slice_and_errors(full, tmp_path, capsys):
     src = full[0]
-    assert cli(["slice", str(src), "-o", str(tmp_path / "x.vindex"), "--preset", "expert_server",
-                "--experts", "0-3", "-q"]) == 0
+    assert (
+        cli(
+            [
+                "slice",
+                str(src),
+                "-o",
+                str(tmp_path / "x.vindex"),
+                "--preset",
+                "expert_server",
+                "--experts",
+                "0-3",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert open_vindex(tmp_path / "x.vindex").experts_present == [0, 1, 2, 3]
     assert cli(["slice", str(src), "-o", str(tmp_path / "x.vindex"), "-q"]) == 1
     assert "already exists" in capsys.readouterr().err

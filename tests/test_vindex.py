@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import make_config
 
 from larql.config import ModelConfig
 from larql.vindex import VindexError, open_vindex, write_vindex
 from larql.vindex import format as fm
 from larql.vindex.random_model import random_tensors
 from larql.vindex.report import info, verify
-from tiny_models import make_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def copy(built, tmp_path):
         dst = tmp_path / f"c{which}.vindex"
         shutil.copytree(built[which - 1], dst)
         return dst
+
     return make
 
 
@@ -55,16 +56,20 @@ def test_lyrw_versions_read_back(built, small, version):
     for layer in (0, 5):
         ef = vx.expert_file(layer)
         assert ef.version == version and ef.quant_format == fm.F32
-        assert (ef.num_experts, ef.inter, ef.hidden) == (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+        assert (ef.num_experts, ef.inter, ef.hidden) == (
+            cfg.num_experts,
+            cfg.moe_intermediate_size,
+            cfg.hidden_size,
+        )
         for e in range(cfg.num_experts):
             gu, dn = _expert(src, layer, e)
             assert np.array_equal(ef.gate_up(e).view(np.float32).reshape(gu.shape), gu)
             assert np.array_equal(ef.down(e).view(np.float32).reshape(dn.shape), dn)
             ent = ef.entry(e)
             if version == 2:
-                assert ent.gate_up_off % mmap.PAGESIZE == 0       # page-exact expert starts
+                assert ent.gate_up_off % mmap.PAGESIZE == 0  # page-exact expert starts
             assert ent.down_off == ent.gate_up_off + ent.gate_up_len
-        if version == 1:   # the reference's packing: data right after the table, no gaps
+        if version == 1:  # the reference's packing: data right after the table, no gaps
             assert ef.entry(0).gate_up_off == 24 + 32 * cfg.num_experts
             assert ef.entry(1).gate_up_off == ef.entry(0).end
     # the two layouts hold identical weights, so the fingerprints (over content) agree
@@ -96,7 +101,7 @@ def test_access_hints(built, small):
     ef.prefetch([0, 1])
     touched = ef.prefault([2, 3])
     assert touched == sum(ef.entry(e).end - ef.entry(e).start for e in (2, 3))
-    assert ef.resident([2, 3]) == 1.0     # just touched: every page is in memory
+    assert ef.resident([2, 3]) == 1.0  # just touched: every page is in memory
     assert 0.0 <= ef.resident() <= 1.0
     with pytest.raises(VindexError, match="expert 99"):
         ef.prefault([99])
@@ -118,20 +123,23 @@ def test_open_with_only_expert_server_files(copy):
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
     b = bytearray(path.read_bytes())
-    b[offset:offset + len(data)] = data
+    b[offset : offset + len(data)] = data
     path.write_bytes(bytes(b))
 
 
-@pytest.mark.parametrize("case,match", [
-    ("bad_magic", "bad magic"),
-    ("bad_version", "format_version 7"),
-    ("truncated", "outside the data region"),
-    ("truncated_header", "truncated"),
-    ("offset_past_end", "outside the data region"),
-    ("wrong_len", "gate_up_len"),
-    ("wrong_hidden", "hidden=65"),
-    ("unknown_fmt", "quant_format 99"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("bad_magic", "bad magic"),
+        ("bad_version", "format_version 7"),
+        ("truncated", "outside the data region"),
+        ("truncated_header", "truncated"),
+        ("offset_past_end", "outside the data region"),
+        ("wrong_len", "gate_up_len"),
+        ("wrong_hidden", "hidden=65"),
+        ("unknown_fmt", "quant_format 99"),
+    ],
+)
 def test_malformed_layer_file(copy, case, match):
     d = copy()
     p = d / fm.layer_file(2)
@@ -147,31 +155,34 @@ def test_malformed_layer_file(copy, case, match):
         with open(p, "r+b") as f:
             f.truncate(10)
     elif case == "offset_past_end":
-        _patch(p, 24 + 40 * 3 + 8, struct.pack("<Q", size))   # expert 3 gate_up_off
+        _patch(p, 24 + 40 * 3 + 8, struct.pack("<Q", size))  # expert 3 gate_up_off
     elif case == "wrong_len":
         _patch(p, 24 + 40 * 1 + 16, struct.pack("<Q", 1234))  # expert 1 gate_up_len
     elif case == "wrong_hidden":
         _patch(p, 20, struct.pack("<I", 65))
     elif case == "unknown_fmt":
         _patch(p, 8, struct.pack("<I", 99))
-    vx = open_vindex(d)   # layer files are validated when first used
+    vx = open_vindex(d)  # layer files are validated when first used
     with pytest.raises(VindexError, match=match) as ei:
         vx.expert_file(2)
     assert "layer_02.weights" in str(ei.value)
-    assert verify(d, progress=False)   # and verify reports it
+    assert verify(d, progress=False)  # and verify reports it
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing_index", "index.json: missing"),
-    ("bad_json", "not valid JSON"),
-    ("bad_field", "num_layers"),
-    ("future_version", "unsupported version 9"),
-    ("manifest_past_end", "past the end"),
-    ("manifest_wrong_shape", "index.json implies"),
-    ("manifest_bad_length", "length 7"),
-    ("norm_wrong_size", "vector 'layers.0.router.scale'"),
-    ("bad_quant", "quant 'q3'"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_index", "index.json: missing"),
+        ("bad_json", "not valid JSON"),
+        ("bad_field", "num_layers"),
+        ("future_version", "unsupported version 9"),
+        ("manifest_past_end", "past the end"),
+        ("manifest_wrong_shape", "index.json implies"),
+        ("manifest_bad_length", "length 7"),
+        ("norm_wrong_size", "vector 'layers.0.router.scale'"),
+        ("bad_quant", "quant 'q3'"),
+    ],
+)
 def test_malformed_metadata(copy, case, match):
     d = copy()
     idx = json.loads((d / "index.json").read_text())
@@ -226,7 +237,7 @@ def test_verify_detects_a_flipped_byte(copy):
     assert verify(d, progress=False) == []
     p = d / fm.layer_file(1)
     b = bytearray(p.read_bytes())
-    b[-5] ^= 0x40                     # inside expert data: structure still valid
+    b[-5] ^= 0x40  # inside expert data: structure still valid
     p.write_bytes(bytes(b))
     problems = verify(d, progress=False)
     assert len(problems) == 1 and problems[0].startswith("layers/layer_01.weights: sha256")

@@ -59,20 +59,36 @@ def write_bf16_checkpoint(root: Path, layers: int, vocab: int, seed: int = 0) ->
             for i in range(0, n, 1 << 24):
                 m = min(1 << 24, n - i)
                 if norm:
-                    x = (1.0 + 0.1 * rng.standard_normal(m, dtype=np.float32))
+                    x = 1.0 + 0.1 * rng.standard_normal(m, dtype=np.float32)
                 else:
                     x = 0.02 * rng.standard_normal(m, dtype=np.float32)
                 f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
     c = synthetic_config(layers, vocab_size=vocab)
     cfg = {
-        "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "dtype": "bfloat16",
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "global_head_dim": c.global_head_dim, "num_global_key_value_heads": c.num_global_kv_heads,
-        "attention_k_eq_v": True, "sliding_window": c.sliding_window, "layer_types": c.layer_types,
-        "vocab_size": vocab, "enable_moe_block": True, "num_experts": c.num_experts, "top_k_experts": c.top_k,
-        "moe_intermediate_size": c.moe_intermediate_size, "hidden_size_per_layer_input": 0,
-        "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "eos_token_id": [1, 106], "bos_token_id": 2,
+        "architectures": ["Gemma4ForCausalLM"],
+        "model_type": "gemma4_text",
+        "dtype": "bfloat16",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "global_head_dim": c.global_head_dim,
+        "num_global_key_value_heads": c.num_global_kv_heads,
+        "attention_k_eq_v": True,
+        "sliding_window": c.sliding_window,
+        "layer_types": c.layer_types,
+        "vocab_size": vocab,
+        "enable_moe_block": True,
+        "num_experts": c.num_experts,
+        "top_k_experts": c.top_k,
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "hidden_size_per_layer_input": 0,
+        "final_logit_softcapping": 30.0,
+        "rms_norm_eps": 1e-6,
+        "eos_token_id": [1, 106],
+        "bos_token_id": 2,
     }
     (root / "config.json").write_text(json.dumps(cfg))
     params = sum(int(np.prod(s)) for s in shapes.values())
@@ -91,9 +107,16 @@ def _child(src: str, out: str, quant: str, threads: int) -> None:
 
 
 def run_extract(src: Path, out: Path, quant: str, threads: int) -> dict:
-    cmd = [sys.executable, "-c", "import sys; from larql.benchmarks.extract import _child; "
-           "_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))", str(src), str(out), quant,
-           str(threads)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from larql.benchmarks.extract import _child; "
+        "_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))",
+        str(src),
+        str(out),
+        quant,
+        str(threads),
+    ]
     r = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -122,22 +145,33 @@ def main(args) -> int:
         src, out = work / "ckpt", work / "out.vindex"
         t = time.perf_counter()
         params, largest = write_bf16_checkpoint(src, args.layers, args.vocab)
-        print(f"synthetic bf16 checkpoint: {args.layers} layer(s), {params / 1e9:.2f} B params, "
-              f"{(src / 'model.safetensors').stat().st_size / 2**30:.2f} GiB, largest tensor "
-              f"{largest / 2**20:.0f} MiB (written in {time.perf_counter() - t:.1f} s)")
+        print(
+            f"synthetic bf16 checkpoint: {args.layers} layer(s), {params / 1e9:.2f} B params, "
+            f"{(src / 'model.safetensors').stat().st_size / 2**30:.2f} GiB, largest tensor "
+            f"{largest / 2**20:.0f} MiB (written in {time.perf_counter() - t:.1f} s)"
+        )
         base = read_baseline(src / "model.safetensors")
         res = run_extract(src, out, args.quant, args.threads)
         wps = params / res["seconds"]
-        print(f"extract --quant {args.quant} ({args.threads} threads): {res['seconds']:.1f} s, "
-              f"{wps / 1e6:.0f} M weights/s, peak RSS {res['peak_rss'] / 2**30:.2f} GiB")
-        print(f"  vs sequential read of the checkpoint ({base:.2f} s): {res['seconds'] / base:.1f}x the I/O floor")
+        print(
+            f"extract --quant {args.quant} ({args.threads} threads): {res['seconds']:.1f} s, "
+            f"{wps / 1e6:.0f} M weights/s, peak RSS {res['peak_rss'] / 2**30:.2f} GiB"
+        )
+        print(
+            f"  vs sequential read of the checkpoint ({base:.2f} s): "
+            f"{res['seconds'] / base:.1f}x the I/O floor"
+        )
         print(f"  peak RSS / largest tensor: {res['peak_rss'] / largest:.2f}x")
         if args.threads > 1 and not args.no_single_thread:
             one = run_extract(src, out, args.quant, 1)
-            print(f"  1 thread: {one['seconds']:.1f} s -> {args.threads} threads are "
-                  f"{one['seconds'] / res['seconds']:.2f}x faster")
-        print(f"projected full 26B A4B ({FULL_PARAMS / 1e9:.1f} B params) at this rate: "
-              f"{FULL_PARAMS / wps / 60:.1f} min")
+            print(
+                f"  1 thread: {one['seconds']:.1f} s -> {args.threads} threads are "
+                f"{one['seconds'] / res['seconds']:.2f}x faster"
+            )
+        print(
+            f"projected full 26B A4B ({FULL_PARAMS / 1e9:.1f} B params) at this rate: "
+            f"{FULL_PARAMS / wps / 60:.1f} min"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

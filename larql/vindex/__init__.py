@@ -42,8 +42,10 @@ Writing (no torch needed):
     synthetic.write_synthetic_vindex(out, num_layers=2, quant="q4k", seed=0, **dims) -> Path
     TensorSource protocol: get(key), has(key), expert(layer, e) (keys are HF names minus `model.`).
 Reading sources: sources.open_source(path) (HF safetensors dir or .gguf) -> (ModelConfig, TensorSource, info).
-Operations: extract.extract(src, out, quant=...), slicing.slice_vindex(src, dst, preset=..., experts=..., layers=...),
-    hub.pull(repo, out, preset=...), hub.publish(dir, repo, slices=...), verify.verify(path).
+Operations: extract.extract(src, out, quant=...),
+    slicing.slice_vindex(src, dst, preset=..., experts=..., layers=...),
+    hub.pull(repo, out, preset=...), hub.publish(dir, repo, slices=...),
+    report.info(path) -> dict, report.verify(path) -> list of problems (empty = intact).
 """
 
 from .format import VindexError, format_ranges, parse_ranges
@@ -51,6 +53,15 @@ from .reader import AttnWeights, DenseWeights, ExpertFile, Vindex, open_vindex
 from .writer import ArraySource, TensorSource, write_vindex
 
 __all__ = [
-    "ArraySource", "AttnWeights", "DenseWeights", "ExpertFile", "TensorSource", "Vindex", "VindexError",
-    "format_ranges", "open_vindex", "parse_ranges", "write_vindex",
+    "ArraySource",
+    "AttnWeights",
+    "DenseWeights",
+    "ExpertFile",
+    "TensorSource",
+    "Vindex",
+    "VindexError",
+    "format_ranges",
+    "open_vindex",
+    "parse_ranges",
+    "write_vindex",
 ]

@@ -10,8 +10,15 @@ import sys
 def _extract(args) -> int:
     from .extract import extract
 
-    out = extract(args.src, args.output, quant=args.quant, progress=not args.quiet, lyrw_version=args.lyrw_version,
-                  threads=args.threads, overwrite=args.force)
+    out = extract(
+        args.src,
+        args.output,
+        quant=args.quant,
+        progress=not args.quiet,
+        lyrw_version=args.lyrw_version,
+        threads=args.threads,
+        overwrite=args.force,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -19,8 +26,15 @@ def _extract(args) -> int:
 def _slice(args) -> int:
     from .slicing import slice_vindex
 
-    out = slice_vindex(args.src, args.output, preset=args.preset, experts=args.experts, layers=args.layers,
-                       progress=not args.quiet, overwrite=args.force)
+    out = slice_vindex(
+        args.src,
+        args.output,
+        preset=args.preset,
+        experts=args.experts,
+        layers=args.layers,
+        progress=not args.quiet,
+        overwrite=args.force,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -67,25 +81,47 @@ def add_commands(sub) -> None:
 
     presets = [*PRESETS, *ALIASES]
 
-    p = sub.add_parser("extract", help="convert a checkpoint (HF dir or .gguf) into a vindex",
-                       description="Convert a Gemma 4 MoE checkpoint into a vindex, streaming tensor by tensor.")
+    p = sub.add_parser(
+        "extract",
+        help="convert a checkpoint (HF dir or .gguf) into a vindex",
+        description="Convert a Gemma 4 MoE checkpoint into a vindex, streaming tensor by tensor.",
+    )
     p.add_argument("src", help="Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
-    p.add_argument("-o", "--output", required=True, help="output directory, e.g. out/gemma4-26b-a4b-q4k.vindex")
-    p.add_argument("--quant", choices=["q4k", "f16", "f32"], default="q4k",
-                   help="q4k: Q4_K/Q6_K like the reference (default); f16/f32: unquantised")
-    p.add_argument("--lyrw-version", type=int, choices=[1, 2], default=2,
-                   help="expert file layout: 2 = page-aligned experts (default), 1 = the reference's packing")
+    p.add_argument(
+        "-o", "--output", required=True, help="output directory, e.g. out/gemma4-26b-a4b-q4k.vindex"
+    )
+    p.add_argument(
+        "--quant",
+        choices=["q4k", "f16", "f32"],
+        default="q4k",
+        help="q4k: Q4_K/Q6_K like the reference (default); f16/f32: unquantised",
+    )
+    p.add_argument(
+        "--lyrw-version",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="expert file layout: 2 = page-aligned experts (default), 1 = the reference's packing",
+    )
     p.add_argument("--threads", type=int, default=None, help="quantisation threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)
 
-    p = sub.add_parser("slice", help="copy the parts of a vindex one machine needs",
-                       description="Copy a preset's files; --experts/--layers physically keep only those.")
+    p = sub.add_parser(
+        "slice",
+        help="copy the parts of a vindex one machine needs",
+        description="Copy a preset's files; --experts/--layers physically keep only those.",
+    )
     p.add_argument("src", help="source vindex")
     p.add_argument("-o", "--output", required=True, help="destination vindex directory")
-    p.add_argument("--preset", default="all", choices=presets, metavar="NAME",
-                   help=f"one of: {', '.join(presets)} (default all)")
+    p.add_argument(
+        "--preset",
+        default="all",
+        choices=presets,
+        metavar="NAME",
+        help=f"one of: {', '.join(presets)} (default all)",
+    )
     p.add_argument("--experts", default=None, help="keep only these experts, e.g. 0-63")
     p.add_argument("--layers", default=None, help="keep only these layers' expert files, e.g. 0-14")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -95,8 +131,13 @@ def add_commands(sub) -> None:
     p = sub.add_parser("pull", help="download a vindex (or a preset's files) from the Hugging Face Hub")
     p.add_argument("repo", help="OWNER/NAME on the Hub (HF_ENDPOINT selects another endpoint)")
     p.add_argument("-o", "--output", required=True, help="local directory")
-    p.add_argument("--preset", default="all", choices=presets, metavar="NAME",
-                   help=f"download only this preset's files: {', '.join(presets)}")
+    p.add_argument(
+        "--preset",
+        default="all",
+        choices=presets,
+        metavar="NAME",
+        help=f"download only this preset's files: {', '.join(presets)}",
+    )
     p.add_argument("--layers", default=None, help="download only these layers' expert files, e.g. 0-14")
     p.add_argument("--revision", default=None, help="branch, tag or commit")
     p.set_defaults(func=_pull)
@@ -104,8 +145,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("publish", help="upload a vindex to the Hugging Face Hub")
     p.add_argument("dir", help="vindex directory")
     p.add_argument("--repo", required=True, help="OWNER/NAME (created if absent)")
-    p.add_argument("--slices", default="none",
-                   help="also publish these presets as <repo>-<preset>, comma separated (default none)")
+    p.add_argument(
+        "--slices",
+        default="none",
+        help="also publish these presets as <repo>-<preset>, comma separated (default none)",
+    )
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.set_defaults(func=_publish)
 

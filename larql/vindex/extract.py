@@ -9,11 +9,28 @@ from .sources import open_source
 from .writer import write_vindex
 
 
-def extract(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4k", progress: bool = True,
-            lyrw_version: int = 2, threads: int | None = None, overwrite: bool = False) -> Path:
+def extract(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    quant: str = "q4k",
+    progress: bool = True,
+    lyrw_version: int = 2,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     config, source, info = open_source(src)
     return write_vindex(
-        out, config, source, quant=quant, tokenizer_json=info.tokenizer_json, chat_template=info.chat_template,
-        progress=progress, lyrw_version=lyrw_version, model_name=info.model_name, threads=threads,
-        overwrite=overwrite, source_info={"kind": info.kind, "path": str(Path(src).resolve()), **info.extra},
+        out,
+        config,
+        source,
+        quant=quant,
+        tokenizer_json=info.tokenizer_json,
+        chat_template=info.chat_template,
+        progress=progress,
+        lyrw_version=lyrw_version,
+        model_name=info.model_name,
+        threads=threads,
+        overwrite=overwrite,
+        source_info={"kind": info.kind, "path": str(Path(src).resolve()), **info.extra},
     )

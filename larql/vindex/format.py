@@ -38,19 +38,36 @@ DENSE_FILES = {
 
 # Format ids: the LYRW quant_format numbering, which larql.kernels shares for 0/1/2/4/5.
 F32, F16, BF16, Q4_0, Q4_K, Q6_K, Q8_0, FP4, Q5_K = 0, 1, 2, 3, 4, 5, 6, 7, 8
-FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "Q4_0", Q4_K: "Q4_K", Q6_K: "Q6_K",
-                Q8_0: "Q8_0", FP4: "FP4", Q5_K: "Q5_K"}
+FORMAT_NAMES = {
+    F32: "f32",
+    F16: "f16",
+    BF16: "bf16",
+    Q4_0: "Q4_0",
+    Q4_K: "Q4_K",
+    Q6_K: "Q6_K",
+    Q8_0: "Q8_0",
+    FP4: "FP4",
+    Q5_K: "Q5_K",
+}
 FORMAT_IDS = {v.lower(): k for k, v in FORMAT_NAMES.items()}
 # fmt -> (values per block, bytes per block)
-BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_K: (256, 144),
-          Q6_K: (256, 210), Q8_0: (32, 34), Q5_K: (256, 176)}
+BLOCKS = {
+    F32: (1, 4),
+    F16: (1, 2),
+    BF16: (1, 2),
+    Q4_0: (32, 18),
+    Q4_K: (256, 144),
+    Q6_K: (256, 210),
+    Q8_0: (32, 34),
+    Q5_K: (256, 176),
+}
 # What this implementation can compute with (FP4 is recognised but not served).
 SUPPORTED = {F32, F16, BF16, Q4_K, Q6_K}
 
 LYRW_MAGIC = 0x4C595257
-LYRW_HEADER = struct.Struct("<6I")          # magic, version, quant_format, num_entries, inter, hidden
-LYRW_ROW_V1 = struct.Struct("<4Q")          # gate_up_off, gate_up_len, down_off, down_len
-LYRW_ROW_V2 = struct.Struct("<2I4Q")        # gate_up_fmt, down_fmt, then as v1
+LYRW_HEADER = struct.Struct("<6I")  # magic, version, quant_format, num_entries, inter, hidden
+LYRW_ROW_V1 = struct.Struct("<4Q")  # gate_up_off, gate_up_len, down_off, down_len
+LYRW_ROW_V2 = struct.Struct("<2I4Q")  # gate_up_fmt, down_fmt, then as v1
 
 
 class VindexError(ValueError):
@@ -122,8 +139,12 @@ def expert_lengths(fmt_gu: int, fmt_down: int, inter: int, hidden: int) -> tuple
     return 2 * inter * row_bytes(fmt_gu, hidden), hidden * row_bytes(fmt_down, inter)
 
 
-def parse_lyrw(buf, path: Path | str, file_size: int, expect: tuple[int, int, int] | None = None,
-               ) -> tuple[LyrwHeader, list[ExpertEntry | None]]:
+def parse_lyrw(
+    buf,
+    path: Path | str,
+    file_size: int,
+    expect: tuple[int, int, int] | None = None,
+) -> tuple[LyrwHeader, list[ExpertEntry | None]]:
     """Parse and validate a LYRW header + offset table; zero-length rows are absent experts.
     `expect` = (num_entries, intermediate, hidden) from index.json."""
     name = str(path)
@@ -140,12 +161,15 @@ def parse_lyrw(buf, path: Path | str, file_size: int, expect: tuple[int, int, in
         raise VindexError(f"{name}: header has num_entries={n} intermediate={inter} hidden={hidden}")
     hdr = LyrwHeader(version, qf, n, inter, hidden)
     if expect is not None:
-        for label, got, want in zip(("num_entries", "intermediate", "hidden"), (n, inter, hidden), expect,
-                                    strict=True):
+        for label, got, want in zip(
+            ("num_entries", "intermediate", "hidden"), (n, inter, hidden), expect, strict=True
+        ):
             if got != want:
                 raise VindexError(f"{name}: header {label}={got} but index.json says {want}")
     if file_size < hdr.table_bytes:
-        raise VindexError(f"{name}: truncated: offset table needs {hdr.table_bytes} bytes, file has {file_size}")
+        raise VindexError(
+            f"{name}: truncated: offset table needs {hdr.table_bytes} bytes, file has {file_size}"
+        )
     entries: list[ExpertEntry | None] = []
     pos = LYRW_HEADER.size
     for e in range(n):
@@ -164,21 +188,29 @@ def parse_lyrw(buf, path: Path | str, file_size: int, expect: tuple[int, int, in
                 raise VindexError(f"{name}: expert {e}: unknown {label} {f}")
         want_gu, want_d = expert_lengths(gu_fmt, d_fmt, inter, hidden)
         if gu_len != want_gu:
-            raise VindexError(f"{name}: expert {e}: gate_up_len {gu_len} != {want_gu} "
-                              f"(2*{inter} rows of {hidden} in {FORMAT_NAMES[gu_fmt]})")
+            raise VindexError(
+                f"{name}: expert {e}: gate_up_len {gu_len} != {want_gu} "
+                f"(2*{inter} rows of {hidden} in {FORMAT_NAMES[gu_fmt]})"
+            )
         if d_len != want_d:
-            raise VindexError(f"{name}: expert {e}: down_len {d_len} != {want_d} "
-                              f"({hidden} rows of {inter} in {FORMAT_NAMES[d_fmt]})")
+            raise VindexError(
+                f"{name}: expert {e}: down_len {d_len} != {want_d} "
+                f"({hidden} rows of {inter} in {FORMAT_NAMES[d_fmt]})"
+            )
         for label, off, ln in (("gate_up_off", gu_off, gu_len), ("down_off", d_off, d_len)):
             if off < hdr.table_bytes or off + ln > file_size:
-                raise VindexError(f"{name}: expert {e}: {label} {off}+{ln} lies outside the data "
-                                  f"region [{hdr.table_bytes}, {file_size})")
+                raise VindexError(
+                    f"{name}: expert {e}: {label} {off}+{ln} lies outside the data "
+                    f"region [{hdr.table_bytes}, {file_size})"
+                )
         entries.append(ExpertEntry(gu_off, gu_len, d_off, d_len, gu_fmt, d_fmt))
     return hdr, entries
 
 
 def pack_lyrw(hdr: LyrwHeader, entries: list[ExpertEntry | None]) -> bytes:
-    out = [LYRW_HEADER.pack(LYRW_MAGIC, hdr.version, hdr.quant_format, hdr.num_entries, hdr.inter, hdr.hidden)]
+    out = [
+        LYRW_HEADER.pack(LYRW_MAGIC, hdr.version, hdr.quant_format, hdr.num_entries, hdr.inter, hdr.hidden)
+    ]
     for ent in entries:
         if ent is None:
             if hdr.version == 1:
@@ -188,13 +220,22 @@ def pack_lyrw(hdr: LyrwHeader, entries: list[ExpertEntry | None]) -> bytes:
         elif hdr.version == 1:
             out.append(LYRW_ROW_V1.pack(ent.gate_up_off, ent.gate_up_len, ent.down_off, ent.down_len))
         else:
-            out.append(LYRW_ROW_V2.pack(ent.gate_up_fmt, ent.down_fmt, ent.gate_up_off, ent.gate_up_len,
-                                        ent.down_off, ent.down_len))
+            out.append(
+                LYRW_ROW_V2.pack(
+                    ent.gate_up_fmt,
+                    ent.down_fmt,
+                    ent.gate_up_off,
+                    ent.gate_up_len,
+                    ent.down_off,
+                    ent.down_len,
+                )
+            )
     return b"".join(out)
 
 
-def layout_lyrw(version: int, fmt_gu: int, fmt_down: int, experts: list[int], num_entries: int,
-                inter: int, hidden: int) -> tuple[LyrwHeader, list[ExpertEntry | None], int]:
+def layout_lyrw(
+    version: int, fmt_gu: int, fmt_down: int, experts: list[int], num_entries: int, inter: int, hidden: int
+) -> tuple[LyrwHeader, list[ExpertEntry | None], int]:
     """Offsets for the named experts, in order. v2 starts every expert on a 4 KiB page (so a
     shard's prefault/madvise ranges are page-exact); v1 packs them like the reference.
     Returns (header, entries, total file size)."""
@@ -218,7 +259,7 @@ def strip_prefix(name: str) -> str:
     """HF parameter name -> vindex key (drop `model.language_model.` or `model.`)."""
     for p in ("model.language_model.", "language_model.model.", "model."):
         if name.startswith(p):
-            return name[len(p):]
+            return name[len(p) :]
     return name
 
 

@@ -27,19 +27,28 @@ ARCH = "gemma4"
 _COPYABLE = {fm.Q4_K: 12, fm.Q6_K: 14}
 
 _LAYER_NAMES = {
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
     "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
     "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
     "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
-    "router.proj.weight": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
-    "router.per_expert_scale": "ffn_down_exps.scale", "layer_scalar": "layer_output_scale.weight",
-    "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "layer_scalar": "layer_output_scale.weight",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "experts.down_proj": "ffn_down_exps.weight",
 }
 
 
@@ -177,15 +186,24 @@ class GGUFSource:
         full = [i for i, s in enumerate(swa) if not s]
         k_eq_v = bool(full) and all(f"blk.{i}.attn_v.weight" not in self.tensors for i in full)
         tokens = self.field("tokenizer.ggml.tokens") or []
-        vocab = int(self.tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in self.tensors \
+        vocab = (
+            int(self.tensors["token_embd.weight"].shape[1])
+            if "token_embd.weight" in self.tensors
             else len(tokens)
+        )
         eos = self.field("tokenizer.ggml.eos_token_id", 1)
         cfg = ModelConfig(
-            model_type="gemma4_text", num_layers=n, hidden_size=hidden, intermediate_size=ff,
-            vocab_size=vocab, num_heads=int(need("{arch}.attention.head_count")),
-            num_kv_heads=kv_swa, head_dim=int(self.field("{arch}.attention.key_length_swa") or 256),
+            model_type="gemma4_text",
+            num_layers=n,
+            hidden_size=hidden,
+            intermediate_size=ff,
+            vocab_size=vocab,
+            num_heads=int(need("{arch}.attention.head_count")),
+            num_kv_heads=kv_swa,
+            head_dim=int(self.field("{arch}.attention.key_length_swa") or 256),
             global_head_dim=int(self.field("{arch}.attention.key_length") or 512),
-            num_global_kv_heads=kv_full, attention_k_eq_v=k_eq_v,
+            num_global_kv_heads=kv_full,
+            attention_k_eq_v=k_eq_v,
             sliding_window=int(self.field("{arch}.attention.sliding_window") or 1024),
             layer_types=layer_types,
             rope_theta_local=float(self.field("{arch}.rope.freq_base_swa") or 10_000.0),
@@ -193,10 +211,12 @@ class GGUFSource:
             partial_rotary_factor_global=0.25,
             rms_norm_eps=float(self.field("{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
             final_logit_softcapping=self.field("{arch}.final_logit_softcapping"),
-            num_experts=int(need("{arch}.expert_count")), top_k=int(need("{arch}.expert_used_count")),
+            num_experts=int(need("{arch}.expert_count")),
+            top_k=int(need("{arch}.expert_used_count")),
             moe_intermediate_size=int(need("{arch}.expert_feed_forward_length")),
             bos_token_id=int(self.field("tokenizer.ggml.bos_token_id", 2)),
-            eos_token_ids=[int(eos)], pad_token_id=int(self.field("tokenizer.ggml.padding_token_id", 0) or 0),
+            eos_token_ids=[int(eos)],
+            pad_token_id=int(self.field("tokenizer.ggml.padding_token_id", 0) or 0),
             # llama.cpp computes sqrt(n_embd) in f32; the HF bf16 checkpoint rounds it to bf16.
             embed_scale=float(np.float32(math.sqrt(hidden))),
         )
@@ -216,7 +236,9 @@ class GGUFSource:
 
         vocab = {t: i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
-        specials = [t for t, ty in zip(tokens, types, strict=False) if int(ty) in (3, 4)]   # CONTROL, USER_DEFINED
+        specials = [
+            t for t, ty in zip(tokens, types, strict=False) if int(ty) in (3, 4)
+        ]  # CONTROL, USER_DEFINED
         if model == "gpt2":
             tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -224,11 +246,19 @@ class GGUFSource:
         else:
             # SentencePiece-style BPE (Gemma): spaces are U+2581, unknown bytes fall back to <0xNN>.
             unk = self.field("tokenizer.ggml.unknown_token_id")
-            tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, byte_fallback=True, fuse_unk=True,
-                                       unk_token=tokens[int(unk)] if unk is not None else None))
+            tok = Tokenizer(
+                models.BPE(
+                    vocab=vocab,
+                    merges=pairs,
+                    byte_fallback=True,
+                    fuse_unk=True,
+                    unk_token=tokens[int(unk)] if unk is not None else None,
+                )
+            )
             tok.normalizer = normalizers.Replace(" ", "\u2581")
-            tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                             decoders.Fuse()])
+            tok.decoder = decoders.Sequence(
+                [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            )
         tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
         return tok.to_str().encode()
 
@@ -239,7 +269,11 @@ def open_gguf(path: Path) -> tuple[ModelConfig, GGUFSource, SourceInfo]:
     name = src.field("general.name") or path.stem
     template = src.field("tokenizer.chat_template")
     types = {str(src._gguf.GGMLQuantizationType(int(t.tensor_type)).name) for t in src.tensors.values()}
-    info = SourceInfo(model_name=str(name), kind="gguf", tokenizer_json=src.tokenizer_json(),
-                      chat_template=template if isinstance(template, str) else None,
-                      extra={"gguf_tensor_types": sorted(types), "tokenizer_model": src.field("tokenizer.ggml.model")})
+    info = SourceInfo(
+        model_name=str(name),
+        kind="gguf",
+        tokenizer_json=src.tokenizer_json(),
+        chat_template=template if isinstance(template, str) else None,
+        extra={"gguf_tensor_types": sorted(types), "tokenizer_model": src.field("tokenizer.ggml.model")},
+    )
     return config, src, info

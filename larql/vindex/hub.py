@@ -17,16 +17,29 @@ from .format import VindexError
 from .slicing import ALIASES, PRESETS, preset_patterns, slice_vindex
 
 
-def pull(repo: str, out: str | os.PathLike, *, preset: str = "all", layers: str | None = None,
-         revision: str | None = None, token: str | None = None) -> Path:
+def pull(
+    repo: str,
+    out: str | os.PathLike,
+    *,
+    preset: str = "all",
+    layers: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> Path:
     """Download the files of `preset` (and, with `layers`, only those layer files) into `out`."""
     from huggingface_hub import snapshot_download
 
     layer_ids = fm.parse_ranges(layers, None, "--layers")
     patterns = preset_patterns(preset, layer_ids)
     out = Path(out)
-    path = snapshot_download(repo_id=repo, repo_type="model", revision=revision, local_dir=str(out),
-                             allow_patterns=patterns, token=token)
+    path = snapshot_download(
+        repo_id=repo,
+        repo_type="model",
+        revision=revision,
+        local_dir=str(out),
+        allow_patterns=patterns,
+        token=token,
+    )
     path = Path(path)
     if not (path / fm.INDEX_JSON).exists():
         raise VindexError(f"{repo}: has no {fm.INDEX_JSON}; not a vindex repository")
@@ -43,13 +56,21 @@ def slice_names(slices: str | None) -> list[str]:
     names = [s.strip() for s in slices.split(",") if s.strip()]
     for n in names:
         if ALIASES.get(n, n) not in PRESETS or ALIASES.get(n, n) == "all":
-            raise VindexError(f"unknown slice {n!r} (choose from {', '.join(p for p in PRESETS if p != 'all')} "
-                              "or none)")
+            raise VindexError(
+                f"unknown slice {n!r} (choose from {', '.join(p for p in PRESETS if p != 'all')} or none)"
+            )
     return [ALIASES.get(n, n) for n in names]
 
 
-def publish(folder: str | os.PathLike, repo: str, *, slices: str | None = "none", private: bool = False,
-            token: str | None = None, message: str | None = None) -> list[str]:
+def publish(
+    folder: str | os.PathLike,
+    repo: str,
+    *,
+    slices: str | None = "none",
+    private: bool = False,
+    token: str | None = None,
+    message: str | None = None,
+) -> list[str]:
     """Upload `folder` to `repo`; each named slice goes to its own repo `<repo>-<preset>`.
     Returns the repo ids written."""
     from huggingface_hub import HfApi
@@ -57,7 +78,7 @@ def publish(folder: str | os.PathLike, repo: str, *, slices: str | None = "none"
     from .reader import open_vindex
 
     folder = Path(folder)
-    vx = open_vindex(folder)    # refuse to publish something that does not open
+    vx = open_vindex(folder)  # refuse to publish something that does not open
     vx.close()
     if "/" not in repo:
         raise VindexError(f"--repo {repo!r}: expected OWNER/NAME")
@@ -69,12 +90,18 @@ def publish(folder: str | os.PathLike, repo: str, *, slices: str | None = "none"
         if names:
             tmp = Path(tempfile.mkdtemp(prefix="larql-publish-"))
             for name in names:
-                targets.append((f"{repo}-{name}", slice_vindex(folder, tmp / name, preset=name, progress=False)))
+                targets.append(
+                    (f"{repo}-{name}", slice_vindex(folder, tmp / name, preset=name, progress=False))
+                )
         for repo_id, path in targets:
             api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(path),
-                              commit_message=message or f"larql vindex ({path.name})",
-                              ignore_patterns=["*.tmp-*", ".cache/*"])
+            api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=str(path),
+                commit_message=message or f"larql vindex ({path.name})",
+                ignore_patterns=["*.tmp-*", ".cache/*"],
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,15 +11,24 @@ import numpy as np
 from ..config import ModelConfig
 from .writer import ArraySource
 
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-         "post_feedforward_layernorm", "post_feedforward_layernorm_1", "pre_feedforward_layernorm_2",
-         "post_feedforward_layernorm_2")
+NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_2",
+)
 
 
 def tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of a Gemma4ForCausalLM MoE model, by HF name, with its shape."""
     H, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
+    s: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, H),
+        "model.norm.weight": (H,),
+    }
     for layer in range(c.num_layers):
         p = f"model.layers.{layer}."
         hd, kv = c.layer_head_dim(layer), c.layer_kv_heads(layer)

@@ -99,7 +99,9 @@ class ExpertFile:
         for e, ent in enumerate(entries):
             for f in (ent.gate_up_fmt, ent.down_fmt) if ent else ():
                 if f not in fm.SUPPORTED:
-                    raise VindexError(f"{path}: expert {e} uses {fm.FORMAT_NAMES[f]}, which larql cannot compute")
+                    raise VindexError(
+                        f"{path}: expert {e} uses {fm.FORMAT_NAMES[f]}, which larql cannot compute"
+                    )
         self.header = hdr
         self.version = hdr.version
         self.quant_format = hdr.quant_format
@@ -134,19 +136,20 @@ class ExpertFile:
         for e in ids:
             ent = self.entry(e)
             if ent is None:
-                raise VindexError(f"{self.path}: expert {e} is not in this file "
-                                  f"(holds {fm.format_ranges(self.present())})")
+                raise VindexError(
+                    f"{self.path}: expert {e} is not in this file (holds {fm.format_ranges(self.present())})"
+                )
             out.append((e, ent))
         return out
 
     def gate_up(self, e: int) -> np.ndarray:
         """Raw bytes of expert e's gate_up matrix (a view)."""
         ent = self._entries_for([e])[0][1]
-        return self._map.array[ent.gate_up_off:ent.gate_up_off + ent.gate_up_len]
+        return self._map.array[ent.gate_up_off : ent.gate_up_off + ent.gate_up_len]
 
     def down(self, e: int) -> np.ndarray:
         ent = self._entries_for([e])[0][1]
-        return self._map.array[ent.down_off:ent.down_off + ent.down_len]
+        return self._map.array[ent.down_off : ent.down_off + ent.down_len]
 
     def table(self, experts=None):
         """A kernels.ExpertTable over the mmap holding only the named experts (None: all held)."""
@@ -172,7 +175,7 @@ class ExpertFile:
         for _, ent in self._entries_for(experts):
             first = ent.start - ent.start % mmap.PAGESIZE
             # A strided sum reads exactly one byte in every page of the range.
-            int(arr[first:ent.end:mmap.PAGESIZE].sum(dtype=np.uint64))
+            int(arr[first : ent.end : mmap.PAGESIZE].sum(dtype=np.uint64))
             total += ent.end - ent.start
         return total
 
@@ -258,7 +261,9 @@ class Vindex:
             raise VindexError(f"{p}: expected a JSON array of entries")
         return data
 
-    def _entry(self, manifest: str, raw: Any, default_file: str | None, default_fmt: str | None) -> ManifestEntry:
+    def _entry(
+        self, manifest: str, raw: Any, default_file: str | None, default_fmt: str | None
+    ) -> ManifestEntry:
         where = f"{self.path / manifest}"
         if not isinstance(raw, dict):
             raise VindexError(f"{where}: entry {raw!r} is not an object")
@@ -271,7 +276,9 @@ class Vindex:
         fmt_name = raw.get("format") or default_fmt
         if fmt_name is None:
             kind = raw.get("kind", "")
-            fmt_name = {"tensor_q4k": "Q4_K", "tensor_f16": "f16"}.get(kind, self.dtype if kind == "tensor" else "f32")
+            fmt_name = {"tensor_q4k": "Q4_K", "tensor_f16": "f16"}.get(
+                kind, self.dtype if kind == "tensor" else "f32"
+            )
         fmt = fm.format_id(fmt_name)
         file = raw.get("file") or default_file
         if not file:
@@ -282,17 +289,24 @@ class Vindex:
         if len(shape) == 2:
             want = shape[0] * fm.row_bytes(fmt, shape[1])
             if shape[1] % fm.block_values(fmt):
-                raise VindexError(f"{where}: entry {key!r}: {fm.FORMAT_NAMES[fmt]} row length {shape[1]} "
-                                  f"is not a multiple of {fm.block_values(fmt)}")
+                raise VindexError(
+                    f"{where}: entry {key!r}: {fm.FORMAT_NAMES[fmt]} row length {shape[1]} "
+                    f"is not a multiple of {fm.block_values(fmt)} (rows must be zero-padded "
+                    "to whole blocks; a tensor quantised flat across rows cannot be served)"
+                )
         else:
             want = fm.row_bytes(fmt, n)
         if length != want:
-            raise VindexError(f"{where}: entry {key!r}: length {length} != {want} expected for "
-                              f"shape {list(shape)} in {fm.FORMAT_NAMES[fmt]}")
+            raise VindexError(
+                f"{where}: entry {key!r}: length {length} != {want} expected for "
+                f"shape {list(shape)} in {fm.FORMAT_NAMES[fmt]}"
+            )
         fp = self.path / file
         if fp.exists() and offset + length > fp.stat().st_size:
-            raise VindexError(f"{fp}: entry {key!r} ({where}) spans {offset}+{length}, past the end "
-                              f"of the file ({fp.stat().st_size} bytes)")
+            raise VindexError(
+                f"{fp}: entry {key!r} ({where}) spans {offset}+{length}, past the end "
+                f"of the file ({fp.stat().st_size} bytes)"
+            )
         return ManifestEntry(str(key), shape, fmt, offset, length, file)
 
     def _load_manifests(self) -> None:
@@ -327,15 +341,23 @@ class Vindex:
                 continue
             layer = int(parts[1])
             if layer >= c.num_layers:
-                raise VindexError(f"{self.path / ent.file}: entry {key!r} names layer {layer} "
-                                  f"but num_layers is {c.num_layers}")
+                raise VindexError(
+                    f"{self.path / ent.file}: entry {key!r} names layer {layer} "
+                    f"but num_layers is {c.num_layers}"
+                )
             want = self._expected_shape(layer, parts[-2])
             if want is None:
                 continue
             rows, cols = want
-            if len(ent.shape) != 2 or ent.shape[0] != rows or ent.shape[1] not in (cols, fm.padded_cols(ent.fmt, cols)):
-                raise VindexError(f"{self.path / ent.file}: entry {key!r} has shape {list(ent.shape)}, "
-                                  f"index.json implies [{rows}, {cols}]")
+            if (
+                len(ent.shape) != 2
+                or ent.shape[0] != rows
+                or ent.shape[1] not in (cols, fm.padded_cols(ent.fmt, cols))
+            ):
+                raise VindexError(
+                    f"{self.path / ent.file}: entry {key!r} has shape {list(ent.shape)}, "
+                    f"index.json implies [{rows}, {cols}]"
+                )
         for key, ent in self._vectors.items():
             n = int(np.prod(ent.shape))
             want = None
@@ -345,20 +367,27 @@ class Vindex:
                 want = c.num_experts
             elif key.endswith("layer_scalar"):
                 want = 1
-            elif key.endswith(("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale")) \
-                    or key == "norm.weight":
+            elif (
+                key.endswith(("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale"))
+                or key == "norm.weight"
+            ):
                 want = c.hidden_size
             if want is not None and n != want:
-                raise VindexError(f"{self.path / ent.file}: vector {key!r} has {n} values, "
-                                  f"index.json implies {want}")
+                raise VindexError(
+                    f"{self.path / ent.file}: vector {key!r} has {n} values, index.json implies {want}"
+                )
 
     def _expected_shape(self, layer: int, proj: str) -> tuple[int, int] | None:
         c = self.config
         hd, kv, H = c.layer_head_dim(layer), c.layer_kv_heads(layer), c.hidden_size
         return {
-            "q_proj": (c.num_heads * hd, H), "k_proj": (kv * hd, H), "v_proj": (kv * hd, H),
-            "o_proj": (H, c.num_heads * hd), "gate_proj": (c.intermediate_size, H),
-            "up_proj": (c.intermediate_size, H), "down_proj": (H, c.intermediate_size),
+            "q_proj": (c.num_heads * hd, H),
+            "k_proj": (kv * hd, H),
+            "v_proj": (kv * hd, H),
+            "o_proj": (H, c.num_heads * hd),
+            "gate_proj": (c.intermediate_size, H),
+            "up_proj": (c.intermediate_size, H),
+            "down_proj": (H, c.intermediate_size),
         }.get(proj)
 
     def _layers_present(self) -> list[int]:
@@ -401,8 +430,10 @@ class Vindex:
             raise VindexError(f"{self.path / fm.WEIGHT_MANIFEST}: no vector {key!r}")
         m = self._file(ent.file, "norms and router vectors")
         if ent.fmt != fm.F32:
-            raise VindexError(f"{self.path / ent.file}: vector {key!r} is {fm.FORMAT_NAMES[ent.fmt]}, expected f32")
-        arr = m.array[ent.offset:ent.offset + ent.length].view(np.float32)
+            raise VindexError(
+                f"{self.path / ent.file}: vector {key!r} is {fm.FORMAT_NAMES[ent.fmt]}, expected f32"
+            )
+        arr = m.array[ent.offset : ent.offset + ent.length].view(np.float32)
         if key.endswith("router.proj.weight"):
             return arr.reshape(self.config.num_experts, self.config.hidden_size)
         return arr.reshape(ent.shape) if len(ent.shape) > 1 else arr
@@ -413,15 +444,22 @@ class Vindex:
         dt = np.float16 if self.dtype == "f16" else np.float32
         want = c.vocab_size * c.hidden_size * np.dtype(dt).itemsize
         if m.size != want:
-            raise VindexError(f"{m.path}: {m.size} bytes, expected {want} "
-                              f"(vocab_size {c.vocab_size} x hidden_size {c.hidden_size} {self.dtype})")
+            raise VindexError(
+                f"{m.path}: {m.size} bytes, expected {want} "
+                f"(vocab_size {c.vocab_size} x hidden_size {c.hidden_size} {self.dtype})"
+            )
         return m.array.view(dt).reshape(c.vocab_size, c.hidden_size)
 
     def _qm(self, ent: ManifestEntry, logical_cols: int):
         m = self._file(ent.file, "weights")
         rows, cols = ent.shape
-        return _qmatrix(ent.fmt, rows, cols, m.array[ent.offset:ent.offset + ent.length],
-                        min(logical_cols, cols) if logical_cols else cols)
+        return _qmatrix(
+            ent.fmt,
+            rows,
+            cols,
+            m.array[ent.offset : ent.offset + ent.length],
+            min(logical_cols, cols) if logical_cols else cols,
+        )
 
     def lm_head(self):
         ent = self._lm_head
@@ -467,8 +505,10 @@ class Vindex:
             if not 0 <= layer < c.num_layers:
                 raise VindexError(f"layer {layer} out of range 0-{c.num_layers - 1}")
             if not p.exists():
-                raise VindexError(f"{p}: missing (experts of layer {layer}); this vindex holds layers "
-                                  f"{fm.format_ranges(self.layers_present)}")
+                raise VindexError(
+                    f"{p}: missing (experts of layer {layer}); this vindex holds layers "
+                    f"{fm.format_ranges(self.layers_present)}"
+                )
             ef = ExpertFile(p, layer, c.num_experts, c.moe_intermediate_size, c.hidden_size)
             self._expert_files[layer] = ef
         return ef
@@ -509,7 +549,7 @@ class Vindex:
         h.update(json.dumps(ident, sort_keys=True).encode())
         for layer in self.layers_present:
             ef = self.expert_file(layer)
-            h.update(bytes(ef.buffer[:ef.header.table_bytes]))
+            h.update(bytes(ef.buffer[: ef.header.table_bytes]))
         return h.hexdigest()
 
     def file_sizes(self) -> dict[str, int]:
@@ -532,8 +572,10 @@ class Vindex:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Vindex({str(self.path)!r}, quant={self.quant}, layers={fm.format_ranges(self.layers_present)}, "
-                f"experts={fm.format_ranges(self.experts_present)})")
+        return (
+            f"Vindex({str(self.path)!r}, quant={self.quant}, layers={fm.format_ranges(self.layers_present)}, "
+            f"experts={fm.format_ranges(self.experts_present)})"
+        )
 
 
 def open_vindex(path: str | os.PathLike) -> Vindex:

@@ -91,15 +91,17 @@ def format_info(d: dict[str, Any]) -> str:
     lines = [
         f"{d['path']}",
         f"  model        {d['model']} ({d['architecture']}, family {d['family']})",
-        f"  quant        {d['quant']}   formats: " + ", ".join(
-            f"{k}={'/'.join(v) if isinstance(v, list) else v}" for k, v in d["formats"].items()),
-        f"  dims         {d['num_layers']} layers, hidden {d['hidden_size']}, dense MLP {d['intermediate_size']}, "
-        f"vocab {d['vocab_size']}",
+        f"  quant        {d['quant']}   formats: "
+        + ", ".join(f"{k}={'/'.join(v) if isinstance(v, list) else v}" for k, v in d["formats"].items()),
+        f"  dims         {d['num_layers']} layers, hidden {d['hidden_size']}, "
+        f"dense MLP {d['intermediate_size']}, vocab {d['vocab_size']}",
         f"  experts      {d['num_experts']} x {d['moe_intermediate_size']}, top-{d['top_k']}",
         f"  holds        layers {d['layers_present']}, experts {d['experts_present']}"
         + (f" (slice of preset {d['slice'].get('preset')})" if isinstance(d.get("slice"), dict) else ""),
         f"  LYRW         version {','.join(map(str, d['lyrw_versions'])) or '-'}",
-        "  bytes        " + ", ".join(f"{k} {human(v)}" for k, v in d["bytes"].items()) + f"; total {human(d['total_bytes'])}",
+        "  bytes        "
+        + ", ".join(f"{k} {human(v)}" for k, v in d["bytes"].items())
+        + f"; total {human(d['total_bytes'])}",
         f"  fingerprint  {d['expert_fingerprint'][:16]}",
     ]
     return "\n".join(lines)

@@ -26,8 +26,10 @@ GROUPS = {
     "dense": lambda n: n.startswith("interleaved") and n.endswith(".bin"),
     "lm_head": lambda n: n.startswith("lm_head"),
     "layers": lambda n: n.startswith(fm.LAYERS_DIR + "/"),
-    "tokenizer": lambda n: n.startswith("tokenizer") or n in (fm.CHAT_TEMPLATE, "generation_config.json",
-                                                              "special_tokens_map.json"),
+    "tokenizer": lambda n: (
+        n.startswith("tokenizer")
+        or n in (fm.CHAT_TEMPLATE, "generation_config.json", "special_tokens_map.json")
+    ),
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -52,10 +54,14 @@ def preset_groups(preset: str) -> tuple[str, ...]:
 def preset_patterns(preset: str, layers: list[int] | None = None) -> list[str]:
     """Glob patterns (huggingface_hub allow_patterns) for the files of a preset."""
     pats = {
-        "index": [fm.INDEX_JSON], "manifests": ["*manifest.json"], "embeddings": [fm.EMBEDDINGS_BIN],
-        "norms": [fm.NORMS_BIN], "attention": ["attn_weights*.bin"], "dense": ["interleaved*.bin"],
-        "lm_head": ["lm_head*"], "tokenizer": ["tokenizer*", fm.CHAT_TEMPLATE, "generation_config.json",
-                                                "special_tokens_map.json"],
+        "index": [fm.INDEX_JSON],
+        "manifests": ["*manifest.json"],
+        "embeddings": [fm.EMBEDDINGS_BIN],
+        "norms": [fm.NORMS_BIN],
+        "attention": ["attn_weights*.bin"],
+        "dense": ["interleaved*.bin"],
+        "lm_head": ["lm_head*"],
+        "tokenizer": ["tokenizer*", fm.CHAT_TEMPLATE, "generation_config.json", "special_tokens_map.json"],
         "layers": [f"{fm.LAYERS_DIR}/*"] if layers is None else [fm.layer_file(x) for x in layers],
     }
     out: list[str] = []
@@ -86,8 +92,9 @@ def _rewrite_layer(ef, experts: list[int], dst: Path, bar) -> str:
     for e in experts:
         src = ef.entry(e)
         pos = fm.align(pos)
-        entries[e] = fm.ExpertEntry(pos, src.gate_up_len, pos + src.gate_up_len, src.down_len,
-                                    src.gate_up_fmt, src.down_fmt)
+        entries[e] = fm.ExpertEntry(
+            pos, src.gate_up_len, pos + src.gate_up_len, src.down_len, src.gate_up_fmt, src.down_fmt
+        )
         pos += src.gate_up_len + src.down_len
     from .writer import _HashingFile
 
@@ -97,21 +104,30 @@ def _rewrite_layer(ef, experts: list[int], dst: Path, bar) -> str:
     for e in experts:
         src, new = ef.entry(e), entries[e]
         f.pad_to(new.gate_up_off)
-        f.write(buf[src.gate_up_off:src.gate_up_off + src.gate_up_len])
-        f.write(buf[src.down_off:src.down_off + src.down_len])
+        f.write(buf[src.gate_up_off : src.gate_up_off + src.gate_up_len])
+        f.write(buf[src.down_off : src.down_off + src.down_len])
         if bar:
             bar.update(src.gate_up_len + src.down_len)
     return f.close()
 
 
-def slice_vindex(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str = "all",
-                 experts: str | list[int] | None = None, layers: str | list[int] | None = None,
-                 progress: bool = True, overwrite: bool = False) -> Path:
+def slice_vindex(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    preset: str = "all",
+    experts: str | list[int] | None = None,
+    layers: str | list[int] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
     vx = open_vindex(src)
     c = vx.config
     src, dst = Path(src), Path(dst)
     groups = preset_groups(preset)
-    want_e = fm.parse_ranges(experts, c.num_experts, "--experts") if isinstance(experts, str | None) else experts
+    want_e = (
+        fm.parse_ranges(experts, c.num_experts, "--experts") if isinstance(experts, str | None) else experts
+    )
     want_l = fm.parse_ranges(layers, c.num_layers, "--layers") if isinstance(layers, str | None) else layers
     have_e = vx.experts_present if want_e is None else want_e
     have_l = vx.layers_present if want_l is None else want_l
@@ -119,16 +135,27 @@ def slice_vindex(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str 
         missing_e = sorted(set(have_e) - set(vx.experts_present))
         missing_l = sorted(set(have_l) - set(vx.layers_present))
         if missing_e or missing_l:
-            raise VindexError(f"{src}: does not hold " + "; ".join(
-                x for x in (f"experts {fm.format_ranges(missing_e)}" if missing_e else "",
-                            f"layers {fm.format_ranges(missing_l)}" if missing_l else "") if x))
+            raise VindexError(
+                f"{src}: does not hold "
+                + "; ".join(
+                    x
+                    for x in (
+                        f"experts {fm.format_ranges(missing_e)}" if missing_e else "",
+                        f"layers {fm.format_ranges(missing_l)}" if missing_l else "",
+                    )
+                    if x
+                )
+            )
     else:
         have_e, have_l = [], []
     if dst.exists() and not overwrite:
         raise VindexError(f"{dst}: already exists (pass --force to replace it)")
     names = [n for n in vx.file_sizes() if n != fm.INDEX_JSON]
-    chosen = [n for n in select_files(names, preset)
-              if not GROUPS["layers"](n) or n in {fm.layer_file(x) for x in have_l}]
+    chosen = [
+        n
+        for n in select_files(names, preset)
+        if not GROUPS["layers"](n) or n in {fm.layer_file(x) for x in have_l}
+    ]
     rewrite = want_e is not None and sorted(want_e) != vx.experts_present
     sums_src: dict[str, str] = dict(vx.index.get("checksums") or {})
     sizes = vx.file_sizes()
@@ -145,7 +172,7 @@ def slice_vindex(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str 
         sums: dict[str, str] = {}
         for n in chosen:
             if GROUPS["layers"](n) and rewrite:
-                layer = int(n[len(fm.LAYERS_DIR) + 7:-8])
+                layer = int(n[len(fm.LAYERS_DIR) + 7 : -8])
                 sums[n] = _rewrite_layer(vx.expert_file(layer), have_e, tmp / n, bar)
             else:
                 _copy(src / n, tmp / n, bar)
@@ -156,8 +183,12 @@ def slice_vindex(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str 
         index["layers_present"] = list(have_l)
         index["experts_present"] = list(have_e)
         index["expert_fingerprint"] = vx.expert_fingerprint()
-        index["slice"] = {"preset": ALIASES.get(preset, preset), "experts": fm.format_ranges(have_e),
-                          "layers": fm.format_ranges(have_l), "files": chosen}
+        index["slice"] = {
+            "preset": ALIASES.get(preset, preset),
+            "experts": fm.format_ranges(have_e),
+            "layers": fm.format_ranges(have_l),
+            "files": chosen,
+        }
         (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
         if dst.exists():
             shutil.rmtree(dst)

@@ -25,14 +25,14 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
 
 def bf16_to_f32(x: np.ndarray) -> np.ndarray:
     y = x.astype(np.uint32)
-    y <<= 16          # in place: one temporary, not two
+    y <<= 16  # in place: one temporary, not two
     return y.view(np.float32)
 
 
 @dataclass
 class SourceInfo:
     model_name: str
-    kind: str                     # "safetensors" | "gguf"
+    kind: str  # "safetensors" | "gguf"
     tokenizer_json: bytes | None = None
     chat_template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -69,14 +69,16 @@ class _SafetensorsFile:
                 raise VindexError(f"{path}: tensor {name!r} has dtype {dt}; only F32/F16/BF16 are supported")
             want = int(np.prod(shape)) * np.dtype(_ST_DTYPES[dt]).itemsize
             if b - a != want or self.base + b > size or a < 0:
-                raise VindexError(f"{path}: tensor {name!r}: data_offsets [{a}, {b}) do not fit shape "
-                                  f"{list(shape)} {dt} inside the file")
+                raise VindexError(
+                    f"{path}: tensor {name!r}: data_offsets [{a}, {b}) do not fit shape "
+                    f"{list(shape)} {dt} inside the file"
+                )
             self.tensors[name] = (dt, shape, a, b)
         self.array = np.frombuffer(self.mm, dtype=np.uint8)
 
     def raw(self, name: str) -> tuple[str, np.ndarray]:
         dt, shape, a, b = self.tensors[name]
-        return dt, self.array[self.base + a:self.base + b].view(_ST_DTYPES[dt]).reshape(shape)
+        return dt, self.array[self.base + a : self.base + b].view(_ST_DTYPES[dt]).reshape(shape)
 
 
 class SafetensorsSource:
@@ -108,8 +110,10 @@ class SafetensorsSource:
         try:
             f, name = self.keymap[key]
         except KeyError:
-            raise VindexError(f"{self.root}: checkpoint has no tensor {key!r} "
-                              f"(looked for model.{key} / model.language_model.{key})") from None
+            raise VindexError(
+                f"{self.root}: checkpoint has no tensor {key!r} "
+                f"(looked for model.{key} / model.language_model.{key})"
+            ) from None
         return f.raw(name)
 
     def get(self, key: str) -> np.ndarray:
@@ -143,7 +147,9 @@ def open_hf_dir(root: Path) -> tuple[ModelConfig, SafetensorsSource, SourceInfo]
         raise VindexError(f"{cfg_path}: architectures {archs} is not a Gemma 4 model")
     source = SafetensorsSource(root)
     try:
-        config = ModelConfig.from_hf(raw, dtype=(raw.get("text_config") or raw).get("dtype") or source.dtype())
+        config = ModelConfig.from_hf(
+            raw, dtype=(raw.get("text_config") or raw).get("dtype") or source.dtype()
+        )
     except ConfigError as e:
         raise VindexError(f"{cfg_path}: {e}") from None
     tok = root / "tokenizer.json"
@@ -154,8 +160,12 @@ def open_hf_dir(root: Path) -> tuple[ModelConfig, SafetensorsSource, SourceInfo]
         t = fm.read_json(root / "tokenizer_config.json", "tokenizer config").get("chat_template")
         template = t if isinstance(t, str) else None
     name = raw.get("_name_or_path") or root.name
-    info = SourceInfo(model_name=str(name), kind="safetensors",
-                      tokenizer_json=tok.read_bytes() if tok.exists() else None, chat_template=template)
+    info = SourceInfo(
+        model_name=str(name),
+        kind="safetensors",
+        tokenizer_json=tok.read_bytes() if tok.exists() else None,
+        chat_template=template,
+    )
     return config, source, info
 
 

@@ -36,15 +36,21 @@ def random_blocks(rng: np.random.Generator, fmt: int, rows: int, cols: int) -> n
     per = fm.BLOCKS[fmt][1]
     blocks = _rand_bytes(rng, n_bytes).reshape(-1, per)
     nb = blocks.shape[0]
+
     # Super-block scales chosen so values come out around +-0.05 like real projection weights.
     def f16(lo: float, hi: float) -> np.ndarray:
-        return (lo + (hi - lo) * rng.random(nb, dtype=np.float32)).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        return (
+            (lo + (hi - lo) * rng.random(nb, dtype=np.float32))
+            .astype(np.float16)
+            .view(np.uint8)
+            .reshape(nb, 2)
+        )
 
-    if fmt == fm.Q4_K:       # d, dmin at bytes 0..3; scales/mins and nibbles stay random
+    if fmt == fm.Q4_K:  # d, dmin at bytes 0..3; scales/mins and nibbles stay random
         blocks[:, 0:2] = f16(1e-4, 3e-4)
         blocks[:, 2:4] = f16(1e-4, 2e-4)
-    elif fmt == fm.Q6_K:     # ql[128] qh[64] int8 scales[16] then f16 d at 208
-        blocks[:, 192:208] = (blocks[:, 192:208] & 0x3F)     # positive, moderate sub-scales
+    elif fmt == fm.Q6_K:  # ql[128] qh[64] int8 scales[16] then f16 d at 208
+        blocks[:, 192:208] = blocks[:, 192:208] & 0x3F  # positive, moderate sub-scales
         blocks[:, 208:210] = f16(2e-5, 6e-5)
     else:
         raise ValueError(f"no synthetic blocks for {fm.FORMAT_NAMES[fmt]}")
@@ -77,7 +83,7 @@ class SyntheticSource:
 
     def encoded(self, key: str, fmt: int, rows: int, cols: int):
         rng = self._rng(key)
-        if key == "embed_tokens.weight":   # chunked: never the whole table in memory
+        if key == "embed_tokens.weight":  # chunked: never the whole table in memory
             return (random_blocks(rng, fmt, min(16384, rows - i), cols) for i in range(0, rows, 16384))
         return random_blocks(rng, fmt, rows, cols)
 
@@ -103,10 +109,25 @@ def synthetic_config(num_layers: int = 2, **dims: Any) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def write_synthetic_vindex(out: str | os.PathLike, num_layers: int = 2, quant: str = "q4k", seed: int = 0,
-                           progress: bool = False, lyrw_version: int = 2, **dims: Any) -> Path:
+def write_synthetic_vindex(
+    out: str | os.PathLike,
+    num_layers: int = 2,
+    quant: str = "q4k",
+    seed: int = 0,
+    progress: bool = False,
+    lyrw_version: int = 2,
+    **dims: Any,
+) -> Path:
     """Random but valid vindex; dims default to the real 26B A4B (pass vocab_size=... to shrink)."""
     config = synthetic_config(num_layers, **dims)
-    return write_vindex(out, config, SyntheticSource(config, seed), quant=quant, progress=progress,
-                        lyrw_version=lyrw_version, model_name="synthetic-gemma4-26b-a4b-shapes",
-                        overwrite=True, source_info={"kind": "synthetic", "seed": seed})
+    return write_vindex(
+        out,
+        config,
+        SyntheticSource(config, seed),
+        quant=quant,
+        progress=progress,
+        lyrw_version=lyrw_version,
+        model_name="synthetic-gemma4-26b-a4b-shapes",
+        overwrite=True,
+        source_info={"kind": "synthetic", "seed": seed},
+    )

@@ -51,8 +51,18 @@ def plan(quant: str) -> dict[str, int]:
     """Which format each role is stored in."""
     if quant == "q4k":
         # The reference's mix: Q4_K everywhere but V and the dense down projection (Q6_K).
-        return dict(q=fm.Q4_K, k=fm.Q4_K, v=fm.Q6_K, o=fm.Q4_K, gate=fm.Q4_K, up=fm.Q4_K, down=fm.Q6_K,
-                    expert_gu=fm.Q4_K, expert_down=fm.Q4_K, embed=fm.F16)
+        return dict(
+            q=fm.Q4_K,
+            k=fm.Q4_K,
+            v=fm.Q6_K,
+            o=fm.Q4_K,
+            gate=fm.Q4_K,
+            up=fm.Q4_K,
+            down=fm.Q6_K,
+            expert_gu=fm.Q4_K,
+            expert_down=fm.Q4_K,
+            embed=fm.F16,
+        )
     f = fm.F16 if quant == "f16" else fm.F32
     return dict(q=f, k=f, v=f, o=f, gate=f, up=f, down=f, expert_gu=f, expert_down=f, embed=f)
 
@@ -71,8 +81,9 @@ def encode(x: np.ndarray, fmt: int) -> np.ndarray:
     out = kernels.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt)
     want = x.shape[0] * fm.row_bytes(fmt, x.shape[1])
     if out.nbytes != want:
-        raise VindexError(f"quantiser returned {out.nbytes} bytes for {x.shape} in {fm.FORMAT_NAMES[fmt]}, "
-                          f"expected {want}")
+        raise VindexError(
+            f"quantiser returned {out.nbytes} bytes for {x.shape} in {fm.FORMAT_NAMES[fmt]}, expected {want}"
+        )
     return out.reshape(-1).view(np.uint8)
 
 
@@ -114,8 +125,15 @@ class _Blob:
     def add(self, key: str, data: np.ndarray, fmt: int, rows: int, cols: int) -> None:
         off = self.out.pos
         n = self.out.write(data)
-        self.entries.append({"key": key, "shape": [rows, fm.padded_cols(fmt, cols)],
-                             "format": fm.FORMAT_NAMES[fmt], "offset": off, "length": n})
+        self.entries.append(
+            {
+                "key": key,
+                "shape": [rows, fm.padded_cols(fmt, cols)],
+                "format": fm.FORMAT_NAMES[fmt],
+                "offset": off,
+                "length": n,
+            }
+        )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -126,11 +144,22 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
 
 
-def write_vindex(out: str | os.PathLike, config: ModelConfig, source: TensorSource, *, quant: str = "q4k",
-                 tokenizer_json: str | os.PathLike | bytes | None = None, chat_template: str | None = None,
-                 progress: bool = True, lyrw_version: int = 2, model_name: str = "", source_info:
-                 dict | None = None, threads: int | None = None, overwrite: bool = False,
-                 extra_files: dict[str, bytes] | None = None) -> Path:
+def write_vindex(
+    out: str | os.PathLike,
+    config: ModelConfig,
+    source: TensorSource,
+    *,
+    quant: str = "q4k",
+    tokenizer_json: str | os.PathLike | bytes | None = None,
+    chat_template: str | None = None,
+    progress: bool = True,
+    lyrw_version: int = 2,
+    model_name: str = "",
+    source_info: dict | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write a complete vindex for `config` from `source` into `out` (atomically)."""
     if quant not in QUANTS:
         raise VindexError(f"unknown --quant {quant!r} (choose from {', '.join(QUANTS)})")
@@ -170,15 +199,23 @@ def write_vindex(out: str | os.PathLike, config: ModelConfig, source: TensorSour
     return out
 
 
-def build_index(config: ModelConfig, quant: str, model_name: str, source_info: dict | None,
-                checksums: dict[str, str], fingerprint: str) -> dict[str, Any]:
+def build_index(
+    config: ModelConfig,
+    quant: str,
+    model_name: str,
+    source_info: dict | None,
+    checksums: dict[str, str],
+    fingerprint: str,
+) -> dict[str, Any]:
     dtype = "f32" if quant == "f32" else "f16"
     return {
         "version": 2,
         "model": model_name or "gemma4",
         "family": "gemma4",
         "source": {
-            "huggingface_repo": None, "huggingface_revision": None, "safetensors_sha256": None,
+            "huggingface_repo": None,
+            "huggingface_revision": None,
+            "safetensors_sha256": None,
             "extracted_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "larql_version": f"larql-py {__version__}",
             **(source_info or {}),
@@ -216,8 +253,15 @@ def _get(source: TensorSource, key: str, fmt: int, rows: int, cols: int) -> np.n
     return encode(x, fmt)
 
 
-def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, progress: bool,
-               lyrw_version: int, threads: int | None) -> tuple[dict[str, str], str]:
+def _write_all(
+    root: Path,
+    c: ModelConfig,
+    source: TensorSource,
+    quant: str,
+    progress: bool,
+    lyrw_version: int,
+    threads: int | None,
+) -> tuple[dict[str, str], str]:
     p = plan(quant)
     checksums: dict[str, str] = {}
     H, L = c.hidden_size, c.num_layers
@@ -235,13 +279,16 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
         rows = getattr(source, "rows", None)
         full = None if rows is not None else source.get("embed_tokens.weight")
         if full is not None and tuple(full.shape) != (c.vocab_size, H):
-            raise VindexError(f"source embed_tokens has shape {list(full.shape)}, "
-                              f"config implies [{c.vocab_size}, {H}]")
+            raise VindexError(
+                f"source embed_tokens has shape {list(full.shape)}, config implies [{c.vocab_size}, {H}]"
+            )
         for i in range(0, c.vocab_size, 16384):
-            chunk = full[i:i + 16384] if full is not None else rows("embed_tokens.weight", i, i + 16384)
+            chunk = full[i : i + 16384] if full is not None else rows("embed_tokens.weight", i, i + 16384)
             if chunk.shape != (min(16384, c.vocab_size - i), H):
-                raise VindexError(f"source embed_tokens rows {i}.. have shape {list(chunk.shape)}, "
-                                  f"config implies [{c.vocab_size}, {H}]")
+                raise VindexError(
+                    f"source embed_tokens rows {i}.. have shape {list(chunk.shape)}, "
+                    f"config implies [{c.vocab_size}, {H}]"
+                )
             emb.write(encode(chunk, p["embed"]))
         del full
     else:
@@ -263,8 +310,16 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
         v = np.ascontiguousarray(source.get(key), dtype=np.float32).reshape(-1)
         off = norms.pos
         n = norms.write(v.view(np.uint8))
-        vectors.append({"key": key, "kind": "vector", "shape": [int(v.size)], "offset": off, "length": n,
-                        "file": fm.NORMS_BIN})
+        vectors.append(
+            {
+                "key": key,
+                "kind": "vector",
+                "shape": [int(v.size)],
+                "offset": off,
+                "length": n,
+                "file": fm.NORMS_BIN,
+            }
+        )
 
     fp_hash = hashlib.sha256()
     fp_hash.update(json.dumps(c.to_index_model_config(), sort_keys=True).encode())
@@ -273,7 +328,12 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
         for layer in range(L):
             hd, kv = c.layer_head_dim(layer), c.layer_kv_heads(layer)
             pre = f"layers.{layer}"
-            shapes = {"q": (c.num_heads * hd, H), "k": (kv * hd, H), "v": (kv * hd, H), "o": (H, c.num_heads * hd)}
+            shapes = {
+                "q": (c.num_heads * hd, H),
+                "k": (kv * hd, H),
+                "v": (kv * hd, H),
+                "o": (H, c.num_heads * hd),
+            }
             for proj in ("q", "k", "v", "o"):
                 key = f"{pre}.self_attn.{proj}_proj.weight"
                 rows, cols = shapes[proj]
@@ -287,15 +347,25 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
                     data = _get(source, key, p[proj], rows, cols)
                 attn.add(key, data, p[proj], rows, cols)
                 tick()
-            shapes = {"gate": (c.intermediate_size, H), "up": (c.intermediate_size, H), "down": (H, c.intermediate_size)}
+            shapes = {
+                "gate": (c.intermediate_size, H),
+                "up": (c.intermediate_size, H),
+                "down": (H, c.intermediate_size),
+            }
             for proj in ("gate", "up", "down"):
                 key = f"{pre}.mlp.{proj}_proj.weight"
                 rows, cols = shapes[proj]
                 dense.add(key, _get(source, key, p[proj], rows, cols), p[proj], rows, cols)
                 tick()
-            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                         "post_feedforward_layernorm", "post_feedforward_layernorm_1",
-                         "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+            for name in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+                "post_feedforward_layernorm_1",
+                "pre_feedforward_layernorm_2",
+                "post_feedforward_layernorm_2",
+            ):
                 add_vector(f"{pre}.{name}.weight")
             add_vector(f"{pre}.self_attn.q_norm.weight")
             add_vector(f"{pre}.self_attn.k_norm.weight")
@@ -323,8 +393,16 @@ def _write_all(root: Path, c: ModelConfig, source: TensorSource, quant: str, pro
     return checksums, fp_hash.hexdigest()
 
 
-def _write_layer(root: Path, c: ModelConfig, source: TensorSource, layer: int, p: dict[str, int],
-                 version: int, pool: ThreadPoolExecutor, tick) -> str:
+def _write_layer(
+    root: Path,
+    c: ModelConfig,
+    source: TensorSource,
+    layer: int,
+    p: dict[str, int],
+    version: int,
+    pool: ThreadPoolExecutor,
+    tick,
+) -> str:
     """One LYRW file; experts are encoded in parallel batches and written in order."""
     E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
     fgu, fdn = p["expert_gu"], p["expert_down"]
@@ -335,31 +413,37 @@ def _write_layer(root: Path, c: ModelConfig, source: TensorSource, layer: int, p
 
     def one(e: int) -> tuple[np.ndarray, np.ndarray]:
         got = enc(layer, e, fgu, fdn) if enc is not None else None
-        got = got or (None, None)      # either part may come pre-encoded; the rest is encoded here
+        got = got or (None, None)  # either part may come pre-encoded; the rest is encoded here
         if got[0] is not None and got[1] is not None:
             return np.asarray(got[0], np.uint8).reshape(-1), np.asarray(got[1], np.uint8).reshape(-1)
         part = getattr(source, "expert_part", None)
-        if part is not None:   # decode only the parts that were not pre-encoded
+        if part is not None:  # decode only the parts that were not pre-encoded
             gu = part(layer, e, "gate_up_proj") if got[0] is None else np.zeros((2 * I, H), np.float32)
             dn = part(layer, e, "down_proj") if got[1] is None else np.zeros((H, I), np.float32)
         else:
             gu, dn = source.expert(layer, e)
         if tuple(gu.shape) != (2 * I, H) or tuple(dn.shape) != (H, I):
-            raise VindexError(f"source expert {e} of layer {layer}: gate_up {list(gu.shape)} / down "
-                              f"{list(dn.shape)}, config implies [{2 * I}, {H}] / [{H}, {I}]")
-        return (np.asarray(got[0], np.uint8).reshape(-1) if got[0] is not None else encode(gu, fgu),
-                np.asarray(got[1], np.uint8).reshape(-1) if got[1] is not None else encode(dn, fdn))
+            raise VindexError(
+                f"source expert {e} of layer {layer}: gate_up {list(gu.shape)} / down "
+                f"{list(dn.shape)}, config implies [{2 * I}, {H}] / [{H}, {I}]"
+            )
+        return (
+            np.asarray(got[0], np.uint8).reshape(-1) if got[0] is not None else encode(gu, fgu),
+            np.asarray(got[1], np.uint8).reshape(-1) if got[1] is not None else encode(dn, fdn),
+        )
 
     batch = max(1, (pool._max_workers or 1) * 2)
     for start in range(0, E, batch):
         ids = list(range(start, min(E, start + batch)))
-        for e, (gu, dn) in zip(ids, pool.map(one, ids)):
+        for e, (gu, dn) in zip(ids, pool.map(one, ids), strict=True):
             ent = entries[e]
             assert ent is not None
             f.pad_to(ent.gate_up_off)
             if gu.nbytes != ent.gate_up_len or dn.nbytes != ent.down_len:
-                raise VindexError(f"expert {e} of layer {layer}: encoded to {gu.nbytes}+{dn.nbytes} bytes, "
-                                  f"expected {ent.gate_up_len}+{ent.down_len}")
+                raise VindexError(
+                    f"expert {e} of layer {layer}: encoded to {gu.nbytes}+{dn.nbytes} bytes, "
+                    f"expected {ent.gate_up_len}+{ent.down_len}"
+                )
             f.write(gu)
             f.write(dn)
             tick()
