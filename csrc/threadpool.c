@@ -2,15 +2,19 @@
  *
  * Size: LARQL_NUM_THREADS, default all online cores (lq_set_num_threads changes it).
  * One job runs at a time: concurrent callers (a server's executor threads) queue on a mutex,
- * so every call is safe from any thread. Items are handed out through an atomic counter, so
- * uneven work balances itself; the caller's own thread works too.
+ * so every call is safe from any thread. The caller's own thread works too.
  *
- * Workers spin for a short while (LARQL_SPIN_US, default 200 us) after a job before sleeping
+ * Work is claimed chunk by chunk from one 64-bit atomic word holding (job generation, next
+ * index), so uneven work balances itself and the caller never waits for a worker that has not
+ * started: if the other cores are busy (a shared machine), the caller just does every chunk and
+ * returns. It waits only for chunks a worker has actually claimed. A worker that wakes late sees
+ * a newer generation and claims nothing of the old job.
+ *
+ * Workers spin for a short while (LARQL_SPIN_US, default 100 us) after a job before sleeping
  * on a condition variable: back-to-back calls (a layer's gate_up then down, the next layer's
- * experts) then start in well under a microsecond instead of paying a futex wake-up each.
+ * experts) then start without a futex wake-up each.
  */
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
@@ -19,22 +23,25 @@
 #include "kernels.h"
 
 #define LQ_MAX_THREADS 256
+#define GEN_SHIFT 40 /* next = gen << 40 | index: jobs have fewer than 2^40 items */
+#define INDEX_MASK ((1ull << GEN_SHIFT) - 1)
 
 typedef struct {
     pthread_mutex_t submit;      /* serialises jobs (and resizes) */
     pthread_mutex_t m;           /* guards sleeping / waking */
     pthread_cond_t wake;         /* a new job (or stop) */
-    pthread_cond_t done;         /* the last worker finished */
+    pthread_cond_t done;         /* the last claimed chunk finished */
     pthread_t threads[LQ_MAX_THREADS];
     int n_threads;               /* including the caller */
     int stop;
-    atomic_uint gen;             /* job generation */
-    atomic_int pending;          /* workers still inside the current job */
-    /* the current job */
+    atomic_ullong gen;           /* generation of the current job */
+    atomic_ullong next;          /* gen << GEN_SHIFT | next index to claim */
+    atomic_llong done_items;     /* items of the current job finished */
+    atomic_int caller_sleeping;
+    /* the current job (valid while its generation is in `next`) */
     lq_range_fn fn;
     void *ctx;
     int64_t n, grain;
-    atomic_llong next;
 } lq_pool;
 
 static lq_pool pool = {
@@ -44,7 +51,7 @@ static lq_pool pool = {
     .done = PTHREAD_COND_INITIALIZER,
 };
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-static int64_t spin_ns = 200000;
+static int64_t spin_ns = 100000;
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -60,30 +67,46 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void run_items(int tid) {
-    int64_t n = pool.n, grain = pool.grain;
+/* Claim and run chunks of job `gen` until none are left (or the job is gone). */
+static void run_job(unsigned long long gen, int tid) {
     for (;;) {
-        int64_t b = atomic_fetch_add_explicit(&pool.next, grain, memory_order_relaxed);
-        if (b >= n) break;
+        unsigned long long v = atomic_load_explicit(&pool.next, memory_order_acquire);
+        if ((v >> GEN_SHIFT) != (gen & ((1ull << (64 - GEN_SHIFT)) - 1))) return;
+        int64_t b = (int64_t)(v & INDEX_MASK);
+        /* read the job before claiming: a successful claim proves it was still this job */
+        lq_range_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        int64_t n = pool.n, grain = pool.grain;
+        if (b >= n) return;
         int64_t e = b + grain < n ? b + grain : n;
-        pool.fn(pool.ctx, b, e, tid);
+        if (!atomic_compare_exchange_weak_explicit(&pool.next, &v, v + (unsigned long long)(e - b),
+                                                   memory_order_acq_rel, memory_order_acquire))
+            continue;
+        fn(ctx, b, e, tid);
+        /* seq_cst pairs with the caller's store of caller_sleeping then load of done_items:
+         * one of the two sides always sees the other, so the last wake-up cannot be lost */
+        if (atomic_fetch_add(&pool.done_items, e - b) + (e - b) == n && atomic_load(&pool.caller_sleeping)) {
+            pthread_mutex_lock(&pool.m);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.m);
+        }
     }
 }
 
 typedef struct {
     int tid;
-    unsigned gen0; /* the generation at creation: any later one is a job for this worker */
+    unsigned long long gen0; /* the generation at creation: any later one is a job for this worker */
 } worker_arg;
 
 static worker_arg worker_args[LQ_MAX_THREADS];
 
 static void *worker_main(void *p) {
     int tid = ((worker_arg *)p)->tid;
-    unsigned seen = ((worker_arg *)p)->gen0;
+    unsigned long long seen = ((worker_arg *)p)->gen0;
     for (;;) {
         /* spin a little, then sleep until the generation moves on */
         int64_t until = now_ns() + spin_ns;
-        unsigned g;
+        unsigned long long g;
         int k = 0;
         while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
             cpu_relax();
@@ -97,12 +120,7 @@ static void *worker_main(void *p) {
         }
         if (pool.stop) return NULL;
         seen = g;
-        run_items(tid);
-        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1) {
-            pthread_mutex_lock(&pool.m);
-            pthread_cond_signal(&pool.done);
-            pthread_mutex_unlock(&pool.m);
-        }
+        run_job(g, tid);
     }
 }
 
@@ -200,28 +218,32 @@ void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) {
         pthread_mutex_unlock(&pool.submit);
         return;
     }
+    /* publish: job fields, then the claim word (release), then the generation workers watch */
+    unsigned long long g = atomic_load_explicit(&pool.gen, memory_order_relaxed) + 1;
     pool.fn = fn;
     pool.ctx = ctx;
     pool.n = n;
     pool.grain = grain;
-    atomic_store_explicit(&pool.next, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool.pending, pool.n_threads - 1, memory_order_relaxed);
+    atomic_store_explicit(&pool.done_items, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.next, (g & ((1ull << (64 - GEN_SHIFT)) - 1)) << GEN_SHIFT, memory_order_release);
     pthread_mutex_lock(&pool.m);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    atomic_store_explicit(&pool.gen, g, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.m);
 
-    run_items(0);
+    run_job(g, 0);
 
-    /* wait for the workers: spin briefly, then sleep */
+    /* every chunk is claimed; wait for the ones still running elsewhere: spin, then sleep */
     int64_t until = now_ns() + spin_ns;
     int k = 0;
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0) {
+    while (atomic_load_explicit(&pool.done_items, memory_order_acquire) != n) {
         cpu_relax();
         if (++k % 64 == 0 && now_ns() > until) {
             pthread_mutex_lock(&pool.m);
-            while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0)
+            atomic_store(&pool.caller_sleeping, 1);
+            while (atomic_load(&pool.done_items) != n)
                 pthread_cond_wait(&pool.done, &pool.m);
+            atomic_store_explicit(&pool.caller_sleeping, 0, memory_order_relaxed);
             pthread_mutex_unlock(&pool.m);
             break;
         }
