@@ -138,20 +138,33 @@ def split_work(ids: np.ndarray, weights: np.ndarray, first: int, last: int):
     """The part of one layer's routing a shard owning experts first..last computes.
 
     Returns (rows, ids_s, w_s) for the tokens with at least one owned expert, K compacted to the
-    largest per-token count (slot order preserved, -1/0 padding), or None if nothing is owned."""
+    largest per-token count (slot order preserved, -1/0 padding), or None if nothing is owned.
+    Called once per shard per layer per token, so it keeps numpy calls few."""
     mask = (ids >= first) & (ids <= last)
+    if ids.shape[0] == 1:   # decode: one token
+        sel = np.flatnonzero(mask[0])
+        if sel.size == 0:
+            return None
+        if sel.size == ids.shape[1]:
+            return _ROW0, ids, weights
+        return _ROW0, ids[:, sel], weights[:, sel]
     counts = mask.sum(axis=1)
     rows = np.flatnonzero(counts)
     if rows.size == 0:
         return None
-    K = int(counts.max())
-    if K == ids.shape[1] and rows.size == ids.shape[0] and mask.all():
+    if rows.size == ids.shape[0] and counts.min() == ids.shape[1]:
         return rows, ids, weights
-    order = np.argsort(~mask[rows], axis=1, kind="stable")[:, :K]
-    m = np.take_along_axis(mask[rows], order, axis=1)
-    ids_s = np.where(m, np.take_along_axis(ids[rows], order, axis=1), -1).astype(np.int32)
-    w_s = np.where(m, np.take_along_axis(weights[rows], order, axis=1), 0.0).astype(np.float32)
-    return rows, ids_s, w_s
+    r, c = np.nonzero(mask)                      # row-major: slot order kept within a row
+    slot = np.arange(r.size) - np.searchsorted(r, r)
+    K = int(counts.max())
+    ids_s = np.full((ids.shape[0], K), -1, dtype=np.int32)
+    w_s = np.zeros((ids.shape[0], K), dtype=np.float32)
+    ids_s[r, slot] = ids[r, c]
+    w_s[r, slot] = weights[r, c]
+    return rows, ids_s[rows], w_s[rows]
+
+
+_ROW0 = np.zeros(1, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------
