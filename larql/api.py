@@ -31,11 +31,21 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from .client import DEFAULT_TIMEOUT, AsyncExpertClient, RemoteExperts, async_client, connect_shards
+from .client import (
+    DEFAULT_TIMEOUT,
+    AsyncExpertClient,
+    RemoteExperts,
+    ShardError,
+    ShardSpecError,
+    async_client,
+    connect_shards,
+)
 from .generate import GenerationStats, generate
+from .protocol import RemoteError
 from .sampling import Sampler
 
-__all__ = ["Generation", "Model", "load", "expert_client", "async_expert_client"]
+__all__ = ["Generation", "Model", "load", "expert_client", "async_expert_client",
+           "ShardError", "ShardSpecError", "RemoteError"]
 
 
 def _open(vindex):
