@@ -1,0 +1,182 @@
+"""`larql bench run`: where a decoded token's time goes on the client, and prefill tokens/s.
+
+On a synthetic vindex with the real Gemma 4 26B A4B shapes (hidden 2816, 16 heads, sliding
+8x256 / full 2x512 KV, dense MLP 2112, 128 experts of 704 top-8, vocab 262144, Q4_K) and a few
+layers (default 6: five sliding and one full, the real pattern), experts in process:
+
+  decode   per-token time split into attention, dense MLP, router, experts, LM head and the
+           rest (embedding, norms, combine), each as a fraction of the token's time; and the
+           Python/numpy glue: the time NOT inside a C kernel call (matmul, moe_ffn), which
+           should stay under 10% of decode time. Also projected to all 30 layers (per-layer
+           parts scaled by 30/L, LM head and embedding once).
+  prefill  one batched pass over the prompt vs the same prompt fed one token at a time, in
+           tokens/s (the ratio is what batching buys).
+
+Everything is a ratio against a quantity measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+COMPONENTS = ("attention", "dense_mlp", "route", "run_experts", "logits")
+LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "route": "router",
+          "run_experts": "experts", "logits": "LM head (+final norm)",
+          "other": "rest (embed, norms, combine)"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
+                   help="where the synthetic vindex is written (reused between runs)")
+    p.add_argument("--layers", type=int, default=6, help="layers of the synthetic vindex (default 6)")
+    p.add_argument("--vocab", type=int, default=262144, help="vocabulary (default 262144, the real one)")
+    p.add_argument("--tokens", type=int, default=16, help="decode tokens measured (default 16)")
+    p.add_argument("--warmup", type=int, default=3, help="decode tokens before measuring (default 3)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    p.add_argument("--dispatch", choices=["exact", "batch"], default="exact")
+
+
+def synthetic(args) -> Path:
+    from ..vindex.synthetic import write_synthetic_vindex
+
+    path = Path(args.dir) / f"synth-run-L{args.layers}-v{args.vocab}"
+    if not (path / "index.json").exists():
+        print(f"writing a synthetic 26B-A4B-shaped vindex ({args.layers} layers, vocab {args.vocab}) "
+              f"to {path} ...", flush=True)
+        write_synthetic_vindex(path, num_layers=args.layers, quant="q4k", progress=True,
+                               vocab_size=args.vocab)
+    return path
+
+
+class Profiler:
+    """Wall time per model component, plus time inside C kernel calls, by wrapping them."""
+
+    def __init__(self, model) -> None:
+        from .. import kernels
+        from ..models import gemma4
+
+        self.times: dict[str, float] = defaultdict(float)
+        self.kernel = 0.0
+        self.calls = 0
+        self._restore = []
+        for name in COMPONENTS:
+            self._wrap_method(model, name)
+        self._wrap_module(gemma4, "matmul")        # every projection and the LM head
+        self._wrap_module(kernels, "moe_ffn")      # the experts (LocalExperts calls it)
+
+    def _wrap_method(self, obj, name: str) -> None:
+        fn = getattr(obj, name)
+        times = self.times
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                times[name] += time.perf_counter() - t
+
+        setattr(obj, name, timed)
+        self._restore.append(lambda: delattr(obj, name))
+
+    def _wrap_module(self, mod, name: str) -> None:
+        fn = getattr(mod, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.kernel += time.perf_counter() - t
+                self.calls += 1
+
+        setattr(mod, name, timed)
+        self._restore.append(lambda: setattr(mod, name, fn))
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.kernel = 0.0
+        self.calls = 0
+
+    def close(self) -> None:
+        for undo in reversed(self._restore):
+            undo()
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import kernels
+    from ..models.gemma4 import Gemma4Model
+    from ..vindex import open_vindex
+
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    path = synthetic(args)
+    vx = open_vindex(path)
+    cfg = vx.config
+    model = Gemma4Model(vx, dispatch=args.dispatch)
+    rng = np.random.default_rng(0)
+    prompt = [cfg.bos_token_id, *rng.integers(4, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
+    n_full = sum(cfg.is_full(i) for i in range(cfg.num_layers))
+    print(f"larql bench run: {cfg.num_layers} layers ({n_full} full), hidden {cfg.hidden_size}, "
+          f"{cfg.num_experts} experts top-{cfg.top_k}, vocab {cfg.vocab_size}, quant {vx.quant}, "
+          f"isa {kernels.isa()}, {kernels.num_threads()} threads, dispatch {args.dispatch}")
+
+    # Prefill: one batched pass vs one token at a time (fresh caches, after a warm-up pass).
+    model.forward(prompt[:8], model.new_cache())
+    t = time.perf_counter()
+    cache = model.new_cache()
+    logits = model.forward(prompt, cache)
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    seq_cache = model.new_cache()
+    for tok in prompt:
+        model.forward([tok], seq_cache)
+    sequential = time.perf_counter() - t
+    n = len(prompt)
+    print(f"\nprefill {n} tokens: batched {n / batched:.1f} tok/s, one at a time {n / sequential:.1f} tok/s "
+          f"-> batching x{sequential / batched:.2f}")
+
+    # Decode with the profiler attached.
+    prof = Profiler(model)
+    try:
+        token = int(np.argmax(logits))
+        for _ in range(args.warmup):
+            token = int(np.argmax(model.forward([token], cache)))
+        prof.reset()
+        t = time.perf_counter()
+        for _ in range(args.tokens):
+            token = int(np.argmax(model.forward([token], cache)))
+        total = time.perf_counter() - t
+    finally:
+        prof.close()
+    per_tok = total / args.tokens
+    parts = {k: prof.times.get(k, 0.0) / args.tokens for k in COMPONENTS}
+    parts["other"] = max(per_tok - sum(parts.values()), 0.0)
+    glue = max(total - prof.kernel, 0.0) / args.tokens
+    print(f"\ndecode: {per_tok * 1e3:.2f} ms/token ({1 / per_tok:.2f} tok/s), "
+          f"{prof.calls / args.tokens:.0f} kernel calls/token; fractions of decode time:")
+    for k, v in parts.items():
+        print(f"  {LABELS[k]:<30} {v / per_tok:6.1%}   {v * 1e3:8.3f} ms")
+    print(f"  {'Python/numpy glue (not in C)':<30} {glue / per_tok:6.1%}   {glue * 1e3:8.3f} ms   "
+          f"(target < 10%: {'met' if glue / per_tok < 0.10 else 'NOT met'})")
+
+    # Projection to the real depth: per-layer parts scale with the layer count.
+    L, real = cfg.num_layers, 30
+    scale = real / L
+    proj = {k: (v * scale if k not in ("logits",) else v) for k, v in parts.items()}
+    proj_total = sum(proj.values())
+    # Glue is mostly per layer too (norms, rope, softmax, the layer loop).
+    proj_glue = glue * scale
+    print(f"\nprojected to {real} layers: {proj_total * 1e3:.1f} ms/token ({1 / proj_total:.2f} tok/s); "
+          "fractions:")
+    for k, v in proj.items():
+        print(f"  {LABELS[k]:<30} {v / proj_total:6.1%}")
+    print(f"  {'Python/numpy glue (not in C)':<30} {min(proj_glue / proj_total, 1):6.1%}")
+    model.close()
+    return 0
