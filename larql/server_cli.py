@@ -60,6 +60,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def _rss() -> int:
+    """Resident set size of this process in bytes (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _setup_logging(level: str) -> None:
     import logging
 
@@ -95,8 +107,8 @@ def serve_main(args: argparse.Namespace) -> int:
              kernels.isa(), kernels.num_threads())
     if args.warmup:
         nbytes, secs = srv.warmup(progress=True)
-        log.info("warm-up: %s of owned expert pages faulted in %.2f s (%.2f GB/s)",
-                 human_bytes(nbytes), secs, nbytes / max(secs, 1e-9) / 1e9)
+        log.info("warm-up: %s of owned expert pages faulted in %.2f s (%.2f GB/s); process RSS %s",
+                 human_bytes(nbytes), secs, nbytes / max(secs, 1e-9) / 1e9, human_bytes(_rss()))
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     t0 = time.time()
