@@ -72,11 +72,9 @@ def test_whole_library_cross_compiles(tmp_path: Path) -> None:
         assert "lq_kernels_neon" in nm.stdout
 
 
-@pytest.mark.parametrize("cpu", ["cortex-a57", "max"])
-def test_whole_library_runs_on_aarch64(tmp_path_factory: pytest.TempPathFactory, cpu: str) -> None:
+def test_whole_library_runs_on_aarch64(tmp_path: Path) -> None:
     require_tools(CROSS_CC, QEMU)
-    exe = tmp_path_factory.getbasetemp() / "test_lib_aarch64"
-    if not exe.exists():
-        build_lib_test(CROSS_CC, exe, ["-static"])
-    output = run_lib_test([QEMU, "-cpu", cpu, str(exe)], expected_isa="neon")
+    exe = build_lib_test(CROSS_CC, tmp_path / "test_lib_aarch64", ["-static"])
+    # one CPU is enough here: both int8 paths are covered kernel by kernel above
+    output = run_lib_test([QEMU, "-cpu", "max", str(exe)], expected_isa="neon")
     assert "default neon" in output, output
