@@ -25,37 +25,48 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline void q4k_scale_min(int j, const uint8_t *s, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
-        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
+/* The 8 six-bit scales and 8 mins of a Q4_K block, unpacked to bytes (ggml's 12-byte packing:
+ * bytes 0-3 scales 0-3, bytes 4-7 mins 0-3, bytes 8-11 the low nibbles of scales/mins 4-7 whose
+ * top two bits sit in the spare bits 6-7 of bytes 0-3 / 4-7). */
+static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    sc[0] = u[0] & 0x3f3f3f3f;
+    mn[0] = u[1] & 0x3f3f3f3f;
+    sc[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
 }
 
-static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
-                    float *out, int64_t out_stride) {
-    const block_q4_K *w = (const block_q4_K *)w_row;
+/* shuffle controls broadcasting int16 lane j of a 128-bit vector to all 16 lanes */
+static const uint8_t lane16_ctrl[8][32] __attribute__((aligned(32))) = {
+#define L(j) {2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, \
+              2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1}
+    L(0), L(1), L(2), L(3), L(4), L(5), L(6), L(7)
+#undef L
+};
+
+static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const block_q4_K *w, const block_q8_K *x,
+                                                           int64_t x_stride, int T, float *out,
+                                                           int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[LQ_TMAX];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
-        int sc[8], mn[8];
-        for (int j = 0; j < 8; j++) q4k_scale_min(j, wb->scales, &sc[j], &mn[j]);
+        uint32_t sc[2], mn[2];
+        q4k_unpack_scales(wb->scales, sc, mn);
+        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0]));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
+        const __m256i sc256 = _mm256_broadcastsi128_si256(sc16);
         __m256i q[8], scale[8];
         for (int c = 0; c < 4; c++) {
             __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * c));
             q[2 * c] = _mm256_and_si256(bytes, m4);
             q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
         }
-        for (int j = 0; j < 8; j++) scale[j] = _mm256_set1_epi16((int16_t)sc[j]);
-        /* each Q8_K bsum covers 16 values; sub-block j is bsums 2j and 2j+1 */
-        const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4],
-                                               mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
-        const float d = lq_fp16_to_fp32(wb->d), dmin = lq_fp16_to_fp32(wb->dmin);
+        for (int j = 0; j < 8; j++)
+            scale[j] = _mm256_shuffle_epi8(sc256, _mm256_load_si256((const __m256i *)lane16_ctrl[j]));
+        const float d = _cvtsh_ss(wb->d), dmin = _cvtsh_ss(wb->dmin); /* F16C */
         for (int t = 0; t < T; t++) {
             const block_q8_K *xb = &x[t * x_stride + b];
             __m256i sumi = _mm256_setzero_si256();
@@ -64,12 +75,24 @@ static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
                 __m256i p = _mm256_maddubs_epi16(q[j], y); /* <= 2*15*127: no saturation */
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale[j]));
             }
-            __m256i pm = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mins);
+            /* the min term: sub-block j covers bsums 2j and 2j+1 */
+            __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xb->bsums),
+                                        _mm_loadu_si128((const __m128i *)(xb->bsums + 8)));
+            __m128i pm = _mm_madd_epi16(bs, mn16);
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * d), _mm256_cvtepi32_ps(sumi), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(xb->d * dmin), _mm256_cvtepi32_ps(pm), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(xb->d * dmin), _mm256_cvtepi32_ps(_mm256_zextsi128_si256(pm)),
+                                      acc[t]);
         }
     }
     for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+}
+
+static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+                    float *out, int64_t out_stride) {
+    if (T == 1) /* the decode case: lets the compiler keep the accumulator in a register */
+        q4k_rows(nb, (const block_q4_K *)w_row, x, x_stride, 1, out, out_stride);
+    else
+        q4k_rows(nb, (const block_q4_K *)w_row, x, x_stride, T, out, out_stride);
 }
 
 static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
@@ -97,7 +120,7 @@ static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
         for (int m = 0; m < 8; m++)
             scale[m] = _mm256_set_m128i(_mm_set1_epi16(wb->scales[2 * m + 1]), _mm_set1_epi16(wb->scales[2 * m]));
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
-        const float d = lq_fp16_to_fp32(wb->d);
+        const float d = _cvtsh_ss(wb->d);
         for (int t = 0; t < T; t++) {
             const block_q8_K *xb = &x[t * x_stride + b];
             __m256i sumi = _mm256_setzero_si256();
