@@ -183,6 +183,7 @@ def test_bad_arguments_raise():
         K.QMatrix(K.Q4_K, 4, 256, np.zeros(10, np.uint8))
     with pytest.raises(K.KernelError, match="not available"):
         K.force_isa("no-such-isa")
+    assert K.isa() == K.available_isas()[-1]  # a failed force leaves the best table in use
 
 
 # ---- matmul -----------------------------------------------------------------------------
@@ -211,6 +212,50 @@ def test_quantised_matmul_within_q8k_bound(fmt, T):
         assert (np.abs(y - ref) <= bound).all(), isa
         # and the bound is not vacuous: quantisation error is visible but small
         assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+SIMD_ISAS = [i for i in K.available_isas() if i != "scalar"]
+
+
+def run_isa(isa: str, fn):
+    K.force_isa(isa)
+    assert K.isa() == isa
+    try:
+        return fn()
+    finally:
+        K.force_isa(None)
+
+
+@pytest.mark.skipif(not SIMD_ISAS, reason="this CPU has no SIMD kernel table")
+@pytest.mark.parametrize("fmt", [K.Q4_K, K.Q6_K, K.F32, K.F16])
+@pytest.mark.parametrize("T", [1, 3, 17, 64, 65])
+def test_every_isa_matches_scalar(fmt, T):
+    """Same integer sums, so SIMD and scalar differ only by f32 summation order."""
+    rng = np.random.default_rng(1000 + 10 * T + fmt)
+    rows, cols = 53, 1280 if fmt in (K.Q4_K, K.Q6_K) else 1237
+    x_cols = cols - 77
+    m = K.as_qmatrix(rng.standard_normal((rows, cols)).astype(np.float32) * 3, fmt)
+    x = rng.standard_normal((T, x_cols)).astype(np.float32)
+    ref = run_isa("scalar", lambda: K.matmul(m, x))
+    w = dequantized(m)[:, :x_cols]
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
+    # both accumulate n_adds f32 terms (per value for floats, per block and sign for K-quants)
+    # in different orders: each ordering is within n_adds * 2^-24 * sum|terms| of the exact sum
+    n_adds = x_cols if fmt in (K.F32, K.F16) else 2 * (cols // 256) + 16
+    for isa in SIMD_ISAS:
+        y = run_isa(isa, lambda: K.matmul(m, x))
+        assert (np.abs(y - ref) <= 2 * n_adds * 2.0**-24 * scale).all(), isa
+
+
+@pytest.mark.skipif(not SIMD_ISAS, reason="this CPU has no SIMD kernel table")
+def test_every_isa_quantises_activations_to_the_same_bytes():
+    rng = np.random.default_rng(77)
+    x = rng.standard_normal((50, 1024)).astype(np.float32) * 10.0 ** rng.integers(-8, 8, (50, 1))
+    x[3] = 0.0
+    x[4, ::3] = -x[4, ::3] * 1e6
+    ref = run_isa("scalar", lambda: K.quantize_q8k(x))
+    for isa in SIMD_ISAS:
+        assert np.array_equal(run_isa(isa, lambda: K.quantize_q8k(x)), ref), isa
 
 
 @pytest.mark.parametrize("fmt", [K.F32, K.F16, K.BF16])
