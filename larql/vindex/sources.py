@@ -8,7 +8,7 @@ multiple of the largest single tensor rather than the model.
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,10 @@ class SourceInfo:
 
 
 class _SafetensorsFile:
-    """One .safetensors file: its JSON header parsed and validated, the data mmapped."""
+    """One .safetensors file: its JSON header parsed and validated; tensors (or row ranges of
+    them) are read with pread into fresh buffers. Not mmapped on purpose: touched pages of a
+    mapping count in RSS until unmapped, so streaming a 50 GB checkpoint through a mapping
+    would look (and, under pressure, behave) like holding it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -55,7 +58,7 @@ class _SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise VindexError(f"{path}: safetensors header is not JSON ({e})") from None
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.fd = os.open(path, os.O_RDONLY)
         self.base = 8 + n
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, meta in header.items():
@@ -74,11 +77,25 @@ class _SafetensorsFile:
                     f"{list(shape)} {dt} inside the file"
                 )
             self.tensors[name] = (dt, shape, a, b)
-        self.array = np.frombuffer(self.mm, dtype=np.uint8)
 
-    def raw(self, name: str) -> tuple[str, np.ndarray]:
+    def raw(self, name: str, start: int | None = None, stop: int | None = None) -> tuple[str, np.ndarray]:
+        """The tensor (or rows [start, stop) along its first axis) in its stored dtype."""
         dt, shape, a, b = self.tensors[name]
-        return dt, self.array[self.base + a : self.base + b].view(_ST_DTYPES[dt]).reshape(shape)
+        item = np.dtype(_ST_DTYPES[dt]).itemsize
+        row = int(np.prod(shape[1:])) * item if shape else item
+        if start is not None:
+            stop = min(shape[0], stop if stop is not None else shape[0])
+            a, shape = a + start * row, (max(0, stop - start), *shape[1:])
+            b = a + shape[0] * row
+        data = os.pread(self.fd, b - a, self.base + a)
+        if len(data) != b - a:
+            raise VindexError(f"{self.path}: tensor {name!r}: short read (file truncated while reading?)")
+        return dt, np.frombuffer(data, dtype=_ST_DTYPES[dt]).reshape(shape)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class SafetensorsSource:
@@ -106,7 +123,7 @@ class SafetensorsSource:
     def has(self, key: str) -> bool:
         return key in self.keymap
 
-    def _raw(self, key: str) -> tuple[str, np.ndarray]:
+    def _raw(self, key: str, start: int | None = None, stop: int | None = None) -> tuple[str, np.ndarray]:
         try:
             f, name = self.keymap[key]
         except KeyError:
@@ -114,7 +131,7 @@ class SafetensorsSource:
                 f"{self.root}: checkpoint has no tensor {key!r} "
                 f"(looked for model.{key} / model.language_model.{key})"
             ) from None
-        return f.raw(name)
+        return f.raw(name, start, stop)
 
     def get(self, key: str) -> np.ndarray:
         dt, x = self._raw(key)
@@ -122,15 +139,14 @@ class SafetensorsSource:
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a 2-D tensor as floats (only those rows are converted)."""
-        dt, x = self._raw(key)
-        x = x[start:stop]
+        dt, x = self._raw(key, start, stop)
         return bf16_to_f32(x) if dt == "BF16" else x
 
     def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         out = []
         for part in ("gate_up_proj", "down_proj"):
-            dt, x = self._raw(f"layers.{layer}.experts.{part}")
-            x = x[e]
+            dt, x = self._raw(f"layers.{layer}.experts.{part}", e, e + 1)
+            x = x[0]
             out.append(bf16_to_f32(x) if dt == "BF16" else x)
         return out[0], out[1]
 
