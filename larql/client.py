@@ -391,12 +391,20 @@ class AsyncExpertClient:
                     r.conn = None
 
     # --- sending --------------------------------------------------------------------------
-    async def _call(self, sh: _Shard, msg: dict) -> dict:
-        """One request to a shard; on a transport failure retry once on another replica."""
+    async def _call(self, sh: _Shard, msg: dict, failed: tuple[_Replica, str] | None = None) -> dict:
+        """One request to a shard; on a transport failure retry once on another replica.
+
+        `failed`: a replica that already failed this request (the fast path's first try)."""
         deadline = time.monotonic() + self.timeout
         errors: list[str] = []
         tried = 0
-        order = sorted(sh.replicas, key=lambda r: (r.conn is None, r.down_until > time.monotonic()))
+        if failed is not None:
+            self._mark_down(failed[0], failed[1])
+            errors.append(failed[1])
+            tried = 1
+        now = time.monotonic()
+        order = sorted((r for r in sh.replicas if failed is None or r is not failed[0]),
+                       key=lambda r: (r.conn is None, r.down_until > now))
         for rep in order:
             if tried == 2:  # the first try plus one retry
                 break
@@ -413,14 +421,54 @@ class AsyncExpertClient:
                     self.retries += 1
                 return await rep.conn.request(dict(msg), left)
             except (ShardError, OSError) as e:
-                if rep.conn is not None:
-                    rep.conn.close()
-                    rep.conn = None
-                rep.down_until = time.monotonic() + self.retry_after
-                rep.last_error = str(e)
+                self._mark_down(rep, str(e))
                 errors.append(str(e))
         raise ShardError(f"shard {sh.spec.label}: no answer ({'; '.join(errors) or 'deadline passed'}); "
                          f"refusing to continue without experts {sh.spec.label}")
+
+    def _mark_down(self, rep: _Replica, error: str) -> None:
+        if rep.conn is not None:
+            rep.conn.close()
+            rep.conn = None
+        rep.down_until = time.monotonic() + self.retry_after
+        rep.last_error = error
+
+    async def _call_all(self, reqs: list[tuple[_Shard, dict]]) -> list[dict]:
+        """Send every request at once on the shards' live connections and wait for all replies.
+
+        The common path creates no tasks: frames go out immediately and the reply futures are
+        awaited together. Any request whose replica failed or timed out goes through `_call`
+        (retry on another replica)."""
+        sent: list[tuple[_Replica, asyncio.Future] | None] = []
+        for sh, msg in reqs:
+            rep = next((r for r in sh.replicas if r.conn is not None and r.conn.usable), None)
+            if rep is None:
+                sent.append(None)
+                continue
+            self.round_trips += 1
+            sent.append((rep, rep.conn.send(dict(msg))))
+        futs = [s[1] for s in sent if s is not None]
+        if futs:
+            await asyncio.wait(futs, timeout=self.timeout)
+        out: list[dict] = []
+        for (sh, msg), s in zip(reqs, sent, strict=True):
+            if s is None:
+                out.append(await self._call(sh, msg))
+                continue
+            rep, fut = s
+            if not fut.done():
+                fut.cancel()
+                err = f"{rep.where}: no reply to {msg.get('op')!r} within {self.timeout:g}s"
+                out.append(await self._call(sh, msg, failed=(rep, err)))
+                continue
+            exc = fut.exception()
+            if exc is None:
+                out.append(P.check_reply(fut.result(), rep.where))
+            elif isinstance(exc, (ShardError, OSError)):
+                out.append(await self._call(sh, msg, failed=(rep, str(exc))))
+            else:
+                raise exc
+        return out
 
     def _max_tokens(self, sh: _Shard, K: int) -> int:
         """Tokens per request so that request and reply both fit in one frame."""
@@ -456,10 +504,9 @@ class AsyncExpertClient:
                 r = rows[a: a + step]
                 sl = slice(a, a + step)
                 item = P.encode_work(layer, self._payload(layer, h, r), ids_s[sl], w_s[sl], self.encoding)
-                msg = {"op": "experts", **item}
-                jobs.append(self._call(sh, msg))
+                jobs.append((sh, {"op": "experts", **item}))
                 where.append((si, r))
-        replies = await asyncio.gather(*jobs)
+        replies = await self._call_all(jobs)
         out = np.zeros((T, H), dtype=np.float32)
         for (_, r), rep in zip(where, replies, strict=True):  # shard order: the sum is reproducible
             y = P.decode_result(rep, r.size, H)
@@ -489,9 +536,9 @@ class AsyncExpertClient:
                 items.append(P.encode_work(layer, self._payload(layer, h, rows), ids_s, w_s, self.encoding))
                 where.append((wi, rows))
             if items:
-                jobs.append(self._call(sh, {"op": "multi", "items": items}))
+                jobs.append((sh, {"op": "multi", "items": items}))
                 plan.append(where)
-        replies = await asyncio.gather(*jobs)
+        replies = await self._call_all(jobs)
         outs = [np.zeros((h.shape[0], H), dtype=np.float32) for _, h, _, _ in prepared]
         for where, rep in zip(plan, replies, strict=True):
             ys = rep.get("ys")
@@ -541,10 +588,12 @@ class RemoteExperts:
             self._loop.close()
             raise
 
-    def _run(self, coro, timeout: float | None = None):
+    def _run(self, coro, timeout: float | None = None, bounded: bool = True):
+        """Run `coro` on the private loop. `bounded=False` for calls whose every await already
+        has a deadline (forward passes): skipping the outer wait_for saves a task per layer."""
         limit = timeout if timeout is not None else self.client.timeout * 2 + 5
 
-        async def bounded():
+        async def with_deadline():
             try:
                 return await asyncio.wait_for(coro, limit)
             except asyncio.TimeoutError:
@@ -555,7 +604,7 @@ class RemoteExperts:
                 if self._loop.is_closed():
                     coro.close()
                     raise ShardError("the remote experts client is closed")
-                return self._loop.run_until_complete(bounded())
+                return self._loop.run_until_complete(with_deadline() if bounded else coro)
 
         try:
             asyncio.get_running_loop()
@@ -571,10 +620,10 @@ class RemoteExperts:
         return self.client.round_trips
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return self._run(self.client.forward(layer, h, ids, weights))
+        return self._run(self.client.forward(layer, h, ids, weights), bounded=False)
 
     def forward_multi(self, work):
-        return self._run(self.client.forward_multi(work))
+        return self._run(self.client.forward_multi(work), bounded=False)
 
     def stats(self) -> list[dict]:
         return self._run(self.client.stats())
