@@ -216,3 +216,33 @@ def test_warmup_op_reports_owned_bytes(server, vindex_path):
         assert rt(s, {"op": "hello", "id": 2, "version": P.PROTOCOL_VERSION})["ok"]
         r = rt(s, {"op": "warmup", "id": 3})
     assert r["ok"] and r["bytes"] == owned and r["seconds"] >= 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--experts", "5-2"], "start 5 is after end 2"),
+    (["--experts", "0-8"], "outside 0-7"),
+    (["--layers", "x"], "bad --layers"),
+    (["--port", "70000"], "out of range"),
+])
+def test_serve_cli_rejects_bad_arguments(vindex_path, extra, needle):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "larql", "serve", str(vindex_path), *extra],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert needle in out.stderr, out.stderr
+
+
+def test_serve_cli_names_a_missing_layer_file(vindex_path, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken"
+    shutil.copytree(vindex_path, broken)
+    (broken / "layers" / "layer_01.weights").unlink()
+    out = subprocess.run([sys.executable, "-m", "larql", "serve", str(broken), "--layers", "0-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "layer" in out.stderr and "1" in out.stderr, out.stderr
