@@ -11,6 +11,8 @@ layers (default 6: five sliding and one full, the real pattern), experts in proc
            parts scaled by 30/L, LM head and embedding once).
   prefill  one batched pass over the prompt vs the same prompt fed one token at a time, in
            tokens/s (the ratio is what batching buys).
+  agreement (--agreement N) top-1 agreement of batch dispatch with exact dispatch, teacher
+           forced on exact mode's greedy tokens.
 
 Everything is a ratio against a quantity measured in the same run.
 """
@@ -41,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")
     p.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
     p.add_argument("--dispatch", choices=["exact", "batch"], default="exact")
+    p.add_argument("--agreement", type=int, default=0, metavar="N",
+                   help="also report how often batch dispatch's greedy token matches exact mode's over "
+                        "N teacher-forced decode steps (default 0: skip)")
 
 
 def synthetic(args) -> Path:
@@ -63,6 +68,7 @@ class Profiler:
         from ..models import gemma4
 
         self.times: dict[str, float] = defaultdict(float)
+        self.kernel_in: dict[str, float] = defaultdict(float)   # C time inside each component
         self.kernel = 0.0
         self.calls = 0
         self._restore = []
@@ -76,11 +82,12 @@ class Profiler:
         times = self.times
 
         def timed(*a, **kw):
-            t = time.perf_counter()
+            t, k = time.perf_counter(), self.kernel
             try:
                 return fn(*a, **kw)
             finally:
                 times[name] += time.perf_counter() - t
+                self.kernel_in[name] += self.kernel - k
 
         setattr(obj, name, timed)
         self._restore.append(lambda: delattr(obj, name))
@@ -101,6 +108,7 @@ class Profiler:
 
     def reset(self) -> None:
         self.times.clear()
+        self.kernel_in.clear()
         self.kernel = 0.0
         self.calls = 0
 
@@ -166,17 +174,37 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {'Python/numpy glue (not in C)':<30} {glue / per_tok:6.1%}   {glue * 1e3:8.3f} ms   "
           f"(target < 10%: {'met' if glue / per_tok < 0.10 else 'NOT met'})")
 
-    # Projection to the real depth: per-layer parts scale with the layer count.
+    # Projection to the real depth: everything but the LM head (and its glue) is per layer.
     L, real = cfg.num_layers, 30
     scale = real / L
-    proj = {k: (v * scale if k not in ("logits",) else v) for k, v in parts.items()}
+    proj = {k: (v * scale if k != "logits" else v) for k, v in parts.items()}
     proj_total = sum(proj.values())
-    # Glue is mostly per layer too (norms, rope, softmax, the layer loop).
-    proj_glue = glue * scale
+    head_glue = (prof.times.get("logits", 0.0) - prof.kernel_in.get("logits", 0.0)) / args.tokens
+    proj_glue = (glue - head_glue) * scale + head_glue
     print(f"\nprojected to {real} layers: {proj_total * 1e3:.1f} ms/token ({1 / proj_total:.2f} tok/s); "
           "fractions:")
     for k, v in proj.items():
         print(f"  {LABELS[k]:<30} {v / proj_total:6.1%}")
     print(f"  {'Python/numpy glue (not in C)':<30} {min(proj_glue / proj_total, 1):6.1%}")
+    if args.agreement:
+        agreement(model, prompt[:16], args.agreement)
     model.close()
     return 0
+
+
+def agreement(model, prompt: list[int], steps: int) -> float:
+    """Fraction of steps where batch dispatch's argmax equals exact dispatch's (teacher forced)."""
+    from ..models.gemma4 import Gemma4Model
+
+    exact = Gemma4Model(model.vindex, experts=model.experts, dispatch="exact")
+    batch = Gemma4Model(model.vindex, experts=model.experts, dispatch="batch")
+    ce, cb = exact.new_cache(), batch.new_cache()
+    le, lb = exact.forward(prompt, ce), batch.forward(prompt, cb)
+    same = 0
+    for _ in range(steps):
+        tok = int(np.argmax(le))
+        same += tok == int(np.argmax(lb))
+        le, lb = exact.forward([tok], ce), batch.forward([tok], cb)
+    print(f"\nbatch dispatch: greedy token equals exact mode's on {same}/{steps} teacher-forced steps "
+          f"({same / steps:.0%})")
+    return same / steps
