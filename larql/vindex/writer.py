@@ -323,8 +323,55 @@ def _write_all(
 
     fp_hash = hashlib.sha256()
     fp_hash.update(json.dumps(c.to_index_model_config(), sort_keys=True).encode())
-    workers = threads or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # The C quantiser spreads each matrix over its own thread pool (sized by `threads`), so one
+    # worker thread encodes while the main thread hashes and writes the previous expert.
+    restore = None
+    if quant == "q4k" and threads:
+        from .. import kernels
+
+        restore = kernels.num_threads()
+        kernels.set_num_threads(threads)
+    try:
+        _write_layers(
+            root, c, source, quant, p, lyrw_version, attn, dense, add_vector, checksums, fp_hash, tick
+        )
+    finally:
+        if restore is not None:
+            from .. import kernels
+
+            kernels.set_num_threads(restore)
+    add_vector("norm.weight")
+    tick()
+    checksums[attn.name] = attn.out.close()
+    checksums[dense.name] = dense.out.close()
+    checksums[fm.NORMS_BIN] = norms.close()
+    man_a, man_d = fm.ATTN_FILES[quant][1], fm.DENSE_FILES[quant][1]
+    (root / man_a).write_text(json.dumps(attn.entries, indent=1))
+    (root / man_d).write_text(json.dumps(dense.entries, indent=1))
+    (root / fm.WEIGHT_MANIFEST).write_text(json.dumps(vectors, indent=1))
+    for name in (man_a, man_d, fm.WEIGHT_MANIFEST):
+        checksums[name] = fm.sha256_file(root / name)
+    if bar:
+        bar.close()
+    return checksums, fp_hash.hexdigest()
+
+
+def _write_layers(
+    root: Path,
+    c: ModelConfig,
+    source: TensorSource,
+    quant: str,
+    p: dict[str, int],
+    lyrw_version: int,
+    attn: _Blob,
+    dense: _Blob,
+    add_vector,
+    checksums: dict[str, str],
+    fp_hash,
+    tick,
+) -> None:
+    H, L = c.hidden_size, c.num_layers
+    with ThreadPoolExecutor(max_workers=1) as pool:
         for layer in range(L):
             hd, kv = c.layer_head_dim(layer), c.layer_kv_heads(layer)
             pre = f"layers.{layer}"
@@ -377,20 +424,6 @@ def _write_all(
             digest = _write_layer(root, c, source, layer, p, lyrw_version, pool, tick)
             checksums[fm.layer_file(layer)] = digest
             fp_hash.update(f"{layer}:{digest}".encode())
-    add_vector("norm.weight")
-    tick()
-    checksums[attn.name] = attn.out.close()
-    checksums[dense.name] = dense.out.close()
-    checksums[fm.NORMS_BIN] = norms.close()
-    man_a, man_d = fm.ATTN_FILES[quant][1], fm.DENSE_FILES[quant][1]
-    (root / man_a).write_text(json.dumps(attn.entries, indent=1))
-    (root / man_d).write_text(json.dumps(dense.entries, indent=1))
-    (root / fm.WEIGHT_MANIFEST).write_text(json.dumps(vectors, indent=1))
-    for name in (man_a, man_d, fm.WEIGHT_MANIFEST):
-        checksums[name] = fm.sha256_file(root / name)
-    if bar:
-        bar.close()
-    return checksums, fp_hash.hexdigest()
 
 
 def _write_layer(
