@@ -95,9 +95,9 @@ static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
         q4k_rows(nb, (const block_q4_K *)w_row, x, x_stride, T, out, out_stride);
 }
 
-static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
-                    float *out, int64_t out_stride) {
-    const block_q6_K *w = (const block_q6_K *)w_row;
+static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const block_q6_K *w, const block_q8_K *x,
+                                                           int64_t x_stride, int T, float *out,
+                                                           int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
     __m256 acc[LQ_TMAX];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -136,6 +136,14 @@ static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
         }
     }
     for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+}
+
+static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+                    float *out, int64_t out_stride) {
+    if (T == 1)
+        q6k_rows(nb, (const block_q6_K *)w_row, x, x_stride, 1, out, out_stride);
+    else
+        q6k_rows(nb, (const block_q6_K *)w_row, x, x_stride, T, out, out_stride);
 }
 
 static void dot_f32(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,

@@ -445,3 +445,31 @@ def test_concurrent_calls_from_python_threads():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_pool_works_in_a_forked_child():
+    """A server may fork after the pool started: the child must get fresh workers, not hang."""
+    import os
+
+    rng = np.random.default_rng(15)
+    m = K.as_qmatrix(rng.standard_normal((300, 512)).astype(np.float32), K.Q4_K)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    expect = K.matmul(m, x)  # the pool is running in the parent now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compute, report, exit without running pytest's teardown
+        try:
+            ok = np.array_equal(K.matmul(m, x), expect) and K.num_threads() >= 1
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    import select
+    import signal
+
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    if not ready:  # a hang is the failure this test exists for: do not hang the suite with it
+        os.kill(pid, signal.SIGKILL)
+    got = os.read(r, 1) if ready else b"timeout"
+    os.waitpid(pid, 0)
+    assert got == b"1"
