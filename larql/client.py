@@ -470,13 +470,18 @@ class AsyncExpertClient:
                 raise exc
         return out
 
+    def _frame_budget(self, sh: _Shard) -> int:
+        """Bytes of vectors one request (and its reply) may carry: the smallest max_frame any
+        replica of the shard announced, less room for the map's keys."""
+        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in sh.replicas if r.conn]
+        max_frame = min([P.MAX_FRAME, *limits])
+        return max(1024, max_frame - min(65536, max_frame // 4))
+
     def _max_tokens(self, sh: _Shard, K: int) -> int:
         """Tokens per request so that request and reply both fit in one frame."""
         H = self.identity.hidden
         per_token = max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * K
-        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in sh.replicas if r.conn]
-        max_frame = min([P.MAX_FRAME, *limits])
-        return max(1, (max_frame - 65536) // per_token)
+        return max(1, self._frame_budget(sh) // per_token)
 
     def _payload(self, layer: int, h: np.ndarray, rows: np.ndarray):
         x = h[rows] if rows.size != h.shape[0] else h
@@ -526,15 +531,28 @@ class AsyncExpertClient:
             w = np.ascontiguousarray(np.atleast_2d(w), dtype=np.float32)
             prepared.append((layer, h, ids, w))
         jobs, plan = [], []
+        H = self.identity.hidden
         for sh in self.shards:
-            items, where = [], []
+            # One `multi` per shard, split into several only if it would exceed a frame.
+            budget = self._frame_budget(sh)
+            items, where, size = [], [], 0
             for wi, (layer, h, ids, w) in enumerate(prepared):
                 part = split_work(ids, w, sh.spec.first, sh.spec.last)
                 if part is None:
                     continue
                 rows, ids_s, w_s = part
-                items.append(P.encode_work(layer, self._payload(layer, h, rows), ids_s, w_s, self.encoding))
-                where.append((wi, rows))
+                per_token = max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * ids_s.shape[1] + 64
+                step = max(1, budget // per_token)
+                for a in range(0, rows.size, step):
+                    r = rows[a: a + step]
+                    if items and size + r.size * per_token > budget:
+                        jobs.append((sh, {"op": "multi", "items": items}))
+                        plan.append(where)
+                        items, where, size = [], [], 0
+                    items.append(P.encode_work(layer, self._payload(layer, h, r), ids_s[a: a + step],
+                                               w_s[a: a + step], self.encoding))
+                    where.append((wi, r))
+                    size += r.size * per_token
             if items:
                 jobs.append((sh, {"op": "multi", "items": items}))
                 plan.append(where)

@@ -351,3 +351,25 @@ def test_server_needs_only_norms_manifests_and_layers(vx, tmp_path):
             np.testing.assert_array_equal(rx.forward(1, h, ids, w), LocalExperts(vx).forward(1, h, ids, w))
     finally:
         srv.stop()
+
+
+def test_large_work_is_split_to_fit_the_servers_frame_limit(vx):
+    """A server announcing a small max_frame gets a long prefill (and a batch) in several
+    requests, each within its limit; the result is unchanged."""
+    srv = ExpertServer(open_vindex(vx.path), max_frame=16384).start_in_thread("127.0.0.1", 0)
+    try:
+        local = LocalExperts(vx)
+        with connect_shards(f"0-7={srv.address}", vx, timeout=20) as rx:
+            h, ids, w = routing(200, 4)
+            y = rx.forward(0, h, ids, w)
+            assert rx.round_trips >= 200 * (H * 4 + 8 * TOPK) // 16384 + 1
+            np.testing.assert_array_equal(y, local.forward(0, h, ids, w))
+            work = [(layer, *routing(150, 10 + layer)) for layer in range(L)]
+            before = rx.round_trips
+            ys = rx.forward_multi(work)
+            assert rx.round_trips - before > 1
+            for (layer, h, ids, w), y in zip(work, ys, strict=True):
+                np.testing.assert_array_equal(y, local.forward(layer, h, ids, w))
+        assert srv.server.stats.snapshot()["errors"] == 0
+    finally:
+        srv.stop()
