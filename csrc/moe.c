@@ -3,9 +3,10 @@
  * 1. Group the (token, slot) pairs by expert, so each expert's bytes are streamed once per call
  *    for all the tokens that chose it (the row kernels take up to 64 activation rows).
  * 2. Quantise every token's x to Q8_K once (K-quant gate_up) and gather each expert's tokens.
- * 3. Phase A, one work item per (expert, 256-row slice of the intermediate dimension): the gate
- *    and up rows of that slice, gelu(gate) * up, and (K-quant down) its Q8_K block. A top-8
- *    batch of one token is 8 x 3 items, so every core streams weights.
+ * 3. Phase A, one work item per (expert, 64-row slice of the intermediate dimension): the gate
+ *    and up rows of that slice and gelu(gate) * up. A top-8 batch of one token is 8 x 11 items,
+ *    so every core streams weights and the last item costs little waiting. Then h -> Q8_K
+ *    (K-quant down), padded with zeros to the down row length.
  * 4. Phase B, one work item per slice of output rows: every used expert's down rows of that slice,
  *    accumulated into out in a fixed expert order. Each output element is written by exactly one
  *    item, so results do not depend on the thread count.
@@ -17,6 +18,7 @@
 #include "kernels.h"
 
 #define LQ_TCHUNK 64
+#define LQ_GU_ROWS 64   /* intermediate rows (gate + up pairs) per phase-A item */
 #define LQ_DOWN_ROWS 32 /* output rows per phase-B item */
 
 static int64_t pad256(int64_t n) { return (n + QK_K - 1) / QK_K * QK_K; }
@@ -81,8 +83,8 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
     for (int64_t item = i0; item < i1; item++) {
         const group *gr = &j->groups[item / j->n_slices];
         const lq_expert *ex = &j->experts[gr->e];
-        int64_t r0 = (item % j->n_slices) * QK_K;
-        int64_t r1 = r0 + QK_K < j->inter ? r0 + QK_K : j->inter;
+        int64_t r0 = (item % j->n_slices) * LQ_GU_ROWS;
+        int64_t r1 = r0 + LQ_GU_ROWS < j->inter ? r0 + LQ_GU_ROWS : j->inter;
         int fmt = ex->gate_up_fmt;
         int kq = lq_is_kquant(fmt);
         size_t rb = lq_row_bytes(fmt, kq ? j->hpad : j->hidden);
@@ -99,11 +101,19 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
                 for (int q = 0; q < n; q++) j->hf[(pc + q) * j->ipad + r] = gelu_tanh(g[q]) * u[q];
             }
         }
-        if (lq_is_kquant(ex->down_fmt)) { /* this slice is exactly one Q8_K block of h */
-            int64_t b = r0 / QK_K;
-            for (int64_t q = gr->p0; q < gr->p0 + gr->np; q++)
-                j->k->quantize_q8k(j->hf + q * j->ipad + r0, j->hq + q * j->nbi + b, QK_K);
-        }
+    }
+}
+
+/* h -> Q8_K for the pairs whose expert has a K-quant down projection (rows of ipad values,
+ * zero tail included) */
+static void quantize_h(void *p, int64_t q0, int64_t q1, int tid) {
+    (void)tid;
+    moe_job *j = p;
+    for (int64_t gi = 0; gi < j->n_groups; gi++) {
+        const group *gr = &j->groups[gi];
+        if (!lq_is_kquant(j->experts[gr->e].down_fmt)) continue;
+        int64_t a = gr->p0 > q0 ? gr->p0 : q0, b = gr->p0 + gr->np < q1 ? gr->p0 + gr->np : q1;
+        for (int64_t q = a; q < b; q++) j->k->quantize_q8k(j->hf + q * j->ipad, j->hq + q * j->nbi, j->ipad);
     }
 }
 
@@ -161,7 +171,7 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     j.ipad = pad256(inter);
     j.nbh = j.hpad / QK_K;
     j.nbi = j.ipad / QK_K;
-    j.n_slices = j.nbi;
+    j.n_slices = (inter + LQ_GU_ROWS - 1) / LQ_GU_ROWS;
     j.out = out;
 
     /* group pairs by expert (counting sort keeps slot order within an expert) */
@@ -235,6 +245,7 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     j.hq = hq;
     j.bf16_buf = bf16_buf;
     lq_parallel_for(n_groups * j.n_slices, 1, phase_a, &j);
+    if (any_kq_down) lq_parallel_for(np, 16, quantize_h, &j); /* 16 pairs or fewer: inline */
     lq_parallel_for((hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS, 1, phase_b, &j);
 done:
     free(start);
