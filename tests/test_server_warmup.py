@@ -15,8 +15,6 @@ from larql.demo import build_demo_vindex, demo_config
 from larql.vindex import open_vindex
 
 E = 16
-OWNED = range(0, 8)
-UNOWNED = range(8, 16)
 
 
 def drop_page_cache(path: Path) -> None:
@@ -48,7 +46,9 @@ def vindex_path(tmp_path_factory):
     return build_demo_vindex(tmp_path_factory.mktemp("warm") / "v", quant="f32", config=cfg)
 
 
-def test_warmup_faults_owned_experts_only(vindex_path):
+@pytest.mark.parametrize("owned_text, OWNED, UNOWNED", [("0-7", range(0, 8), range(8, 16)),
+                                                       ("8-15", range(8, 16), range(0, 8))])
+def test_warmup_faults_owned_experts_only(vindex_path, owned_text, OWNED, UNOWNED):
     vx = open_vindex(vindex_path)
     files = [vx.expert_file(layer) for layer in vx.layers_present]
     owned_bytes = sum(ef.entry(e).down_off + ef.entry(e).down_len - ef.entry(e).gate_up_off
@@ -61,7 +61,7 @@ def test_warmup_faults_owned_experts_only(vindex_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "larql", "serve", str(vindex_path), "--experts", "0-7", "--warmup",
+        [sys.executable, "-m", "larql", "serve", str(vindex_path), "--experts", owned_text, "--warmup",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -80,7 +80,9 @@ def test_warmup_faults_owned_experts_only(vindex_path):
             assert ef.resident(list(UNOWNED)) < 0.02
         # the server's own resident memory for the expert files is the owned bytes (+ page rounding)
         rss = mapped_rss(proc.pid, "/layers/layer_")
-        slack = 2 * 4096 * len(OWNED) * len(files) + 64 * 1024
+        # slack: page rounding at expert edges, and the header/offset-table page each file's
+        # reader parses (plus the kernel's fault-around next to it)
+        slack = 2 * 4096 * len(OWNED) * len(files) + 192 * 1024
         assert owned_bytes * 0.99 <= rss <= owned_bytes + slack, (rss, owned_bytes)
     finally:
         proc.terminate()
