@@ -298,7 +298,17 @@ class ModelIdentity:
     @classmethod
     def from_vindex(cls, vx) -> ModelIdentity:
         cfg = vx.config
-        return cls(cfg.hidden_size, cfg.num_experts, cfg.num_layers, vx.expert_fingerprint())
+        fingerprint = vx.expert_fingerprint()
+        if not vx.layers_present and not vx.index.get("expert_fingerprint"):
+            # A client-only slice of a vindex that recorded no fingerprint: the hash would cover
+            # no expert files and match no server. Check shapes only, and say so.
+            import logging
+
+            logging.getLogger("larql.client").warning(
+                "%s holds no expert files and records no expert_fingerprint: cannot verify that the "
+                "servers hold this model's experts (only shapes are checked)", vx.path)
+            fingerprint = None
+        return cls(cfg.hidden_size, cfg.num_experts, cfg.num_layers, fingerprint)
 
 
 class AsyncExpertClient:
