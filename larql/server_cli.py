@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
                    help="experts this shard owns, inclusive (e.g. 0-63; default: all)")
     p.add_argument("--layers", default="", metavar="A-B",
                    help="layers this shard owns, inclusive (default: all)")
-    p.add_argument("--warmup", action="store_true",
+    p.add_argument("--warmup", "--warmup-walk-ffn", dest="warmup", action="store_true",
                    help="pre-fault every page of the owned experts before accepting traffic")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
