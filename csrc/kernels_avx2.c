@@ -87,12 +87,62 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
     for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
 }
 
+/* One activation row (decode): stream 64 values at a time instead of unpacking the whole block
+ * first, so nothing spills out of the 16 ymm registers. */
+static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q4_K *wb = &w[b];
+        const block_q8_K *xb = &x[b];
+        uint32_t sc[2], mn[2];
+        q4k_unpack_scales(wb->scales, sc, mn);
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
+        const __m256i sc256 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0])));
+        __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xb->bsums),
+                                    _mm_loadu_si128((const __m128i *)(xb->bsums + 8)));
+        __m128 pm = _mm_cvtepi32_ps(_mm_madd_epi16(bs, mn16));
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * c));
+            __m256i lo = _mm256_and_si256(bytes, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+            __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb->qs + 64 * c));
+            __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb->qs + 64 * c + 32));
+            __m256i k0 = _mm256_shuffle_epi8(sc256, _mm256_load_si256((const __m256i *)lane16_ctrl[2 * c]));
+            __m256i k1 = _mm256_shuffle_epi8(sc256, _mm256_load_si256((const __m256i *)lane16_ctrl[2 * c + 1]));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), k0));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), k1));
+        }
+        const float d = xb->d * _cvtsh_ss(wb->d), dmin = xb->d * _cvtsh_ss(wb->dmin);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), pm, acc_m);
+    }
+    __m128 a = _mm_sub_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
 static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
-    if (T == 1) /* the decode case: lets the compiler keep the accumulator in a register */
-        q4k_rows(nb, (const block_q4_K *)w_row, x, x_stride, 1, out, out_stride);
+    if (T == 1)
+        out[0] = q4k_row1(nb, (const block_q4_K *)w_row, x);
     else
         q4k_rows(nb, (const block_q4_K *)w_row, x, x_stride, T, out, out_stride);
+}
+
+/* int16 lanes [scale 2m x 8, scale 2m+1 x 8]: register m of a Q6_K block holds values
+ * 32m..32m+31, and each int8 scale covers 16 of them */
+static const uint8_t q6k_pair_ctrl[8][16] __attribute__((aligned(16))) = {
+#define P(m) {2*m, 2*m, 2*m, 2*m, 2*m, 2*m, 2*m, 2*m, 2*m+1, 2*m+1, 2*m+1, 2*m+1, 2*m+1, 2*m+1, 2*m+1, 2*m+1}
+    P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7)
+#undef P
+};
+
+static inline __m256i q6k_scale_pair(__m128i sc8, int m) {
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)q6k_pair_ctrl[m])));
 }
 
 static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const block_q6_K *w, const block_q8_K *x,
@@ -117,8 +167,8 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
             q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h2);
             q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h3);
         }
-        for (int m = 0; m < 8; m++)
-            scale[m] = _mm256_set_m128i(_mm_set1_epi16(wb->scales[2 * m + 1]), _mm_set1_epi16(wb->scales[2 * m]));
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
+        for (int m = 0; m < 8; m++) scale[m] = q6k_scale_pair(sc8, m);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
         const float d = _cvtsh_ss(wb->d);
         for (int t = 0; t < T; t++) {
@@ -138,10 +188,52 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
     for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
 }
 
+/* One activation row: 128 values (4 registers of quants) at a time. */
+static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q6_K *wb = &w[b];
+        const block_q8_K *xb = &x[b];
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        /* the stored values are q + 32: start from -32 * sum_g scale_g * bsum_g */
+        __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
+        __m256i s0 = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
+        __m256i s1 = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
+            __m256i q0 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+            __m256i q1 = _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+            __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+            __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            const int8_t *ys = xb->qs + 128 * h;
+            __m256i k0 = q6k_scale_pair(sc8, 4 * h + 0), k1 = q6k_scale_pair(sc8, 4 * h + 1);
+            __m256i k2 = q6k_scale_pair(sc8, 4 * h + 2), k3 = q6k_scale_pair(sc8, 4 * h + 3);
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(
+                                          _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)ys)), k0));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(
+                                          _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(ys + 32))), k1));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(
+                                          _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(ys + 64))), k2));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(
+                                          _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(ys + 96))), k3));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * _cvtsh_ss(wb->d)), _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)),
+                              acc);
+    }
+    return hsum_ps(acc);
+}
+
 static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     if (T == 1)
-        q6k_rows(nb, (const block_q6_K *)w_row, x, x_stride, 1, out, out_stride);
+        out[0] = q6k_row1(nb, (const block_q6_K *)w_row, x);
     else
         q6k_rows(nb, (const block_q6_K *)w_row, x, x_stride, T, out, out_stride);
 }

@@ -135,12 +135,15 @@ class Ggml:
         return out
 
 
-def load_ggml() -> Ggml | None:
-    """Find llama_cpp/lib/libggml*.so without importing llama_cpp (and its dependencies)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+def load_ggml(libdir: str | Path | None = None) -> Ggml | None:
+    """ggml's CPU library from `libdir`, else from llama_cpp/lib/ (found without importing
+    llama_cpp and its dependencies). None if neither has it."""
+    if libdir is None:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    libdir = Path(libdir)
     paths = sorted(libdir.glob("libggml*.so*"), key=lambda p: (p.name != "libggml-base.so", p.name))
     libs = []
     for p in paths:
@@ -319,6 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=40, help="timed calls per kernel (the median is printed)")
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) numpy baseline")
     p.add_argument("--no-ggml", action="store_true", help="skip ggml even if llama-cpp-python is installed")
+    p.add_argument("--ggml-lib", metavar="DIR",
+                   help="directory holding libggml-cpu.so (default: llama-cpp-python's llama_cpp/lib)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -328,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     bw_all = read_bandwidth(args.bandwidth_gib, n_all) if n_all > 1 else bw1
     print(f"read bandwidth (numpy sum over {args.bandwidth_gib:g} GiB, best of 3): "
           f"{bw1 / 1e9:.1f} GB/s on 1 thread, {bw_all / 1e9:.1f} GB/s on {n_all}")
-    ggml = None if args.no_ggml else load_ggml()
+    ggml = None if args.no_ggml else load_ggml(args.ggml_lib)
     print("ggml: " + ("llama-cpp-python's libggml found" if ggml else
                       "not installed (pip install llama-cpp-python; see docs/KERNELS.md), ratio skipped"))
     numpy_on = not args.no_numpy
