@@ -262,7 +262,6 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos
     kvh = k.shape[0]
     g = heads // kvh
     out = np.empty((T, heads * d), dtype=np.float32)
-    kt = k.transpose(0, 2, 1)
     for s in range(0, T, QUERY_BLOCK):
         qb = q[s:s + QUERY_BLOCK]
         tb = qb.shape[0]
@@ -272,12 +271,33 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos
             visible &= dist < window
         # [T, heads, d] -> [kvh, g*T, d]: query head h reads kv head h // g.
         qg = qb.reshape(tb, kvh, g, d).transpose(1, 2, 0, 3).reshape(kvh, g * tb, d)
-        scores = (qg @ kt).reshape(kvh, g, tb, -1)
+        scores = _bmm_t(qg, k).reshape(kvh, g, tb, -1)
         scores = np.where(visible, scores, np.float32(-np.inf))
         probs = softmax(scores).reshape(kvh, g * tb, -1)
-        a = (probs @ v).reshape(kvh, g, tb, d)
+        a = _bmm(probs, v).reshape(kvh, g, tb, d)
         out[s:s + tb] = a.transpose(2, 0, 1, 3).reshape(tb, heads * d)
     return out
+
+
+# Decode multiplies a couple of query rows per KV head by the cache: skinny products where a
+# multi-threaded BLAS spends more time waking threads than computing (and fights the kernels'
+# own thread pool for the cores). einsum's single-threaded loop is faster there; prefill blocks
+# are real matrix products and go to BLAS.
+_SKINNY_ROWS = 16
+
+
+def _bmm_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a [B, m, d] @ b[B, n, d]^T -> [B, m, n]."""
+    if a.shape[1] <= _SKINNY_ROWS:
+        return np.einsum("bmd,bnd->bmn", a, b)
+    return a @ b.transpose(0, 2, 1)
+
+
+def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a [B, m, n] @ b [B, n, d] -> [B, m, d]."""
+    if a.shape[1] <= _SKINNY_ROWS:
+        return np.einsum("bmn,bnd->bmd", a, b)
+    return a @ b
 
 
 @dataclass
