@@ -129,7 +129,9 @@ class ModelConfig:
         if not text.get("enable_moe_block", bool(text.get("num_experts"))):
             raise ConfigError("only the Mixture-of-Experts Gemma 4 variant (enable_moe_block) is supported")
         if text.get("hidden_size_per_layer_input"):
-            raise ConfigError("per-layer input embeddings (hidden_size_per_layer_input > 0) are not supported")
+            raise ConfigError(
+                "per-layer input embeddings (hidden_size_per_layer_input > 0) are not supported"
+            )
         if text.get("num_kv_shared_layers"):
             raise ConfigError("KV-shared layers (num_kv_shared_layers > 0) are not supported")
         # transformers >= 5.2x serialises the full-attention geometry as `per_layer_config`

@@ -59,8 +59,7 @@ class LocalExperts:
     def _table(self, layer: int) -> kernels.ExpertTable:
         table = self._tables.get(layer)
         if table is None:
-            if layer not in self.layers:
-                raise ExpertOwnershipError(f"layer {layer} is not served here (layers {_ranges(self.layers)})")
+            self.check(layer, np.empty(0, dtype=np.int32))
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
             table = ef.table(self.experts)
