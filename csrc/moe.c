@@ -7,9 +7,10 @@
  *    and up rows of that slice and gelu(gate) * up. A top-8 batch of one token is 8 x 11 items,
  *    so every core streams weights and the last item costs little waiting. Then h -> Q8_K
  *    (K-quant down), padded with zeros to the down row length.
- * 4. Phase B, one work item per slice of output rows: every used expert's down rows of that slice,
- *    accumulated into out in a fixed expert order. Each output element is written by exactly one
- *    item, so results do not depend on the thread count.
+ * 4. Phase B, one work item per (expert, 256 output rows): a contiguous run of that expert's
+ *    down bytes (long runs keep the hardware prefetchers streaming), into a per-pair buffer.
+ * 5. Phase C: out[t] = sum of w * down over t's pairs in a fixed order. Every value is computed
+ *    by exactly one item in a fixed order, so results do not depend on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -19,7 +20,7 @@
 
 #define LQ_TCHUNK 64
 #define LQ_GU_ROWS 64   /* intermediate rows (gate + up pairs) per phase-A item */
-#define LQ_DOWN_ROWS 32 /* output rows per phase-B item */
+#define LQ_DOWN_ROWS 256 /* output rows per phase-B item (one expert's contiguous run) */
 
 static int64_t pad256(int64_t n) { return (n + QK_K - 1) / QK_K * QK_K; }
 
@@ -53,6 +54,8 @@ typedef struct {
     float *hf;              /* [np][ipad]: gelu(gate) * up, zero tail */
     block_q8_K *hq;         /* [np][nbi] */
     float *out;
+    float *dn;              /* [np][hidden]: each pair's down projection, before weighting */
+    int64_t np, n_down_slices;
     float *bf16_buf;        /* [threads][max(hidden, inter)]: a BF16 row widened to f32 */
     int64_t bf16_len;
 } moe_job;
@@ -117,32 +120,45 @@ static void quantize_h(void *p, int64_t q0, int64_t q1, int tid) {
     }
 }
 
+/* Phase B: one item per (expert, slice of LQ_DOWN_ROWS output rows), written to that pair's
+ * own row of dn, so each item streams one contiguous run of one expert's down bytes. */
 static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     moe_job *j = p;
     float d[LQ_TCHUNK];
     float *buf = j->bf16_buf ? j->bf16_buf + tid * j->bf16_len : NULL;
     for (int64_t item = i0; item < i1; item++) {
-        int64_t r0 = item * LQ_DOWN_ROWS;
+        const group *gr = &j->groups[item / j->n_down_slices];
+        const lq_expert *ex = &j->experts[gr->e];
+        int64_t r0 = (item % j->n_down_slices) * LQ_DOWN_ROWS;
         int64_t r1 = r0 + LQ_DOWN_ROWS < j->hidden ? r0 + LQ_DOWN_ROWS : j->hidden;
-        for (int64_t gi = 0; gi < j->n_groups; gi++) {
-            const group *gr = &j->groups[gi];
-            const lq_expert *ex = &j->experts[gr->e];
-            int fmt = ex->down_fmt;
-            int kq = lq_is_kquant(fmt);
-            size_t rb = lq_row_bytes(fmt, kq ? j->ipad : j->inter);
-            for (int64_t c0 = 0; c0 < gr->np; c0 += LQ_TCHUNK) {
-                int n = (int)(gr->np - c0 < LQ_TCHUNK ? gr->np - c0 : LQ_TCHUNK);
-                int64_t pc = gr->p0 + c0;
-                const block_q8_K *xq = kq ? j->hq + pc * j->nbi : NULL;
-                const float *xf = kq ? NULL : j->hf + pc * j->ipad;
-                for (int64_t r = r0; r < r1; r++) {
-                    const uint8_t *w = (const uint8_t *)ex->down + (size_t)r * rb;
-                    row_dot(j->k, fmt, w, j->inter, j->nbi, xq, xf, j->ipad, n, d, buf);
-                    for (int q = 0; q < n; q++)
-                        j->out[(int64_t)j->pair_t[pc + q] * j->hidden + r] += j->pair_w[pc + q] * d[q];
-                }
+        int fmt = ex->down_fmt;
+        int kq = lq_is_kquant(fmt);
+        size_t rb = lq_row_bytes(fmt, kq ? j->ipad : j->inter);
+        for (int64_t c0 = 0; c0 < gr->np; c0 += LQ_TCHUNK) {
+            int n = (int)(gr->np - c0 < LQ_TCHUNK ? gr->np - c0 : LQ_TCHUNK);
+            int64_t pc = gr->p0 + c0;
+            const block_q8_K *xq = kq ? j->hq + pc * j->nbi : NULL;
+            const float *xf = kq ? NULL : j->hf + pc * j->ipad;
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *w = (const uint8_t *)ex->down + (size_t)r * rb;
+                row_dot(j->k, fmt, w, j->inter, j->nbi, xq, xf, j->ipad, n, d, buf);
+                for (int q = 0; q < n; q++) j->dn[(pc + q) * j->hidden + r] = d[q];
             }
         }
+    }
+}
+
+/* Phase C: out[t] = sum over t's pairs of w * dn[pair], in pair order (fixed: experts ascending,
+ * then slot order), one item per slice of output rows. */
+static void phase_c(void *p, int64_t i0, int64_t i1, int tid) {
+    (void)tid;
+    moe_job *j = p;
+    int64_t r0 = i0 * LQ_DOWN_ROWS, r1 = i1 * LQ_DOWN_ROWS < j->hidden ? i1 * LQ_DOWN_ROWS : j->hidden;
+    for (int64_t q = 0; q < j->np; q++) {
+        float *o = j->out + (int64_t)j->pair_t[q] * j->hidden;
+        const float *dq = j->dn + q * j->hidden;
+        const float wq = j->pair_w[q];
+        for (int64_t r = r0; r < r1; r++) o[r] += wq * dq[r];
     }
 }
 
@@ -197,12 +213,13 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     block_q8_K *xgq = any_kq_gu ? malloc((size_t)(np * j.nbh) * sizeof(block_q8_K)) : NULL;
     float *xgf = any_f_gu ? malloc((size_t)(np * hidden) * sizeof(float)) : NULL;
     float *hf = calloc((size_t)(np * j.ipad), sizeof(float));
+    float *dn = malloc((size_t)(np * hidden) * sizeof(float));
     block_q8_K *hq = any_kq_down ? malloc((size_t)(np * j.nbi) * sizeof(block_q8_K)) : NULL;
     float *pad = any_kq_gu && j.hpad != hidden ? calloc((size_t)j.hpad, sizeof(float)) : NULL;
     j.bf16_len = hidden > inter ? hidden : inter;
     float *bf16_buf = any_bf16 ? malloc((size_t)(lq_get_num_threads() * j.bf16_len) * sizeof(float)) : NULL;
     int rc = LQ_OK;
-    if ((any_bf16 && !bf16_buf) || !pair_t || !pair_w || !groups || !fill || (any_kq_gu && (!xq || !xgq)) || (any_f_gu && !xgf) || !hf ||
+    if ((any_bf16 && !bf16_buf) || !pair_t || !pair_w || !groups || !fill || (any_kq_gu && (!xq || !xgq)) || (any_f_gu && !xgf) || !hf || !dn ||
         (any_kq_down && !hq) || (any_kq_gu && j.hpad != hidden && !pad)) {
         rc = LQ_E_NOMEM;
         goto done;
@@ -246,7 +263,11 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     j.bf16_buf = bf16_buf;
     lq_parallel_for(n_groups * j.n_slices, 1, phase_a, &j);
     if (any_kq_down) lq_parallel_for(np, 16, quantize_h, &j); /* 16 pairs or fewer: inline */
-    lq_parallel_for((hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS, 1, phase_b, &j);
+    j.dn = dn;
+    j.np = np;
+    j.n_down_slices = (hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS;
+    lq_parallel_for(n_groups * j.n_down_slices, 1, phase_b, &j);
+    lq_parallel_for(j.n_down_slices, np * LQ_DOWN_ROWS >= 65536 ? 1 : j.n_down_slices, phase_c, &j);
 done:
     free(start);
     free(pair_t);
@@ -257,6 +278,7 @@ done:
     free(xgq);
     free(xgf);
     free(hf);
+    free(dn);
     free(hq);
     free(pad);
     free(bf16_buf);
