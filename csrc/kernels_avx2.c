@@ -37,6 +37,14 @@ static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t 
     mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
 }
 
+/* sum of the 8 lanes of acc minus the 4 of acc_m (the min term), in a fixed order */
+static inline float q4k_finish(__m256 acc, __m128 acc_m) {
+    __m128 a = _mm_sub_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
 /* shuffle controls broadcasting int16 lane j of a 128-bit vector to all 16 lanes */
 static const uint8_t lane16_ctrl[8][32] __attribute__((aligned(32))) = {
 #define L(j) {2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, 2*j, 2*j+1, \
@@ -50,7 +58,8 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
                                                            int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[LQ_TMAX];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    __m128 acc_m[LQ_TMAX];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), acc_m[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
         uint32_t sc[2], mn[2];
@@ -78,13 +87,12 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
             /* the min term: sub-block j covers bsums 2j and 2j+1 */
             __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xb->bsums),
                                         _mm_loadu_si128((const __m128i *)(xb->bsums + 8)));
-            __m128i pm = _mm_madd_epi16(bs, mn16);
+            __m128 pm = _mm_cvtepi32_ps(_mm_madd_epi16(bs, mn16));
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * d), _mm256_cvtepi32_ps(sumi), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(xb->d * dmin), _mm256_cvtepi32_ps(_mm256_zextsi128_si256(pm)),
-                                      acc[t]);
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(xb->d * dmin), pm, acc_m[t]);
         }
     }
-    for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+    for (int t = 0; t < T; t++) out[t * out_stride] = q4k_finish(acc[t], acc_m[t]);
 }
 
 /* One activation row (decode): stream 64 values at a time instead of unpacking the whole block
@@ -119,10 +127,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), pm, acc_m);
     }
-    __m128 a = _mm_sub_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
+    return q4k_finish(acc, acc_m);
 }
 
 static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
@@ -238,45 +243,68 @@ static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
         q6k_rows(nb, (const block_q6_K *)w_row, x, x_stride, T, out, out_stride);
 }
 
-static void dot_f32(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
-                    int64_t out_stride) {
-    const float *w = (const float *)w_row;
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + t * x_stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-               a3 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 32 <= n; i += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(xt + i), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(xt + i + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(xt + i + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(xt + i + 24), a3);
-        }
-        for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(xt + i), a0);
-        float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        for (; i < n; i++) s += w[i] * xt[i];
-        out[t * out_stride] = s;
-    }
+/* Float rows: four activation rows at a time share each weight load (and f16 conversion); the
+ * rest one by one. Both paths sum every column in the same order (two 8-lane accumulators over
+ * 16-value steps, then the tail), so a column's result does not depend on how many columns came
+ * with it: a batch gives bit-identical results to one-at-a-time calls. */
+static inline __m256 ld_f32(const void *w, int64_t i) { return _mm256_loadu_ps((const float *)w + i); }
+static inline __m256 ld_f16(const void *w, int64_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
 }
+static inline float el_f32(const void *w, int64_t i) { return ((const float *)w)[i]; }
+static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const uint16_t *)w)[i]); }
 
-static void dot_f16(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
-                    int64_t out_stride) {
-    const uint16_t *w = (const uint16_t *)w_row;
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + t * x_stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
-            __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + i), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + i + 8), a1);
-        }
-        float s = hsum_ps(_mm256_add_ps(a0, a1));
-        for (; i < n; i++) s += lq_fp16_to_fp32(w[i]) * xt[i];
-        out[t * out_stride] = s;
+#define COL_FMA(k, off) a##k##off = _mm256_fmadd_ps(w##off, _mm256_loadu_ps(x##k + i + 8 * off), a##k##off)
+#define DEFINE_FLOAT_DOT(NAME, LD, EL)                                                                    \
+    static void NAME(int64_t n, const void *w, const float *x, int64_t x_stride, int T, float *out,       \
+                     int64_t out_stride) {                                                                \
+        int t = 0;                                                                                        \
+        for (; t + 4 <= T; t += 4) {                                                                      \
+            const float *x0 = x + t * x_stride, *x1 = x0 + x_stride, *x2 = x1 + x_stride,                 \
+                        *x3 = x2 + x_stride;                                                              \
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,      \
+                   a30 = a00, a31 = a00;                                                                  \
+            int64_t i = 0;                                                                                \
+            for (; i + 16 <= n; i += 16) {                                                                \
+                __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
+                COL_FMA(0, 0); COL_FMA(0, 1); COL_FMA(1, 0); COL_FMA(1, 1);                               \
+                COL_FMA(2, 0); COL_FMA(2, 1); COL_FMA(3, 0); COL_FMA(3, 1);                               \
+            }                                                                                             \
+            if (i + 8 <= n) {                                                                             \
+                __m256 w0 = LD(w, i);                                                                     \
+                COL_FMA(0, 0); COL_FMA(1, 0); COL_FMA(2, 0); COL_FMA(3, 0);                               \
+                i += 8;                                                                                   \
+            }                                                                                             \
+            float s0 = hsum_ps(_mm256_add_ps(a00, a01)), s1 = hsum_ps(_mm256_add_ps(a10, a11));           \
+            float s2 = hsum_ps(_mm256_add_ps(a20, a21)), s3 = hsum_ps(_mm256_add_ps(a30, a31));           \
+            for (; i < n; i++) {                                                                          \
+                float wi = EL(w, i);                                                                      \
+                s0 += wi * x0[i], s1 += wi * x1[i], s2 += wi * x2[i], s3 += wi * x3[i];                   \
+            }                                                                                             \
+            out[t * out_stride] = s0, out[(t + 1) * out_stride] = s1;                                     \
+            out[(t + 2) * out_stride] = s2, out[(t + 3) * out_stride] = s3;                               \
+        }                                                                                                 \
+        for (; t < T; t++) {                                                                              \
+            const float *x0 = x + t * x_stride;                                                           \
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00;                                                  \
+            int64_t i = 0;                                                                                \
+            for (; i + 16 <= n; i += 16) {                                                                \
+                __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
+                COL_FMA(0, 0); COL_FMA(0, 1);                                                             \
+            }                                                                                             \
+            if (i + 8 <= n) {                                                                             \
+                __m256 w0 = LD(w, i);                                                                     \
+                COL_FMA(0, 0);                                                                            \
+                i += 8;                                                                                   \
+            }                                                                                             \
+            float s0 = hsum_ps(_mm256_add_ps(a00, a01));                                                  \
+            for (; i < n; i++) s0 += EL(w, i) * x0[i];                                                    \
+            out[t * out_stride] = s0;                                                                     \
+        }                                                                                                 \
     }
-}
+
+DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32)
+DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16)
 
 /* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
  * MXCSR mode of cvtps2dq), d = amax/127. */
