@@ -268,7 +268,7 @@ def test_matmul_is_batch_invariant(fmt):
     for isa in K.available_isas():
         batch = run_isa(isa, lambda: K.matmul(m, x))
         for t in (0, 3, 5, 63, 64, 69):
-            assert np.array_equal(run_isa(isa, lambda: K.matmul(m, x[t])), batch[t]), (isa, t)
+            assert np.array_equal(run_isa(isa, lambda t=t: K.matmul(m, x[t])), batch[t]), (isa, t)
         assert np.array_equal(run_isa(isa, lambda: K.matmul(m, x[5:12])), batch[5:12]), isa
 
 
@@ -403,7 +403,7 @@ def test_moe_ffn_is_batch_invariant():
     for isa in K.available_isas():
         batch = run_isa(isa, lambda: K.moe_ffn(table, x, ids, w))
         for t in range(9):
-            alone = run_isa(isa, lambda: K.moe_ffn(table, x[t], ids[t], w[t]))
+            alone = run_isa(isa, lambda t=t: K.moe_ffn(table, x[t], ids[t], w[t]))
             assert np.array_equal(alone, batch[t]), (isa, t)
 
 
