@@ -185,3 +185,24 @@ def test_bad_inputs_are_clear_errors(f32_vindex):
         m.forward([], m.new_cache())
     with pytest.raises(ValueError, match="dispatch"):
         Gemma4Model(vx, dispatch="fast")
+
+
+def test_batch_dispatch_chunked_prefill_keeps_the_ring(tmp_path):
+    """Batch mode's first pass must not evict ring entries its second pass still needs.
+
+    With every per-expert scale zero the experts add nothing, so batch dispatch is exact for
+    any depth and must match transformers even for a second prompt chunk, longer than the
+    window, that starts mid-ring."""
+    model = build_model("small", 2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.router.per_expert_scale.zero_()
+    vx = open_vindex(extract(save_checkpoint(model, tmp_path / "ckpt"), tmp_path / "m.vindex",
+                             quant="f32", progress=False))
+    m = Gemma4Model(vx, dispatch="batch")
+    ids = prompt(5 + 12 + 3, seed=7)
+    cache = m.new_cache()
+    got = np.concatenate([m.forward(ids[:5], cache, all_logits=True),
+                          m.forward(ids[5:17], cache, all_logits=True),
+                          m.forward(ids[17:], cache, all_logits=True)])
+    assert rel_err(got, ref_logits(model, ids)) < 1e-4

@@ -212,6 +212,12 @@ class LayerCache:
         self.pos[slots] = positions
         self.used = max(self.used, int(slots.max()) + 1)
 
+    def copy(self) -> LayerCache:
+        new = LayerCache.__new__(LayerCache)
+        new.window, new.used = self.window, self.used
+        new.k, new.v, new.pos = self.k.copy(), self.v.copy(), self.pos.copy()
+        return new
+
     def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(k, v [kv_heads, n, head_dim], positions [n]) of every written slot."""
         n = self.used
@@ -456,11 +462,14 @@ class Gemma4Model:
         them (rewriting the KV entries pass 1 wrote at the same positions). Approximate: a
         layer's experts see a residual computed without the experts of the layers before it.
         """
+        # One decode token overwrites only its own slot, which pass 2 rewrites; a chunk of
+        # several could evict ring entries pass 2 still needs, so pass 1 writes to a copy.
+        scratch = cache.layers if h0.shape[0] == 1 else [lc.copy() for lc in cache.layers]
         work = []
         h = h0
         for lw in self.layers:
             zero = np.zeros_like(h)
-            h, ffn_in, route = self.layer(lw, h, positions, cache.layers[lw.index], moe_sum=zero)
+            h, ffn_in, route = self.layer(lw, h, positions, scratch[lw.index], moe_sum=zero)
             work.append((lw.index, ffn_in, route.ids, route.weights))
         moe = self.experts.forward_multi(work)
         if len(moe) != len(work):
