@@ -77,7 +77,10 @@ def generate(model, prompt_ids: Iterable[int], max_tokens: int, sampler: Sampler
     """Yield up to `max_tokens` new tokens after `prompt_ids`.
 
     cache: a KVCache to continue from (model.new_cache() if None); the prompt is appended at
-    its current length. logprobs: also report the top-K log-probabilities of each step (of the
+    its current length. The last yielded token has not been run through the model yet, so a
+    caller continuing a conversation on the same cache passes it at the head of the next
+    prompt (a stop token ends generation without being fed either).
+    logprobs: also report the top-K log-probabilities of each step (of the
     model's distribution, before temperature and filtering).
     """
     prompt = np.asarray(list(prompt_ids), dtype=np.int64)
