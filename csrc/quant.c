@@ -31,8 +31,8 @@ static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ?
  * The closed-form error uses sums only, so each candidate is one pass over 32 values.
  * The pass is written as 8 independent lanes (clamp in float, then round) so the compiler
  * vectorises it without changing a single rounding: results are the same on every machine. */
-#define Q4_KMIN (-2)
-#define Q4_KMAX 16
+#define Q4_KMIN (-1)
+#define Q4_KMAX 8
 
 /* 4-lane helpers in GCC's portable vector extension (SSE2 on x86-64, NEON on aarch64): each lane
  * does exactly the IEEE operations the scalar code would, so results do not depend on the ISA. */
@@ -105,6 +105,21 @@ static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
     *m_out = best_m;
 }
 
+/* sum (s*q - m - x)^2 over 32 values with q = clamp(round((x + m) / s), 0, 15) */
+static float q4_sub_error(const float *x, float s, float m) {
+    const float is = s > 0.f ? 1.f / s : 0.f;
+    const v4f vis = {is, is, is, is}, vs = {s, s, s, s}, vm = {m, m, m, m};
+    v4f acc = {0};
+    for (int i = 0; i < 32; i += 4) {
+        v4f xv;
+        memcpy(&xv, x + i, 16);
+        v4f q = round4(clamp4((xv + vm) * vis, 0.f, 15.f));
+        v4f e = vs * q - vm - xv;
+        acc += e * e;
+    }
+    return hsum4(acc);
+}
+
 static void quantize_block_q4k(const float *x, block_q4_K *y) {
     float sc[8], mn[8], max_sc = 0.f, max_mn = 0.f;
     for (int j = 0; j < 8; j++) {
@@ -121,6 +136,23 @@ static void quantize_block_q4k(const float *x, block_q4_K *y) {
     }
     y->d = lq_fp32_to_fp16(max_sc / 63.f);
     y->dmin = lq_fp32_to_fp16(max_mn / 63.f);
+    /* with the super-scales as stored, each sub-block's 6-bit scale and min can still move by one
+     * step either way: keep the pair with the smallest error on the requantised values */
+    float d = lq_fp16_to_fp32(y->d), dmin = lq_fp16_to_fp32(y->dmin);
+    for (int j = 0; j < 8; j++) {
+        float best = INFINITY;
+        int bs = ls[j], bm = lm[j];
+        for (int a = ls[j] - 1; a <= ls[j] + 1; a++) {
+            if (a < 0 || a > 63) continue;
+            for (int c = lm[j] - 1; c <= lm[j] + 1; c++) {
+                if (c < 0 || c > 63) continue;
+                float e = q4_sub_error(x + 32 * j, d * (float)a, dmin * (float)c);
+                if (e < best) best = e, bs = a, bm = c;
+            }
+        }
+        ls[j] = (uint8_t)bs;
+        lm[j] = (uint8_t)bm;
+    }
     /* ggml's 12-byte packing: 6-bit scales/mins 0..3 in bytes 0..7, 4..7 split into nibbles
      * of bytes 8..11 with their top two bits in the spare bits of bytes 0..7 */
     memset(y->scales, 0, 12);
@@ -134,13 +166,11 @@ static void quantize_block_q4k(const float *x, block_q4_K *y) {
             y->scales[j] |= (uint8_t)((lm[j] >> 4) << 6);
         }
     }
-    /* requantise with the scales as stored (f16 super-scales, 6-bit sub-scales) */
-    float d = lq_fp16_to_fp32(y->d), dmin = lq_fp16_to_fp32(y->dmin);
     uint8_t L[QK_K];
     for (int j = 0; j < 8; j++) {
         float s = d * (float)ls[j], m = dmin * (float)lm[j];
-        for (int i = 0; i < 32; i++)
-            L[32 * j + i] = s > 0.f ? (uint8_t)clampi(nearest_int((x[32 * j + i] + m) / s), 0, 15) : 0;
+        float is = s > 0.f ? 1.f / s : 0.f;
+        for (int i = 0; i < 32; i++) L[32 * j + i] = (uint8_t)clampi(nearest_int((x[32 * j + i] + m) * is), 0, 15);
     }
     for (int c = 0; c < 4; c++)
         for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + l + 32] << 4));
