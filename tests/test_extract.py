@@ -175,3 +175,21 @@ def test_corrupt_safetensors_header(tiny_checkpoint, tmp_path):
         extract(bad, tmp_path / "x.vindex", quant="f32", progress=False)
     with pytest.raises(VindexError, match="no such file"):
         extract(tmp_path / "nope", tmp_path / "x.vindex")
+
+
+def test_cli_extract_info_verify(tiny_checkpoint, tmp_path, capsys):
+    from larql.cli import main as cli
+
+    _, ckpt = tiny_checkpoint("no_keqv")
+    out = tmp_path / "c.vindex"
+    assert cli(["extract", str(ckpt), "-o", str(out), "--quant", "f16", "--lyrw-version", "1", "-q"]) == 0
+    assert open_vindex(out).expert_file(0).version == 1
+    assert cli(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "experts 0-3" in text and "LYRW         version 1" in text
+    assert cli(["verify", "-q", str(out)]) == 0
+    (out / "norms.bin").write_bytes(b"\0" * (out / "norms.bin").stat().st_size)
+    assert cli(["verify", "-q", str(out)]) == 1
+    assert "norms.bin: sha256" in capsys.readouterr().err
+    assert cli(["extract", str(tmp_path / "missing"), "-o", str(tmp_path / "m.vindex"), "-q"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err

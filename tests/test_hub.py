@@ -239,6 +239,22 @@ def test_publish_then_pull_presets(hub, vindex, tmp_path):
     assert verify(out2, progress=False) == []
 
 
+def test_cli_publish_and_pull(hub, vindex, tmp_path, capsys):
+    from larql.cli import main as cli
+
+    assert cli(["publish", str(vindex), "--repo", "me/cli-vindex"]) == 0
+    assert "published me/cli-vindex" in capsys.readouterr().out
+    assert cli(["pull", "me/cli-vindex", "-o", str(tmp_path / "p"), "--preset", "embed"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_file()) == [
+        "embeddings.bin",
+        "index.json",
+        "tokenizer.json",
+    ]
+    with pytest.raises(SystemExit):  # argparse rejects an unknown preset before any download
+        cli(["pull", "me/cli-vindex", "-o", str(tmp_path / "q"), "--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
 def test_pull_missing_repo_and_non_vindex(hub, tmp_path):
     from huggingface_hub.errors import HfHubHTTPError
 
