@@ -160,7 +160,10 @@ def write_vindex(
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a complete vindex for `config` from `source` into `out` (atomically)."""
+    """Write a complete vindex for `config` from `source` into `out` (atomically).
+
+    `tokenizer_json` is a path to a tokenizer.json or its bytes; `threads` sizes the C quantiser's
+    pool for q4k (default: its current size); `overwrite` replaces an existing `out`."""
     if quant not in QUANTS:
         raise VindexError(f"unknown --quant {quant!r} (choose from {', '.join(QUANTS)})")
     if lyrw_version not in (1, 2):
