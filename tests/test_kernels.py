@@ -405,6 +405,13 @@ def test_moe_ffn_is_batch_invariant():
         for t in range(9):
             alone = run_isa(isa, lambda t=t: K.moe_ffn(table, x[t], ids[t], w[t]))
             assert np.array_equal(alone, batch[t]), (isa, t)
+    # more tokens on one expert than a kernel call takes (64): the pairs are chunked
+    x = rng.standard_normal((70, 512)).astype(np.float32)
+    ids = np.stack([[0, 1 + t % 5] for t in range(70)]).astype(np.int32)
+    w = rng.random((70, 2)).astype(np.float32)
+    batch = K.moe_ffn(table, x, ids, w)
+    for t in (0, 1, 63, 64, 65, 69):
+        assert np.array_equal(K.moe_ffn(table, x[t], ids[t], w[t]), batch[t]), t
 
 
 def test_moe_ffn_bad_ids_raise_and_zero_out():
