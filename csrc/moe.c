@@ -32,7 +32,7 @@ static int valid_weight_fmt(int f) {
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f; /* sqrt(2 / pi) */
     const float kappa = 0.044715f;
-    float inner = beta * (x + kappa * x * x * x);
+    float inner = beta * (x + kappa * (x * x * x)); /* torch groups the cube first */
     return 0.5f * x * (1.f + tanhf(inner));
 }
 
