@@ -277,3 +277,45 @@ def test_ranges():
     for bad in ("3-1", "a-b", "0-200"):
         with pytest.raises(VindexError):
             fm.parse_ranges(bad, 128)
+
+
+def test_reference_style_vindex_opens(small, tmp_path):
+    """What the reference writes: LYRW v1, index.json with only its own fields, weight_manifest
+    entries without `format`, lm_head_q4.bin named in the manifest. It must open and serve."""
+    cfg, src = small
+    d = write_vindex(tmp_path / "ref.vindex", cfg, src, quant="q4k", progress=False, lyrw_version=1)
+    idx = json.loads((d / "index.json").read_text())
+    for ours in ("layers_present", "experts_present", "expert_fingerprint", "larql_format", "checksums"):
+        idx.pop(ours)
+    idx["source"] = {"extracted_at": "2026-01-01T00:00:00Z", "larql_version": "0.4.0"}
+    (d / "index.json").write_text(json.dumps(idx))
+    wm = json.loads((d / "weight_manifest.json").read_text())
+    for e in wm:
+        e.pop("format", None)
+    from larql import kernels
+
+    lm = kernels.quantize(src.get("embed_tokens.weight"), kernels.Q4_K)
+    (d / "lm_head_q4.bin").write_bytes(lm.tobytes())
+    wm.append(
+        {
+            "key": "lm_head.weight",
+            "kind": "tensor_q4k",
+            "shape": [cfg.vocab_size, 256],
+            "offset": 0,
+            "length": int(lm.nbytes),
+            "file": "lm_head_q4.bin",
+        }
+    )
+    (d / "weight_manifest.json").write_text(json.dumps(wm))
+    vx = open_vindex(d)
+    assert vx.layers_present == list(range(cfg.num_layers))  # discovered from layers/
+    assert vx.experts_present == list(range(cfg.num_experts))
+    assert vx.expert_file(0).version == 1 and vx.expert_file(0).entry(0).gate_up_off == 24 + 32 * 8
+    fp = vx.expert_fingerprint()
+    assert len(fp) == 64 and fp == open_vindex(d).expert_fingerprint()
+    assert vx.attn(5).v is None and vx.attn(0).v.fmt == fm.Q6_K
+    assert np.array_equal(vx.norm("layers.1.router.scale"), src.get("layers.1.router.scale"))
+    head = vx.lm_head()
+    assert head is not None and head.fmt == fm.Q4_K and head.rows == cfg.vocab_size
+    with pytest.raises(VindexError, match="no checksums"):
+        verify(d, progress=False)
