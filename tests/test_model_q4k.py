@@ -5,15 +5,19 @@ embeddings are decoded and loaded back into the torch model, so weight rounding 
 both sides and what remains is ours alone: the kernels round each activation vector to Q8_K
 (int8 per block of 256 with one f32 scale) before the integer dot products.
 
-Error budget (derived, not observed): Q8_K rounds x_j to a step d = amax/127, an error uniform
-in +-d/2, rms d/sqrt(12) = amax/440. A matvec's output error relative to its output is then
-about that over rms(x): (amax/rms)/440. Normed activations have amax/rms ~3 (64-256 Gaussian-ish
-values); the down projections read gelu(gate)*up, heavier-tailed, amax/rms up to ~8: 0.7-1.8% per
-matmul. One layer stacks these stages in sequence: q/k/v (~1%), which the attention softmax
-amplifies (scale 1.0 on unit-rms heads: scores of order head_dim, so a sharp softmax moves by
-up to ~3x its inputs' relative error), then o (~1%); the FFNs read that residual and add their
-own gate/up and down stages (~1% + 1.8%, experts alike). Summed without any cancellation that
-is about 1 + 3 + 1 + 1 + 1.8 = 7.8%: the per-layer bound below is 8% (rms over the layer output).
+Error budget per branch (derived, not observed): Q8_K rounds x_j to a step d = amax/127, an
+error uniform in +-d/2, rms d/sqrt(12) = amax/440. A matvec's output error relative to its
+output is then about that over rms(x): (amax/rms)/440. Normed activations have amax/rms ~3
+(64-256 Gaussian-ish values); the down projections read gelu(gate)*up, heavier-tailed, amax/rms
+up to ~8: 0.7-1.8% per matmul. The dense MLP and each expert chain two quantised stages
+(gate/up, then down): <= 1% + 1.8% ~ 2.8%. Attention chains q/k/v (~1%), which the softmax
+amplifies (scale 1.0 on unit-rms heads: scores of order head_dim, so a sharp softmax moves by up
+to ~3x its inputs' relative error), then o (~1%): <= 4%. The bound below is 5% per branch.
+The router's projection is f32 (exact path), so with the same input it must pick the same experts.
+
+Whole layers are not bounded separately: the post-norms renormalise sums of branches that can nearly
+cancel in a random model (post_feedforward_layernorm(m1 + m2)), which scales any error up by
+how much they cancel, a property of the random weights rather than of our arithmetic.
 
 End to end, random tiny models are chaotic (each layer amplifies a perturbation ~2-3x), so no
 fixed logit bound is meaningful there. The end-to-end check is relative instead: activation
@@ -35,7 +39,7 @@ from larql.vindex import open_vindex
 from larql.vindex.extract import extract
 
 CONFIGS = ["small", "no_keqv", "wide"]
-LAYER_RMS_BOUND = 0.08
+BRANCH_RMS_BOUND = 0.05
 
 
 def _deq(qm) -> np.ndarray:
@@ -101,14 +105,29 @@ def rms_rel(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_each_layer_within_the_q8k_budget(q4k, name, capsys):
-    """Every layer, fed the reference's own input, reproduces the reference's output."""
+def test_each_branch_within_the_q8k_budget(q4k, name, capsys):
+    """Attention, dense MLP, router and experts of every layer, each fed the reference's own
+    inputs, reproduce the reference's outputs."""
     _, ref, vx = q4k(name)
     ids = prompt(2 * vx.config.sliding_window + 3, seed=10)
-    captured: list[tuple[np.ndarray, np.ndarray]] = []
-    hooks = [layer.register_forward_hook(
-        lambda mod, args, out: captured.append((args[0][0].numpy().copy(), out[0].numpy().copy())))
-        for layer in ref.model.layers]
+    cap: dict = {}
+
+    def hook(key, kwargs=False):
+        def fn(mod, args, *rest):
+            out = rest[-1]
+            if kwargs:
+                args = (rest[0]["hidden_states"],)
+            cap.setdefault(key, []).append(([a.numpy().copy() if torch.is_tensor(a) else a for a in args],
+                                            out))
+        return fn
+
+    hooks = []
+    for layer in ref.model.layers:
+        hooks += [layer.self_attn.register_forward_hook(hook("attn", True), with_kwargs=True),
+                  layer.pre_feedforward_layernorm.register_forward_hook(hook("resid")),
+                  layer.mlp.register_forward_hook(hook("mlp")),
+                  layer.router.register_forward_hook(hook("router")),
+                  layer.experts.register_forward_hook(hook("experts"))]
     try:
         with torch.no_grad():
             ref(torch.tensor([ids]))
@@ -117,15 +136,28 @@ def test_each_layer_within_the_q8k_budget(q4k, name, capsys):
             h.remove()
     m = Gemma4Model(vx)
     positions = np.arange(len(ids))
-    cache = m.new_cache()
-    errs = []
-    for lw, (h_in, h_out) in zip(m.layers, captured, strict=True):
-        got, _, _ = m.layer(lw, h_in, positions, cache.layers[lw.index])
-        errs.append(rms_rel(got, h_out))
+    errs: dict[str, list[float]] = {"attention": [], "dense MLP": [], "experts": []}
+    for lw in m.layers:
+        i = lw.index
+        (x,), attn_out = cap["attn"][i]
+        got = m.attention(lw, x[0], positions, m.new_cache().layers[i])
+        errs["attention"].append(rms_rel(got, attn_out[0][0].numpy()))
+        (h,), _ = cap["resid"][i]
+        h = h[0]
+        errs["dense MLP"].append(rms_rel(m.dense_mlp(lw, h), cap["mlp"][i][1][0].numpy()))
+        _, (_, ref_w, ref_ids) = cap["router"][i]
+        route = m.route(lw, h)
+        assert np.array_equal(route.ids, ref_ids.numpy()), f"layer {i}: router picked other experts"
+        np.testing.assert_allclose(route.weights, ref_w.numpy(), rtol=1e-5, atol=1e-6)
+        moe = m.experts.forward(i, h, route.ids, route.weights)
+        errs["experts"].append(rms_rel(moe, cap["experts"][i][1].numpy()))
     with capsys.disabled():
-        print(f"\n[q4k] {name}: per-layer rms relative error vs dequantised reference "
-              + " ".join(f"{e:.4f}" for e in errs))
-    assert max(errs) < LAYER_RMS_BOUND
+        for k, v in errs.items():
+            print(f"\n[q4k] {name}: {k} rms relative error per layer " + " ".join(f"{e:.4f}" for e in v),
+                  end="")
+        print()
+    for k, v in errs.items():
+        assert max(v) < BRANCH_RMS_BOUND, (k, v)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
