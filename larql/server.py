@@ -73,6 +73,7 @@ class Stats:
         self.tokens = 0
         self.connections = 0
         self.open_connections = 0
+        self.backpressure = 0          # times a connection's reading paused for a slow reader
         self._lat_us: deque[float] = deque(maxlen=20000)
 
     def latency(self, seconds: float) -> None:
@@ -91,6 +92,7 @@ class Stats:
             "compute_s": round(self.compute_s, 6), "kernel_calls": self.kernel_calls,
             "expert_requests": self.expert_requests, "tokens": self.tokens,
             "connections": self.connections, "open_connections": self.open_connections,
+            "backpressure": self.backpressure,
             "p50_us": round(pct(50), 1), "p99_us": round(pct(99), 1),
             "latency_samples": len(self._lat_us),
         }
@@ -424,7 +426,8 @@ class _Conn(asyncio.Protocol):
         self.greeted = False
         self.inflight = 0
         self.requests = 0
-        self.paused = False
+        self.paused = False          # reading paused: too many requests in flight
+        self.write_paused = False    # reading paused: the client is not reading its replies
         self.closed = False
 
     # asyncio callbacks ---------------------------------------------------------------------
@@ -466,6 +469,19 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
+
+    # A client that sends requests but does not read the replies fills our write buffer; stop
+    # reading its requests until it catches up, so its backlog cannot grow without bound.
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.srv.stats.backpressure += 1
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closed and not self.paused:
+            self.transport.resume_reading()
 
     # requests ------------------------------------------------------------------------------
     def _send(self, msg: dict) -> None:
@@ -610,7 +626,8 @@ class _Conn(asyncio.Protocol):
             self.transport.pause_reading()
         elif self.paused and self.inflight < MAX_INFLIGHT_PER_CONN // 2:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.write_paused:
+                self.transport.resume_reading()
 
     def _warmup(self, rid: int) -> None:
         srv = self.srv

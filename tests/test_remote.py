@@ -373,3 +373,37 @@ def test_large_work_is_split_to_fit_the_servers_frame_limit(vx):
         assert srv.server.stats.snapshot()["errors"] == 0
     finally:
         srv.stop()
+
+
+def test_client_that_does_not_read_replies_is_throttled_not_fatal(tmp_path):
+    # transport behaviour: one weight format is enough
+    vx = open_vindex(build_demo_vindex(tmp_path / "v", quant="f32",
+                                       config=demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK)))
+    srv = ExpertServer(open_vindex(vx.path))
+    h_ = srv.start_in_thread("127.0.0.1", 0)
+    try:
+        s = socket.create_connection((h_.host, h_.port), timeout=30)
+        s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
+        h, ids, w = routing(512, 21)         # 128 KiB replies: 24 MiB in all, beyond socket buffers
+        frame = b"".join(P.encode_frame({"op": "experts", "id": i, **P.encode_work(0, h, ids, w)})
+                         for i in range(1, 193))
+        sender = threading.Thread(target=s.sendall, args=(frame,))
+        sender.start()
+        deadline = time.monotonic() + 60      # not reading until the server pushes back
+        while srv.stats.backpressure == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats.backpressure >= 1     # it stopped reading the greedy client ...
+        with connect_shards(f"0-7={h_.address}", vx, timeout=10) as rx:   # ... and serves others
+            rx.forward(1, *routing(1, 3))
+        ref = LocalExperts(vx).forward(0, h, ids, w)
+        reader, got = P.FrameReader(), set()
+        while len(got) < 193:
+            for body in reader.feed(s.recv(1 << 20)):
+                rep = P.decode_body(body)
+                if rep["id"]:
+                    np.testing.assert_array_equal(P.decode_result(P.check_reply(rep), 512, H), ref)
+                got.add(rep["id"])
+        sender.join(10)
+        s.close()
+    finally:
+        h_.stop()
