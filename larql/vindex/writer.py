@@ -427,6 +427,9 @@ def _write_layers(
             digest = _write_layer(root, c, source, layer, p, lyrw_version, pool, tick)
             checksums[fm.layer_file(layer)] = digest
             fp_hash.update(f"{layer}:{digest}".encode())
+            release = getattr(source, "release", None)
+            if release is not None:  # e.g. drop a mapped source's touched pages from our RSS
+                release()
 
 
 def _write_layer(
