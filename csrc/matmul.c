@@ -67,9 +67,10 @@ static void mm_range(void *p, int64_t r0, int64_t r1, int tid) {
     free(tmp);
 }
 
-/* rows per work item: enough bytes that the atomic hand-out is noise, small enough to balance */
+/* rows per work item: enough bytes (16 KiB) that the atomic hand-out is noise, small enough that
+ * the items balance and a worker the OS preempts mid-item holds the caller up only briefly */
 static int64_t row_grain(size_t row_bytes, int64_t rows) {
-    int64_t g = (int64_t)(65536 / (row_bytes ? row_bytes : 1));
+    int64_t g = (int64_t)(16384 / (row_bytes ? row_bytes : 1));
     if (g < 1) g = 1;
     int n = lq_get_num_threads();
     int64_t even = (rows + 4 * n - 1) / (4 * n); /* at least ~4 items per thread */

@@ -3,6 +3,9 @@
 Prints the machine's read bandwidth (numpy sum over ~2 GiB, best of 3, one thread and all threads),
 then for each kernel its time, GB/s of weight bytes streamed, and the ratios
   x bw     kernel GB/s / measured read bandwidth (same thread count): how close to the memory limit,
+  x sum    numpy-sum time / ours for as many cold bytes (one thread or split over the threads,
+           whichever is faster), timed call by call between the kernel's calls: the same ratio,
+           robust to a shared machine's changing load,
   x numpy  numpy time / ours, numpy = larql's dequantiser then a numpy matmul on the f32 weights,
   x ggml   ggml time / ours for ggml_vec_dot_q4_K_q8_K / _q6_K_ on the same bytes (when llama-cpp-python
            is installed; see docs/KERNELS.md), driven row by row from C so Python costs nothing.
@@ -19,6 +22,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,14 +165,22 @@ def load_ggml(libdir: str | Path | None = None) -> Ggml | None:
 
 def median_time(fn: Callable[[int], object], repeat: int, warmup: int = 3) -> float:
     """Median seconds of fn(i) over `repeat` calls (i counts up so callers can cycle their inputs)."""
+    return median_times([fn], repeat, warmup)[0]
+
+
+def median_times(fns: list[Callable[[int], object]], repeat: int, warmup: int = 3) -> list[float]:
+    """Median seconds of each fn(i), the functions called in turn so that a shared machine's load
+    drifting over time affects each alike."""
     for i in range(warmup):
-        fn(i)
-    times = []
+        for fn in fns:
+            fn(i)
+    times: list[list[int]] = [[] for _ in fns]
     for i in range(warmup, warmup + repeat):
-        t0 = time.perf_counter_ns()
-        fn(i)
-        times.append(time.perf_counter_ns() - t0)
-    return statistics.median(times) * 1e-9
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter_ns()
+            fn(i)
+            ts.append(time.perf_counter_ns() - t0)
+    return [statistics.median(ts) * 1e-9 for ts in times]
 
 
 @dataclass
@@ -179,17 +191,57 @@ class Result:
     bandwidth: float
     numpy_seconds: float | None = None
     ggml_seconds: float | None = None
+    sum_seconds: float | None = None
 
     def row(self) -> str:
         gbs = self.nbytes / self.seconds / 1e9
         cells = [f"{self.name:<44}", f"{self.seconds * 1e6:9.1f} us", f"{gbs:7.2f}",
                  f"{gbs * 1e9 / self.bandwidth:7.2f}"]
+        cells.append(f"{self.sum_seconds / self.seconds:7.2f}" if self.sum_seconds else f"{'-':>7}")
         cells.append(f"{self.numpy_seconds / self.seconds:8.2f}" if self.numpy_seconds else f"{'-':>8}")
         cells.append(f"{self.ggml_seconds / self.seconds:7.2f}" if self.ggml_seconds else f"{'-':>7}")
         return "  ".join(cells)
 
 
-HEADER = f"{'kernel':<44}  {'time':>12}  {'GB/s':>7}  {'x bw':>7}  {'x numpy':>8}  {'x ggml':>7}"
+HEADER = (f"{'kernel':<44}  {'time':>12}  {'GB/s':>7}  {'x bw':>7}  {'x sum':>7}  {'x numpy':>8}  "
+          f"{'x ggml':>7}")
+
+
+def _quiet_sum(a: np.ndarray) -> float:
+    with np.errstate(all="ignore"):  # the bytes are quantised weights, not meaningful floats
+        return float(a.sum())
+
+
+class ColdSum:
+    """numpy summing as many cold bytes of the bank as a kernel call reads: timed call by call
+    between the kernel's calls, it is a read-bandwidth baseline that sees the same moment-to-moment
+    load as the kernel on a shared machine (the `x sum` column). With threads > 1 both one thread
+    and a split over the threads are timed and the faster counts."""
+
+    def __init__(self, bank: ExpertBank, threads: int) -> None:
+        self.f32 = bank.buf[: bank.buf.size // 4 * 4].view(np.float32)
+        self.bank = bank
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def _region(self, start_expert: int, nbytes: int) -> np.ndarray:
+        n = nbytes // 4
+        start = (start_expert % self.bank.n) * self.bank.expert_bytes // 4
+        return self.f32[0 if start + n > self.f32.size else start:][:n]
+
+    def fns(self, start: Callable[[int], int], nbytes: Callable[[int], int]) -> list[Callable[[int], object]]:
+        """The timed functions of call i: summing nbytes(i) bytes from expert start(i)."""
+        def one(i: int) -> None:
+            _quiet_sum(self._region(start(i), nbytes(i)))
+
+        def split(i: int) -> None:  # numpy releases the GIL inside the reduction
+            list(self.pool.map(_quiet_sum, np.array_split(self._region(start(i), nbytes(i)), self.threads)))
+
+        return [one] if self.pool is None else [one, split]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 # ---- the cases ------------------------------------------------------------------------------
@@ -210,22 +262,27 @@ def matvec_case(bank: ExpertBank, which: str, threads: int, bandwidth: float, re
     def ours(i: int) -> None:
         lib.lq_matmul_q8k(m0.fmt, ptrs[(i * stride) % bank.n], m0.rows, m0.cols, xq_p, 1, y_p)
 
+    cold_sum = ColdSum(bank, threads)  # a quarter of the bank away from ours
+    sums = cold_sum.fns(lambda i: i * stride + bank.n // 4, lambda i: m0.data.size)
+
     K.set_num_threads(threads)
     try:
-        t = median_time(ours, repeat)
-        res = Result(f"{K.FORMAT_NAMES[m0.fmt]} {m0.rows}x{m0.cols} matvec ({which}), {threads} thr",
-                     t, m0.data.size, bandwidth)
-        if ggml is not None:
+        name = f"{K.FORMAT_NAMES[m0.fmt]} {m0.rows}x{m0.cols} matvec ({which}), {threads} thr"
+        if ggml is None:
+            t, *t_sums = median_times([ours, *sums], repeat)
+            res = Result(name, t, m0.data.size, bandwidth, sum_seconds=min(t_sums))
+        else:
             gq = ggml.quantize_q8k(x)
             gq_p = ffi.cast("void *", gq.ctypes.data)
             fn = ffi.cast("void *", ggml.dot[m0.fmt])
             rb = K.row_bytes(m0.fmt, m0.cols)
 
-            def theirs(i: int) -> None:
-                w_p = ptrs[(i * stride) % bank.n]
+            def theirs(i: int) -> None:  # half the bank away from ours: cold as well
+                w_p = ptrs[(i * stride + bank.n // 2) % bank.n]
                 lib.lq_bench_vec_dot(fn, m0.cols, w_p, rb, m0.rows, gq_p, y_p, threads > 1)
 
-            res.ggml_seconds = median_time(theirs, repeat)
+            t, t_ggml, *t_sums = median_times([ours, theirs, *sums], repeat)
+            res = Result(name, t, m0.data.size, bandwidth, ggml_seconds=t_ggml, sum_seconds=min(t_sums))
             # sanity: both kernels compute the same product
             lib.lq_matmul_q8k(m0.fmt, ptrs[0], m0.rows, m0.cols, xq_p, 1, y_p)
             ref = y.copy()
@@ -241,6 +298,7 @@ def matvec_case(bank: ExpertBank, which: str, threads: int, bandwidth: float, re
             res.numpy_seconds = median_time(baseline, max(3, repeat // 5), warmup=1)
     finally:
         K.set_num_threads(0)
+        cold_sum.close()
     return res
 
 
@@ -267,12 +325,15 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bandwidth: float, repeat: i
         rc = lib.lq_moe_ffn(table._c, table.n_experts, HIDDEN, INTER, x_p, T, TOP_K, ids_p, w_p, o_p)
         assert rc == 0
 
+    cold_sum = ColdSum(bank, threads)  # the same number of bytes, half the bank away from ours
+    sums = cold_sum.fns(lambda i: i * span + bank.n // 2, lambda i: calls[i % len(calls)][1])
+
     K.set_num_threads(threads)
     try:
-        t = median_time(ours, repeat)
+        t, *t_sums = median_times([ours, *sums], repeat)
         nbytes = int(statistics.mean(n for _, n in calls))
         res = Result(f"top-{TOP_K} expert FFN, T={T}, {K.FORMAT_NAMES[bank.fmt]}, {threads} thr", t, nbytes,
-                     bandwidth)
+                     bandwidth, sum_seconds=min(t_sums))
         if with_numpy:
             def baseline(i: int) -> None:
                 ids, _ = calls[i % len(calls)]
@@ -290,6 +351,7 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bandwidth: float, repeat: i
             res.numpy_seconds = median_time(baseline, max(3, repeat // 10), warmup=1)
     finally:
         K.set_num_threads(0)
+        cold_sum.close()
     return res
 
 
