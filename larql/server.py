@@ -75,15 +75,22 @@ class Stats:
         self.open_connections = 0
         self.backpressure = 0          # times a connection's reading paused for a slow reader
         self._lat_us: deque[float] = deque(maxlen=20000)
+        self._compute_us: deque[float] = deque(maxlen=20000)
 
     def latency(self, seconds: float) -> None:
         self._lat_us.append(seconds * 1e6)
 
+    def compute(self, seconds: float) -> None:
+        self.compute_s += seconds
+        self.kernel_calls += 1
+        self._compute_us.append(seconds * 1e6)
+
     def snapshot(self) -> dict:
         lat = np.fromiter(self._lat_us, dtype=np.float64) if self._lat_us else None
+        comp = np.fromiter(self._compute_us, dtype=np.float64) if self._compute_us else None
 
-        def pct(q: float) -> float:
-            return float(np.percentile(lat, q)) if lat is not None else 0.0
+        def pct(q: float, a=lat) -> float:
+            return float(np.percentile(a, q)) if a is not None else 0.0
 
         return {
             "uptime_s": round(time.time() - self.started, 3),
@@ -94,6 +101,7 @@ class Stats:
             "connections": self.connections, "open_connections": self.open_connections,
             "backpressure": self.backpressure,
             "p50_us": round(pct(50), 1), "p99_us": round(pct(99), 1),
+            "compute_p50_us": round(pct(50, comp), 1), "compute_p99_us": round(pct(99, comp), 1),
             "latency_samples": len(self._lat_us),
         }
 
@@ -205,8 +213,7 @@ class LayerBatcher:
                     j.fut.set_exception(exc)
         else:
             y, dt = result
-            self.stats.compute_s += dt
-            self.stats.kernel_calls += 1
+            self.stats.compute(dt)
             self.stats.expert_requests += len(jobs)
             row = 0
             for j in jobs:

@@ -127,14 +127,14 @@ def bench_rtt(args, path: Path, vx) -> None:
         for s in servers:
             s.stop()
     lp50, rp50 = pct(t_local, 50), pct(t_remote, 50)
-    kernel_us = stats["compute_s"] / max(1, stats["kernel_calls"]) * 1e6
     print("\n== one layer, top-8 experts, 1 token (hidden 2816, 704-wide Q4_K experts), interleaved ==")
     print(f"{'':26}{'p50 us':>10}{'p99 us':>10}")
     print(f"{'in process (baseline)':26}{lp50:10.0f}{pct(t_local, 99):10.0f}")
     print(f"{'loopback larql serve':26}{rp50:10.0f}{pct(t_remote, 99):10.0f}")
     print(f"{'protocol ping (health)':26}{pct(t_ping, 50):10.0f}{pct(t_ping, 99):10.0f}")
     print(f"overhead at p50: {rp50 - lp50:.0f} us (target < 100 us); remote/in-process = {rp50 / lp50:.2f}x")
-    print(f"server side: p50 {stats['p50_us']:.0f} us per request, mean kernel time {kernel_us:.0f} us")
+    print(f"server side: p50 {stats['p50_us']:.0f} us per request, of which compute (norm + kernel) "
+          f"p50 {stats['compute_p50_us']:.0f} us")
 
 
 def bench_throughput(args, path: Path, vx) -> None:
