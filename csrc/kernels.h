@@ -69,6 +69,7 @@ static inline int lq_is_kquant(int fmt) { return fmt == LQ_Q4_K || fmt == LQ_Q6_
  * ranges covering [0, n), each at most `grain` long; the calling thread works too. Jobs from
  * concurrent callers are serialised. 0 <= thread_id < lq_get_num_threads(). */
 typedef void (*lq_range_fn)(void *ctx, int64_t begin, int64_t end, int thread_id);
+#define LQ_MAX_THREADS 256 /* thread_id < LQ_MAX_THREADS always */
 void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
 
 /* Scalar block quantisers / dequantisers (quant.c); n is a multiple of QK_K. */

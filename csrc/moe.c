@@ -217,7 +217,9 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     block_q8_K *hq = any_kq_down ? malloc((size_t)(np * j.nbi) * sizeof(block_q8_K)) : NULL;
     float *pad = any_kq_gu && j.hpad != hidden ? calloc((size_t)j.hpad, sizeof(float)) : NULL;
     j.bf16_len = hidden > inter ? hidden : inter;
-    float *bf16_buf = any_bf16 ? malloc((size_t)(lq_get_num_threads() * j.bf16_len) * sizeof(float)) : NULL;
+    /* sized for the most threads the pool can ever have, so a concurrent resize cannot outgrow it
+     * (untouched pages cost nothing) */
+    float *bf16_buf = any_bf16 ? malloc((size_t)(LQ_MAX_THREADS * j.bf16_len) * sizeof(float)) : NULL;
     int rc = LQ_OK;
     if ((any_bf16 && !bf16_buf) || !pair_t || !pair_w || !groups || !fill || (any_kq_gu && (!xq || !xgq)) || (any_f_gu && !xgf) || !hf || !dn ||
         (any_kq_down && !hq) || (any_kq_gu && j.hpad != hidden && !pad)) {

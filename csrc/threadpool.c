@@ -22,7 +22,6 @@
 
 #include "kernels.h"
 
-#define LQ_MAX_THREADS 256
 #define GEN_SHIFT 40 /* next = gen << 40 | index: jobs have fewer than 2^40 items */
 #define INDEX_MASK ((1ull << GEN_SHIFT) - 1)
 
