@@ -206,3 +206,18 @@ def test_batch_dispatch_chunked_prefill_keeps_the_ring(tmp_path):
                           m.forward(ids[5:17], cache, all_logits=True),
                           m.forward(ids[17:], cache, all_logits=True)])
     assert rel_err(got, ref_logits(model, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("block", [1, 7])
+def test_query_blocks_and_window_slicing(f32_vindex, monkeypatch, block):
+    """Prefill in query blocks (each block of a sliding layer reads only its window's keys)."""
+    from larql.models import gemma4
+
+    model, vx = f32_vindex("no_keqv")
+    monkeypatch.setattr(gemma4, "QUERY_BLOCK", block)
+    ids = prompt(4 * vx.config.sliding_window + 1, seed=8)
+    m = Gemma4Model(vx)
+    cache = m.new_cache()
+    got = np.concatenate([m.forward(ids[:9], cache, all_logits=True),
+                          m.forward(ids[9:], cache, all_logits=True)])
+    assert rel_err(got, ref_logits(model, ids)) < 1e-4

@@ -271,16 +271,23 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos
     for s in range(0, T, QUERY_BLOCK):
         qb = q[s:s + QUERY_BLOCK]
         tb = qb.shape[0]
-        dist = q_pos[s:s + tb, None] - k_pos[None, :]
-        visible = (dist >= 0) & (k_pos[None, :] >= 0)
+        kb, vb, kp = k, v, k_pos
+        if window and k.shape[1] > tb + window:
+            # A long prompt on a sliding layer: this block only sees the keys of its window,
+            # so prefill stays linear in the prompt length.
+            lo, hi = q_pos[s] - window + 1, q_pos[s + tb - 1]
+            idx = np.nonzero((k_pos >= lo) & (k_pos <= hi))[0]
+            kb, vb, kp = k[:, idx], v[:, idx], k_pos[idx]
+        dist = q_pos[s:s + tb, None] - kp[None, :]
+        visible = (dist >= 0) & (kp[None, :] >= 0)
         if window:
             visible &= dist < window
         # [T, heads, d] -> [kvh, g*T, d]: query head h reads kv head h // g.
         qg = qb.reshape(tb, kvh, g, d).transpose(1, 2, 0, 3).reshape(kvh, g * tb, d)
-        scores = _bmm_t(qg, k).reshape(kvh, g, tb, -1)
+        scores = _bmm_t(qg, kb).reshape(kvh, g, tb, -1)
         scores = np.where(visible, scores, np.float32(-np.inf))
         probs = softmax(scores).reshape(kvh, g * tb, -1)
-        a = _bmm(probs, v).reshape(kvh, g, tb, d)
+        a = _bmm(probs, vb).reshape(kvh, g, tb, d)
         out[s:s + tb] = a.transpose(2, 0, 1, 3).reshape(tb, heads * d)
     return out
 
