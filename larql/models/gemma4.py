@@ -352,6 +352,7 @@ class Gemma4Model:
         self.final_norm = vindex.norm("norm.weight")
         self.eps = np.float32(cfg.rms_norm_eps)
         self.layers = [load_layer(vindex, i) for i in range(cfg.num_layers)]
+        self._rope_cache: dict = {}
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg)
@@ -379,7 +380,7 @@ class Gemma4Model:
         q = matmul(lw.q, x).reshape(T, cfg.num_heads, d)
         k_raw = matmul(lw.k, x).reshape(T, lw.kv_heads, d)
         v = k_raw if lw.k_eq_v else matmul(lw.v, x).reshape(T, lw.kv_heads, d)
-        cos, sin = rope_tables(positions, lw.inv_freq)
+        cos, sin = self._rope(positions, lw)
         q = apply_rope(rms_norm(q, lw.q_norm, self.eps), cos, sin)
         k = apply_rope(rms_norm(k_raw, lw.k_norm, self.eps), cos, sin)
         v = rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
@@ -399,6 +400,15 @@ class Gemma4Model:
             keys, vals, kpos = cache.view()
             a = attend(q, keys, vals, positions, kpos, window)
         return matmul(lw.o, a)
+
+    def _rope(self, positions: np.ndarray, lw: LayerWeights) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin for these positions, computed once per forward call and layer type."""
+        key = (lw.full, lw.head_dim)
+        hit = self._rope_cache.get(key)
+        if hit is None or hit[0] is not positions:
+            hit = (positions, *rope_tables(positions, lw.inv_freq))
+            self._rope_cache[key] = hit
+        return hit[1], hit[2]
 
     # -- feed-forward ----------------------------------------------------------------------
     def dense_mlp(self, lw: LayerWeights, h: np.ndarray) -> np.ndarray:
