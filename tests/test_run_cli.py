@@ -89,3 +89,58 @@ def test_bad_input_is_a_clear_error(vindex_path, tmp_path):
     assert r.returncode == 1 and "top_p" in r.stderr
     r = larql_run(str(vindex_path), "x", "--moe-dispatch", "fast")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import socket
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"expert server exited: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"no expert server on port {port}")
+
+
+def test_moe_shards_over_loopback_match_local_experts(vindex_path):
+    """Two real `larql serve` processes, each owning half the experts: same tokens as in process,
+    in exact and in batch dispatch."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ports, procs = [_free_port(), _free_port()], []
+    try:
+        for port, experts in zip(ports, ("0-3", "4-7"), strict=True):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "larql", "serve", str(vindex_path), "--experts", experts,
+                 "--host", "127.0.0.1", "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
+        for port, proc in zip(ports, procs, strict=True):
+            _wait_listening(port, proc)
+        spec = f"0-3=127.0.0.1:{ports[0]},4-7=127.0.0.1:{ports[1]}"
+        for dispatch in ("exact", "batch"):
+            base = [str(vindex_path), "The capital of France is", "-n", "10", "--json",
+                    "--moe-dispatch", dispatch]
+            local = json.loads(larql_run(*base).stdout)
+            remote = larql_run(*base, "--moe-shards", spec)
+            assert remote.returncode == 0, remote.stderr
+            assert json.loads(remote.stdout)["tokens"] == local["tokens"], dispatch
+        # A shard map that leaves experts unserved is refused before any work.
+        r = larql_run(str(vindex_path), "x", "--moe-shards", f"0-3=127.0.0.1:{ports[0]}")
+        assert r.returncode == 1 and "4-7" in r.stderr
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
