@@ -28,6 +28,16 @@ static inline float hsum_ps(__m256 v) {
 /* The 8 six-bit scales and 8 mins of a Q4_K block, unpacked to bytes (ggml's 12-byte packing:
  * bytes 0-3 scales 0-3, bytes 4-7 mins 0-3, bytes 8-11 the low nibbles of scales/mins 4-7 whose
  * top two bits sit in the spare bits 6-7 of bytes 0-3 / 4-7). */
+/* acc + scale * (float)(sum of the 8 int32 lanes of v), the lanes added exactly in integers.
+ * Kept in xmm registers: a scalar int -> float conversion would merge into (and wait for) the
+ * previous accumulator, serialising the blocks. */
+static inline __m128 acc_block(__m128 acc, float scale, __m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_add_ss(acc, _mm_mul_ss(_mm_set_ss(scale), _mm_cvtepi32_ps(s)));
+}
+
 static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
     uint32_t u[3];
     memcpy(u, s, 12);
@@ -154,8 +164,8 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    __m256 acc[LQ_TMAX];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    __m128 acc[LQ_TMAX];
+    for (int t = 0; t < T; t++) acc[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         __m256i q[8], scale[8]; /* q[m]: unsigned 6-bit values 32m..32m+31 */
@@ -181,22 +191,26 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
             __m256i sumi = _mm256_setzero_si256();
             for (int m = 0; m < 8; m++) {
                 __m256i y = _mm256_loadu_si256((const __m256i *)(xb->qs + 32 * m));
-                __m256i p = _mm256_maddubs_epi16(q[m], y); /* <= 2*63*127: no saturation */
+                __m256i p = _mm256_maddubs_epi16(q[m], y); /* <= 2*63*128: no saturation */
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale[m]));
             }
             /* the stored values are q + 32: subtract 32 * sum_g scale_g * bsum_g */
             __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
             sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(off, 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * d), _mm256_cvtepi32_ps(sumi), acc[t]);
+            acc[t] = acc_block(acc[t], xb->d * d, sumi);
         }
     }
-    for (int t = 0; t < T; t++) out[t * out_stride] = hsum_ps(acc[t]);
+    for (int t = 0; t < T; t++) out[t * out_stride] = _mm_cvtss_f32(acc[t]);
 }
 
-/* One activation row: 128 values (4 registers of quants) at a time. */
+/* One activation row: 128 values (4 registers of quants) at a time.
+ * Q6_K values are stored as q + 32 and the 32 * activation part is taken back through the bsums,
+ * so the 8 int32 lanes hold large partial sums that cancel only across lanes: they are added in
+ * integers (exact) before the one float multiply-add per block, exactly the scalar kernel's
+ * arithmetic, so the result is bit-identical to it and never loses the cancellation to rounding. */
 static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    __m256 acc = _mm256_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         const block_q8_K *xb = &x[b];
@@ -229,10 +243,9 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
             s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(
                                           _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(ys + 96))), k3));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(xb->d * _cvtsh_ss(wb->d)), _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)),
-                              acc);
+        acc = acc_block(acc, xb->d * _cvtsh_ss(wb->d), _mm256_add_epi32(s0, s1));
     }
-    return hsum_ps(acc);
+    return _mm_cvtss_f32(acc);
 }
 
 static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
