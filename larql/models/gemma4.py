@@ -199,6 +199,14 @@ class LayerCache:
 
     def write(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """positions [T]; k, v [T, kv_heads, head_dim]. A ring keeps only the last `window`."""
+        if len(positions) == 1 and (self.window or positions[0] < self.k.shape[1]):
+            p = int(positions[0])
+            slot = p % self.window if self.window else p
+            self.k[:, slot] = k[0]
+            self.v[:, slot] = v[0]
+            self.pos[slot] = p
+            self.used = max(self.used, slot + 1)
+            return
         if self.window:
             keep = slice(max(0, len(positions) - self.window), None)
             positions, k, v = positions[keep], k[keep], v[keep]
@@ -416,18 +424,18 @@ class Gemma4Model:
         return matmul(lw.down, gelu_tanh(matmul(lw.gate, x)) * matmul(lw.up, x))
 
     def route(self, lw: LayerWeights, h: np.ndarray) -> RouteResult:
-        """Router on the raw residual: softmax over all experts, top-k, renormalise, per-expert scale."""
+        """Router on the raw residual: softmax over all experts, top-k, renormalise, per-expert scale.
+
+        Softmax-then-renormalise over the top k equals a softmax over the top k logits alone
+        (the other experts' terms cancel), so only k exponentials are taken.
+        """
         r = rms_norm(h, None, self.eps) * lw.router_scale
-        probs = softmax(matmul(lw.router, r))
+        logits = matmul(lw.router, r)
         k = self.cfg.top_k
-        ids = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
-        w = np.take_along_axis(probs, ids, axis=-1)
-        order = np.argsort(-w, axis=-1, kind="stable")  # descending, like torch.topk
-        ids = np.take_along_axis(ids, order, axis=-1)
-        w = np.take_along_axis(w, order, axis=-1)
-        w = w / np.sum(w, axis=-1, keepdims=True)
-        w = w * lw.per_expert_scale[ids]
-        return RouteResult(ids.astype(np.int32), w.astype(np.float32))
+        ids = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+        top = np.take_along_axis(logits, ids, axis=-1)
+        w = softmax(top) * lw.per_expert_scale[ids]
+        return RouteResult(ids.astype(np.int32), w.astype(np.float32, copy=False))
 
     def run_experts(self, lw: LayerWeights, h: np.ndarray, route: RouteResult) -> np.ndarray:
         return self.experts.forward(lw.index, h, route.ids, route.weights)
