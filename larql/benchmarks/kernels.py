@@ -170,16 +170,18 @@ def median_time(fn: Callable[[int], object], repeat: int, warmup: int = 3) -> fl
 
 def median_times(fns: list[Callable[[int], object]], repeat: int, warmup: int = 3) -> list[float]:
     """Median seconds of each fn(i), the functions called in turn so that a shared machine's load
-    drifting over time affects each alike."""
+    drifting over time affects each alike. The order rotates every round, so each function is
+    equally often the one that follows a pause (and wakes the thread pool's sleeping workers)."""
     for i in range(warmup):
         for fn in fns:
             fn(i)
     times: list[list[int]] = [[] for _ in fns]
     for i in range(warmup, warmup + repeat):
-        for fn, ts in zip(fns, times, strict=True):
+        for k in range(len(fns)):
+            j = (k + i) % len(fns)
             t0 = time.perf_counter_ns()
-            fn(i)
-            ts.append(time.perf_counter_ns() - t0)
+            fns[j](i)
+            times[j].append(time.perf_counter_ns() - t0)
     return [statistics.median(ts) * 1e-9 for ts in times]
 
 
@@ -281,8 +283,12 @@ def matvec_case(bank: ExpertBank, which: str, threads: int, bandwidth: float, re
                 w_p = ptrs[(i * stride + bank.n // 2) % bank.n]
                 lib.lq_bench_vec_dot(fn, m0.cols, w_p, rb, m0.rows, gq_p, y_p, threads > 1)
 
-            t, t_ggml, *t_sums = median_times([ours, theirs, *sums], repeat)
-            res = Result(name, t, m0.data.size, bandwidth, ggml_seconds=t_ggml, sum_seconds=min(t_sums))
+            # ours against ggml, then ours against the numpy sums: two separate alternations, so
+            # that the sums' Python threads do not disturb the kernel-to-kernel comparison
+            t, t_ggml = median_times([ours, theirs], repeat)
+            t2, *t_sums = median_times([ours, *sums], repeat)
+            res = Result(name, t, m0.data.size, bandwidth, ggml_seconds=t_ggml,
+                         sum_seconds=min(t_sums) * t / t2)
             # sanity: both kernels compute the same product
             lib.lq_matmul_q8k(m0.fmt, ptrs[0], m0.rows, m0.cols, xq_p, 1, y_p)
             ref = y.copy()
