@@ -38,8 +38,8 @@ def add_commands(sub) -> None:
                     "(each owning half of the experts), generates through them and checks the tokens "
                     "equal in-process experts.",
     )
-    d.add_argument("--prompt", default="The capital of France is")
-    d.add_argument("--max-tokens", type=int, default=24)
+    d.add_argument("--prompt", default="The capital of France is", help="prompt text")
+    d.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default 24)")
     d.add_argument("--shards", type=int, default=2, help="expert servers to start (default 2)")
     d.add_argument("--dispatch", choices=["exact", "batch"], default="exact",
                    help="exact: one round trip per layer; batch: one per token (approximate)")

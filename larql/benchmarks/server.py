@@ -25,7 +25,9 @@ import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", default="all", choices=["all", "rtt", "throughput", "e2e"])
+    p.add_argument("--what", default="all", choices=["all", "rtt", "throughput", "e2e"],
+                   help="rtt: one layer's round trip vs in process; throughput: requests/s with many "
+                        "connections; e2e: decode tok/s with two shards (default all)")
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
                    help="where the synthetic vindex is written (reused between runs)")
     p.add_argument("--layers", type=int, default=2, help="layers of the synthetic vindex (default 2)")
