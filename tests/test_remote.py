@@ -407,3 +407,24 @@ def test_client_that_does_not_read_replies_is_throttled_not_fatal(tmp_path):
         s.close()
     finally:
         h_.stop()
+
+
+def test_sync_client_works_inside_a_running_event_loop(vx):
+    """Called from asyncio code, the sync API hops to a helper thread instead of failing."""
+    srv = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
+    try:
+        rx = connect_shards(f"0-7={srv.address}", vx, timeout=10)
+        h, ids, w = routing(2, 6)
+
+        async def inside():
+            return rx.forward(1, h, ids, w)
+
+        try:
+            y = asyncio.run(inside())
+            np.testing.assert_array_equal(y, rx.forward(1, h, ids, w))
+        finally:
+            rx.close()
+        with pytest.raises(ShardError, match="closed"):
+            rx.forward(1, h, ids, w)
+    finally:
+        srv.stop()
