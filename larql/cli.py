@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# The C kernels run their own thread pool; a multi-threaded BLAS under numpy would fight it
+# for the same cores on the small products the model leaves to numpy. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 COMMAND_MODULES = [
     "larql.vindex.commands",   # extract, slice, pull, publish, info, verify

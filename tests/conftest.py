@@ -18,7 +18,7 @@ def tiny_checkpoint(tmp_path_factory):
     cache: dict = {}
 
     def make(name: str = "small", seed: int = 0, dtype: str = "float32", **overrides):
-        key = (name, seed, dtype, tuple(sorted(overrides.items())))
+        key = (name, seed, dtype, repr(sorted(overrides.items())))
         if key not in cache:
             model = build_model(name, seed, **overrides)
             out = tmp_path_factory.mktemp(f"ckpt-{name}-{seed}-{dtype}")
