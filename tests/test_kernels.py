@@ -511,3 +511,47 @@ def test_pool_works_in_a_forked_child():
     got = os.read(r, 1) if ready else b"timeout"
     os.waitpid(pid, 0)
     assert got == b"1"
+
+
+def test_matmul_q8k_equals_matmul_on_the_same_activations():
+    rng = np.random.default_rng(16)
+    for fmt in (K.Q4_K, K.Q6_K):
+        m = K.as_qmatrix(rng.standard_normal((40, 768)).astype(np.float32), fmt)
+        x = rng.standard_normal((5, 700)).astype(np.float32)
+        xq = K.quantize_q8k(np.pad(x, ((0, 0), (0, 68))))
+        assert np.array_equal(K.matmul_q8k(m, xq, 5), K.matmul(m, x))
+        with pytest.raises(K.KernelError, match="activation bytes"):
+            K.matmul_q8k(m, xq[:4], 5)
+    with pytest.raises(K.KernelError, match="Q4_K or Q6_K"):
+        K.matmul_q8k(K.as_qmatrix(np.zeros((2, 256), np.float32), K.F32), np.zeros(292, np.uint8), 1)
+
+
+def test_expert_table_over_a_read_only_mmap(tmp_path):
+    """The server's case: expert bytes in a file mapped read-only, at unaligned offsets."""
+    import mmap
+
+    rng = np.random.default_rng(17)
+    hidden, inter = 512, 200
+    specs, blobs, off = [], [b"LYRW-header"], len(b"LYRW-header")
+    for _ in range(3):
+        qg = K.quantize((rng.standard_normal((2 * inter, hidden)) * 0.05).astype(np.float32), K.Q4_K)
+        qd = K.quantize((rng.standard_normal((hidden, inter)) * 0.05).astype(np.float32), K.Q6_K)
+        specs.append((off, off + qg.size))
+        blobs += [qg.tobytes(), qd.tobytes()]
+        off += qg.size + qd.size
+    path = tmp_path / "layer_00.weights"
+    path.write_bytes(b"".join(blobs))
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    in_memory = K.ExpertTable(hidden, inter, [(data, g, K.Q4_K, d, K.Q6_K) for g, d in specs])
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = K.ExpertTable(hidden, inter, [(mm, g, K.Q4_K, d, K.Q6_K) for g, d in specs])
+    x = rng.standard_normal((2, hidden)).astype(np.float32)
+    ids = np.array([[0, 2], [1, 0]], np.int32)
+    w = np.array([[0.7, 0.3], [0.5, 0.5]], np.float32)
+    assert np.array_equal(K.moe_ffn(mapped, x, ids, w), K.moe_ffn(in_memory, x, ids, w))
+    # the table holds the mapping open: it cannot be closed under the kernel's feet
+    with pytest.raises(BufferError):
+        mm.close()
+    del mapped
+    mm.close()
