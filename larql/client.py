@@ -53,10 +53,15 @@ class ShardSpec:
     first: int
     last: int
     replicas: list[tuple[str, int]]
+    layers: tuple[int, int] | None = None   # inclusive layer range; None = every layer
 
     @property
     def label(self) -> str:
-        return f"{self.first}-{self.last}"
+        lr = f"@{self.layers[0]}-{self.layers[1]}" if self.layers else ""
+        return f"{self.first}-{self.last}{lr}"
+
+    def serves(self, layer: int) -> bool:
+        return self.layers is None or self.layers[0] <= layer <= self.layers[1]
 
     def __str__(self) -> str:
         return f"{self.label}=" + "|".join(f"{h}:{p}" for h, p in self.replicas)
@@ -92,8 +97,26 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_shards(spec: str, num_experts: int) -> list[ShardSpec]:
-    """'0-63=a:1,64-127=b:2|c:3' -> [ShardSpec], validated to cover 0..num_experts-1 exactly once."""
+def _int_range(text: str, entry: str, what: str) -> tuple[int, int]:
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            lo, hi = int(a), int(b)
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise ShardSpecError(f"shard entry {entry!r}: bad {what} range {text!r} (expected A-B)") from None
+    if lo > hi:
+        raise ShardSpecError(f"shard entry {entry!r}: {what} range start {lo} is after its end {hi}")
+    return lo, hi
+
+
+def parse_shards(spec: str, num_experts: int, num_layers: int | None = None) -> list[ShardSpec]:
+    """'0-63=a:1,64-127=b:2|c:3' -> [ShardSpec], validated so that every layer's experts
+    0..num_experts-1 are served exactly once.
+
+    An entry may name a layer range, 'EXPERTS@LAYERS=ADDR' (e.g. '0-127@0-14=a:1,0-127@15-29=b:1'),
+    for servers started with --layers. Without num_layers only the named layers are checked."""
     if not spec or not spec.strip():
         raise ShardSpecError("empty shard map: expected e.g. '0-63=host:port,64-127=host:port'")
     shards: list[ShardSpec] = []
@@ -104,33 +127,39 @@ def parse_shards(spec: str, num_experts: int) -> list[ShardSpec]:
         rng, sep, addrs = entry.partition("=")
         if not sep or not addrs.strip():
             raise ShardSpecError(f"shard entry {entry!r}: expected RANGE=HOST:PORT (e.g. 0-63=10.0.0.5:8080)")
-        rng = rng.strip()
-        try:
-            if "-" in rng:
-                a, b = rng.split("-", 1)
-                first, last = int(a), int(b)
-            else:
-                first = last = int(rng)
-        except ValueError:
-            raise ShardSpecError(f"shard entry {entry!r}: bad expert range {rng!r} (expected A-B)") from None
-        if first > last:
-            raise ShardSpecError(f"shard entry {entry!r}: range start {first} is after its end {last}")
+        rng, at, lrng = rng.strip().partition("@")
+        first, last = _int_range(rng.strip(), entry, "expert")
         if first < 0 or last >= num_experts:
             raise ShardSpecError(
                 f"shard entry {entry!r}: experts {first}-{last} outside 0-{num_experts - 1} "
                 f"(the model has {num_experts} experts)")
+        layers = None
+        if at:
+            layers = _int_range(lrng.strip(), entry, "layer")
+            if layers[0] < 0 or (num_layers is not None and layers[1] >= num_layers):
+                limit = f"0-{num_layers - 1}" if num_layers is not None else "0-"
+                raise ShardSpecError(f"shard entry {entry!r}: layers {layers[0]}-{layers[1]} outside {limit}")
         replicas = [parse_address(a) for a in addrs.split("|")]
-        shards.append(ShardSpec(first, last, replicas))
-    shards.sort(key=lambda s: s.first)
-    expect = 0
-    for s in shards:
-        if s.first > expect:
-            raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{s.first - 1} unserved")
-        if s.first < expect:
-            raise ShardSpecError(f"shard map {spec!r}: range {s.label} overlaps an earlier range")
-        expect = s.last + 1
-    if expect != num_experts:
-        raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{num_experts - 1} unserved")
+        shards.append(ShardSpec(first, last, replicas, layers))
+    shards.sort(key=lambda s: (s.first, s.layers or (0, 0)))
+    if num_layers is not None:
+        check = range(num_layers)
+    else:  # without the model's depth: every layer some entry names (or layer 0)
+        check = sorted({0} | {x for s in shards if s.layers for x in range(s.layers[0], s.layers[1] + 1)})
+    for layer in check:
+        expect = 0
+        at_layer = f" at layer {layer}" if any(s.layers for s in shards) else ""
+        for s in (s for s in shards if s.serves(layer)):
+            if s.first > expect:
+                raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{s.first - 1} unserved"
+                                     f"{at_layer}")
+            if s.first < expect:
+                raise ShardSpecError(f"shard map {spec!r}: range {s.label} overlaps an earlier range"
+                                     f"{at_layer}")
+            expect = s.last + 1
+        if expect != num_experts:
+            raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{num_experts - 1} unserved"
+                                 f"{at_layer}")
     return shards
 
 
@@ -386,7 +415,8 @@ class AsyncExpertClient:
             raise ShardSpecError(f"{where} does not hold experts {P.ranges_text(missing)} "
                                  f"(it serves experts {P.ranges_text(sorted(experts))})")
         layers = set(P.from_ranges(info.get("layers"), me.num_layers, "layers"))
-        if missing := sorted(set(range(me.num_layers)) - layers):
+        need = range(spec.layers[0], spec.layers[1] + 1) if spec.layers else range(me.num_layers)
+        if missing := sorted(set(need) - layers):
             raise ShardSpecError(f"{where} does not hold layers {P.ranges_text(missing)} "
                                  f"(it serves layers {P.ranges_text(sorted(layers))})")
         encs = info.get("encodings")
@@ -510,6 +540,8 @@ class AsyncExpertClient:
                              f"match hidden={self.identity.hidden}")
         jobs, where = [], []
         for si, sh in enumerate(self.shards):
+            if not sh.spec.serves(layer):
+                continue
             part = split_work(ids, weights, sh.spec.first, sh.spec.last)
             if part is None:
                 continue
@@ -547,6 +579,8 @@ class AsyncExpertClient:
             budget = self._frame_budget(sh)
             items, where, size = [], [], 0
             for wi, (layer, h, ids, w) in enumerate(prepared):
+                if not sh.spec.serves(layer):
+                    continue
                 part = split_work(ids, w, sh.spec.first, sh.spec.last)
                 if part is None:
                     continue
@@ -638,7 +672,10 @@ class RemoteExperts:
 
         try:
             asyncio.get_running_loop()
+            inside_loop = True
         except RuntimeError:
+            inside_loop = False
+        if not inside_loop:
             return run()
         from concurrent.futures import ThreadPoolExecutor
 
@@ -701,7 +738,7 @@ def async_client(spec: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  encoding: str = "f32") -> AsyncExpertClient:
     """An unconnected AsyncExpertClient for a shard map (await `.connect()` on your loop)."""
-    shards = parse_shards(spec, vindex.config.num_experts)
+    shards = parse_shards(spec, vindex.config.num_experts, vindex.config.num_layers)
     quantize = _q8k_quantizer(vindex) if encoding == "q8k" else None
     return AsyncExpertClient(shards, ModelIdentity.from_vindex(vindex), timeout=timeout,
                              connect_timeout=connect_timeout, encoding=encoding, quantize=quantize)

@@ -135,6 +135,17 @@ def test_parse_shards_ok():
     assert [(x.first, x.last) for x in parse_shards("0=a:1,1-7=b:2", 8)] == [(0, 0), (1, 7)]
 
 
+def test_parse_shards_with_layer_ranges():
+    s = parse_shards("0-63@0-14=a:1,64-127@0-14=b:1,0-127@15-29=c:1|d:2", 128, 30)
+    assert [x.label for x in s] == ["0-63@0-14", "0-127@15-29", "64-127@0-14"]
+    assert s[1].serves(15) and not s[1].serves(14) and s[0].serves(0)
+    for spec, needle in (("0-127@0-14=a:1", "0-127 unserved at layer 15"),
+                         ("0-127@0-14=a:1,0-127@14-29=b:1", "overlaps an earlier range at layer 14"),
+                         ("0-127@0-30=a:1", "outside 0-29"), ("0-127@x=a:1", "bad layer range")):
+        with pytest.raises(ShardSpecError, match=needle):
+            parse_shards(spec, 128, 30)
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("", "empty"),
     ("0-63=a:1", "64-127 unserved"),                 # gap at the end

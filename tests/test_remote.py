@@ -428,3 +428,32 @@ def test_sync_client_works_inside_a_running_event_loop(vx):
             rx.forward(1, h, ids, w)
     finally:
         srv.stop()
+
+
+def test_layer_split_shards(vx):
+    """Servers started with --layers, named with EXPERTS@LAYERS in the shard map."""
+    def start(**kw):
+        return ExpertServer(open_vindex(vx.path), **kw).start_in_thread("127.0.0.1", 0)
+
+    l0_lo, l0_hi, l1 = start(experts=range(0, 4), layers=[0]), start(experts=range(4, 8), layers=[0]), \
+        start(layers=[1])
+    try:
+        spec = f"0-3@0={l0_lo.address},4-7@0-0={l0_hi.address},0-7@1={l1.address}"
+        with connect_shards(spec, vx, timeout=10) as rx:
+            for layer, ranges in ((0, [(0, 3), (4, 7)]), (1, [(0, 7)])):
+                h, ids, w = routing(5, 30 + layer)
+                np.testing.assert_array_equal(rx.forward(layer, h, ids, w),
+                                              sharded_local(vx, ranges, layer, h, ids, w))
+            work = [(layer, *routing(2, 50 + layer)) for layer in range(L)]
+            ys = rx.forward_multi(work)
+            for (layer, h, ids, w), y in zip(work, ys, strict=True):
+                np.testing.assert_array_equal(y, rx.forward(layer, h, ids, w))
+        for s in (l0_lo, l0_hi, l1):            # each server only ever saw its own layer
+            assert s.server.stats.snapshot()["errors"] == 0
+        with pytest.raises(ShardSpecError, match="unserved at layer 1"):
+            connect_shards(f"0-3@0={l0_lo.address},4-7@0={l0_hi.address}", vx, timeout=5)
+        with pytest.raises(ShardSpecError, match="does not hold layers 0"):
+            connect_shards(f"0-7@0-1={l1.address}", vx, timeout=5)
+    finally:
+        for s in (l0_lo, l0_hi, l1):
+            s.stop()
