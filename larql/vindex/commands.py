@@ -18,6 +18,7 @@ def _extract(args) -> int:
         lyrw_version=args.lyrw_version,
         threads=args.threads,
         overwrite=args.force,
+        lm_head=args.lm_head,
     )
     print(f"wrote {out}")
     return 0
@@ -102,6 +103,14 @@ def add_commands(sub) -> None:
         choices=[1, 2],
         default=2,
         help="expert file layout: 2 = page-aligned experts (default), 1 = the reference's packing",
+    )
+    p.add_argument(
+        "--lm-head",
+        choices=["tied", "q4k", "q6k"],
+        default=None,
+        help="LM head: q4k = Q4_K copy of the embeddings in lm_head_q4.bin (default for --quant q4k, "
+        "as the reference; ~3.6x fewer bytes read per token than the f16 tie), q6k = Q6_K in "
+        "lm_head_q6k.bin, tied = logits from the embeddings (default for f16/f32: exact)",
     )
     p.add_argument("--threads", type=int, default=None, help="quantisation threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")

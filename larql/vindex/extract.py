@@ -18,7 +18,9 @@ def extract(
     lyrw_version: int = 2,
     threads: int | None = None,
     overwrite: bool = False,
+    lm_head: str | None = None,
 ) -> Path:
+    """`lm_head`: "tied", "q4k" or "q6k"; None = q4k for --quant q4k (as the reference), else tied."""
     config, source, info = open_source(src)
     return write_vindex(
         out,
@@ -32,5 +34,6 @@ def extract(
         model_name=info.model_name,
         threads=threads,
         overwrite=overwrite,
+        lm_head=lm_head,
         source_info={"kind": info.kind, "path": str(Path(src).resolve()), **info.extra},
     )

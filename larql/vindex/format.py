@@ -22,7 +22,8 @@ EMBEDDINGS_BIN = "embeddings.bin"
 TOKENIZER_JSON = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 LAYERS_DIR = "layers"
-LM_HEAD_Q4 = "lm_head_q4.bin"
+LM_HEAD_Q4 = "lm_head_q4.bin"  # the reference's name; it holds Q4_K (not Q4_0) despite the name
+LM_HEAD_Q6K = "lm_head_q6k.bin"  # ours: a file the reference does not look for (it then uses the tie)
 
 # (blob, manifest) per precision. q4k names are the reference's; the float names are ours.
 ATTN_FILES = {
@@ -61,6 +62,10 @@ BLOCKS = {
     Q8_0: (32, 34),
     Q5_K: (256, 176),
 }
+# A separate (untied) LM head: file and weight_manifest.json `kind` per format. "tensor_q4k" is
+# the reference's kind; "tensor_q6k" is ours.
+LM_HEAD_FILES = {Q4_K: LM_HEAD_Q4, Q6_K: LM_HEAD_Q6K}
+LM_HEAD_KINDS = {Q4_K: "tensor_q4k", Q6_K: "tensor_q6k"}
 # What this implementation can compute with (FP4 is recognised but not served).
 SUPPORTED = {F32, F16, BF16, Q4_K, Q6_K}
 

@@ -276,7 +276,7 @@ class Vindex:
         fmt_name = raw.get("format") or default_fmt
         if fmt_name is None:
             kind = raw.get("kind", "")
-            fmt_name = {"tensor_q4k": "Q4_K", "tensor_f16": "f16"}.get(
+            fmt_name = {"tensor_q4k": "Q4_K", "tensor_q6k": "Q6_K", "tensor_f16": "f16"}.get(
                 kind, self.dtype if kind == "tensor" else "f32"
             )
         fmt = fm.format_id(fmt_name)
@@ -357,6 +357,17 @@ class Vindex:
                 raise VindexError(
                     f"{self.path / ent.file}: entry {key!r} has shape {list(ent.shape)}, "
                     f"index.json implies [{rows}, {cols}]"
+                )
+        head = self._lm_head
+        if head is not None:
+            where = f"{self.path / fm.WEIGHT_MANIFEST}: entry 'lm_head.weight' ({head.file})"
+            if head.fmt not in fm.SUPPORTED:
+                raise VindexError(f"{where} is {fm.FORMAT_NAMES[head.fmt]}, which larql cannot compute")
+            H = c.hidden_size
+            cols_ok = (H, fm.padded_cols(head.fmt, H))
+            if len(head.shape) != 2 or head.shape[0] != c.vocab_size or head.shape[1] not in cols_ok:
+                raise VindexError(
+                    f"{where} has shape {list(head.shape)}, index.json implies [{c.vocab_size}, {H}]"
                 )
         for key, ent in self._vectors.items():
             n = int(np.prod(ent.shape))
@@ -462,10 +473,24 @@ class Vindex:
         )
 
     def lm_head(self):
+        """The separate LM head named by weight_manifest.json, or None: tied to the embeddings.
+
+        A head file without a manifest entry (very old reference writers) is ignored: its size
+        cannot tell Q4_K from Q4_0, and the tie is always right for Gemma 4."""
         ent = self._lm_head
         if ent is None:
             return None
+        if not (self.path / ent.file).exists():
+            raise VindexError(
+                f"{self.path / ent.file}: missing (the LM head named by {fm.WEIGHT_MANIFEST}); "
+                "slice with a preset that carries lm_head (client, all)"
+            )
         return self._qm(ent, self.config.hidden_size)
+
+    @property
+    def lm_head_format(self) -> str:
+        """Either "tied" (logits from embeddings.bin) or the separate head's format, e.g. "Q4_K"."""
+        return "tied" if self._lm_head is None else fm.FORMAT_NAMES[self._lm_head.fmt]
 
     def attn(self, layer: int) -> AttnWeights:
         c = self.config

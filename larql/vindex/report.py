@@ -35,7 +35,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
                 break
         else:
             comp["other"] += size
-    formats: dict[str, Any] = {"embeddings": vx.dtype, "norms": "f32"}
+    formats: dict[str, Any] = {"embeddings": vx.dtype, "lm_head": vx.lm_head_format, "norms": "f32"}
     for label, table in (("attention", vx._attn), ("dense_mlp", vx._dense)):
         fs = sorted({fm.FORMAT_NAMES[e.fmt] for e in table.values()})
         if fs:
@@ -67,6 +67,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         "top_k": c.top_k,
         "moe_intermediate_size": c.moe_intermediate_size,
         "layer_types": c.layer_types,
+        "lm_head": vx.lm_head_format,
         "layers_present": fm.format_ranges(vx.layers_present),
         "experts_present": fm.format_ranges(vx.experts_present),
         "lyrw_versions": sorted(lyrw_versions),
@@ -96,6 +97,12 @@ def format_info(d: dict[str, Any]) -> str:
         f"  dims         {d['num_layers']} layers, hidden {d['hidden_size']}, "
         f"dense MLP {d['intermediate_size']}, vocab {d['vocab_size']}",
         f"  experts      {d['num_experts']} x {d['moe_intermediate_size']}, top-{d['top_k']}",
+        "  LM head      "
+        + (
+            f"tied to the embeddings ({d['formats']['embeddings']})"
+            if d["lm_head"] == "tied"
+            else f"separate, {d['lm_head']} (the embeddings stay {d['formats']['embeddings']})"
+        ),
         f"  holds        layers {d['layers_present']}, experts {d['experts_present']}"
         + (f" (slice of preset {d['slice'].get('preset')})" if isinstance(d.get("slice"), dict) else ""),
         f"  LYRW         version {','.join(map(str, d['lyrw_versions'])) or '-'}",

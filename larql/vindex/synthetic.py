@@ -116,9 +116,12 @@ def write_synthetic_vindex(
     seed: int = 0,
     progress: bool = False,
     lyrw_version: int = 2,
+    lm_head: str | None = None,
     **dims: Any,
 ) -> Path:
-    """Random but valid vindex; dims default to the real 26B A4B (pass vocab_size=... to shrink)."""
+    """Random but valid vindex; dims default to the real 26B A4B (pass vocab_size=... to shrink).
+    `lm_head` as for write_vindex ("tied", "q4k", "q6k"; None: q4k for quant q4k): a separate
+    head holds random blocks of its own, unrelated to the random embeddings."""
     config = synthetic_config(num_layers, **dims)
     return write_vindex(
         out,
@@ -127,6 +130,7 @@ def write_synthetic_vindex(
         quant=quant,
         progress=progress,
         lyrw_version=lyrw_version,
+        lm_head=lm_head,
         model_name="synthetic-gemma4-26b-a4b-shapes",
         overwrite=True,
         source_info={"kind": "synthetic", "seed": seed},

@@ -25,6 +25,14 @@ from . import format as fm
 from .format import VindexError
 
 QUANTS = ("q4k", "f16", "f32")
+# --lm-head choice -> format of the separate LM head file (None: tied to the embeddings)
+LM_HEADS: dict[str, int | None] = {"tied": None, "q4k": fm.Q4_K, "q6k": fm.Q6_K}
+EMBED_CHUNK = 16384  # embedding rows converted at a time (16384 x 2816 f32 = 185 MB)
+
+
+def default_lm_head(quant: str) -> str:
+    """The reference writes a Q4_K head for every q4k vindex; float vindexes stay exact (tied)."""
+    return "q4k" if quant == "q4k" else "tied"
 
 
 @runtime_checkable
@@ -159,13 +167,20 @@ def write_vindex(
     threads: int | None = None,
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
+    lm_head: str | None = None,
 ) -> Path:
     """Write a complete vindex for `config` from `source` into `out` (atomically).
 
     `tokenizer_json` is a path to a tokenizer.json or its bytes; `threads` sizes the C quantiser's
-    pool for q4k (default: its current size); `overwrite` replaces an existing `out`."""
+    pool for q4k (default: its current size); `overwrite` replaces an existing `out`.
+    `lm_head`: "tied" (no separate head: logits use embeddings.bin), "q4k" (lm_head_q4.bin, as
+    the reference writes for its q4k vindexes) or "q6k" (lm_head_q6k.bin, ours); None picks
+    `default_lm_head(quant)`."""
     if quant not in QUANTS:
         raise VindexError(f"unknown --quant {quant!r} (choose from {', '.join(QUANTS)})")
+    lm_head = default_lm_head(quant) if lm_head is None else lm_head
+    if lm_head not in LM_HEADS:
+        raise VindexError(f"unknown --lm-head {lm_head!r} (choose from {', '.join(LM_HEADS)})")
     if lyrw_version not in (1, 2):
         raise VindexError(f"LYRW version must be 1 or 2, not {lyrw_version}")
     out = Path(out)
@@ -176,7 +191,9 @@ def write_vindex(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        checksums, fingerprint = _write_all(tmp, config, source, quant, progress, lyrw_version, threads)
+        checksums, fingerprint = _write_all(
+            tmp, config, source, quant, progress, lyrw_version, threads, LM_HEADS[lm_head]
+        )
         if tokenizer_json is not None:
             data = tokenizer_json if isinstance(tokenizer_json, bytes) else Path(tokenizer_json).read_bytes()
             (tmp / fm.TOKENIZER_JSON).write_bytes(data)
@@ -256,6 +273,82 @@ def _get(source: TensorSource, key: str, fmt: int, rows: int, cols: int) -> np.n
     return encode(x, fmt)
 
 
+def _embedding_chunks(source: TensorSource, c: ModelConfig, fmt: int):
+    """(bytes in fmt, floats or None) per block of rows of the embedding table, in order.
+
+    A source with `encoded` may hand over the table's bytes (whole or in chunks); otherwise
+    rows are converted EMBED_CHUNK at a time (a source with `rows()` never materialises the
+    whole table: the bf16 table of the real model would be a 3 GB f32 temporary)."""
+    V, H = c.vocab_size, c.hidden_size
+    enc = getattr(source, "encoded", None)
+    raw = enc("embed_tokens.weight", fmt, V, H) if enc else None
+    if raw is not None:
+        for chunk in [raw] if isinstance(raw, np.ndarray | bytes) else raw:  # an array or chunks of one
+            yield np.asarray(chunk, dtype=np.uint8).reshape(-1), None
+        return
+    rows = getattr(source, "rows", None)
+    full = None if rows is not None else source.get("embed_tokens.weight")
+    if full is not None and tuple(full.shape) != (V, H):
+        raise VindexError(f"source embed_tokens has shape {list(full.shape)}, config implies [{V}, {H}]")
+    for i in range(0, V, EMBED_CHUNK):
+        j = i + EMBED_CHUNK
+        chunk = full[i:j] if full is not None else rows("embed_tokens.weight", i, j)
+        if chunk.shape != (min(EMBED_CHUNK, V - i), H):
+            raise VindexError(
+                f"source embed_tokens rows {i}.. have shape {list(chunk.shape)}, config implies [{V}, {H}]"
+            )
+        yield encode(chunk, fmt), chunk
+
+
+def _write_embeddings(
+    root: Path,
+    c: ModelConfig,
+    source: TensorSource,
+    fmt: int,
+    head_fmt: int | None,
+    checksums: dict[str, str],
+) -> dict[str, Any] | None:
+    """embeddings.bin, and the quantised LM head (Gemma 4 ties it to the embeddings) in the same
+    pass over the rows. Returns the head's weight_manifest.json entry (None when tied)."""
+    V, H = c.vocab_size, c.hidden_size
+    emb = _HashingFile(root / fm.EMBEDDINGS_BIN)
+    head = _HashingFile(root / fm.LM_HEAD_FILES[head_fmt]) if head_fmt is not None else None
+    enc = getattr(source, "encoded", None)
+    # Already-encoded head blocks (a GGUF whose token_embd is Q4_K, synthetic random blocks).
+    head_raw = enc("embed_tokens.weight", head_fmt, V, H) if enc and head else None
+    if head is not None and head_raw is not None:
+        for chunk in [head_raw] if isinstance(head_raw, np.ndarray | bytes) else head_raw:
+            head.write(np.asarray(chunk, dtype=np.uint8))
+    ftype = np.float16 if fmt == fm.F16 else np.float32
+    for data, floats in _embedding_chunks(source, c, fmt):
+        emb.write(data)
+        if head is None or head_raw is not None:
+            continue
+        if floats is None:  # bytes handed over as they are: quantise what embeddings.bin holds
+            floats = data.view(ftype).reshape(-1, H)
+        for i in range(0, floats.shape[0], EMBED_CHUNK):
+            head.write(encode(floats[i : i + EMBED_CHUNK], head_fmt))
+    checksums[fm.EMBEDDINGS_BIN] = emb.close()
+    if head is None:
+        return None
+    length = head.pos
+    name = fm.LM_HEAD_FILES[head_fmt]
+    checksums[name] = head.close()
+    if length != V * fm.row_bytes(head_fmt, H):
+        raise VindexError(
+            f"{name}: wrote {length} bytes, expected {V} rows of {H} in {fm.FORMAT_NAMES[head_fmt]}"
+        )
+    return {
+        "key": "lm_head.weight",
+        "kind": fm.LM_HEAD_KINDS[head_fmt],
+        "shape": [V, fm.padded_cols(head_fmt, H)],
+        "format": fm.FORMAT_NAMES[head_fmt],
+        "offset": 0,
+        "length": length,
+        "file": name,
+    }
+
+
 def _write_all(
     root: Path,
     c: ModelConfig,
@@ -264,40 +357,16 @@ def _write_all(
     progress: bool,
     lyrw_version: int,
     threads: int | None,
+    head_fmt: int | None,
 ) -> tuple[dict[str, str], str]:
     p = plan(quant)
     checksums: dict[str, str] = {}
-    H, L = c.hidden_size, c.num_layers
+    L = c.num_layers
     per_layer = 9 + c.num_experts
     bar = _progress(L * per_layer + 2, f"extract {quant}", progress)
     tick: Callable[[int], None] = (lambda n=1: bar.update(n)) if bar else (lambda n=1: None)
 
-    # Embeddings: [vocab, hidden] in the index dtype (f16 for q4k, like the reference).
-    emb = _HashingFile(root / fm.EMBEDDINGS_BIN)
-    enc = getattr(source, "encoded", None)
-    raw = enc("embed_tokens.weight", p["embed"], c.vocab_size, H) if enc else None
-    if raw is None:
-        # Chunked: a source with `rows()` converts only 16384 rows at a time (the bf16 table of
-        # the real model would otherwise become a 3 GB f32 temporary).
-        rows = getattr(source, "rows", None)
-        full = None if rows is not None else source.get("embed_tokens.weight")
-        if full is not None and tuple(full.shape) != (c.vocab_size, H):
-            raise VindexError(
-                f"source embed_tokens has shape {list(full.shape)}, config implies [{c.vocab_size}, {H}]"
-            )
-        for i in range(0, c.vocab_size, 16384):
-            chunk = full[i : i + 16384] if full is not None else rows("embed_tokens.weight", i, i + 16384)
-            if chunk.shape != (min(16384, c.vocab_size - i), H):
-                raise VindexError(
-                    f"source embed_tokens rows {i}.. have shape {list(chunk.shape)}, "
-                    f"config implies [{c.vocab_size}, {H}]"
-                )
-            emb.write(encode(chunk, p["embed"]))
-        del full
-    else:
-        for chunk in [raw] if isinstance(raw, np.ndarray | bytes) else raw:  # an array or chunks of one
-            emb.write(np.asarray(chunk, dtype=np.uint8))
-    checksums[fm.EMBEDDINGS_BIN] = emb.close()
+    head_entry = _write_embeddings(root, c, source, p["embed"], head_fmt, checksums)
     tick()
 
     attn = _Blob(root, fm.ATTN_FILES[quant][0])
@@ -344,6 +413,8 @@ def _write_all(
 
             kernels.set_num_threads(restore)
     add_vector("norm.weight")
+    if head_entry is not None:  # last in weight_manifest.json, where the reference puts it
+        vectors.append(head_entry)
     tick()
     checksums[attn.name] = attn.out.close()
     checksums[dense.name] = dense.out.close()
