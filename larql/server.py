@@ -161,7 +161,7 @@ class LayerBatcher:
                     result, exc = self._compute(key, [j.work for j in jobs]), None
                 except Exception as e:  # handed to each request's reply
                     result, exc = None, e
-                self._finish(jobs, result, exc)
+                self._finish(key, jobs, result, exc)
             return
         for key in list(self.pending):
             if self.free == 0:
@@ -201,11 +201,21 @@ class LayerBatcher:
         self.running.discard(key)
         self.free += 1
         exc = f.exception()
-        self._finish(jobs, None if exc is not None else f.result(), exc)
+        self._finish(key, jobs, None if exc is not None else f.result(), exc)
         if self.pending:
             self._kick()
 
-    def _finish(self, jobs: list[_Job], result, exc: BaseException | None) -> None:
+    def _finish(self, key: tuple[int, bool], jobs: list[_Job], result, exc: BaseException | None) -> None:
+        if exc is not None and len(jobs) > 1:
+            # A fused call failed: redo its requests one by one so that one bad request can
+            # never fail the others it happened to be grouped with (rare: all are validated).
+            for j in jobs:
+                try:
+                    one, err = self._compute(key, [j.work]), None
+                except Exception as e:
+                    one, err = None, e
+                self._finish(key, [j], one, err)
+            return
         self.inflight -= len(jobs)
         if exc is not None:
             for j in jobs:

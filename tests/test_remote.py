@@ -457,3 +457,42 @@ def test_layer_split_shards(vx):
     finally:
         for s in (l0_lo, l0_hi, l1):
             s.stop()
+
+
+def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vx, monkeypatch):
+    """Fault injection: the kernel call fails whenever a 3-token request is in it. Fused with
+    others, the server retries them one by one: only the 3-token request gets an error."""
+    from larql.server import LayerBatcher
+
+    real = LayerBatcher._compute
+    fused_failures = []
+
+    def flaky(self, key, works):
+        if any(wk.tokens == 3 for wk in works):
+            fused_failures.append(len(works))
+            raise RuntimeError("injected kernel failure")
+        return real(self, key, works)
+
+    monkeypatch.setattr(LayerBatcher, "_compute", flaky)
+    srv = ExpertServer(open_vindex(vx.path), workers=1)
+    h_ = srv.start_in_thread("127.0.0.1", 0)
+    try:
+        local = LocalExperts(vx)
+        works = {i: routing(3 if i == 5 else 1, 300 + i) for i in range(1, 21)}
+        s = socket.create_connection((h_.host, h_.port), timeout=10)
+        s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}) + b"".join(
+            P.encode_frame({"op": "experts", "id": i, **P.encode_work(0, *wk)}) for i, wk in works.items()))
+        reader, reps = P.FrameReader(), {}
+        while len(reps) < len(works) + 1:
+            for body in reader.feed(s.recv(1 << 20)):
+                rep = P.decode_body(body)
+                reps[rep["id"]] = rep
+        s.close()
+        assert reps[5]["ok"] is False and "injected" in reps[5]["error"]["message"]
+        assert max(fused_failures) > 1          # it really was fused with others, then retried alone
+        for i, (h, ids, w) in works.items():
+            if i != 5:
+                y = P.decode_result(P.check_reply(reps[i]), 1, H)
+                np.testing.assert_array_equal(y, local.forward(0, h, ids, w))
+    finally:
+        h_.stop()
