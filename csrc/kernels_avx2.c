@@ -156,6 +156,16 @@ static const uint8_t q6k_pair_ctrl[8][16] __attribute__((aligned(16))) = {
 #undef P
 };
 
+/* The same from the scales already widened to int16 (sc16: s0..s7 | s8..s15): broadcast the
+ * 128-bit half holding pair m, then one in-lane shuffle (2m in the low lane, 2m+1 in the high). */
+static const uint8_t q6k_pair16_ctrl[4][32] __attribute__((aligned(32))) = {
+#define Q(k) {4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, 4*k, 4*k+1, \
+              4*k+2, 4*k+3, 4*k+2, 4*k+3, 4*k+2, 4*k+3, 4*k+2, 4*k+3, 4*k+2, 4*k+3, 4*k+2, 4*k+3, 4*k+2, 4*k+3, \
+              4*k+2, 4*k+3}
+    Q(0), Q(1), Q(2), Q(3)
+#undef Q
+};
+
 static inline __m256i q6k_scale_pair(__m128i sc8, int m) {
     return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)q6k_pair_ctrl[m])));
 }
@@ -232,8 +242,12 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
             __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
             const int8_t *ys = xb->qs + 128 * h;
-            __m256i k0 = q6k_scale_pair(sc8, 4 * h + 0), k1 = q6k_scale_pair(sc8, 4 * h + 1);
-            __m256i k2 = q6k_scale_pair(sc8, 4 * h + 2), k3 = q6k_scale_pair(sc8, 4 * h + 3);
+            const __m256i half = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                   : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            __m256i k0 = _mm256_shuffle_epi8(half, _mm256_load_si256((const __m256i *)q6k_pair16_ctrl[0]));
+            __m256i k1 = _mm256_shuffle_epi8(half, _mm256_load_si256((const __m256i *)q6k_pair16_ctrl[1]));
+            __m256i k2 = _mm256_shuffle_epi8(half, _mm256_load_si256((const __m256i *)q6k_pair16_ctrl[2]));
+            __m256i k3 = _mm256_shuffle_epi8(half, _mm256_load_si256((const __m256i *)q6k_pair16_ctrl[3]));
             s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(
                                           _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)ys)), k0));
             s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(
