@@ -83,6 +83,9 @@ class ServerProcess:
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
+        # Servers here share the cores with the client: idle kernel threads must not spin
+        # (see docs/DEPLOY.md); an explicit LARQL_SPIN_US still wins.
+        env.setdefault("LARQL_SPIN_US", "0")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -191,7 +194,9 @@ def main(args: argparse.Namespace) -> int:
                   f"{s['tokens']} token-layers, p50 {s['p50_us']:.0f} us, p99 {s['p99_us']:.0f} us, "
                   f"compute {s['compute_s'] * 1e3:.0f} ms")
         print(f"      in-process experts: decode {lr.decode_tok_s:.1f} tok/s; "
-              f"remote/in-process = {r.decode_tok_s / max(lr.decode_tok_s, 1e-9):.2f}")
+              f"remote/in-process = {r.decode_tok_s / max(lr.decode_tok_s, 1e-9):.2f} "
+              f"(tiny experts: the loopback round trips dominate; `larql bench server` measures "
+              f"real 26B-A4B sizes)")
         if args.dispatch == "exact":
             verdict = "identical" if same else "DIFFERENT"
             print(f"      the {len(ref)} tokens are {verdict} to a run with the experts in process")
