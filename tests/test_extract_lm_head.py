@@ -139,7 +139,7 @@ def test_cli_lm_head_option(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "e.vindex").exists()
 
 
-def test_slices_carry_the_head_to_the_client_only(heads, tmp_path):
+def test_slices_carry_the_head_to_our_client(heads, tmp_path):
     _, paths = heads
     src = paths["q4k"]
     client = slice_vindex(src, tmp_path / "client", preset="client", progress=False)
@@ -148,9 +148,12 @@ def test_slices_carry_the_head_to_the_client_only(heads, tmp_path):
     assert verify(client, progress=False) == [] and verify(server, progress=False) == []
     head = open_vindex(client).lm_head()
     assert np.array_equal(head.data, open_vindex(src).lm_head().data)
-    # the server slice keeps the manifest that names the head: asking for it names the file
-    with pytest.raises(VindexError, match="lm_head_q4.bin: missing"):
-        open_vindex(server).lm_head()
+    # a slice that keeps the manifest naming the head but not its file (the reference's own
+    # client preset does this) falls back to the tie, as the reference does: always valid
+    # for Gemma 4, whose head is a quantised copy of the embeddings
+    sv = open_vindex(server)
+    assert sv.lm_head() is None and sv.lm_head_format == "tied"
+    assert json.loads((server / fm.WEIGHT_MANIFEST).read_text())[-1]["file"] == "lm_head_q4.bin"
 
 
 def test_bad_head_entries_are_refused(heads, tmp_path):
@@ -194,3 +197,29 @@ def test_synthetic_vindex_head_option(tmp_path):
     dec = gguf.quants.dequantize(head.data.reshape(head.rows, -1), GG[fm.Q4_K])
     assert dec.shape == (512, 2816) and np.isfinite(dec).all() and 0 < np.abs(dec).max() < 1.0
     assert verify(q4.path, progress=False) == []
+
+
+@pytest.mark.parametrize("embd", ["Q8_0", "Q4_K"])
+def test_gguf_source_head(tiny_checkpoint, tmp_path, monkeypatch, embd):
+    """A GGUF's token_embd in another format is decoded and quantised row chunk by row chunk;
+    one already in Q4_K (256-multiple rows) is copied byte for byte, as the reference does."""
+    import test_extract_gguf as tg
+
+    from larql.tokenizer import byte_level_tokenizer
+
+    choose = tg._choose
+    embd_type = gguf.GGMLQuantizationType[embd]
+    monkeypatch.setattr(
+        tg, "_choose", lambda key, shape: embd_type if key == "embed_tokens.weight" else choose(key, shape)
+    )
+    model, _ = tiny_checkpoint("wide", moe_intermediate_size=160)  # hidden 256
+    path = tmp_path / "tiny.gguf"
+    qt, data = tg.write_gguf(model, byte_level_tokenizer(), path)["embed_tokens.weight"]
+    assert qt.name == embd
+    vx = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
+    head = vx.lm_head()
+    V, H = vx.config.vocab_size, vx.config.hidden_size
+    rows = gguf.quants.dequantize(np.asarray(data).reshape(V, -1), qt)
+    assert np.array_equal(vx.embeddings(), rows.astype(np.float16))
+    want = np.asarray(data).reshape(-1).view(np.uint8) if embd == "Q4_K" else kernels.quantize(rows, fm.Q4_K)
+    assert (head.fmt, head.rows, head.cols) == (fm.Q4_K, V, H) and np.array_equal(head.data, want)

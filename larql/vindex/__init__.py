@@ -15,7 +15,8 @@ Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f
                                            # "layers.3.self_attn.q_norm.weight" / "k_norm.weight"
     vx.has(key) -> bool                    # is that vector in norms.bin
     vx.embeddings() -> np.ndarray [vocab, hidden] f16 or f32 (zero-copy view)
-    vx.lm_head() -> QMatrix | None          # None = tied to embeddings (always, for Gemma 4)
+    vx.lm_head() -> QMatrix | None          # None = tied to embeddings; else lm_head_q4.bin (Q4_K,
+                                           # q4k default) or lm_head_q6k.bin; vx.lm_head_format
     vx.attn(layer) -> AttnWeights(q, k, v, o: QMatrix; v is None when k_eq_v on that layer)
     vx.dense_mlp(layer) -> DenseWeights(gate, up, down: QMatrix)
         QMatrix.cols is the stored (padded) row length, logical_cols the model's.
@@ -37,12 +38,13 @@ Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f
 
 Writing (no torch needed):
     write_vindex(out, config, source, quant="q4k"|"f16"|"f32", tokenizer_json=None, chat_template=None,
-                 progress=True, lyrw_version=2, ...) -> Path      # atomic: OUT.tmp-<pid> then rename
+                 progress=True, lyrw_version=2, lm_head=None ("tied"|"q4k"|"q6k"; None: q4k for
+                 quant q4k, else tied), ...) -> Path      # atomic: OUT.tmp-<pid> then rename
     random_model.random_tensors(config, seed) -> ArraySource   # HF-named f32 tensors (`.tensors`)
-    synthetic.write_synthetic_vindex(out, num_layers=2, quant="q4k", seed=0, **dims) -> Path
+    synthetic.write_synthetic_vindex(out, num_layers=2, quant="q4k", seed=0, lm_head=None, **dims) -> Path
     TensorSource protocol: get(key), has(key), expert(layer, e) (keys are HF names minus `model.`).
 Reading sources: sources.open_source(path) (HF safetensors dir or .gguf) -> (ModelConfig, TensorSource, info).
-Operations: extract.extract(src, out, quant=...),
+Operations: extract.extract(src, out, quant=..., lm_head=...),
     slicing.slice_vindex(src, dst, preset=..., experts=..., layers=...),
     hub.pull(repo, out, preset=...), hub.publish(dir, repo, slices=...),
     report.info(path) -> dict, report.verify(path) -> list of problems (empty = intact).

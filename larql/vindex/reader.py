@@ -475,22 +475,23 @@ class Vindex:
     def lm_head(self):
         """The separate LM head named by weight_manifest.json, or None: tied to the embeddings.
 
-        A head file without a manifest entry (very old reference writers) is ignored: its size
-        cannot tell Q4_K from Q4_0, and the tie is always right for Gemma 4."""
+        Gemma 4 ties the head, so a separate one is a quantised copy of the embeddings and the
+        tie is always a valid (exact) fallback. Like the reference, a head whose file is not in
+        this slice (its `client` preset leaves lm_head_q4.bin out but keeps the manifest) falls
+        back to the tie; `lm_head_format` says which one is used. A head file without a manifest
+        entry (very old reference writers) is ignored too: its size cannot tell Q4_K from Q4_0."""
         ent = self._lm_head
-        if ent is None:
+        if ent is None or not (self.path / ent.file).exists():
             return None
-        if not (self.path / ent.file).exists():
-            raise VindexError(
-                f"{self.path / ent.file}: missing (the LM head named by {fm.WEIGHT_MANIFEST}); "
-                "slice with a preset that carries lm_head (client, all)"
-            )
         return self._qm(ent, self.config.hidden_size)
 
     @property
     def lm_head_format(self) -> str:
         """Either "tied" (logits from embeddings.bin) or the separate head's format, e.g. "Q4_K"."""
-        return "tied" if self._lm_head is None else fm.FORMAT_NAMES[self._lm_head.fmt]
+        ent = self._lm_head
+        if ent is None or not (self.path / ent.file).exists():
+            return "tied"
+        return fm.FORMAT_NAMES[ent.fmt]
 
     def attn(self, layer: int) -> AttnWeights:
         c = self.config
