@@ -23,6 +23,10 @@ def _cdef_from_header(text: str) -> str:
     return "\n".join(lines)
 
 
+# -ffp-contract=off: the dequantisers must round exactly like ggml (no fused multiply-add
+# unless a kernel asks for one with an intrinsic). Tests that cross-compile csrc/ reuse these.
+COMPILE_ARGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall"]
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header((CSRC / "larql.h").read_text()))
 ffibuilder.set_source(
@@ -30,9 +34,7 @@ ffibuilder.set_source(
     '#include "larql.h"\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[str(CSRC.relative_to(ROOT))],
-    # -ffp-contract=off: the dequantisers must round exactly like ggml (no fused multiply-add
-    # unless a kernel asks for one with an intrinsic)
-    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-Wall"],
+    extra_compile_args=COMPILE_ARGS,
     extra_link_args=["-pthread", "-lm"],
 )
 

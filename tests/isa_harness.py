@@ -18,6 +18,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
+
+
+def _library_flags() -> list[str]:
+    """The flags build_ext.py compiles the extension with, so cross builds match it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("larql_build_ext", ROOT / "build_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.COMPILE_ARGS)
+
+
+LIBRARY_FLAGS = _library_flags()
 HARNESS = CSRC / "tests" / "test_isa.c"
 LIB_TEST = CSRC / "tests" / "test_lib.c"
 SKIP_EXIT = 77  # the harness's "this CPU cannot run the table"

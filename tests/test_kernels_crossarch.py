@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from isa_harness import CSRC, require_tools
+from isa_harness import CSRC, LIBRARY_FLAGS, require_tools
 
 from larql import kernels as K
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
-# the flags build_ext.py compiles the extension with
-FLAGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"]
+FLAGS = LIBRARY_FLAGS
 LIB_SOURCES = ["quant.c", "kernels_scalar.c", "kernels_neon.c", "dispatch.c", "threadpool.c"]
 
 # Reads rows, cols and f32 values from argv[1]; writes each format's bytes to argv[2..4].

@@ -13,12 +13,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from isa_harness import CSRC, ROOT, build, build_lib_test, require_tools, run, run_lib_test
+from isa_harness import (
+    CSRC,
+    LIBRARY_FLAGS,
+    ROOT,
+    build,
+    build_lib_test,
+    require_tools,
+    run,
+    run_lib_test,
+)
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
-# build_ext.py's flags: the library is compiled for the baseline and dispatches at run time.
-LIBRARY_FLAGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-Wall"]
 
 
 @pytest.fixture(scope="module")
