@@ -78,11 +78,19 @@ class LocalExperts:
             )
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        self._table(layer)  # loads the layer's norm too
+        xe = rms_norm(np.atleast_2d(h), self._norms[layer], self.eps)
+        return self.forward_normed(layer, xe, ids, weights)
+
+    def forward_normed(
+        self, layer: int, xe: np.ndarray, ids: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        """As `forward` with `pre_feedforward_layernorm_2` already applied (e.g. by a client
+        that sent Q8_K activations)."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         self.check(layer, ids)
-        table = self._table(layer)
-        xe = rms_norm(np.atleast_2d(h), self._norms[layer], self.eps)
-        return kernels.moe_ffn(table, xe, ids, np.ascontiguousarray(weights, dtype=np.float32))
+        xe = np.ascontiguousarray(np.atleast_2d(xe), dtype=np.float32)
+        return kernels.moe_ffn(self._table(layer), xe, ids, np.ascontiguousarray(weights, dtype=np.float32))
 
     def forward_multi(self, work):
         return [self.forward(*w) for w in work]

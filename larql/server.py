@@ -190,9 +190,7 @@ class LayerBatcher:
             T = x.shape[0]
             cols = x.shape[1] // P.Q8K_BLOCK_BYTES * P.Q8K_BLOCK
             xe = kernels.dequantize(np.ascontiguousarray(x).reshape(-1), kernels.Q8_K, T, cols)
-            xe = np.ascontiguousarray(xe[:, : self.hidden], dtype=np.float32)
-            y = kernels.moe_ffn(self.local._table(layer), xe, np.ascontiguousarray(ids, dtype=np.int32),
-                                np.ascontiguousarray(w, dtype=np.float32))
+            y = self.local.forward_normed(layer, xe[:, : self.hidden], ids, w)
         else:
             y = self.local.forward(layer, x, ids, w)
         return y, time.perf_counter() - t0
