@@ -103,6 +103,43 @@ def interleaved(fns: list, works, iters: int) -> list[list[float]]:
     return out
 
 
+# A bare echo process: the machine's own floor for one loopback round trip between two Python
+# processes, measured beside ours so the overhead can be read against it.
+_ECHO = """
+import socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (d := c.recv(1 << 16)):
+    c.sendall(d)
+"""
+
+
+def raw_echo():
+    """(ping function, stop function) for a 64-byte round trip to a bare Python echo process."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = b"x" * 64
+
+    def ping(*_):
+        sock.sendall(payload)
+        got = 0
+        while got < len(payload):
+            got += len(sock.recv(1 << 16))
+
+    def stop():
+        sock.close()
+        proc.wait(5)
+
+    return ping, stop
+
+
 def bench_rtt(args, path: Path, vx) -> None:
     from ..client import connect_shards
     from ..experts import LocalExperts
@@ -121,7 +158,13 @@ def bench_rtt(args, path: Path, vx) -> None:
             def ping(*_):
                 rx._run(conn.request({"op": "health"}, 10))
 
-            t_local, t_remote, t_ping = interleaved([local.forward, rx.forward, ping], works, args.iters)
+            echo, stop_echo = raw_echo()
+            try:
+                t_local, t_remote, t_ping, t_echo = interleaved(
+                    [local.forward, rx.forward, ping, echo], works, args.iters
+                )
+            finally:
+                stop_echo()
             stats = rx.stats()[0]
         finally:
             rx.close()
@@ -134,7 +177,9 @@ def bench_rtt(args, path: Path, vx) -> None:
     print(f"{'in process (baseline)':26}{lp50:10.0f}{pct(t_local, 99):10.0f}")
     print(f"{'loopback larql serve':26}{rp50:10.0f}{pct(t_remote, 99):10.0f}")
     print(f"{'protocol ping (health)':26}{pct(t_ping, 50):10.0f}{pct(t_ping, 99):10.0f}")
-    print(f"overhead at p50: {rp50 - lp50:.0f} us (target < 100 us); remote/in-process = {rp50 / lp50:.2f}x")
+    print(f"{'bare Python echo (floor)':26}{pct(t_echo, 50):10.0f}{pct(t_echo, 99):10.0f}")
+    print(f"overhead at p50: {rp50 - lp50:.0f} us (target < 100 us) = {(rp50 - lp50) / pct(t_echo, 50):.1f}x "
+          f"this machine's bare loopback round trip; remote/in-process = {rp50 / lp50:.2f}x")
     print(f"server side: p50 {stats['p50_us']:.0f} us per request, of which compute (norm + kernel) "
           f"p50 {stats['compute_p50_us']:.0f} us")
 
