@@ -223,3 +223,13 @@ def test_gguf_source_head(tiny_checkpoint, tmp_path, monkeypatch, embd):
     assert np.array_equal(vx.embeddings(), rows.astype(np.float16))
     want = np.asarray(data).reshape(-1).view(np.uint8) if embd == "Q4_K" else kernels.quantize(rows, fm.Q4_K)
     assert (head.fmt, head.rows, head.cols) == (fm.Q4_K, V, H) and np.array_equal(head.data, want)
+
+
+def test_bf16_checkpoint_head(tiny_checkpoint, tmp_path):
+    """Real checkpoints are bf16: the head quantises the exact bf16 values (widened to f32)."""
+    model, ckpt = tiny_checkpoint("small", dtype="bfloat16")
+    import torch
+
+    emb = model.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16).float().numpy()
+    vx = open_vindex(extract(ckpt, tmp_path / "b.vindex", quant="q4k", progress=False))
+    assert np.array_equal(vx.lm_head().data, kernels.quantize(emb, fm.Q4_K))
