@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
-from ..experts import Experts
+from ..experts import Experts, rms_norm
 from ..kernels import QMatrix
 
 # Queries per attention block during prefill: bounds the score matrix to
@@ -55,17 +55,6 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (`gelu_pytorch_tanh`)."""
     c = np.float32(math.sqrt(2.0 / math.pi))
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: np.float32) -> np.ndarray:
-    """RMSNorm in f32 over the last axis, weight applied as is (Gemma 4 has no 1 + w).
-
-    Same math as larql.experts.rms_norm; the sum of squares as one einsum (a dot product per
-    row) because this runs ~10 times per layer per token and numpy's mean is slow for it.
-    """
-    ms = np.einsum("...i,...i->...", x, x)[..., None] * np.float32(1.0 / x.shape[-1])
-    y = x / np.sqrt(ms + eps)
-    return y * weight if weight is not None else y
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
