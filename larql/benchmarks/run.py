@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import add_lm_head_argument, synthetic_vindex
+
 COMPONENTS = ("attention", "dense_mlp", "route", "run_experts", "logits")
 LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "route": "router",
           "run_experts": "experts", "logits": "LM head (+final norm)",
@@ -34,6 +36,7 @@ LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "route": "router",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_lm_head_argument(p)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
                    help="where the synthetic vindex is written (reused between runs)")
     p.add_argument("--layers", type=int, default=6, help="layers of the synthetic vindex (default 6)")
@@ -49,18 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also report how often batch dispatch's greedy token matches exact mode's over "
                         "N teacher-forced decode steps (default 0: skip)")
-
-
-def synthetic(args) -> Path:
-    from ..vindex.synthetic import write_synthetic_vindex
-
-    path = Path(args.dir) / f"synth-run-L{args.layers}-v{args.vocab}"
-    if not (path / "index.json").exists():
-        print(f"writing a synthetic 26B-A4B-shaped vindex ({args.layers} layers, vocab {args.vocab}) "
-              f"to {path} ...", flush=True)
-        write_synthetic_vindex(path, num_layers=args.layers, quant="q4k", progress=True,
-                               vocab_size=args.vocab)
-    return path
 
 
 class Profiler:
@@ -140,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         kernels.set_num_threads(args.threads)
-    path = synthetic(args)
+    path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth-run", args.lm_head)
     vx = open_vindex(path)
     cfg = vx.config
     model = Gemma4Model(vx, dispatch=args.dispatch)

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import add_lm_head_argument, synthetic_vindex
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_lm_head_argument(p)
     p.add_argument("--what", default="all", choices=["all", "rtt", "throughput", "e2e"],
                    help="rtt: one layer's round trip vs in process; throughput: requests/s with many "
                         "connections; e2e: decode tok/s with two shards (default all)")
@@ -45,18 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q))
-
-
-def synthetic(args) -> Path:
-    from ..vindex.synthetic import write_synthetic_vindex
-
-    path = Path(args.dir) / f"synth-L{args.layers}-v{args.vocab}"
-    if not (path / "index.json").exists():
-        print(f"writing a synthetic 26B-A4B-shaped vindex ({args.layers} layers, vocab {args.vocab}) "
-              f"to {path} ...", flush=True)
-        write_synthetic_vindex(path, num_layers=args.layers, quant="q4k", progress=True,
-                               vocab_size=args.vocab)
-    return path
 
 
 SERVER_ARGS: tuple[str, ...] = ()
@@ -298,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
     SERVER_ARGS = ("--workers", str(args.server_workers))
     if args.threads:
         kernels.set_num_threads(args.threads)
-    path = synthetic(args)
+    path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth", args.lm_head)
     vx = open_vindex(path)
     print(f"synthetic vindex {path}: kernels {kernels.isa()} x{kernels.num_threads()} threads")
     if args.what in ("all", "rtt"):
