@@ -145,3 +145,31 @@ def test_cli_slice_and_errors(full, tmp_path, capsys):
     assert '"experts_present": "0-3"' in capsys.readouterr().out
     assert cli(["verify", "-q", str(tmp_path / "x.vindex")]) == 0
     assert fm.layer_file(3) == "layers/layer_03.weights"
+
+
+def test_experts_preset_is_what_a_server_opens(tmp_path, tiny_checkpoint):
+    """The `experts` preset holds only index, manifests, norms and layer files, and a server
+    backend computes from it exactly what it computes from the full vindex."""
+    import numpy as np
+
+    from larql.experts import LocalExperts
+    from larql.vindex import open_vindex
+    from larql.vindex.extract import extract
+    from larql.vindex.slicing import slice_vindex
+
+    _, ckpt = tiny_checkpoint("small")
+    full = tmp_path / "full.vindex"
+    extract(ckpt, full, quant="q4k", progress=False)
+    lean = tmp_path / "lean.vindex"
+    slice_vindex(full, lean, preset="experts", progress=False)
+    names = sorted(str(p.relative_to(lean)) for p in lean.rglob("*") if p.is_file())
+    assert all(n == "index.json" or n.endswith("manifest.json") or n == "norms.bin"
+               or n.startswith("layers/") for n in names), names
+    assert any(n.startswith("layers/") for n in names) and "norms.bin" in names
+
+    vf, vl = open_vindex(full), open_vindex(lean)
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, vf.config.hidden_size)).astype(np.float32)
+    ids = np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int32)
+    w = rng.random((3, 2)).astype(np.float32)
+    assert np.array_equal(LocalExperts(vf).forward(1, h, ids, w), LocalExperts(vl).forward(1, h, ids, w))

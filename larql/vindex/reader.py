@@ -95,6 +95,9 @@ class ExpertFile:
         self.path = path
         self.layer = layer
         self._map = _Mapped(path)
+        # Before the header is read: default read-ahead would pull in the first expert's pages
+        # with it, and a shard that does not own that expert must never hold them.
+        self._map.madvise(mmap.MADV_RANDOM)
         hdr, entries = fm.parse_lyrw(self._map.array, path, self._map.size, (num_experts, inter, hidden))
         for e, ent in enumerate(entries):
             for f in (ent.gate_up_fmt, ent.down_fmt) if ent else ():

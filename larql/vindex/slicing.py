@@ -39,6 +39,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "embed": ("embeddings", "tokenizer"),
     "router": ("norms", "tokenizer", "manifests"),
     "expert-server": ("embeddings", "norms", "dense", "layers", "tokenizer", "manifests"),
+    # Ours: exactly what `larql serve` opens. The reference's expert-server preset also carries
+    # embeddings and the dense MLP (~1.8 GB for 26B A4B) that a server never reads.
+    "experts": ("norms", "layers", "manifests"),
     "all": tuple(GROUPS),
 }
 ALIASES = {"expert_server": "expert-server", "moe-server": "expert-server", "moe_server": "expert-server"}
