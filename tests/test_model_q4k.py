@@ -59,6 +59,9 @@ def dequantised_reference(model, vx):
             sd[name].copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
 
     put("model.embed_tokens.weight", vx.embeddings().astype(np.float32))
+    head = vx.lm_head()
+    if head is not None:  # a separate quantised head: untie, so its rounding is the reference's too
+        ref.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(_deq(head))))
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
         a = vx.attn(layer)
