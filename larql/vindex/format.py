@@ -22,6 +22,18 @@ EMBEDDINGS_BIN = "embeddings.bin"
 TOKENIZER_JSON = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 LAYERS_DIR = "layers"
+
+# The per-layer RMSNorm weights of a Gemma 4 MoE decoder layer (norms.bin keys
+# `layers.{L}.{name}.weight`), besides the attention's q_norm and k_norm.
+LAYER_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_2",
+)
 LM_HEAD_Q4 = "lm_head_q4.bin"  # the reference's name; it holds Q4_K (not Q4_0) despite the name
 LM_HEAD_Q6K = "lm_head_q6k.bin"  # ours: a file the reference does not look for (it then uses the tie)
 

@@ -9,17 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
+from . import format as fm
 from .writer import ArraySource
-
-NORMS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "post_feedforward_layernorm",
-    "post_feedforward_layernorm_1",
-    "pre_feedforward_layernorm_2",
-    "post_feedforward_layernorm_2",
-)
 
 
 def tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -42,7 +33,7 @@ def tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         s[p + "mlp.gate_proj.weight"] = (c.intermediate_size, H)
         s[p + "mlp.up_proj.weight"] = (c.intermediate_size, H)
         s[p + "mlp.down_proj.weight"] = (H, c.intermediate_size)
-        for n in NORMS:
+        for n in fm.LAYER_NORMS:
             s[p + n + ".weight"] = (H,)
         s[p + "router.proj.weight"] = (E, H)
         s[p + "router.scale"] = (H,)

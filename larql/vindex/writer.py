@@ -478,15 +478,7 @@ def _write_layers(
                 rows, cols = shapes[proj]
                 dense.add(key, _get(source, key, p[proj], rows, cols), p[proj], rows, cols)
                 tick()
-            for name in (
-                "input_layernorm",
-                "post_attention_layernorm",
-                "pre_feedforward_layernorm",
-                "post_feedforward_layernorm",
-                "post_feedforward_layernorm_1",
-                "pre_feedforward_layernorm_2",
-                "post_feedforward_layernorm_2",
-            ):
+            for name in fm.LAYER_NORMS:
                 add_vector(f"{pre}.{name}.weight")
             add_vector(f"{pre}.self_attn.q_norm.weight")
             add_vector(f"{pre}.self_attn.k_norm.weight")
