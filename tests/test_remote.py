@@ -143,6 +143,31 @@ def test_grouped_requests_read_experts_once_and_stay_exact(vx):
         h_.stop()
 
 
+def test_lone_decode_request_skips_the_worker_threads(vx):
+    """With nothing else to do, a one-token request is computed on the event loop thread (no
+    two thread hand-offs, ~300 us on a 2-vCPU VM); a prefill still goes to the worker pool."""
+    srv = ExpertServer(open_vindex(vx.path), workers=2)
+    h_ = srv.start_in_thread("127.0.0.1", 0)
+    threads: list[str] = []
+    compute = srv.batcher._compute
+
+    def recording(key, works):
+        threads.append(threading.current_thread().name)
+        return compute(key, works)
+
+    srv.batcher._compute = recording
+    try:
+        local = LocalExperts(vx)
+        with connect_shards(f"0-{E - 1}={h_.address}", vx, timeout=20) as rx:
+            for T in (1, 5):
+                h, ids, w = routing(T, 300 + T)
+                np.testing.assert_array_equal(rx.forward(1, h, ids, w), local.forward(1, h, ids, w))
+        assert threads[0] == h_.thread.name              # inline, on the loop thread
+        assert threads[1].startswith("larql-experts")     # the worker pool
+    finally:
+        h_.stop()
+
+
 def test_pipelined_out_of_order_replies_are_matched(vx):
     """Many concurrent forwards on one connection; a big prefill overtaken by small decodes."""
     shards = Shards(vx, [(0, 7)], workers=2)
