@@ -151,15 +151,15 @@ def parse_shards(spec: str, num_experts: int, num_layers: int | None = None) -> 
         at_layer = f" at layer {layer}" if any(s.layers for s in shards) else ""
         for s in (s for s in shards if s.serves(layer)):
             if s.first > expect:
-                raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{s.first - 1} unserved"
-                                     f"{at_layer}")
+                gap = P.ranges_text(list(range(expect, s.first)))
+                raise ShardSpecError(f"shard map {spec!r} leaves experts {gap} unserved{at_layer}")
             if s.first < expect:
                 raise ShardSpecError(f"shard map {spec!r}: range {s.label} overlaps an earlier range"
                                      f"{at_layer}")
             expect = s.last + 1
         if expect != num_experts:
-            raise ShardSpecError(f"shard map {spec!r} leaves experts {expect}-{num_experts - 1} unserved"
-                                 f"{at_layer}")
+            gap = P.ranges_text(list(range(expect, num_experts)))
+            raise ShardSpecError(f"shard map {spec!r} leaves experts {gap} unserved{at_layer}")
     return shards
 
 

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from . import kernels
+from .protocol import ranges_text
 
 
 class Experts(Protocol):
@@ -72,12 +73,14 @@ class LocalExperts:
 
     def check(self, layer: int, ids: np.ndarray) -> None:
         if layer not in self.layers:
-            raise ExpertOwnershipError(f"layer {layer} is not served here (layers {_ranges(self.layers)})")
+            raise ExpertOwnershipError(
+                f"layer {layer} is not served here (layers {ranges_text(self.layers)})"
+            )
         used = ids[ids >= 0]
         if used.size and (used.max() >= self.num_experts or not self._owned[used].all()):
             bad = sorted({int(e) for e in used if e >= self.num_experts or not self._owned[e]})
             raise ExpertOwnershipError(
-                f"experts {bad} are not served here (experts {_ranges(self.experts)}, layer {layer})"
+                f"experts {bad} are not served here (experts {ranges_text(self.experts)}, layer {layer})"
             )
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -104,20 +107,3 @@ class LocalExperts:
 
 class ExpertOwnershipError(ValueError):
     """Work named an expert or layer this backend does not hold."""
-
-
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5,6] -> '0-2,5-6'."""
-    out: list[str] = []
-    start = prev = None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}-{prev}" if start != prev else f"{start}")
-            start = prev = v
-    if start is not None:
-        out.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ",".join(out) or "none"

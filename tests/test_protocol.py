@@ -150,6 +150,7 @@ def test_parse_shards_with_layer_ranges():
     ("", "empty"),
     ("0-63=a:1", "64-127 unserved"),                 # gap at the end
     ("0-10=a:1,20-127=b:2", "11-19 unserved"),       # gap in the middle
+    ("0-6=a:1,8-127=b:2", "experts 7 unserved"),      # a one-expert gap reads as one id
     ("0-70=a:1,64-127=b:2", "overlaps"),
     ("0-128=a:1", "outside"),
     ("10-0=a:1,0-127=b:2", "after its end"),
