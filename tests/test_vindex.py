@@ -319,3 +319,35 @@ def test_reference_style_vindex_opens(small, tmp_path):
     assert head is not None and head.fmt == fm.Q4_K and head.rows == cfg.vocab_size
     with pytest.raises(VindexError, match="no checksums"):
         verify(d, progress=False)
+
+
+def test_kquant_named_vindex_opens(small, tmp_path):
+    """Newer reference writers name the q4k files *_kquant (quant "kquant"): the same tensors
+    must come back from them as from the legacy names we write."""
+    cfg, src = small
+    d = write_vindex(tmp_path / "legacy.vindex", cfg, src, quant="q4k", progress=False)
+    legacy = open_vindex(d)
+    want_attn, want_dense = legacy.attn(0), legacy.dense_mlp(5)
+
+    renamed = tmp_path / "kquant.vindex"
+    shutil.copytree(d, renamed)
+    for old_pair, new_pair in ((fm.ATTN_FILES["q4k"], fm.KQUANT_ATTN_FILES),
+                               (fm.DENSE_FILES["q4k"], fm.KQUANT_DENSE_FILES)):
+        (renamed / old_pair[0]).rename(renamed / new_pair[0])
+        entries = json.loads((renamed / old_pair[1]).read_text())
+        for e in entries:
+            if e.get("file") == old_pair[0]:
+                e["file"] = new_pair[0]
+        (renamed / new_pair[1]).write_text(json.dumps(entries))
+        (renamed / old_pair[1]).unlink()
+    idx = json.loads((renamed / "index.json").read_text())
+    idx["quant"] = "kquant"
+    (renamed / "index.json").write_text(json.dumps(idx))
+
+    vx = open_vindex(renamed)
+    assert vx.quant == "q4k"
+    got_attn, got_dense = vx.attn(0), vx.dense_mlp(5)
+    for p in "qkvo":
+        assert np.array_equal(getattr(got_attn, p).data, getattr(want_attn, p).data), p
+    for p in ("gate", "up", "down"):
+        assert np.array_equal(getattr(got_dense, p).data, getattr(want_dense, p).data), p

@@ -48,6 +48,11 @@ DENSE_FILES = {
     "f16": ("interleaved.bin", "interleaved_manifest.json"),
     "f32": ("interleaved.bin", "interleaved_manifest.json"),
 }
+# Newer reference writers name the q4k files *_kquant (and may write quant "kquant"); they
+# still read the *_q4k names, which the published slices use. We write the legacy names and
+# read both.
+KQUANT_ATTN_FILES = ("attn_weights_kquant.bin", "attn_weights_kquant_manifest.json")
+KQUANT_DENSE_FILES = ("interleaved_kquant.bin", "interleaved_kquant_manifest.json")
 
 # Format ids: the LYRW quant_format numbering, which larql.kernels shares for 0/1/2/4/5.
 F32, F16, BF16, Q4_0, Q4_K, Q6_K, Q8_0, FP4, Q5_K = 0, 1, 2, 3, 4, 5, 6, 7, 8

@@ -225,6 +225,7 @@ class Vindex:
         except (ConfigError, TypeError, ValueError) as e:
             raise VindexError(f"{self.path / fm.INDEX_JSON}: {e}") from None
         q = str(self.index.get("quant") or "none").lower()
+        q = "q4k" if q == "kquant" else q  # the reference's newer name for the same formats
         dtype = str(self.index.get("dtype") or "f32").lower()
         if q in ("none", ""):
             q = dtype
@@ -320,19 +321,17 @@ class Vindex:
                 self._vectors[ent.key] = ent
             elif ent.key == "lm_head.weight":
                 self._lm_head = ent
-        seen_attn = set()
+        seen: set[str] = set()
         for q in (self.quant, *[k for k in fm.ATTN_FILES if k != self.quant]):
-            blob, man = fm.ATTN_FILES[q]
-            if man in seen_attn:
-                continue
-            seen_attn.add(man)
-            for raw in self._manifest(man) or []:
-                ent = self._entry(man, raw, blob, None)
-                self._attn[ent.key] = ent
-            blob, man = fm.DENSE_FILES[q]
-            for raw in self._manifest(man) or []:
-                ent = self._entry(man, raw, blob, None)
-                self._dense[ent.key] = ent
+            for names, kquant_names, target in ((fm.ATTN_FILES, fm.KQUANT_ATTN_FILES, self._attn),
+                                                (fm.DENSE_FILES, fm.KQUANT_DENSE_FILES, self._dense)):
+                for blob, man in [names[q], kquant_names] if q == "q4k" else [names[q]]:
+                    if man in seen:
+                        continue
+                    seen.add(man)
+                    for raw in self._manifest(man) or []:
+                        ent = self._entry(man, raw, blob, None)
+                        target[ent.key] = ent
         self._check_shapes()
 
     def _check_shapes(self) -> None:
