@@ -88,4 +88,30 @@ const char *lq_available_isas(void);
 int lq_bench_vec_dot(const void *fn, int64_t n, const void *w, size_t row_bytes, int64_t rows,
                      const void *xq, float *y, int parallel);
 
+/* Vector glue of a decoder layer (csrc/vecops.c), f32, on the calling thread. Rows of n floats.
+ * y = x / sqrt(mean(x^2) + eps) * w (w NULL: no weight); y may equal x. */
+int lq_rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t n, float *y);
+/* In place on x [T, heads, d]: RMSNorm each head (weight w, may be NULL), then neox
+ * rotate-half RoPE with cos/sin [T, d/2]. */
+int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, int64_t d,
+                 const float *cos_t, const float *sin_t);
+/* out = gelu_tanh(gate) * up over n floats. */
+int lq_gelu_mul(const float *gate, const float *up, int64_t n, float *out);
+/* h += rms_norm(a, w), in place. */
+int lq_add_rms_norm(float *h, const float *a, const float *w, float eps, int64_t rows, int64_t n);
+/* out = (h + rms_norm(rms_norm(m1, w1) + rms_norm(m2, w2), w)) * scalar. */
+int lq_ffn_combine(const float *h, const float *m1, const float *m2, const float *w1,
+                   const float *w2, const float *w, float eps, float scalar, int64_t rows,
+                   int64_t n, float *out);
+/* Per row of router logits [rows, n_experts]: the k largest (descending, ties to the lower id),
+ * softmax over those k, times per_expert_scale[id]. ids/weights are [rows, k]. */
+int lq_route_topk(const float *logits, int64_t rows, int64_t n_experts, int32_t k,
+                  const float *per_expert_scale, int32_t *ids, float *weights);
+/* One query position's attention (scale 1.0) over a KV cache: q [heads, d]; k, v
+ * [kv_heads, stride, d] of which slots [0, n) are read; pos [n] (-1 = empty). A slot is
+ * visible when 0 <= q_pos - pos (< window when window > 0). out [heads, d]. */
+int lq_attend_one(const float *q, int64_t heads, int64_t d, const float *k, const float *v,
+                  int64_t kv_heads, int64_t stride, const int64_t *pos, int64_t n, int64_t q_pos,
+                  int64_t window, float *out);
+
 #endif

@@ -328,3 +328,132 @@ def force_isa(name: str | None) -> None:
         return
     if lib.lq_force_isa(name.encode()) != 0:
         raise KernelError(f"force_isa: {name!r} is not available here (have: {' '.join(available_isas())})")
+
+
+# --------------------------------------------------------------------------------------------
+# Vector glue of a decoder layer (csrc/vecops.c): one C call per step instead of several numpy
+# passes. All f32, on the calling thread; the formulas are the model's (larql/models/gemma4.py).
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _fbuf(a: np.ndarray):
+    """A cffi float* over a contiguous f32 array (from_buffer is ~5x cheaper than a ctypes cast)."""
+    return ffi.from_buffer("float[]", a)
+
+
+def _weight(w: np.ndarray | None, n: int, name: str):
+    if w is None:
+        return ffi.NULL, None
+    w = _f32(w)
+    if w.shape != (n,):
+        raise KernelError(f"{name}: weight has shape {w.shape}, expected ({n},)")
+    return _fbuf(w), w
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (weight None: no weight)."""
+    x = _f32(x)
+    n = x.shape[-1] if x.ndim else 0
+    if n < 1:
+        raise KernelError(f"rms_norm: x has shape {x.shape}, needs a non-empty last axis")
+    y = _out(out, x.shape, "rms_norm")
+    wp, _keep = _weight(weight, n, "rms_norm")
+    _check(lib.lq_rms_norm(_fbuf(x), wp, float(eps), x.size // n, n, _fbuf(y)), "rms_norm")
+    return y
+
+
+def norm_rope(x: np.ndarray, weight: np.ndarray | None, eps: float, cos: np.ndarray,
+              sin: np.ndarray) -> np.ndarray:
+    """RMSNorm each head of x [T, heads, d], then rotate-half RoPE (cos, sin [T, d/2]); a new array."""
+    x = np.array(x, dtype=np.float32, order="C")  # a copy: the kernel works in place
+    if x.ndim != 3 or x.shape[2] % 2:
+        raise KernelError(f"norm_rope: x must be [T, heads, even d], got shape {x.shape}")
+    T, heads, d = x.shape
+    cos, sin = _f32(cos), _f32(sin)
+    if cos.shape != (T, d // 2) or sin.shape != (T, d // 2):
+        raise KernelError(f"norm_rope: cos/sin have shapes {cos.shape}/{sin.shape}, expected ({T}, {d // 2})")
+    wp, _keep = _weight(weight, d, "norm_rope")
+    if x.size:
+        _check(lib.lq_norm_rope(_fbuf(x), wp, float(eps), T, heads, d, _fbuf(cos), _fbuf(sin)), "norm_rope")
+    return x
+
+
+def gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up, elementwise."""
+    gate, up = _f32(gate), _f32(up)
+    if gate.shape != up.shape:
+        raise KernelError(f"gelu_mul: gate {gate.shape} and up {up.shape} differ")
+    y = np.empty_like(gate)
+    if y.size:
+        _check(lib.lq_gelu_mul(_fbuf(gate), _fbuf(up), gate.size, _fbuf(y)), "gelu_mul")
+    return y
+
+
+def add_rms_norm(h: np.ndarray, a: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """h + rms_norm(a, weight) over the last axis; a new array."""
+    h = np.array(h, dtype=np.float32, order="C")
+    a = _f32(a)
+    if h.shape != a.shape or h.ndim < 1 or h.shape[-1] < 1:
+        raise KernelError(f"add_rms_norm: h {h.shape} and a {a.shape} must match (non-empty rows)")
+    n = h.shape[-1]
+    wp, _keep = _weight(weight, n, "add_rms_norm")
+    _check(lib.lq_add_rms_norm(_fbuf(h), _fbuf(a), wp, float(eps), h.size // n, n), "add_rms_norm")
+    return h
+
+
+def ffn_combine(h: np.ndarray, m1: np.ndarray, m2: np.ndarray, w1: np.ndarray, w2: np.ndarray,
+                w: np.ndarray, eps: float, scalar: float) -> np.ndarray:
+    """(h + rms_norm(rms_norm(m1, w1) + rms_norm(m2, w2), w)) * scalar over the last axis."""
+    h, m1, m2 = _f32(h), _f32(m1), _f32(m2)
+    if not (h.shape == m1.shape == m2.shape) or h.ndim < 1 or h.shape[-1] < 1:
+        raise KernelError(f"ffn_combine: h {h.shape}, m1 {m1.shape}, m2 {m2.shape} must match")
+    n = h.shape[-1]
+    (p1, k1), (p2, k2), (p, k) = (_weight(v, n, "ffn_combine") for v in (w1, w2, w))
+    y = np.empty_like(h)
+    _check(lib.lq_ffn_combine(_fbuf(h), _fbuf(m1), _fbuf(m2), p1, p2, p, float(eps), float(scalar),
+                              h.size // n, n, _fbuf(y)), "ffn_combine")
+    return y
+
+
+def route_topk(logits: np.ndarray, k: int, per_expert_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of router logits [T, E] (descending), softmax over them, times per_expert_scale[id].
+
+    Returns (ids int32 [T, k], weights f32 [T, k])."""
+    logits = _f32_2d(logits, "route_topk")
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise KernelError(f"route_topk: k = {k} outside 1..{E}")
+    scale, _keep = _weight(per_expert_scale, E, "route_topk")
+    ids = np.empty((T, k), dtype=np.int32)
+    w = np.empty((T, k), dtype=np.float32)
+    if T:
+        _check(lib.lq_route_topk(_fbuf(logits), T, E, k, scale, ffi.from_buffer("int32_t[]", ids),
+                                 _fbuf(w)), "route_topk")
+    return ids, w
+
+
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n: int, q_pos: int,
+               window: int | None) -> np.ndarray:
+    """One query position's attention (scale 1.0) over slots [0, n) of a KV cache.
+
+    q [heads, d]; k, v [kv_heads, slots, d] contiguous f32; pos int64 [>= n] (-1 = empty slot).
+    A slot is visible when 0 <= q_pos - pos (< window if given). Returns [heads * d]."""
+    q = _f32(q)
+    if q.ndim != 2 or k.ndim != 3 or k.shape != v.shape or k.shape[2] != q.shape[1]:
+        raise KernelError(f"attend_one: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+    for name, a in (("k", k), ("v", v)):
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise KernelError(f"attend_one: {name} must be a contiguous f32 array")
+    if pos.dtype != np.int64 or not pos.flags.c_contiguous or not 0 <= n <= min(len(pos), k.shape[1]):
+        raise KernelError(f"attend_one: pos must be contiguous int64 with at least n = {n} entries")
+    heads, d = q.shape
+    kvh, slots, _ = k.shape
+    out = np.empty(heads * d, dtype=np.float32)
+    _check(lib.lq_attend_one(_fbuf(q), heads, d, _fbuf(k), _fbuf(v), kvh, slots,
+                             ffi.from_buffer("int64_t[]", pos), n, int(q_pos), int(window or 0),
+                             _fbuf(out)), "attend_one")
+    return out

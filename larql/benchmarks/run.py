@@ -6,7 +6,8 @@ layers (default 6: five sliding and one full, the real pattern), experts in proc
 
   decode   per-token time split into attention, dense MLP, router, experts, LM head and the
            rest (embedding, norms, combine), each as a fraction of the token's time; and the
-           Python/numpy glue: the time NOT inside a C kernel call (matmul, moe_ffn), which
+           Python/numpy glue: the time NOT inside a C kernel call (matmul, moe_ffn, or one of
+           the fused vector-glue helpers, which are reported on their own line), which
            should stay under 10% of decode time. Also projected to all 30 layers (per-layer
            parts scaled by 30/L, LM head and embedding once).
   prefill  one batched pass over the prompt vs the same prompt fed one token at a time, in
@@ -29,6 +30,9 @@ import numpy as np
 
 from . import add_lm_head_argument, synthetic_vindex
 
+# larql.kernels' fused vector-glue helpers: timed apart from the matmul/moe kernels.
+VECTOR_KERNELS = ("rms_norm", "norm_rope", "gelu_mul", "add_rms_norm", "ffn_combine", "route_topk",
+                  "attend_one")
 COMPONENTS = ("attention", "dense_mlp", "route", "run_experts", "logits")
 LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "route": "router",
           "run_experts": "experts", "logits": "LM head (+final norm)",
@@ -70,6 +74,10 @@ class Profiler:
             self._wrap_method(model, name)
         self._wrap_module(gemma4, "matmul")        # every projection and the LM head
         self._wrap_module(kernels, "moe_ffn")      # the experts (LocalExperts calls it)
+        self.vec = 0.0                             # fused C vector glue (norms, RoPE, top-k...)
+        self.vec_calls = 0
+        for name in VECTOR_KERNELS:
+            self._wrap_module(kernels, name, vector=True)
         self.attend = 0.0                          # numpy attention over the KV cache
         fn = gemma4.attend
 
@@ -88,17 +96,17 @@ class Profiler:
         times = self.times
 
         def timed(*a, **kw):
-            t, k = time.perf_counter(), self.kernel
+            t, k = time.perf_counter(), self.kernel + self.vec
             try:
                 return fn(*a, **kw)
             finally:
                 times[name] += time.perf_counter() - t
-                self.kernel_in[name] += self.kernel - k
+                self.kernel_in[name] += self.kernel + self.vec - k
 
         setattr(obj, name, timed)
         self._restore.append(lambda: delattr(obj, name))
 
-    def _wrap_module(self, mod, name: str) -> None:
+    def _wrap_module(self, mod, name: str, vector: bool = False) -> None:
         fn = getattr(mod, name)
 
         def timed(*a, **kw):
@@ -106,8 +114,12 @@ class Profiler:
             try:
                 return fn(*a, **kw)
             finally:
-                self.kernel += time.perf_counter() - t
-                self.calls += 1
+                if vector:
+                    self.vec += time.perf_counter() - t
+                    self.vec_calls += 1
+                else:
+                    self.kernel += time.perf_counter() - t
+                    self.calls += 1
 
         setattr(mod, name, timed)
         self._restore.append(lambda: setattr(mod, name, fn))
@@ -118,6 +130,8 @@ class Profiler:
         self.kernel = 0.0
         self.calls = 0
         self.attend = 0.0
+        self.vec = 0.0
+        self.vec_calls = 0
 
     def close(self) -> None:
         for undo in reversed(self._restore):
@@ -178,9 +192,11 @@ def main(args: argparse.Namespace) -> int:
     per_tok = total / args.tokens
     parts = {k: prof.times.get(k, 0.0) / args.tokens for k in COMPONENTS}
     parts["other"] = max(per_tok - sum(parts.values()), 0.0)
-    glue = max(total - prof.kernel, 0.0) / args.tokens
+    glue = max(total - prof.kernel - prof.vec, 0.0) / args.tokens
+    vec = prof.vec / args.tokens
     print(f"\ndecode: {per_tok * 1e3:.2f} ms/token ({1 / per_tok:.2f} tok/s), "
-          f"{prof.calls / args.tokens:.0f} kernel calls/token; fractions of decode time:")
+          f"{prof.calls / args.tokens:.0f} kernel calls/token "
+          f"(+{prof.vec_calls / args.tokens:.0f} fused vector-glue calls); fractions of decode time:")
     for k, v in parts.items():
         in_c = prof.kernel_in.get(k, 0.0) / args.tokens
         note = f"   ({in_c / v:.0%} in C kernels)" if k in COMPONENTS and v else ""
@@ -190,6 +206,8 @@ def main(args: argparse.Namespace) -> int:
           f"(target < 10%: {'met' if glue / per_tok < 0.10 else 'NOT met'})")
     print(f"    of which attention over the KV cache (numpy) {att / per_tok:.1%}, "
           f"Python overhead and vector glue {(glue - att) / per_tok:.1%}")
+    print(f"  {'fused vector glue (in C)':<30} {vec / per_tok:6.1%}   {vec * 1e3:8.3f} ms   "
+          "(norms, RoPE, gelu*up, combine, top-k, decode attention)")
 
     # Projection to the real depth: everything but the LM head (and its glue) is per layer.
     L, real = cfg.num_layers, 30

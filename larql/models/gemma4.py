@@ -12,8 +12,11 @@ truth is `transformers`' `Gemma4ForCausalLM` (see /work/shared/spec/GEMMA4.md):
         h  = (h + post_feedforward_layernorm(m1 + m2)) * layer_scalar
     logits = softcap(norm(h) @ embed^T)
 
-Every matrix product goes through `larql.kernels.matmul` (f32/f16/bf16/Q4_K/Q6_K weights);
-numpy does only vector glue: norms, RoPE, softmax and the attention over the cache. Experts
+Every matrix product goes through `larql.kernels.matmul` (f32/f16/bf16/Q4_K/Q6_K weights).
+The vector steps between them (norms, QK-norm + RoPE, gelu * up, the residual combine, the
+router's top-k, a decode token's attention over the cache) are fused C helpers in
+`larql.kernels`, one call per step: on a busy CPU each separate numpy pass costs far more than
+its arithmetic. numpy keeps prefill attention and the remaining bookkeeping. Experts
 sit behind `larql.experts.Experts` (in process or remote); the backend applies
 `pre_feedforward_layernorm_2` and returns the raw weighted sum, and this module applies
 `post_feedforward_layernorm_2` to it.
@@ -21,7 +24,6 @@ sit behind `larql.experts.Experts` (in process or remote); the backend applies
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,12 +51,6 @@ def as_matrix(a: np.ndarray) -> QMatrix:
         raise ValueError(f"cannot use a {a.dtype} array of shape {a.shape} as a weight matrix")
     rows, cols = a.shape
     return QMatrix(fmt, rows, cols, a.reshape(-1).view(np.uint8), cols)
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (`gelu_pytorch_tanh`)."""
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -240,14 +236,6 @@ class KVCache:
 # The pieces of one layer
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Neox-style rotate-half. x [T, heads, d]; cos, sin [T, d/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # f32 like transformers: the angle is rounded to f32 before cos/sin.
     ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
@@ -378,8 +366,8 @@ class Gemma4Model:
         k_raw = matmul(lw.k, x).reshape(T, lw.kv_heads, d)
         v = k_raw if lw.k_eq_v else matmul(lw.v, x).reshape(T, lw.kv_heads, d)
         cos, sin = self._rope(positions, lw)
-        q = apply_rope(rms_norm(q, lw.q_norm, self.eps), cos, sin)
-        k = apply_rope(rms_norm(k_raw, lw.k_norm, self.eps), cos, sin)
+        q = kernels.norm_rope(q, lw.q_norm, self.eps, cos, sin)
+        k = kernels.norm_rope(k_raw, lw.k_norm, self.eps, cos, sin)
         v = rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
 
         window = None if lw.full else cfg.sliding_window
@@ -392,6 +380,11 @@ class Gemma4Model:
             kpos = np.concatenate([np.where(cpos < positions[0], cpos, -1), positions])
             a = attend(q, keys, vals, positions, kpos, window)
             cache.write(positions, k, v)
+        elif T == 1:
+            # Decode: one query row over the cache, in C straight from the cache arrays.
+            cache.write(positions, k, v)
+            a = kernels.attend_one(q[0], cache.k, cache.v, cache.pos, cache.used, positions[0], window)
+            a = a.reshape(1, -1)
         else:
             cache.write(positions, k, v)
             keys, vals, kpos = cache.view()
@@ -410,7 +403,7 @@ class Gemma4Model:
     # -- feed-forward ----------------------------------------------------------------------
     def dense_mlp(self, lw: LayerWeights, h: np.ndarray) -> np.ndarray:
         x = rms_norm(h, lw.pre_ffn_norm, self.eps)
-        return matmul(lw.down, gelu_tanh(matmul(lw.gate, x)) * matmul(lw.up, x))
+        return matmul(lw.down, kernels.gelu_mul(matmul(lw.gate, x), matmul(lw.up, x)))
 
     def route(self, lw: LayerWeights, h: np.ndarray) -> RouteResult:
         """Router on the raw residual: softmax over all experts, top-k, renormalise, per-expert scale.
@@ -418,22 +411,18 @@ class Gemma4Model:
         Softmax-then-renormalise over the top k equals a softmax over the top k logits alone
         (the other experts' terms cancel), so only k exponentials are taken.
         """
-        r = rms_norm(h, None, self.eps) * lw.router_scale
+        r = rms_norm(h, lw.router_scale, self.eps)  # x / rms * scale, as the weight
         logits = matmul(lw.router, r)
-        k = self.cfg.top_k
-        ids = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-        top = np.take_along_axis(logits, ids, axis=-1)
-        w = softmax(top) * lw.per_expert_scale[ids]
-        return RouteResult(ids.astype(np.int32), w.astype(np.float32, copy=False))
+        ids, w = kernels.route_topk(logits, self.cfg.top_k, lw.per_expert_scale)
+        return RouteResult(ids, w)
 
     def run_experts(self, lw: LayerWeights, h: np.ndarray, route: RouteResult) -> np.ndarray:
         return self.experts.forward(lw.index, h, route.ids, route.weights)
 
     def combine(self, lw: LayerWeights, h: np.ndarray, m1: np.ndarray, moe_sum: np.ndarray) -> np.ndarray:
-        m1 = rms_norm(m1, lw.post_ffn_norm_1, self.eps)
-        m2 = rms_norm(moe_sum, lw.post_ffn_norm_2, self.eps)
-        h = h + rms_norm(m1 + m2, lw.post_ffn_norm, self.eps)
-        return h * lw.layer_scalar
+        # (h + post_ffn_norm(post_ffn_norm_1(m1) + post_ffn_norm_2(moe_sum))) * layer_scalar
+        return kernels.ffn_combine(h, m1, moe_sum, lw.post_ffn_norm_1, lw.post_ffn_norm_2,
+                                   lw.post_ffn_norm, self.eps, lw.layer_scalar)
 
     def layer(self, lw: LayerWeights, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
               moe_sum: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, RouteResult]:
@@ -441,7 +430,7 @@ class Gemma4Model:
 
         Returns (new h, the residual the FFNs read, its route)."""
         x = rms_norm(h, lw.input_norm, self.eps)
-        h = h + rms_norm(self.attention(lw, x, positions, cache), lw.post_attn_norm, self.eps)
+        h = kernels.add_rms_norm(h, self.attention(lw, x, positions, cache), lw.post_attn_norm, self.eps)
         m1 = self.dense_mlp(lw, h)
         route = self.route(lw, h)
         if moe_sum is None:

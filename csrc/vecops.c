@@ -1,0 +1,159 @@
+/* Vector glue of one decoder layer, fused so a decode step makes one call per step instead of
+ * a handful of numpy passes (each of which pays Python overhead and cold caches after a large
+ * matmul). Everything is f32 with the formulas the model uses (see larql/models/gemma4.py):
+ *
+ *   rms_norm(x, w) = x / sqrt(mean(x^2) + eps) * w            (w NULL: no weight)
+ *   gelu_tanh(g)   = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+ *   RoPE           = neox rotate-half: (x1 c - x2 s, x2 c + x1 s)
+ *
+ * Plain C on the calling thread: these loops are short, and the thread pool's wake-up would
+ * cost more than they do. Sums use eight partial accumulators so the compiler can vectorise
+ * them without -ffast-math. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "larql.h"
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void norm_row(const float *x, const float *w, float eps, int64_t n, float *y) {
+    float r = sqrtf(dot_f32(x, x, n) * (1.0f / (float)n) + eps);
+    if (w)
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] / r * w[i];
+    else
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] / r;
+}
+
+int lq_rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t n, float *y) {
+    if (rows < 0 || n < 1) return LQ_E_SHAPE;
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * n, w, eps, n, y + r * n);
+    return LQ_OK;
+}
+
+int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, int64_t d,
+                 const float *cos_t, const float *sin_t) {
+    if (T < 0 || heads < 1 || d < 2 || d % 2) return LQ_E_SHAPE;
+    int64_t half = d / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *row = x + (t * heads + h) * d;
+            norm_row(row, w, eps, d, row);
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = row[i], x2 = row[i + half];
+                row[i] = x1 * c[i] - x2 * s[i];
+                row[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+    return LQ_OK;
+}
+
+int lq_gelu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    if (n < 0) return LQ_E_SHAPE;
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) rounded to f32, as numpy's np.float32 */
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
+    }
+    return LQ_OK;
+}
+
+int lq_add_rms_norm(float *h, const float *a, const float *w, float eps, int64_t rows, int64_t n) {
+    if (rows < 0 || n < 1) return LQ_E_SHAPE;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ar = a + r * n;
+        float *hr = h + r * n;
+        float rms = sqrtf(dot_f32(ar, ar, n) * (1.0f / (float)n) + eps);
+        for (int64_t i = 0; i < n; i++) hr[i] += ar[i] / rms * w[i];
+    }
+    return LQ_OK;
+}
+
+int lq_ffn_combine(const float *h, const float *m1, const float *m2, const float *w1,
+                   const float *w2, const float *w, float eps, float scalar, int64_t rows,
+                   int64_t n, float *out) {
+    if (rows < 0 || n < 1) return LQ_E_SHAPE;
+    float *tmp = malloc((size_t)n * sizeof(float));
+    if (!tmp) return LQ_E_NOMEM;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *a = m1 + r * n, *b = m2 + r * n, *hr = h + r * n;
+        float ra = sqrtf(dot_f32(a, a, n) * (1.0f / (float)n) + eps);
+        float rb = sqrtf(dot_f32(b, b, n) * (1.0f / (float)n) + eps);
+        for (int64_t i = 0; i < n; i++) tmp[i] = a[i] / ra * w1[i] + b[i] / rb * w2[i];
+        float rt = sqrtf(dot_f32(tmp, tmp, n) * (1.0f / (float)n) + eps);
+        float *o = out + r * n;
+        for (int64_t i = 0; i < n; i++) o[i] = (hr[i] + tmp[i] / rt * w[i]) * scalar;
+    }
+    free(tmp);
+    return LQ_OK;
+}
+
+int lq_route_topk(const float *logits, int64_t rows, int64_t n_experts, int32_t k,
+                  const float *per_expert_scale, int32_t *ids, float *weights) {
+    if (rows < 0 || k < 1 || k > n_experts) return LQ_E_SHAPE;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *l = logits + r * n_experts;
+        int32_t *id = ids + r * k;
+        float *wt = weights + r * k;
+        /* insertion into a descending top-k list; ties keep the lower expert id first */
+        int32_t m = 0;
+        for (int32_t e = 0; e < n_experts; e++) {
+            float v = l[e];
+            if (m == k && !(v > l[id[k - 1]])) continue;
+            int32_t j = m < k ? m++ : k - 1;
+            while (j > 0 && v > l[id[j - 1]]) { id[j] = id[j - 1]; j--; }
+            id[j] = e;
+        }
+        float top = l[id[0]], sum = 0.0f;
+        for (int32_t j = 0; j < k; j++) { wt[j] = expf(l[id[j]] - top); sum += wt[j]; }
+        for (int32_t j = 0; j < k; j++) wt[j] = wt[j] / sum * per_expert_scale[id[j]];
+    }
+    return LQ_OK;
+}
+
+int lq_attend_one(const float *q, int64_t heads, int64_t d, const float *k, const float *v,
+                  int64_t kv_heads, int64_t stride, const int64_t *pos, int64_t n, int64_t q_pos,
+                  int64_t window, float *out) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || d < 1 || n < 0 || n > stride)
+        return LQ_E_SHAPE;
+    float *p = malloc((size_t)(n ? n : 1) * sizeof(float));
+    if (!p) return LQ_E_NOMEM;
+    int64_t g = heads / kv_heads;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *qh = q + h * d;
+        const float *kh = k + (h / g) * stride * d, *vh = v + (h / g) * stride * d;
+        float *o = out + h * d;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            int64_t dist = q_pos - pos[j];
+            if (pos[j] < 0 || dist < 0 || (window > 0 && dist >= window)) { p[j] = -INFINITY; continue; }
+            p[j] = dot_f32(qh, kh + j * d, d);
+            if (p[j] > mx) mx = p[j];
+        }
+        memset(o, 0, (size_t)d * sizeof(float));
+        if (mx == -INFINITY) continue; /* nothing visible: numpy would give NaN; never happens in decode */
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            p[j] = p[j] == -INFINITY ? 0.0f : expf(p[j] - mx);
+            sum += p[j];
+        }
+        for (int64_t j = 0; j < n; j++) {
+            if (p[j] == 0.0f) continue;
+            float pj = p[j] / sum;
+            const float *vr = vh + j * d;
+            for (int64_t i = 0; i < d; i++) o[i] += pj * vr[i];
+        }
+    }
+    free(p);
+    return LQ_OK;
+}
