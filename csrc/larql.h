@@ -88,7 +88,8 @@ const char *lq_available_isas(void);
 int lq_bench_vec_dot(const void *fn, int64_t n, const void *w, size_t row_bytes, int64_t rows,
                      const void *xq, float *y, int parallel);
 
-/* Vector glue of a decoder layer (csrc/vecops.c), f32, on the calling thread. Rows of n floats.
+/* Vector glue of a decoder layer (csrc/vecops.c), f32, on the calling thread unless noted.
+ * Rows of n floats.
  * y = x / sqrt(mean(x^2) + eps) * w (w NULL: no weight); y may equal x. */
 int lq_rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t n, float *y);
 /* In place on x [T, heads, d]: RMSNorm each head (weight w, may be NULL), then neox
@@ -109,7 +110,8 @@ int lq_route_topk(const float *logits, int64_t rows, int64_t n_experts, int32_t 
                   const float *per_expert_scale, int32_t *ids, float *weights);
 /* One query position's attention (scale 1.0) over a KV cache: q [heads, d]; k, v
  * [kv_heads, stride, d] of which slots [0, n) are read; pos [n] (-1 = empty). A slot is
- * visible when 0 <= q_pos - pos (< window when window > 0). out [heads, d]. */
+ * visible when 0 <= q_pos - pos (< window when window > 0). out [heads, d]. Heads are
+ * spread over the thread pool. */
 int lq_attend_one(const float *q, int64_t heads, int64_t d, const float *k, const float *v,
                   int64_t kv_heads, int64_t stride, const int64_t *pos, int64_t n, int64_t q_pos,
                   int64_t window, float *out);

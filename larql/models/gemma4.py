@@ -60,10 +60,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def softcap(logits: np.ndarray, cap: float | None) -> np.ndarray:
+    """tanh(logits / cap) * cap, in place: no new vocabulary-sized temporaries per token."""
     if not cap:
         return logits
     c = np.float32(cap)
-    return np.tanh(logits / c) * c
+    np.divide(logits, c, out=logits)
+    np.tanh(logits, out=logits)
+    return np.multiply(logits, c, out=logits)
 
 
 # --------------------------------------------------------------------------------------------
