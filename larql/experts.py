@@ -57,16 +57,20 @@ class LocalExperts:
         self._tables: dict[int, kernels.ExpertTable] = {}
         self._norms: dict[int, np.ndarray] = {}
 
-    def _table(self, layer: int) -> kernels.ExpertTable:
+    def _layer(self, layer: int) -> tuple[kernels.ExpertTable, np.ndarray]:
+        """The layer's expert table and pre_feedforward_layernorm_2 weight, loaded once."""
         table = self._tables.get(layer)
         if table is None:
-            self.check(layer, np.empty(0, dtype=np.int32))
+            if layer not in self.layers:
+                raise ExpertOwnershipError(
+                    f"layer {layer} is not served here (layers {ranges_text(self.layers)})"
+                )
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
             table = ef.table(self.experts)
             self._tables[layer] = table
             self._norms[layer] = self.vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
-        return table
+        return table, self._norms[layer]
 
     def check(self, layer: int, ids: np.ndarray) -> None:
         if layer not in self.layers:
@@ -81,19 +85,18 @@ class LocalExperts:
             )
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        self._table(layer)  # loads the layer's norm too
-        xe = rms_norm(np.atleast_2d(h), self._norms[layer], self.eps)
-        return self.forward_normed(layer, xe, ids, weights)
+        _, norm = self._layer(layer)
+        return self.forward_normed(layer, rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights)
 
     def forward_normed(
         self, layer: int, xe: np.ndarray, ids: np.ndarray, weights: np.ndarray
     ) -> np.ndarray:
         """As `forward` with `pre_feedforward_layernorm_2` already applied (e.g. by a client
         that sent Q8_K activations)."""
-        ids = np.ascontiguousarray(ids, dtype=np.int32)
-        self.check(layer, ids)
-        xe = np.ascontiguousarray(np.atleast_2d(xe), dtype=np.float32)
-        return kernels.moe_ffn(self._table(layer), xe, ids, np.ascontiguousarray(weights, dtype=np.float32))
+        ids = np.asarray(ids)
+        self.check(layer, ids)  # before any cast to int32 could wrap a huge id into range
+        table, _ = self._layer(layer)
+        return kernels.moe_ffn(table, np.atleast_2d(xe), ids, weights)
 
     def forward_multi(self, work):
         return [self.forward(*w) for w in work]

@@ -110,7 +110,7 @@ def _f32_2d(x: np.ndarray, name: str) -> np.ndarray:
 
 
 # A C pointer type -> the cffi array type whose from_buffer view passes for it.
-_VIEW_TYPES = {"void *": "char[]", "float *": "float[]", "int32_t *": "int32_t[]"}
+_VIEW_TYPES = {"void *": "char[]", "float *": "float[]", "int32_t *": "int32_t[]", "int64_t *": "int64_t[]"}
 
 
 def _ptr(a: np.ndarray, ctype: str = "void *"):
@@ -291,23 +291,26 @@ def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndar
         raise KernelError(f"moe_ffn: ids {ids.shape} and weights {weights.shape} must both be [T={T}, K]")
     if not np.issubdtype(ids.dtype, np.integer):
         raise KernelError(f"moe_ffn: ids must be integers, got {ids.dtype}")
-    used = ids[ids >= 0]
-    if used.size:
-        bad = used[used >= table.n_experts]
-        if bad.size:
-            raise KernelError(f"moe_ffn: expert id {int(bad[0])} out of range (table has {table.n_experts})")
-        absent = used[~table.held[used]]
-        if absent.size:
-            raise KernelError(f"moe_ffn: expert {int(absent[0])} is not held by this table")
+    if ids.dtype != np.int32 and ids.size and ids.max() >= table.n_experts:
+        _raise_bad_ids(table, ids)  # before the cast to int32 could wrap a huge id into range
     ids32 = np.ascontiguousarray(ids, dtype=np.int32)
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
     y = _out(out, (table.hidden,) if vec else (T, table.hidden), "moe_ffn")
-    _check(
-        lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
-                       ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *")),
-        "moe_ffn",
-    )
+    rc = lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
+                        ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"))
+    if rc == -3:  # LQ_E_EXPERT: the C side checks every id; name the bad one only when it fails
+        _raise_bad_ids(table, ids32)
+    _check(rc, "moe_ffn")
     return y
+
+
+def _raise_bad_ids(table: ExpertTable, ids: np.ndarray) -> None:
+    used = ids[ids >= 0]
+    bad = used[used >= table.n_experts]
+    if bad.size:
+        raise KernelError(f"moe_ffn: expert id {int(bad[0])} out of range (table has {table.n_experts})")
+    absent = used[~table.held[used]]
+    raise KernelError(f"moe_ffn: expert {int(absent[0]) if absent.size else '?'} is not held by this table")
 
 
 def set_num_threads(n: int) -> None:
@@ -348,8 +351,7 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 
 def _fbuf(a: np.ndarray):
-    """A cffi float* over a contiguous f32 array (from_buffer is ~5x cheaper than a ctypes cast)."""
-    return ffi.from_buffer("float[]", a)
+    return _ptr(a, "float *")
 
 
 def _weight(w: np.ndarray | None, n: int, name: str):
@@ -439,7 +441,7 @@ def route_topk(logits: np.ndarray, k: int, per_expert_scale: np.ndarray) -> tupl
     ids = np.empty((T, k), dtype=np.int32)
     w = np.empty((T, k), dtype=np.float32)
     if T:
-        _check(lib.lq_route_topk(_fbuf(logits), T, E, k, scale, ffi.from_buffer("int32_t[]", ids),
+        _check(lib.lq_route_topk(_fbuf(logits), T, E, k, scale, _ptr(ids, "int32_t *"),
                                  _fbuf(w)), "route_topk")
     return ids, w
 
@@ -462,6 +464,6 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n: 
     kvh, slots, _ = k.shape
     out = np.empty(heads * d, dtype=np.float32)
     _check(lib.lq_attend_one(_fbuf(q), heads, d, _fbuf(k), _fbuf(v), kvh, slots,
-                             ffi.from_buffer("int64_t[]", pos), n, int(q_pos), int(window or 0),
+                             _ptr(pos, "int64_t *"), n, int(q_pos), int(window or 0),
                              _fbuf(out)), "attend_one")
     return out
