@@ -517,11 +517,24 @@ class AsyncExpertClient:
         max_frame = min([P.MAX_FRAME, *limits])
         return max(1024, max_frame - min(65536, max_frame // 4))
 
+    def _token_bytes(self, K: int) -> int:
+        """Frame bytes one token's work can take: its input or its reply, plus ids and weights."""
+        H = self.identity.hidden
+        return max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * K
+
     def _max_tokens(self, sh: _Shard, K: int) -> int:
         """Tokens per request so that request and reply both fit in one frame."""
-        H = self.identity.hidden
-        per_token = max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * K
-        return max(1, self._frame_budget(sh) // per_token)
+        return max(1, self._frame_budget(sh) // self._token_bytes(K))
+
+    def _prepare(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray):
+        """One layer's work as contiguous [T, H] f32, [T, K] int32, [T, K] f32, shapes checked."""
+        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
+        ids = np.ascontiguousarray(np.atleast_2d(ids), dtype=np.int32)
+        weights = np.ascontiguousarray(np.atleast_2d(weights), dtype=np.float32)
+        if h.shape[1] != self.identity.hidden or ids.shape != weights.shape or ids.shape[0] != h.shape[0]:
+            raise ValueError(f"forward: h {h.shape}, ids {ids.shape}, weights {weights.shape} do not "
+                             f"match hidden={self.identity.hidden}")
+        return h, ids, weights
 
     def _payload(self, layer: int, h: np.ndarray, rows: np.ndarray):
         x = h[rows] if rows.size != h.shape[0] else h
@@ -531,13 +544,8 @@ class AsyncExpertClient:
 
     async def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """h f32 [T, H] raw residual, ids int32 [T, K], weights f32 [T, K] -> f32 [T, H] raw sum."""
-        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
-        ids = np.ascontiguousarray(np.atleast_2d(ids), dtype=np.int32)
-        weights = np.ascontiguousarray(np.atleast_2d(weights), dtype=np.float32)
+        h, ids, weights = self._prepare(h, ids, weights)
         T, H = h.shape
-        if H != self.identity.hidden or ids.shape != weights.shape or ids.shape[0] != T:
-            raise ValueError(f"forward: h {h.shape}, ids {ids.shape}, weights {weights.shape} do not "
-                             f"match hidden={self.identity.hidden}")
         jobs, where = [], []
         for si, sh in enumerate(self.shards):
             if not sh.spec.serves(layer):
@@ -566,14 +574,8 @@ class AsyncExpertClient:
     async def forward_multi(self, work: Sequence[tuple]) -> list[np.ndarray]:
         """Several layers' work, one `multi` request per shard (batch dispatch)."""
         H = self.identity.hidden
-        prepared = []
-        for layer, h, ids, w in work:
-            h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
-            ids = np.ascontiguousarray(np.atleast_2d(ids), dtype=np.int32)
-            w = np.ascontiguousarray(np.atleast_2d(w), dtype=np.float32)
-            prepared.append((layer, h, ids, w))
+        prepared = [(layer, *self._prepare(h, ids, w)) for layer, h, ids, w in work]
         jobs, plan = [], []
-        H = self.identity.hidden
         for sh in self.shards:
             # One `multi` per shard, split into several only if it would exceed a frame.
             budget = self._frame_budget(sh)
@@ -585,7 +587,7 @@ class AsyncExpertClient:
                 if part is None:
                     continue
                 rows, ids_s, w_s = part
-                per_token = max(P.x_bytes(self.encoding, 1, H), 4 * H) + 8 * ids_s.shape[1] + 64
+                per_token = self._token_bytes(ids_s.shape[1]) + 64  # + each item's map keys
                 step = max(1, budget // per_token)
                 for a in range(0, rows.size, step):
                     r = rows[a: a + step]
