@@ -77,6 +77,11 @@ def _verify(args) -> int:
     return 0
 
 
+def _preset_argument(p, presets: list[str], what: str) -> None:
+    p.add_argument("--preset", default="all", choices=presets, metavar="NAME",
+                   help=f"{what}: {', '.join(presets)} (default all)")
+
+
 def add_commands(sub) -> None:
     from .slicing import ALIASES, PRESETS
 
@@ -124,13 +129,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("src", help="source vindex")
     p.add_argument("-o", "--output", required=True, help="destination vindex directory")
-    p.add_argument(
-        "--preset",
-        default="all",
-        choices=presets,
-        metavar="NAME",
-        help=f"one of: {', '.join(presets)} (default all)",
-    )
+    _preset_argument(p, presets, "one of")
     p.add_argument("--experts", default=None, help="keep only these experts, e.g. 0-63")
     p.add_argument("--layers", default=None, help="keep only these layers' expert files, e.g. 0-14")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -140,13 +139,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("pull", help="download a vindex (or a preset's files) from the Hugging Face Hub")
     p.add_argument("repo", help="OWNER/NAME on the Hub (HF_ENDPOINT selects another endpoint)")
     p.add_argument("-o", "--output", required=True, help="local directory")
-    p.add_argument(
-        "--preset",
-        default="all",
-        choices=presets,
-        metavar="NAME",
-        help=f"download only this preset's files: {', '.join(presets)}",
-    )
+    _preset_argument(p, presets, "download only this preset's files")
     p.add_argument("--layers", default=None, help="download only these layers' expert files, e.g. 0-14")
     p.add_argument("--revision", default=None, help="branch, tag or commit")
     p.set_defaults(func=_pull)
