@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__
 from . import protocol as P
+from .transport import set_nodelay
 
 DEFAULT_TIMEOUT = 60.0        # seconds for one request (a long prefill on a slow shard)
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -225,8 +226,6 @@ class Connection(asyncio.Protocol):
         return conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from .server import set_nodelay
-
         self.transport = transport  # type: ignore[assignment]
         set_nodelay(transport)
 

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -32,28 +31,13 @@ import numpy as np
 from . import __version__, kernels
 from . import protocol as P
 from .experts import ExpertOwnershipError, LocalExperts
+from .transport import new_event_loop, set_nodelay
 
 log = logging.getLogger("larql.server")
 
 # Per-connection cap on requests in flight: past it the server stops reading that socket until
 # replies drain, so one greedy client cannot queue unbounded work or memory.
 MAX_INFLIGHT_PER_CONN = 256
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (half the per-frame latency of stock asyncio), else asyncio's."""
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.new_event_loop()
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from . import kernels
     from .protocol import parse_range, ranges_text
-    from .server import ExpertServer, new_event_loop
+    from .server import ExpertServer
+    from .transport import new_event_loop
     from .vindex import open_vindex
 
     _setup_logging(args.log_level)

@@ -177,7 +177,7 @@ def bench_rtt(args, path: Path, vx) -> None:
 
 def bench_throughput(args, path: Path, vx) -> None:
     from ..client import AsyncExpertClient, ModelIdentity, parse_shards
-    from ..server import new_event_loop
+    from ..transport import new_event_loop
 
     cfg = vx.config
     works = random_work(cfg, 256, seed=1)
