@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from . import __version__, ranges
 from . import protocol as P
 from .transport import set_nodelay
 
@@ -100,13 +100,9 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def _int_range(text: str, entry: str, what: str) -> tuple[int, int]:
     try:
-        if "-" in text:
-            a, b = text.split("-", 1)
-            lo, hi = int(a), int(b)
-        else:
-            lo = hi = int(text)
-    except ValueError:
-        raise ShardSpecError(f"shard entry {entry!r}: bad {what} range {text!r} (expected A-B)") from None
+        lo, hi = ranges.split_span(text, f"{what} range")
+    except ranges.RangeError as e:
+        raise ShardSpecError(f"shard entry {entry!r}: {e}") from None
     if lo > hi:
         raise ShardSpecError(f"shard entry {entry!r}: {what} range start {lo} is after its end {hi}")
     return lo, hi
@@ -152,14 +148,14 @@ def parse_shards(spec: str, num_experts: int, num_layers: int | None = None) -> 
         at_layer = f" at layer {layer}" if any(s.layers for s in shards) else ""
         for s in (s for s in shards if s.serves(layer)):
             if s.first > expect:
-                gap = P.ranges_text(list(range(expect, s.first)))
+                gap = ranges.text(list(range(expect, s.first)))
                 raise ShardSpecError(f"shard map {spec!r} leaves experts {gap} unserved{at_layer}")
             if s.first < expect:
                 raise ShardSpecError(f"shard map {spec!r}: range {s.label} overlaps an earlier range"
                                      f"{at_layer}")
             expect = s.last + 1
         if expect != num_experts:
-            gap = P.ranges_text(list(range(expect, num_experts)))
+            gap = ranges.text(list(range(expect, num_experts)))
             raise ShardSpecError(f"shard map {spec!r} leaves experts {gap} unserved{at_layer}")
     return shards
 
@@ -411,13 +407,13 @@ class AsyncExpertClient:
         experts = set(P.from_ranges(info.get("experts"), me.num_experts, "experts"))
         want = set(range(spec.first, spec.last + 1))
         if missing := sorted(want - experts):
-            raise ShardSpecError(f"{where} does not hold experts {P.ranges_text(missing)} "
-                                 f"(it serves experts {P.ranges_text(sorted(experts))})")
+            raise ShardSpecError(f"{where} does not hold experts {ranges.text(missing)} "
+                                 f"(it serves experts {ranges.text(sorted(experts))})")
         layers = set(P.from_ranges(info.get("layers"), me.num_layers, "layers"))
         need = range(spec.layers[0], spec.layers[1] + 1) if spec.layers else range(me.num_layers)
         if missing := sorted(set(need) - layers):
-            raise ShardSpecError(f"{where} does not hold layers {P.ranges_text(missing)} "
-                                 f"(it serves layers {P.ranges_text(sorted(layers))})")
+            raise ShardSpecError(f"{where} does not hold layers {ranges.text(missing)} "
+                                 f"(it serves layers {ranges.text(sorted(layers))})")
         encs = info.get("encodings")
         if not isinstance(encs, list) or self.encoding not in encs:
             raise ShardSpecError(f"{where} does not accept {self.encoding!r} inputs (it accepts {encs!r})")

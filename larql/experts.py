@@ -12,8 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import kernels
-from .protocol import ranges_text
+from . import kernels, ranges
 
 
 class Experts(Protocol):
@@ -63,7 +62,7 @@ class LocalExperts:
         if table is None:
             if layer not in self.layers:
                 raise ExpertOwnershipError(
-                    f"layer {layer} is not served here (layers {ranges_text(self.layers)})"
+                    f"layer {layer} is not served here (layers {ranges.text(self.layers)})"
                 )
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
@@ -75,13 +74,13 @@ class LocalExperts:
     def check(self, layer: int, ids: np.ndarray) -> None:
         if layer not in self.layers:
             raise ExpertOwnershipError(
-                f"layer {layer} is not served here (layers {ranges_text(self.layers)})"
+                f"layer {layer} is not served here (layers {ranges.text(self.layers)})"
             )
         used = ids[ids >= 0]
         if used.size and (used.max() >= self.num_experts or not self._owned[used].all()):
             bad = sorted({int(e) for e in used if e >= self.num_experts or not self._owned[e]})
             raise ExpertOwnershipError(
-                f"experts {bad} are not served here (experts {ranges_text(self.experts)}, layer {layer})"
+                f"experts {bad} are not served here (experts {ranges.text(self.experts)}, layer {layer})"
             )
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from . import ranges
+
 PROTOCOL_VERSION = 1
 
 HEADER = struct.Struct("<I")
@@ -269,56 +271,15 @@ def check_reply(reply: dict, where: str = "") -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# Ranges ("0-63,70") as used in hello replies, CLI flags and shard specs
-
-
-def parse_range(text: str, limit: int, what: str = "range") -> list[int]:
-    """'0-63' or '0-3,8,10-11' -> sorted ints, each in [0, limit). Inclusive ranges."""
-    out: set[int] = set()
-    text = text.strip()
-    if not text:
-        raise ValueError(f"empty {what}")
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-            else:
-                lo = hi = int(part)
-        except ValueError:
-            raise ValueError(f"bad {what} {part!r} in {text!r}: expected A-B or N") from None
-        if lo > hi:
-            raise ValueError(f"bad {what} {part!r}: start {lo} is after end {hi}")
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"{what} {part!r} is outside 0-{limit - 1}")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
-
-
-def to_ranges(values: list[int]) -> list[list[int]]:
-    """[0,1,2,5] -> [[0,2],[5,5]] (inclusive pairs: compact in hello replies)."""
-    out: list[list[int]] = []
-    for v in sorted(values):
-        if out and v == out[-1][1] + 1:
-            out[-1][1] = v
-        else:
-            out.append([v, v])
-    return out
+# Expert/layer sets in hello replies: [first, last] pairs (see ranges.py)
 
 
 def from_ranges(pairs: Any, limit: int, what: str) -> list[int]:
-    """Inverse of to_ranges, validated (a hello reply is wire input too)."""
+    """The ids a hello reply's [[first, last], ...] names, validated (a hello reply is wire input)."""
     if not isinstance(pairs, list):
         raise ProtocolError(f"{what} must be a list of [first, last] pairs")
-    out: list[int] = []
     for p in pairs:
         if (not isinstance(p, list) or len(p) != 2 or not all(isinstance(v, int) for v in p)
                 or not 0 <= p[0] <= p[1] < limit):
             raise ProtocolError(f"{what} holds a bad range {p!r} (limit {limit})")
-        out.extend(range(p[0], p[1] + 1))
-    return sorted(set(out))
-
-
-def ranges_text(values: list[int]) -> str:
-    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in to_ranges(values)) or "none"
+    return ranges.from_pairs(pairs)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, kernels
+from . import __version__, kernels, ranges
 from . import protocol as P
 from .experts import ExpertOwnershipError, LocalExperts
 from .transport import new_event_loop, set_nodelay
@@ -258,11 +258,11 @@ class ExpertServer:
         if not experts or not layers:
             raise ValueError("a shard must own at least one expert and one layer")
         if missing := sorted(set(experts) - present_e):
-            raise ValueError(f"experts {P.ranges_text(missing)} are not in this vindex "
-                             f"(it holds {P.ranges_text(sorted(present_e))})")
+            raise ValueError(f"experts {ranges.text(missing)} are not in this vindex "
+                             f"(it holds {ranges.text(sorted(present_e))})")
         if missing := sorted(set(layers) - present_l):
-            raise ValueError(f"layers {P.ranges_text(missing)} are not in this vindex "
-                             f"(it holds {P.ranges_text(sorted(present_l))})")
+            raise ValueError(f"layers {ranges.text(missing)} are not in this vindex "
+                             f"(it holds {ranges.text(sorted(present_l))})")
         self.experts, self.layers = experts, layers
         for layer in layers:  # fail at startup, naming the file, if a layer file is unusable
             vindex.expert_file(layer)
@@ -281,8 +281,8 @@ class ExpertServer:
             "num_layers": cfg.num_layers,
             "top_k": cfg.top_k,
             "quant": str(getattr(vindex, "quant", "")),
-            "experts": P.to_ranges(experts),
-            "layers": P.to_ranges(layers),
+            "experts": ranges.to_pairs(experts),
+            "layers": ranges.to_pairs(layers),
             "encodings": list(P.ENCODINGS),
             "max_frame": max_frame,
         }
@@ -362,7 +362,7 @@ class ExpertServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("serving experts %s layers %s of %s on %s:%d (pid %d)",
-                 P.ranges_text(self.experts), P.ranges_text(self.layers),
+                 ranges.text(self.experts), ranges.text(self.layers),
                  self._info["model"] or self.vx.path, self.address[0], self.address[1], os.getpid())
         await stop.wait()
         log.info("shutting down: finishing %d in-flight requests",
@@ -562,14 +562,14 @@ class _Conn(asyncio.Protocol):
         srv = self.srv
         if work.layer not in srv._layer_set:
             raise P.ProtocolError(
-                f"layer {work.layer} is not served here (this shard owns layers {P.ranges_text(srv.layers)}, "
-                f"experts {P.ranges_text(srv.experts)})", P.E_NOT_OWNED)
+                f"layer {work.layer} is not served here (this shard owns layers {ranges.text(srv.layers)}, "
+                f"experts {ranges.text(srv.experts)})", P.E_NOT_OWNED)
         used = work.ids[work.ids >= 0]
         if used.size and not srv._owned[used].all():
             bad = sorted({int(e) for e in used if not srv._owned[e]})
             raise P.ProtocolError(
-                f"experts {P.ranges_text(bad)} of layer {work.layer} are not served here (this shard owns "
-                f"experts {P.ranges_text(srv.experts)}, layers {P.ranges_text(srv.layers)})", P.E_NOT_OWNED)
+                f"experts {ranges.text(bad)} of layer {work.layer} are not served here (this shard owns "
+                f"experts {ranges.text(srv.experts)}, layers {ranges.text(srv.layers)})", P.E_NOT_OWNED)
 
     def _compute(self, rid: int, op: str, msg: dict, t0: float) -> None:
         srv = self.srv

@@ -84,8 +84,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import logging
     import time
 
-    from . import kernels
-    from .protocol import parse_range, ranges_text
+    from . import kernels, ranges
     from .server import ExpertServer
     from .transport import new_event_loop
     from .vindex import open_vindex
@@ -98,13 +97,13 @@ def serve_main(args: argparse.Namespace) -> int:
         kernels.set_num_threads(args.threads)
     vx = open_vindex(args.vindex)
     cfg = vx.config
-    experts = parse_range(args.experts, cfg.num_experts, "--experts") if args.experts else None
-    layers = parse_range(args.layers, cfg.num_layers, "--layers") if args.layers else None
+    experts = ranges.parse(args.experts, cfg.num_experts, "--experts") if args.experts else None
+    layers = ranges.parse(args.layers, cfg.num_layers, "--layers") if args.layers else None
     srv = ExpertServer(vx, experts, layers, workers=args.workers)
     log.info("vindex %s: %s, hidden %d, %d experts x %d layers; this shard: experts %s, layers %s "
              "(%s of expert weights), kernels %s x%d threads",
              vx.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
-             ranges_text(srv.experts), ranges_text(srv.layers), human_bytes(srv.owned_bytes()),
+             ranges.text(srv.experts), ranges.text(srv.layers), human_bytes(srv.owned_bytes()),
              kernels.isa(), kernels.num_threads())
     if args.warmup:
         nbytes, secs = srv.warmup(progress=True)

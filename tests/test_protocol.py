@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from larql import protocol as P
+from larql import ranges
 from larql.client import ShardSpecError, parse_address, parse_shards, split_work
 
 
@@ -115,13 +116,13 @@ def test_error_reply_and_check_reply():
 
 
 def test_ranges():
-    assert P.parse_range("0-3,8,10-11", 16) == [0, 1, 2, 3, 8, 10, 11]
-    assert P.to_ranges([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]]
+    assert ranges.parse("0-3,8,10-11", 16) == [0, 1, 2, 3, 8, 10, 11]
+    assert ranges.to_pairs([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]]
     assert P.from_ranges([[0, 2], [5, 5]], 8, "x") == [0, 1, 2, 5]
-    assert P.ranges_text([0, 1, 2, 5]) == "0-2,5"
+    assert ranges.text([0, 1, 2, 5]) == "0-2,5"
     for bad in ("", "3-1", "0-16", "a-b", "-1"):
         with pytest.raises(ValueError):
-            P.parse_range(bad, 16)
+            ranges.parse(bad, 16)
     for bad in ([[0, 9]], [[2, 1]], "0-3", [[0, "1"]], [[0]]):
         with pytest.raises(P.ProtocolError):
             P.from_ranges(bad, 8, "experts")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tiny_models import make_config
 
+from larql import ranges
 from larql.config import ModelConfig
 from larql.vindex import VindexError, open_vindex, write_vindex
 from larql.vindex import format as fm
@@ -272,7 +273,7 @@ def test_interrupted_write_leaves_nothing(small, tmp_path):
 
 def test_ranges():
     assert fm.parse_ranges("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
-    assert fm.format_ranges([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert ranges.text([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
     assert fm.parse_ranges(None) is None
     for bad in ("3-1", "a-b", "0-200"):
         with pytest.raises(VindexError):

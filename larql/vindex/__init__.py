@@ -50,7 +50,7 @@ Operations: extract.extract(src, out, quant=..., lm_head=...),
     report.info(path) -> dict, report.verify(path) -> list of problems (empty = intact).
 """
 
-from .format import VindexError, format_ranges, parse_ranges
+from .format import VindexError, parse_ranges
 from .reader import AttnWeights, DenseWeights, ExpertFile, Vindex, open_vindex
 from .writer import ArraySource, TensorSource, write_vindex
 
@@ -62,7 +62,6 @@ __all__ = [
     "TensorSource",
     "Vindex",
     "VindexError",
-    "format_ranges",
     "open_vindex",
     "parse_ranges",
     "write_vindex",

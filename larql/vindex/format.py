@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import ranges
+
 PAGE = 4096
 
 INDEX_JSON = "index.json"
@@ -305,35 +307,11 @@ def sha256_file(path: Path, progress=None) -> str:
 
 
 def parse_ranges(spec: str | None, limit: int | None = None, what: str = "range") -> list[int] | None:
-    """'0-63' / '0-3,8,10-11' -> sorted ids. None/'' -> None (everything)."""
+    """'0-63' / '0-3,8,10-11' -> sorted ids (ranges.parse); None, '' or 'all' -> None (everything).
+    Errors are VindexErrors, as for everything else about a vindex."""
     if spec is None or str(spec).strip() in ("", "all"):
         return None
-    out: set[int] = set()
-    for part in str(spec).split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-            else:
-                a = b = int(part)
-        except ValueError:
-            raise VindexError(f"bad {what} {spec!r}: expected e.g. 0-63 or 0-3,8") from None
-        if a < 0 or b < a:
-            raise VindexError(f"bad {what} {spec!r}: {part!r} is empty or negative")
-        if limit is not None and b >= limit:
-            raise VindexError(f"bad {what} {spec!r}: {b} is out of range (0-{limit - 1})")
-        out.update(range(a, b + 1))
-    return sorted(out)
-
-
-def format_ranges(values) -> str:
-    vals = sorted(values)
-    out: list[str] = []
-    i = 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(f"{vals[i]}-{vals[j]}" if j > i else f"{vals[i]}")
-        i = j + 1
-    return ",".join(out) or "none"
+    try:
+        return ranges.parse(str(spec), limit, what)
+    except ranges.RangeError as e:
+        raise VindexError(str(e)) from None

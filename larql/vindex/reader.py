@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import ranges
 from ..config import ConfigError, ModelConfig
 from . import format as fm
 from .format import VindexError
@@ -140,7 +141,7 @@ class ExpertFile:
             ent = self.entry(e)
             if ent is None:
                 raise VindexError(
-                    f"{self.path}: expert {e} is not in this file (holds {fm.format_ranges(self.present())})"
+                    f"{self.path}: expert {e} is not in this file (holds {ranges.text(self.present())})"
                 )
             out.append((e, ent))
         return out
@@ -535,7 +536,7 @@ class Vindex:
             if not p.exists():
                 raise VindexError(
                     f"{p}: missing (experts of layer {layer}); this vindex holds layers "
-                    f"{fm.format_ranges(self.layers_present)}"
+                    f"{ranges.text(self.layers_present)}"
                 )
             ef = ExpertFile(p, layer, c.num_experts, c.moe_intermediate_size, c.hidden_size)
             self._expert_files[layer] = ef
@@ -601,8 +602,8 @@ class Vindex:
 
     def __repr__(self) -> str:
         return (
-            f"Vindex({str(self.path)!r}, quant={self.quant}, layers={fm.format_ranges(self.layers_present)}, "
-            f"experts={fm.format_ranges(self.experts_present)})"
+            f"Vindex({str(self.path)!r}, quant={self.quant}, layers={ranges.text(self.layers_present)}, "
+            f"experts={ranges.text(self.experts_present)})"
         )
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import ranges
 from . import format as fm
 from .format import VindexError
 from .reader import open_vindex
@@ -68,8 +69,8 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         "moe_intermediate_size": c.moe_intermediate_size,
         "layer_types": c.layer_types,
         "lm_head": vx.lm_head_format,
-        "layers_present": fm.format_ranges(vx.layers_present),
-        "experts_present": fm.format_ranges(vx.experts_present),
+        "layers_present": ranges.text(vx.layers_present),
+        "experts_present": ranges.text(vx.experts_present),
         "lyrw_versions": sorted(lyrw_versions),
         "formats": formats,
         "bytes": {k: v for k, v in comp.items() if v},

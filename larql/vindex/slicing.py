@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import ranges
 from . import format as fm
 from .format import VindexError
 from .reader import open_vindex
@@ -143,8 +144,8 @@ def slice_vindex(
                 + "; ".join(
                     x
                     for x in (
-                        f"experts {fm.format_ranges(missing_e)}" if missing_e else "",
-                        f"layers {fm.format_ranges(missing_l)}" if missing_l else "",
+                        f"experts {ranges.text(missing_e)}" if missing_e else "",
+                        f"layers {ranges.text(missing_l)}" if missing_l else "",
                     )
                     if x
                 )
@@ -188,8 +189,8 @@ def slice_vindex(
         index["expert_fingerprint"] = vx.expert_fingerprint()
         index["slice"] = {
             "preset": ALIASES.get(preset, preset),
-            "experts": fm.format_ranges(have_e),
-            "layers": fm.format_ranges(have_l),
+            "experts": ranges.text(have_e),
+            "layers": ranges.text(have_l),
             "files": chosen,
         }
         (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
