@@ -36,13 +36,13 @@ from .client import (
     AsyncExpertClient,
     RemoteExperts,
     ShardError,
-    ShardSpecError,
     async_client,
     connect_shards,
 )
 from .generate import GenerationStats, generate
 from .protocol import RemoteError
 from .sampling import Sampler
+from .shardmap import ShardSpecError
 
 __all__ = ["Generation", "Model", "load", "expert_client", "async_expert_client",
            "ShardError", "ShardSpecError", "RemoteError"]

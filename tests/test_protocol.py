@@ -8,7 +8,6 @@ import pytest
 
 from larql import protocol as P
 from larql import ranges
-from larql.client import ShardSpecError, parse_address, parse_shards, split_work
 
 
 def test_frame_roundtrip_and_split_delivery():
@@ -126,62 +125,3 @@ def test_ranges():
     for bad in ([[0, 9]], [[2, 1]], "0-3", [[0, "1"]], [[0]]):
         with pytest.raises(P.ProtocolError):
             P.from_ranges(bad, 8, "experts")
-
-
-def test_parse_shards_ok():
-    s = parse_shards("64-127=tcp://b.example:9000, 0-63=10.0.0.5:8080|[::1]:8081", 128)
-    assert [(x.first, x.last) for x in s] == [(0, 63), (64, 127)]
-    assert s[0].replicas == [("10.0.0.5", 8080), ("::1", 8081)]
-    assert s[1].replicas == [("b.example", 9000)]
-    assert [(x.first, x.last) for x in parse_shards("0=a:1,1-7=b:2", 8)] == [(0, 0), (1, 7)]
-
-
-def test_parse_shards_with_layer_ranges():
-    s = parse_shards("0-63@0-14=a:1,64-127@0-14=b:1,0-127@15-29=c:1|d:2", 128, 30)
-    assert [x.label for x in s] == ["0-63@0-14", "0-127@15-29", "64-127@0-14"]
-    assert s[1].serves(15) and not s[1].serves(14) and s[0].serves(0)
-    for spec, needle in (("0-127@0-14=a:1", "0-127 unserved at layer 15"),
-                         ("0-127@0-14=a:1,0-127@14-29=b:1", "overlaps an earlier range at layer 14"),
-                         ("0-127@0-30=a:1", "outside 0-29"), ("0-127@x=a:1", "bad layer range")):
-        with pytest.raises(ShardSpecError, match=needle):
-            parse_shards(spec, 128, 30)
-
-
-@pytest.mark.parametrize("spec, needle", [
-    ("", "empty"),
-    ("0-63=a:1", "64-127 unserved"),                 # gap at the end
-    ("0-10=a:1,20-127=b:2", "11-19 unserved"),       # gap in the middle
-    ("0-6=a:1,8-127=b:2", "experts 7 unserved"),      # a one-expert gap reads as one id
-    ("0-70=a:1,64-127=b:2", "overlaps"),
-    ("0-128=a:1", "outside"),
-    ("10-0=a:1,0-127=b:2", "after its end"),
-    ("x-63=a:1", "bad expert range"),
-    ("0-127", "expected RANGE=HOST:PORT"),
-    ("0-127=a", "no port"),
-    ("0-127=a:http", "not a number"),
-    ("0-127=a:0", "out of range"),
-    ("0-127=https://a.fly.dev", "raw TCP"),
-    ("0-63=a:1,,64-127=b:2", "empty entry"),
-])
-def test_parse_shards_errors(spec, needle):
-    with pytest.raises(ShardSpecError) as e:
-        parse_shards(spec, 128)
-    assert needle in str(e.value)
-
-
-def test_parse_address_forms():
-    assert parse_address("tcp://h:1/") == ("h", 1)
-    assert parse_address("[fe80::1]:80") == ("fe80::1", 80)
-
-
-def test_split_work_keeps_order_and_compacts():
-    ids = np.array([[3, 9, 1, 12], [8, 9, 10, 11], [0, 1, 2, 3]], dtype=np.int32)
-    w = np.arange(12, dtype=np.float32).reshape(3, 4)
-    rows, i_s, w_s = split_work(ids, w, 0, 7)
-    assert rows.tolist() == [0, 2]
-    assert i_s.tolist() == [[3, 1, -1, -1], [0, 1, 2, 3]]
-    assert w_s.tolist() == [[0, 2, 0, 0], [8, 9, 10, 11]]
-    rows, i_s, w_s = split_work(ids, w, 8, 15)
-    assert rows.tolist() == [0, 1]
-    assert i_s.tolist() == [[9, 12, -1, -1], [8, 9, 10, 11]]
-    assert split_work(ids[2:], w[2:], 8, 15) is None

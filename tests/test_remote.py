@@ -16,14 +16,12 @@ from larql.client import (
     AsyncExpertClient,
     ModelIdentity,
     ShardError,
-    ShardSpecError,
     connect_shards,
-    parse_shards,
-    split_work,
 )
 from larql.demo import build_demo_vindex, demo_config
 from larql.experts import LocalExperts
 from larql.server import ExpertServer
+from larql.shardmap import ShardSpecError, parse_shards, split_work
 from larql.vindex import open_vindex
 
 E, L, H, TOPK = 8, 2, 64, 3

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from larql.client import connect_shards, split_work
+from larql.client import connect_shards
 from larql.experts import LocalExperts
 from larql.models.gemma4 import Gemma4Model
 from larql.server import ExpertServer
+from larql.shardmap import split_work
 from larql.vindex import open_vindex
 from larql.vindex.extract import extract
 

@@ -176,7 +176,8 @@ def bench_rtt(args, path: Path, vx) -> None:
 
 
 def bench_throughput(args, path: Path, vx) -> None:
-    from ..client import AsyncExpertClient, ModelIdentity, parse_shards
+    from ..client import AsyncExpertClient, ModelIdentity
+    from ..shardmap import parse_shards
     from ..transport import new_event_loop
 
     cfg = vx.config
