@@ -53,6 +53,7 @@ class LocalExperts:
         self.experts = sorted(experts if experts is not None else vindex.experts_present)
         self._owned = np.zeros(cfg.num_experts, dtype=bool)
         self._owned[self.experts] = True
+        self._layer_set = set(self.layers)
         self._tables: dict[int, kernels.ExpertTable] = {}
         self._norms: dict[int, np.ndarray] = {}
 
@@ -60,10 +61,7 @@ class LocalExperts:
         """The layer's expert table and pre_feedforward_layernorm_2 weight, loaded once."""
         table = self._tables.get(layer)
         if table is None:
-            if layer not in self.layers:
-                raise ExpertOwnershipError(
-                    f"layer {layer} is not served here (layers {ranges.text(self.layers)})"
-                )
+            self._check_layer(layer)
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
             table = ef.table(self.experts)
@@ -71,17 +69,23 @@ class LocalExperts:
             self._norms[layer] = self.vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
         return table, self._norms[layer]
 
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self._layer_set:
+            raise ExpertOwnershipError(f"layer {layer} is not served here (this shard owns layers "
+                                       f"{ranges.text(self.layers)}, experts {ranges.text(self.experts)})")
+
     def check(self, layer: int, ids: np.ndarray) -> None:
-        if layer not in self.layers:
-            raise ExpertOwnershipError(
-                f"layer {layer} is not served here (layers {ranges.text(self.layers)})"
-            )
+        """Raise ExpertOwnershipError unless `layer` and every expert id >= 0 in `ids` are held here.
+
+        The one ownership check: the server runs it on every work item before computing any
+        and maps the error to the protocol's `not_owned`."""
+        self._check_layer(layer)
         used = ids[ids >= 0]
         if used.size and (used.max() >= self.num_experts or not self._owned[used].all()):
             bad = sorted({int(e) for e in used if e >= self.num_experts or not self._owned[e]})
-            raise ExpertOwnershipError(
-                f"experts {bad} are not served here (experts {ranges.text(self.experts)}, layer {layer})"
-            )
+            raise ExpertOwnershipError(f"experts {ranges.text(bad)} of layer {layer} are not served here "
+                                       f"(this shard owns experts {ranges.text(self.experts)}, "
+                                       f"layers {ranges.text(self.layers)})")
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         _, norm = self._layer(layer)

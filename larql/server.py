@@ -286,9 +286,6 @@ class ExpertServer:
             "encodings": list(P.ENCODINGS),
             "max_frame": max_frame,
         }
-        self._owned = np.zeros(cfg.num_experts, dtype=bool)
-        self._owned[experts] = True
-        self._layer_set = set(layers)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batcher: LayerBatcher | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -558,19 +555,6 @@ class _Conn(asyncio.Protocol):
             log.exception("request %s from %s failed", rid, self.peer)
             self._error(rid, P.E_INTERNAL, f"{type(e).__name__}: {e}")
 
-    def _check_owned(self, work: P.Work) -> None:
-        srv = self.srv
-        if work.layer not in srv._layer_set:
-            raise P.ProtocolError(
-                f"layer {work.layer} is not served here (this shard owns layers {ranges.text(srv.layers)}, "
-                f"experts {ranges.text(srv.experts)})", P.E_NOT_OWNED)
-        used = work.ids[work.ids >= 0]
-        if used.size and not srv._owned[used].all():
-            bad = sorted({int(e) for e in used if not srv._owned[e]})
-            raise P.ProtocolError(
-                f"experts {ranges.text(bad)} of layer {work.layer} are not served here (this shard owns "
-                f"experts {ranges.text(srv.experts)}, layers {ranges.text(srv.layers)})", P.E_NOT_OWNED)
-
     def _compute(self, rid: int, op: str, msg: dict, t0: float) -> None:
         srv = self.srv
         if srv._closing:
@@ -587,8 +571,8 @@ class _Conn(asyncio.Protocol):
             if not isinstance(items, list) or not items:
                 raise P.ProtocolError("field 'items' must be a non-empty list of work items")
             works = [P.decode_work(it, **kw) for it in items]
-        for wk in works:  # all-or-nothing: check every item before computing any
-            self._check_owned(wk)
+        for wk in works:  # all-or-nothing: check every item before computing any (-> not_owned)
+            srv.local.check(wk.layer, wk.ids)
         futs = [srv.batcher.submit(wk) for wk in works]
         self._track(+1)
         if op == "experts":
