@@ -21,14 +21,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import larql.api as lq  # noqa: E402
-from larql.experts import LocalExperts, rms_norm  # noqa: E402
+from larql import kernels  # noqa: E402
+from larql.experts import LocalExperts  # noqa: E402
 from larql.vindex import open_vindex  # noqa: E402
 
 
 def route(vx, layer: int, h: np.ndarray):
     """Gemma 4's router on the raw residual: softmax over experts, top-k, renormalise, scale."""
     cfg = vx.config
-    r = rms_norm(h, None, cfg.rms_norm_eps) * vx.norm(f"layers.{layer}.router.scale")
+    r = kernels.rms_norm(h, None, cfg.rms_norm_eps) * vx.norm(f"layers.{layer}.router.scale")
     logits = r @ vx.norm(f"layers.{layer}.router.proj.weight").T
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -63,7 +64,7 @@ def main() -> int:
             with lq.expert_client(spec, vx) as experts:
                 y = experts.forward(args.layer, h, ids, w)
             # the caller applies the post-norm to the summed output (a shard never does)
-            moe = rms_norm(y, vx.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight"),
+            moe = kernels.rms_norm(y, vx.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight"),
                            cfg.rms_norm_eps)
 
             # asyncio: the same call, awaitable

@@ -566,7 +566,6 @@ class RemoteExperts:
 def _q8k_quantizer(vx):
     """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k'."""
     from . import kernels
-    from .experts import rms_norm
 
     eps = vx.config.rms_norm_eps
     norms: dict[int, np.ndarray] = {}
@@ -575,7 +574,7 @@ def _q8k_quantizer(vx):
         w = norms.get(layer)
         if w is None:
             w = norms[layer] = vx.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
-        return kernels.quantize_q8k(rms_norm(h, w, eps))
+        return kernels.quantize_q8k(kernels.rms_norm(h, w, eps))
 
     return quantize
 

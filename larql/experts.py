@@ -29,14 +29,6 @@ class Experts(Protocol):
     def close(self) -> None: ...
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """RMSNorm in f32 over the last axis: x / sqrt(mean(x^2) + eps) * weight (Gemma 4 has no 1 + w).
-
-    One C call (kernels.rms_norm): this runs ~10 times per layer per token in the model, where
-    the several numpy passes it would take cost more than the arithmetic."""
-    return kernels.rms_norm(x, weight, eps)
-
-
 class LocalExperts:
     """Experts computed in this process from the vindex's mmapped LYRW files.
 
@@ -89,7 +81,7 @@ class LocalExperts:
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         _, norm = self._layer(layer)
-        return self.forward_normed(layer, rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights)
+        return self.forward_normed(layer, kernels.rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights)
 
     def forward_normed(
         self, layer: int, xe: np.ndarray, ids: np.ndarray, weights: np.ndarray

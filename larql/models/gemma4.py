@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
-from ..experts import Experts, rms_norm
+from ..experts import Experts
 from ..kernels import QMatrix
 
 # Queries per attention block during prefill: bounds the score matrix to
@@ -338,6 +338,8 @@ class Gemma4Model:
         self.lm_head: QMatrix = head if head is not None else as_matrix(self.embed)
         self.embed_scale = np.float32(cfg.embed_scale)
         self.final_norm = vindex.norm("norm.weight")
+        # Every norm is kernels.rms_norm: x / rms(x) * w (Gemma 4 stores w itself, no 1 + w), one C
+        # call each; ~10 per layer per token, where numpy's several passes cost more than the math.
         self.eps = np.float32(cfg.rms_norm_eps)
         self.layers = [load_layer(vindex, i) for i in range(cfg.num_layers)]
         self._rope_cache: dict = {}
@@ -356,7 +358,7 @@ class Gemma4Model:
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Final norm, tied LM head, soft-cap. h [T, H] -> [T, vocab]."""
-        x = rms_norm(h, self.final_norm, self.eps)
+        x = kernels.rms_norm(h, self.final_norm, self.eps)
         return softcap(matmul(self.lm_head, x), self.cfg.final_logit_softcapping)
 
     # -- attention -------------------------------------------------------------------------
@@ -371,7 +373,7 @@ class Gemma4Model:
         cos, sin = self._rope(positions, lw)
         q = kernels.norm_rope(q, lw.q_norm, self.eps, cos, sin)
         k = kernels.norm_rope(k_raw, lw.k_norm, self.eps, cos, sin)
-        v = rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
+        v = kernels.rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
 
         window = None if lw.full else cfg.sliding_window
         if window and T > 1:
@@ -405,7 +407,7 @@ class Gemma4Model:
 
     # -- feed-forward ----------------------------------------------------------------------
     def dense_mlp(self, lw: LayerWeights, h: np.ndarray) -> np.ndarray:
-        x = rms_norm(h, lw.pre_ffn_norm, self.eps)
+        x = kernels.rms_norm(h, lw.pre_ffn_norm, self.eps)
         return matmul(lw.down, kernels.gelu_mul(matmul(lw.gate, x), matmul(lw.up, x)))
 
     def route(self, lw: LayerWeights, h: np.ndarray) -> RouteResult:
@@ -414,7 +416,7 @@ class Gemma4Model:
         Softmax-then-renormalise over the top k equals a softmax over the top k logits alone
         (the other experts' terms cancel), so only k exponentials are taken.
         """
-        r = rms_norm(h, lw.router_scale, self.eps)  # x / rms * scale, as the weight
+        r = kernels.rms_norm(h, lw.router_scale, self.eps)  # x / rms * scale, as the weight
         logits = matmul(lw.router, r)
         ids, w = kernels.route_topk(logits, self.cfg.top_k, lw.per_expert_scale)
         return RouteResult(ids, w)
@@ -432,7 +434,7 @@ class Gemma4Model:
         """One decoder layer. With `moe_sum` given, use it instead of calling the experts.
 
         Returns (new h, the residual the FFNs read, its route)."""
-        x = rms_norm(h, lw.input_norm, self.eps)
+        x = kernels.rms_norm(h, lw.input_norm, self.eps)
         h = kernels.add_rms_norm(h, self.attention(lw, x, positions, cache), lw.post_attn_norm, self.eps)
         m1 = self.dense_mlp(lw, h)
         route = self.route(lw, h)
