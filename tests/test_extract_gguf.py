@@ -13,7 +13,7 @@ from larql.vindex import VindexError, open_vindex
 from larql.vindex import format as fm
 from larql.vindex.extract import extract
 from larql.vindex.format import strip_prefix
-from larql.vindex.gguf_source import gguf_name
+from larql.vindex.sources.gguf import gguf_name
 
 Q = gguf.GGMLQuantizationType
 

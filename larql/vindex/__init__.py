@@ -52,7 +52,8 @@ Operations: extract.extract(src, out, quant=..., lm_head=...),
 
 from .format import VindexError, parse_ranges
 from .reader import AttnWeights, DenseWeights, ExpertFile, Vindex, open_vindex
-from .writer import ArraySource, TensorSource, write_vindex
+from .sources import ArraySource, TensorSource
+from .writer import write_vindex
 
 __all__ = [
     "ArraySource",

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from . import format as fm
-from .writer import ArraySource
+from .sources import ArraySource
 
 
 def tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:

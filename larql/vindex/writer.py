@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .. import __version__
 from ..config import ModelConfig
 from . import format as fm
 from .format import VindexError
+from .sources.base import TensorSource
 
 QUANTS = ("q4k", "f16", "f32")
 # --lm-head choice -> format of the separate LM head file (None: tied to the embeddings)
@@ -33,26 +34,6 @@ EMBED_CHUNK = 16384  # embedding rows converted at a time (16384 x 2816 f32 = 18
 def default_lm_head(quant: str) -> str:
     """The reference writes a Q4_K head for every q4k vindex; float vindexes stay exact (tied)."""
     return "q4k" if quant == "q4k" else "tied"
-
-
-@runtime_checkable
-class TensorSource(Protocol):
-    """Weights by vindex key (HF name without `model.`/`model.language_model.`)."""
-
-    def get(self, key: str) -> np.ndarray:
-        """The tensor as a float array (any float dtype); VindexError naming the key if absent."""
-        ...
-
-    def has(self, key: str) -> bool: ...
-
-    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(gate_up [2I, H], down [H, I]) of one expert, as float arrays."""
-        ...
-
-
-# A source may also offer already-encoded bytes (GGUF blocks copied as they are, synthetic
-# random blocks): `encoded(key, fmt, rows, cols) -> uint8 array | None` and
-# `encoded_expert(layer, e, fmt_gu, fmt_down) -> (bytes, bytes) | None`.
 
 
 def plan(quant: str) -> dict[str, int]:
@@ -552,27 +533,3 @@ def _write_layer(
     if f.pos != size:
         raise AssertionError(f"layer file size {f.pos} != planned {size}")
     return f.close()
-
-
-class ArraySource:
-    """A TensorSource over a dict of HF-named (or already stripped) numpy arrays."""
-
-    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
-        self.tensors = {fm.strip_prefix(k): v for k, v in tensors.items()}
-
-    def keys(self) -> Iterable[str]:
-        return self.tensors.keys()
-
-    def has(self, key: str) -> bool:
-        return key in self.tensors
-
-    def get(self, key: str) -> np.ndarray:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise VindexError(f"source has no tensor {key!r}") from None
-
-    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        gu = self.get(f"layers.{layer}.experts.gate_up_proj")
-        dn = self.get(f"layers.{layer}.experts.down_proj")
-        return gu[e], dn[e]

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
-from . import format as fm
-from .format import VindexError
-from .sources import SourceInfo
+from ...config import ModelConfig
+from .. import format as fm
+from ..format import VindexError
+from .base import SourceInfo, bf16_to_f32
 
 ARCH = "gemma4"
 # GGML type ids for the two formats we can copy.
@@ -113,8 +113,6 @@ class GGUFSource:
         if t.tensor_type in (q.F32, q.F16):
             return np.asarray(t.data)
         if t.tensor_type == q.BF16:
-            from .sources import bf16_to_f32
-
             return bf16_to_f32(np.asarray(t.data).view(np.uint16))
         return self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
 

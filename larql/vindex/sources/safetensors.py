@@ -1,41 +1,20 @@
-"""Checkpoints to extract from: a Hugging Face directory (safetensors) or a GGUF file.
-
-Each source maps its files read-only and hands the writer one tensor (or one expert) at a
-time as a view, converting bf16/f16 to f32 only for that tensor, so peak memory stays a small
-multiple of the largest single tensor rather than the model.
-"""
+"""A Hugging Face model directory (safetensors shards, config.json, tokenizer) as a TensorSource."""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, ModelConfig
-from . import format as fm
-from .format import VindexError
+from ...config import ConfigError, ModelConfig
+from .. import format as fm
+from ..format import VindexError
+from .base import SourceInfo, bf16_to_f32
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
-
-def bf16_to_f32(x: np.ndarray) -> np.ndarray:
-    y = x.astype(np.uint32)
-    y <<= 16  # in place: one temporary, not two
-    return y.view(np.float32)
-
-
-@dataclass
-class SourceInfo:
-    model_name: str
-    kind: str  # "safetensors" | "gguf"
-    tokenizer_json: bytes | None = None
-    chat_template: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _SafetensorsFile:
@@ -183,17 +162,3 @@ def open_hf_dir(root: Path) -> tuple[ModelConfig, SafetensorsSource, SourceInfo]
         chat_template=template,
     )
     return config, source, info
-
-
-def open_source(path: str | Path) -> tuple[ModelConfig, Any, SourceInfo]:
-    """A checkpoint directory or a .gguf file -> (config, TensorSource, info)."""
-    path = Path(path)
-    if path.is_dir():
-        return open_hf_dir(path)
-    if path.suffix == ".gguf" and path.is_file():
-        from .gguf_source import open_gguf
-
-        return open_gguf(path)
-    if not path.exists():
-        raise VindexError(f"{path}: no such file or directory")
-    raise VindexError(f"{path}: expected a Hugging Face model directory or a .gguf file")
