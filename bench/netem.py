@@ -88,8 +88,8 @@ def main() -> int:
         print("netem.py needs root (network namespaces, veth, tc)", file=sys.stderr)
         return 2
 
+    from larql import models
     from larql.client import connect_shards
-    from larql.models.gemma4 import Gemma4Model
     from larql.vindex import open_vindex
 
     tmp = Path(tempfile.mkdtemp(prefix="larql-netem-"))
@@ -143,7 +143,7 @@ def main() -> int:
             prompt = [cfg.bos_token_id, *rng.integers(3, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
             results = {}
             for mode in ("exact", "batch"):
-                model = Gemma4Model(vx, experts=rx, dispatch=mode)
+                model = models.load(vx, experts=rx, dispatch=mode)
                 cache = model.new_cache()
                 before = rx.round_trips
                 t0 = time.perf_counter()
@@ -156,7 +156,7 @@ def main() -> int:
                     tok = int(np.argmax(model.forward([tok], cache)))
                     toks.append(tok)
                 results[mode] = (args.tokens / (time.perf_counter() - t0), prefill, prefill_trips, toks)
-            local = Gemma4Model(vx)   # the client's own compute, no network: the ceiling
+            local = models.load(vx)   # the client's own compute, no network: the ceiling
             cache = local.new_cache()
             tok = int(np.argmax(local.forward(prompt, cache)))
             t0 = time.perf_counter()

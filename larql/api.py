@@ -77,11 +77,11 @@ class Model:
     generation at a time (asyncio callers are serialised by a lock)."""
 
     def __init__(self, vindex, experts=None, dispatch: str = "exact") -> None:
-        from .models.gemma4 import Gemma4Model
+        from . import models
         from .tokenizer import TextTokenizer
 
         self.vindex = _open(vindex)
-        self.model = Gemma4Model(self.vindex, experts=experts, dispatch=dispatch)
+        self.model = models.load(self.vindex, experts=experts, dispatch=dispatch)
         self.experts = self.model.experts
         self.tokenizer = TextTokenizer.from_vindex(self.vindex)
         self.last = Generation()

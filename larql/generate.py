@@ -2,7 +2,7 @@
 
 Embeddable API (the CLI and the HTTP API both use it):
 
-    model = Gemma4Model(open_vindex(path))             # experts in process by default
+    model = models.load(open_vindex(path))             # experts in process by default
     tok = TextTokenizer.from_vindex(model.vindex)
     stats = GenerationStats()
     for step in generate(model, tok.encode("The capital of France is"), 20,

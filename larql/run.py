@@ -59,9 +59,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
-    from . import kernels
+    from . import kernels, models
     from .generate import GenerationStats, generate
-    from .models.gemma4 import Gemma4Model
     from .sampling import Sampler
     from .tokenizer import TextTokenizer
     from .vindex import open_vindex
@@ -78,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         from .client import connect_shards  # only needed (and imported) for remote experts
 
         experts = connect_shards(args.moe_shards, vx, timeout=args.timeout)
-    model = Gemma4Model(vx, experts=experts, dispatch=args.moe_dispatch)
+    model = models.load(vx, experts=experts, dispatch=args.moe_dispatch)
     stats = GenerationStats()
     stream = tok.streamer()
     tokens: list[int] = []

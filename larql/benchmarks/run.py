@@ -139,8 +139,7 @@ class Profiler:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import kernels
-    from ..models.gemma4 import Gemma4Model
+    from .. import kernels, models
     from ..vindex import open_vindex
 
     if args.threads:
@@ -148,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
     path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth-run", args.lm_head)
     vx = open_vindex(path)
     cfg = vx.config
-    model = Gemma4Model(vx, dispatch=args.dispatch)
+    model = models.load(vx, dispatch=args.dispatch)
     rng = np.random.default_rng(0)
     prompt = [cfg.bos_token_id, *rng.integers(4, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
     n_full = sum(cfg.is_full(i) for i in range(cfg.num_layers))
@@ -246,10 +245,10 @@ def fill_cache(cache, n: int) -> None:
 
 def agreement(model, prompt: list[int], steps: int) -> float:
     """Fraction of steps where batch dispatch's argmax equals exact dispatch's (teacher forced)."""
-    from ..models.gemma4 import Gemma4Model
+    from .. import models
 
-    exact = Gemma4Model(model.vindex, experts=model.experts, dispatch="exact")
-    batch = Gemma4Model(model.vindex, experts=model.experts, dispatch="batch")
+    exact = models.load(model.vindex, experts=model.experts, dispatch="exact")
+    batch = models.load(model.vindex, experts=model.experts, dispatch="batch")
     ce, cb = exact.new_cache(), batch.new_cache()
     le, lb = exact.forward(prompt, ce), batch.forward(prompt, cb)
     same = 0

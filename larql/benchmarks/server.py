@@ -224,8 +224,8 @@ def bench_throughput(args, path: Path, vx) -> None:
 
 
 def bench_e2e(args, path: Path, vx) -> None:
+    from .. import models
     from ..client import connect_shards
-    from ..models.gemma4 import Gemma4Model
 
     cfg = vx.config
     rng = np.random.default_rng(3)
@@ -238,11 +238,11 @@ def bench_e2e(args, path: Path, vx) -> None:
     try:
         rx = connect_shards(spec, vx)
         try:
-            models = {"local": Gemma4Model(vx), "exact": Gemma4Model(vx, experts=rx),
-                      "batch": Gemma4Model(vx, experts=rx, dispatch="batch")}
-            caches = {k: m.new_cache() for k, m in models.items()}
+            runs = {"local": models.load(vx), "exact": models.load(vx, experts=rx),
+                    "batch": models.load(vx, experts=rx, dispatch="batch")}
+            caches = {k: m.new_cache() for k, m in runs.items()}
             prefill, trips, tok = {}, {}, {}
-            for k, m in models.items():
+            for k, m in runs.items():
                 m.forward(prompt, m.new_cache())   # untimed: first touch of pages, tables
                 before = rx.round_trips
                 t0 = time.perf_counter()
@@ -251,14 +251,14 @@ def bench_e2e(args, path: Path, vx) -> None:
                 trips[k] = rx.round_trips - before
                 tok[k] = int(np.argmax(logits))
                 tok[k] = int(np.argmax(m.forward([tok[k]], caches[k])))   # untimed first step
-            spent = dict.fromkeys(models, 0.0)
+            spent = dict.fromkeys(runs, 0.0)
             batch_trips = 0
             for i in range(args.tokens):   # interleaved token by token: shared noise
-                keys = list(models) if i % 2 == 0 else list(reversed(models))
+                keys = list(runs) if i % 2 == 0 else list(reversed(runs))
                 for k in keys:
                     before = rx.round_trips
                     t0 = time.perf_counter()
-                    tok[k] = int(np.argmax(models[k].forward([tok[k]], caches[k])))
+                    tok[k] = int(np.argmax(runs[k].forward([tok[k]], caches[k])))
                     spent[k] += time.perf_counter() - t0
                     if k == "batch":
                         batch_trips += rx.round_trips - before
