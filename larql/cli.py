@@ -1,8 +1,6 @@
-"""`larql` command line: each concern's module registers its own subcommands.
+"""`larql` command line: the command modules of larql/commands/, in the order of `larql --help`.
 
-A module in COMMAND_MODULES exposes `add_commands(subparsers)`, adding parsers whose
-`func(args) -> int` runs the command. Modules keep heavy imports inside their functions so
-`larql --help` stays fast.
+Each module's `add_parser(subparsers)` adds its parsers with `func(args) -> int` set.
 """
 
 from __future__ import annotations
@@ -16,11 +14,12 @@ import sys
 # for the same cores on the small products the model leaves to numpy. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-COMMAND_MODULES = [
-    "larql.vindex.commands",   # extract, slice, pull, publish, info, verify
-    "larql.run",               # run
-    "larql.server_cli",        # serve, demo
-    "larql.benchmarks",        # bench kernels|run|server|extract
+COMMANDS = [
+    "larql.commands.vindex",   # extract, slice, pull, publish, info, verify
+    "larql.commands.run",      # run
+    "larql.commands.serve",    # serve (also larql-server)
+    "larql.commands.demo",     # demo
+    "larql.commands.bench",    # bench kernels|run|server|extract
 ]
 
 
@@ -33,14 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"larql {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # not built yet
-        module.add_commands(sub)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

@@ -10,17 +10,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .config import ModelConfig
+from .processes import ServerProcess, free_port
 
 
 def demo_config(num_layers: int = 4, hidden: int = 256, num_experts: int = 16, top_k: int = 4,
@@ -51,12 +48,6 @@ def build_demo_vindex(out: str | os.PathLike, *, quant: str = "q4k", seed: int =
                         progress=progress, model_name=f"larql-demo-random-{quant}-seed{seed}", overwrite=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous, as even as possible: 16 experts over 2 shards -> [(0, 7), (8, 15)]."""
     if not 1 <= shards <= num_experts:
@@ -65,63 +56,19 @@ def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(shards)]
 
 
-class ServerProcess:
-    """`larql serve` in a child process on a loopback port; stopped with SIGTERM."""
-
-    def __init__(self, vindex: Path, experts: str, port: int, log_path: Path, *, threads: int = 1,
-                 warmup: bool = True, extra: tuple[str, ...] = ()) -> None:
-        self.port = port
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "larql", "serve", str(vindex), "--experts", experts,
-               "--host", "127.0.0.1", "--port", str(port), *extra]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        if warmup:
-            cmd.append("--warmup")
-        # The child imports this very larql, installed or not, from whatever directory.
-        root = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path}
-        # Servers here share the cores with the client: idle kernel threads must not spin
-        # (see docs/DEPLOY.md); an explicit LARQL_SPIN_US still wins.
-        env.setdefault("LARQL_SPIN_US", "0")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"expert server on port {self.port} exited with {self.proc.returncode}:\n"
-                                   + self.log_path.read_text(errors="replace")[-2000:])
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"expert server on port {self.port} did not start within {timeout:g}s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def main(args: argparse.Namespace) -> int:
+def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, shards: int = 2,
+             dispatch: str = "exact", temperature: float = 0.8, seed: int = 0, keep: str | None = None,
+             in_process: bool = False) -> int:
+    """Build the random vindex, start `shards` expert servers on loopback, generate through
+    them, print what happened and compare with in-process experts. 0 if the tokens agree."""
     from . import api
     from .server import ExpertServer
     from .vindex import open_vindex
 
     t_start = time.perf_counter()
     tmp = None
-    if args.keep:
-        path = Path(args.keep)
+    if keep:
+        path = Path(keep)
     else:
         tmp = tempfile.mkdtemp(prefix="larql-demo-")
         path = Path(tmp) / "demo.vindex"
@@ -137,11 +84,11 @@ def main(args: argparse.Namespace) -> int:
               f"(top-{cfg.top_k}, Q4_K), byte-level tokenizer, {size / 2**20:.1f} MiB")
 
         t0 = time.perf_counter()
-        ranges = shard_ranges(cfg.num_experts, args.shards)
+        ranges = shard_ranges(cfg.num_experts, shards)
         spec_parts = []
         logdir = Path(tmp or path.parent)
         for a, b in ranges:
-            if args.in_process:
+            if in_process:
                 h = ExpertServer(open_vindex(path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
                 servers.append(h)
                 port = h.port
@@ -153,19 +100,19 @@ def main(args: argparse.Namespace) -> int:
             if isinstance(s, ServerProcess):
                 s.wait_ready()
         spec = ",".join(spec_parts)
-        kind = "threads" if args.in_process else "processes"
+        kind = "threads" if in_process else "processes"
         print(f"[2/4] started {len(servers)} expert servers ({kind}) in {time.perf_counter() - t0:.1f}s:\n"
               f"      --moe-shards \"{spec}\"")
 
-        remote = api.load(path, shards=spec, dispatch=args.dispatch)
+        remote = api.load(path, shards=spec, dispatch=dispatch)
         try:
             t0 = time.perf_counter()
             pieces = []
-            print(f"[3/4] generating {args.max_tokens} tokens through the servers "
-                  f"({args.dispatch} dispatch):")
-            print(f"      {args.prompt!r} -> ", end="", flush=True)
-            sampling = dict(temperature=args.temperature, seed=args.seed)
-            for piece in remote.stream(args.prompt, max_tokens=args.max_tokens, **sampling):
+            print(f"[3/4] generating {max_tokens} tokens through the servers "
+                  f"({dispatch} dispatch):")
+            print(f"      {prompt!r} -> ", end="", flush=True)
+            sampling = dict(temperature=temperature, seed=seed)
+            for piece in remote.stream(prompt, max_tokens=max_tokens, **sampling):
                 pieces.append(piece)
                 print(piece.replace("\ufffd", "?").encode("ascii", "backslashreplace").decode(),
                       end="", flush=True)
@@ -179,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
             remote.close()
         local = api.load(path)
         try:
-            ref = local.generate_ids(args.prompt, max_tokens=args.max_tokens, **sampling)
+            ref = local.generate_ids(prompt, max_tokens=max_tokens, **sampling)
             lr = local.last
         finally:
             local.close()
@@ -197,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
               f"remote/in-process = {r.decode_tok_s / max(lr.decode_tok_s, 1e-9):.2f} "
               f"(tiny experts: the loopback round trips dominate; `larql bench server` measures "
               f"real 26B-A4B sizes)")
-        if args.dispatch == "exact":
+        if dispatch == "exact":
             verdict = "identical" if same else "DIFFERENT"
             print(f"      the {len(ref)} tokens are {verdict} to a run with the experts in process")
         else:

@@ -10,7 +10,7 @@ shard's experts and layers: the same code the client runs when experts are in pr
     handle = srv.start_in_thread(port=0)      # tests, demo, embedding
     ...; handle.stop()
 
-or `larql serve VINDEX --experts 0-63` (see server_cli.py), which runs `serve_forever`.
+or `larql serve VINDEX --experts 0-63` (see commands/serve.py), which runs `serve_forever`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from larql.client import (
 )
 from larql.demo import build_demo_vindex, demo_config
 from larql.experts import LocalExperts
+from larql.processes import free_port
 from larql.server import ExpertServer
 from larql.shardmap import ShardSpecError, parse_shards, split_work
 from larql.vindex import open_vindex
@@ -233,12 +234,6 @@ def test_ownership_error_from_server_names_what_it_owns(vx):
         half.stop()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SilentServer:
     """Accepts connections and reads forever, never answering (a hung process)."""
 
@@ -278,7 +273,7 @@ class SilentServer:
 
 
 def test_dead_and_hung_servers_are_clear_errors_within_timeout(vx):
-    dead = _free_port()
+    dead = free_port()
     t0 = time.monotonic()
     with pytest.raises(ShardError, match=f"127.0.0.1:{dead}.*cannot connect"):
         connect_shards(f"0-7=127.0.0.1:{dead}", vx, timeout=2, connect_timeout=2)
@@ -310,7 +305,7 @@ def test_dead_and_hung_servers_are_clear_errors_within_timeout(vx):
 def test_failover_to_replica_and_no_silent_zeros(vx):
     a = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
     b = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
-    dead = _free_port()
+    dead = free_port()
     try:
         local = LocalExperts(vx)
         h, ids, w = routing(2, 3)

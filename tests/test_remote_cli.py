@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from larql.demo import ServerProcess, build_demo_vindex, demo_config, free_port
+from larql.demo import build_demo_vindex, demo_config
+from larql.processes import ServerProcess, free_port
 
 
 @pytest.fixture(scope="module")

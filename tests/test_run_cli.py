@@ -12,6 +12,7 @@ import pytest
 
 from larql.generate import generate
 from larql.models.gemma4 import Gemma4Model
+from larql.processes import free_port
 from larql.sampling import Sampler
 from larql.tokenizer import TextTokenizer
 from larql.vindex import open_vindex
@@ -91,14 +92,6 @@ def test_bad_input_is_a_clear_error(vindex_path, tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     import socket
     import time
@@ -119,7 +112,7 @@ def test_moe_shards_over_loopback_match_local_experts(vindex_path):
     """Two real `larql serve` processes, each owning half the experts: same tokens as in process,
     in exact and in batch dispatch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ports, procs = [_free_port(), _free_port()], []
+    ports, procs = [free_port(), free_port()], []
     try:
         for port, experts in zip(ports, ("0-3", "4-7"), strict=True):
             procs.append(subprocess.Popen(

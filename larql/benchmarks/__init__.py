@@ -1,11 +1,12 @@
-"""`larql bench WHAT`: benchmarks printed as ratios against a baseline measured in the same run.
+"""Benchmarks printed as ratios against a baseline measured in the same run (`larql bench WHAT`,
+registered by larql/commands/bench.py).
 
-Each module in BENCHES exposes `add_arguments(parser)` and `main(args) -> int`.
+Each module in BENCHES exposes `add_arguments(parser)` and `main(args) -> int`, so that the
+scripts in bench/ can run the same code without the `larql` command.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 BENCHES = {
@@ -14,22 +15,6 @@ BENCHES = {
     "run": ("larql.benchmarks.run", "per-token decode time split by component, prefill tokens/s"),
     "server": ("larql.benchmarks.server", "expert-server round trips, throughput and end-to-end tok/s"),
 }
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark and print ratios against a baseline")
-    bench_sub = p.add_subparsers(dest="bench", metavar="WHAT")
-    for name, (module_name, help_text) in BENCHES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        bp = bench_sub.add_parser(name, help=help_text)
-        module.add_arguments(bp)
-        bp.set_defaults(func=module.main)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def synthetic_vindex(directory: str | Path, layers: int, vocab: int, prefix: str = "synth",

@@ -54,7 +54,7 @@ SERVER_ARGS: tuple[str, ...] = ()
 
 
 def start_servers(path: Path, ranges: list[tuple[int, int]], threads: int, logdir: Path):
-    from ..demo import ServerProcess, free_port
+    from ..processes import ServerProcess, free_port
 
     servers = [ServerProcess(path, f"{a}-{b}", free_port(), logdir / f"bench-server-{a}-{b}.log",
                              threads=threads, warmup=True, extra=SERVER_ARGS) for a, b in ranges]

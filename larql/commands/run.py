@@ -12,7 +12,7 @@ import json
 import sys
 
 
-def add_commands(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "run", help="generate text from a vindex (experts in process, or --moe-shards)",
         description="Generate text with a Gemma 4 MoE vindex. Without --moe-shards the experts run in "
@@ -59,11 +59,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
-    from . import kernels, models
-    from .generate import GenerationStats, generate
-    from .sampling import Sampler
-    from .tokenizer import TextTokenizer
-    from .vindex import open_vindex
+    from .. import kernels, models
+    from ..generate import GenerationStats, generate
+    from ..sampling import Sampler
+    from ..tokenizer import TextTokenizer
+    from ..vindex import open_vindex
 
     if args.threads:
         kernels.set_num_threads(args.threads)
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     ids = tok.encode_chat(prompt) if args.chat else tok.encode(prompt)
     experts = None
     if args.moe_shards:
-        from .client import connect_shards  # only needed (and imported) for remote experts
+        from ..client import connect_shards  # only needed (and imported) for remote experts
 
         experts = connect_shards(args.moe_shards, vx, timeout=args.timeout)
     model = models.load(vx, experts=experts, dispatch=args.moe_dispatch)

@@ -1,4 +1,6 @@
-"""CLI: `larql extract | slice | pull | publish | info | verify`. Heavy imports stay inside."""
+"""`larql extract | slice | pull | publish | info | verify`: the vindex commands.
+
+Each turns its flags into a keyword call of a larql.vindex operation. Heavy imports stay inside."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 
 
 def _extract(args) -> int:
-    from .extract import extract
+    from ..vindex.extract import extract
 
     out = extract(
         args.src,
@@ -25,7 +27,7 @@ def _extract(args) -> int:
 
 
 def _slice(args) -> int:
-    from .slicing import slice_vindex
+    from ..vindex.slicing import slice_vindex
 
     out = slice_vindex(
         args.src,
@@ -41,7 +43,7 @@ def _slice(args) -> int:
 
 
 def _pull(args) -> int:
-    from .hub import pull
+    from ..vindex.hub import pull
 
     out = pull(args.repo, args.output, preset=args.preset, layers=args.layers, revision=args.revision)
     print(f"pulled {args.repo} ({args.preset}) into {out}")
@@ -49,7 +51,7 @@ def _pull(args) -> int:
 
 
 def _publish(args) -> int:
-    from .hub import publish
+    from ..vindex.hub import publish
 
     repos = publish(args.dir, args.repo, slices=args.slices, private=args.private)
     for r in repos:
@@ -58,7 +60,7 @@ def _publish(args) -> int:
 
 
 def _info(args) -> int:
-    from .report import format_info, info
+    from ..vindex.report import format_info, info
 
     d = info(args.vindex)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
@@ -66,7 +68,7 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from .report import verify
+    from ..vindex.report import verify
 
     problems = verify(args.vindex, progress=not args.quiet)
     for p in problems:
@@ -82,8 +84,8 @@ def _preset_argument(p, presets: list[str], what: str) -> None:
                    help=f"{what}: {', '.join(presets)} (default all)")
 
 
-def add_commands(sub) -> None:
-    from .slicing import ALIASES, PRESETS
+def add_parser(sub) -> None:
+    from ..vindex.slicing import ALIASES, PRESETS
 
     presets = [*PRESETS, *ALIASES]
 
@@ -120,7 +122,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="quantisation threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_extract)
+    p.set_defaults(func=main)
 
     p = sub.add_parser(
         "slice",
@@ -134,7 +136,7 @@ def add_commands(sub) -> None:
     p.add_argument("--layers", default=None, help="keep only these layers' expert files, e.g. 0-14")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_slice)
+    p.set_defaults(func=main)
 
     p = sub.add_parser("pull", help="download a vindex (or a preset's files) from the Hugging Face Hub")
     p.add_argument("repo", help="OWNER/NAME on the Hub (HF_ENDPOINT selects another endpoint)")
@@ -142,7 +144,7 @@ def add_commands(sub) -> None:
     _preset_argument(p, presets, "download only this preset's files")
     p.add_argument("--layers", default=None, help="download only these layers' expert files, e.g. 0-14")
     p.add_argument("--revision", default=None, help="branch, tag or commit")
-    p.set_defaults(func=_pull)
+    p.set_defaults(func=main)
 
     p = sub.add_parser("publish", help="upload a vindex to the Hugging Face Hub")
     p.add_argument("dir", help="vindex directory")
@@ -153,21 +155,22 @@ def add_commands(sub) -> None:
         help="also publish these presets as <repo>-<preset>, comma separated (default none)",
     )
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.set_defaults(func=_publish)
+    p.set_defaults(func=main)
 
     p = sub.add_parser("info", help="what a vindex holds: dims, experts, layers, bytes, formats")
     p.add_argument("vindex")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_info)
+    p.set_defaults(func=main)
 
     p = sub.add_parser("verify", help="check every file's sha256 against index.json and the structure")
     p.add_argument("vindex")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_verify)
+    p.set_defaults(func=main)
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience
-    parser = argparse.ArgumentParser(prog="larql")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+_HANDLERS = {"extract": _extract, "slice": _slice, "pull": _pull, "publish": _publish,
+             "info": _info, "verify": _verify}
+
+
+def main(args: argparse.Namespace) -> int:
+    return _HANDLERS[args.command](args)

@@ -1,4 +1,4 @@
-"""`larql serve` (also `larql-server`) and `larql demo`."""
+"""`larql serve` (also `larql-server`): one shard of a vindex's experts over TCP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 
 
-def add_commands(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a shard of a vindex's experts over TCP",
@@ -29,27 +29,7 @@ def add_commands(sub) -> None:
                    help="expert computations in flight at once, each a fused group of requests "
                         "(default 2; 0 computes on the event-loop thread: lowest latency, one at a time)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=serve_main)
-
-    d = sub.add_parser(
-        "demo",
-        help="no download: build a random model, serve its experts from two local shards, generate",
-        description="Builds a small random Gemma 4 vindex, starts two expert servers on loopback "
-                    "(each owning half of the experts), generates through them and checks the tokens "
-                    "equal in-process experts.",
-    )
-    d.add_argument("--prompt", default="The capital of France is", help="prompt text")
-    d.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default 24)")
-    d.add_argument("--shards", type=int, default=2, help="expert servers to start (default 2)")
-    d.add_argument("--dispatch", choices=["exact", "batch"], default="exact",
-                   help="exact: one round trip per layer; batch: one per token (approximate)")
-    d.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature (0 = greedy; a random model's greedy text is dull)")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed (both runs use it)")
-    d.add_argument("--keep", default="", metavar="DIR", help="write the demo vindex here and keep it")
-    d.add_argument("--in-process", action="store_true",
-                   help="run the servers as threads of this process instead of child processes")
-    d.set_defaults(func=lambda args: __import__("larql.demo", fromlist=["main"]).main(args))
+    p.set_defaults(func=main)
 
 
 def human_bytes(n: float) -> str:
@@ -79,15 +59,15 @@ def _setup_logging(level: str) -> None:
                         datefmt="%H:%M:%S")
 
 
-def serve_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
     import time
 
-    from . import kernels, ranges
-    from .server import ExpertServer
-    from .transport import new_event_loop
-    from .vindex import open_vindex
+    from .. import kernels, ranges
+    from ..server import ExpertServer
+    from ..transport import new_event_loop
+    from ..vindex import open_vindex
 
     _setup_logging(args.log_level)
     log = logging.getLogger("larql.server")
