@@ -97,8 +97,8 @@ def main() -> int:
     try:
         print("building the model ...", flush=True)
         path = build_vindex(tmp / "m.vindex", args.real_dims)
-        vx = open_vindex(path)
-        cfg = vx.config
+        vindex = open_vindex(path)
+        cfg = vindex.config
         how = setup(args.rtt_ms / 2)
         print(f"network: {HOST_IP} <-> {NS_IP} over veth, {args.rtt_ms:g} ms RTT via {how}")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -123,7 +123,7 @@ def main() -> int:
         deadline = time.monotonic() + 120
         while True:   # servers listen only after warm-up
             try:
-                rx = connect_shards(spec, vx, timeout=60, connect_timeout=2)
+                rx = connect_shards(spec, vindex, timeout=60, connect_timeout=2)
                 break
             except (OSError, ValueError):
                 if time.monotonic() > deadline:
@@ -143,7 +143,7 @@ def main() -> int:
             prompt = [cfg.bos_token_id, *rng.integers(3, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
             results = {}
             for mode in ("exact", "batch"):
-                model = models.load(vx, experts=rx, dispatch=mode)
+                model = models.load(vindex, experts=rx, dispatch=mode)
                 cache = model.new_cache()
                 before = rx.round_trips
                 t0 = time.perf_counter()
@@ -156,7 +156,7 @@ def main() -> int:
                     tok = int(np.argmax(model.forward([tok], cache)))
                     toks.append(tok)
                 results[mode] = (args.tokens / (time.perf_counter() - t0), prefill, prefill_trips, toks)
-            local = models.load(vx)   # the client's own compute, no network: the ceiling
+            local = models.load(vindex)   # the client's own compute, no network: the ceiling
             cache = local.new_cache()
             tok = int(np.argmax(local.forward(prompt, cache)))
             t0 = time.perf_counter()

@@ -26,16 +26,16 @@ from larql.experts import LocalExperts  # noqa: E402
 from larql.vindex import open_vindex  # noqa: E402
 
 
-def route(vx, layer: int, h: np.ndarray):
+def route(vindex, layer: int, h: np.ndarray):
     """Gemma 4's router on the raw residual: softmax over experts, top-k, renormalise, scale."""
-    cfg = vx.config
-    r = kernels.rms_norm(h, None, cfg.rms_norm_eps) * vx.norm(f"layers.{layer}.router.scale")
-    logits = r @ vx.norm(f"layers.{layer}.router.proj.weight").T
+    cfg = vindex.config
+    r = kernels.rms_norm(h, None, cfg.rms_norm_eps) * vindex.norm(f"layers.{layer}.router.scale")
+    logits = r @ vindex.norm(f"layers.{layer}.router.proj.weight").T
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ids = np.argsort(-p, axis=-1, kind="stable")[:, : cfg.top_k].astype(np.int32)
     w = np.take_along_axis(p, ids, -1)
-    w = w / w.sum(-1, keepdims=True) * vx.norm(f"layers.{layer}.router.per_expert_scale")[ids]
+    w = w / w.sum(-1, keepdims=True) * vindex.norm(f"layers.{layer}.router.per_expert_scale")[ids]
     return ids, w.astype(np.float32)
 
 
@@ -55,28 +55,28 @@ def main() -> int:
 
             path, spec, servers = local_demo_servers(tmp)
         try:
-            vx = open_vindex(path)
-            cfg = vx.config
+            vindex = open_vindex(path)
+            cfg = vindex.config
             h = np.random.default_rng(0).standard_normal((args.tokens, cfg.hidden_size)).astype(np.float32)
-            ids, w = route(vx, args.layer, h)
+            ids, w = route(vindex, args.layer, h)
 
             # synchronous: one request per shard, all shards at once, partial sums added
-            with lq.expert_client(spec, vx) as experts:
+            with lq.expert_client(spec, vindex) as experts:
                 y = experts.forward(args.layer, h, ids, w)
             # the caller applies the post-norm to the summed output (a shard never does)
-            moe = kernels.rms_norm(y, vx.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight"),
+            moe = kernels.rms_norm(y, vindex.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight"),
                            cfg.rms_norm_eps)
 
             # asyncio: the same call, awaitable
             async def run():
-                client = await lq.async_expert_client(spec, vx)
+                client = await lq.async_expert_client(spec, vindex)
                 try:
                     return await client.forward(args.layer, h, ids, w)
                 finally:
                     await client.close()
 
             y_async = asyncio.run(run())
-            y_local = LocalExperts(vx).forward(args.layer, h, ids, w)
+            y_local = LocalExperts(vindex).forward(args.layer, h, ids, w)
             print(f"layer {args.layer}: {args.tokens} tokens x top-{cfg.top_k} of {cfg.num_experts} experts "
                   f"via {spec}")
             print(f"  |remote - in-process| max = {np.abs(y - y_local).max():.2e} "

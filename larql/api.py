@@ -190,10 +190,10 @@ def load(vindex, shards: str | None = None, *, dispatch: str = "exact", timeout:
     """A Model over a vindex (path or opened). shards: a `--moe-shards` map ("0-63=host:port,...");
     None runs the experts in process. dispatch: "exact" (per layer) or "batch" (one round trip
     per token, approximate)."""
-    vx = _open(vindex)
-    experts = connect_shards(shards, vx, timeout=timeout, encoding=encoding) if shards else None
+    vindex = _open(vindex)
+    experts = connect_shards(shards, vindex, timeout=timeout, encoding=encoding) if shards else None
     try:
-        return Model(vx, experts=experts, dispatch=dispatch)
+        return Model(vindex, experts=experts, dispatch=dispatch)
     except BaseException:
         if experts is not None:
             experts.close()

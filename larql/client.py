@@ -169,17 +169,17 @@ class ModelIdentity:
     fingerprint: str | None = None
 
     @classmethod
-    def from_vindex(cls, vx) -> ModelIdentity:
-        cfg = vx.config
-        fingerprint = vx.expert_fingerprint()
-        if not vx.layers_present and not vx.index.get("expert_fingerprint"):
+    def from_vindex(cls, vindex) -> ModelIdentity:
+        cfg = vindex.config
+        fingerprint = vindex.expert_fingerprint()
+        if not vindex.layers_present and not vindex.index.get("expert_fingerprint"):
             # A client-only slice of a vindex that recorded no fingerprint: the hash would cover
             # no expert files and match no server. Check shapes only, and say so.
             import logging
 
             logging.getLogger("larql.client").warning(
                 "%s holds no expert files and records no expert_fingerprint: cannot verify that the "
-                "servers hold this model's experts (only shapes are checked)", vx.path)
+                "servers hold this model's experts (only shapes are checked)", vindex.path)
             fingerprint = None
         return cls(cfg.hidden_size, cfg.num_experts, cfg.num_layers, fingerprint)
 
@@ -563,17 +563,17 @@ class RemoteExperts:
             self.close()
 
 
-def _q8k_quantizer(vx):
+def _q8k_quantizer(vindex):
     """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k'."""
     from . import kernels
 
-    eps = vx.config.rms_norm_eps
+    eps = vindex.config.rms_norm_eps
     norms: dict[int, np.ndarray] = {}
 
     def quantize(layer: int, h: np.ndarray) -> np.ndarray:
         w = norms.get(layer)
         if w is None:
-            w = norms[layer] = vx.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
+            w = norms[layer] = vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
         return kernels.quantize_q8k(kernels.rms_norm(h, w, eps))
 
     return quantize

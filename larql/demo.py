@@ -76,9 +76,9 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
     try:
         t0 = time.perf_counter()
         build_demo_vindex(path)
-        vx = open_vindex(path)
-        cfg = vx.config
-        size = sum(vx.file_sizes().values())
+        vindex = open_vindex(path)
+        cfg = vindex.config
+        size = sum(vindex.file_sizes().values())
         print(f"[1/4] built a random Gemma 4 MoE vindex in {time.perf_counter() - t0:.1f}s: {path}\n"
               f"      {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts "
               f"(top-{cfg.top_k}, Q4_K), byte-level tokenizer, {size / 2**20:.1f} MiB")

@@ -248,7 +248,7 @@ class ExpertServer:
 
     def __init__(self, vindex, experts: Iterable[int] | None = None, layers: Iterable[int] | None = None,
                  *, workers: int = 2, max_frame: int = P.MAX_FRAME) -> None:
-        self.vx = vindex
+        self.vindex = vindex
         cfg = vindex.config
         self.cfg = cfg
         present_e = set(vindex.experts_present)
@@ -300,7 +300,7 @@ class ExpertServer:
     def owned_bytes(self) -> int:
         total = 0
         for layer in self.layers:
-            ef = self.vx.expert_file(layer)
+            ef = self.vindex.expert_file(layer)
             for e in self.experts:
                 ent = ef.entry(e)
                 if ent is not None:
@@ -317,7 +317,7 @@ class ExpertServer:
 
             bar = tqdm(total=len(self.layers), unit="layer", desc="warm-up", leave=False)
         for layer in self.layers:
-            ef = self.vx.expert_file(layer)
+            ef = self.vindex.expert_file(layer)
             ef.advise_random()
             total += int(ef.prefault(self.experts))
             if bar is not None:
@@ -360,7 +360,7 @@ class ExpertServer:
             loop.add_signal_handler(sig, stop.set)
         log.info("serving experts %s layers %s of %s on %s:%d (pid %d)",
                  ranges.text(self.experts), ranges.text(self.layers),
-                 self._info["model"] or self.vx.path, self.address[0], self.address[1], os.getpid())
+                 self._info["model"] or self.vindex.path, self.address[0], self.address[1], os.getpid())
         await stop.wait()
         log.info("shutting down: finishing %d in-flight requests",
                  sum(c.inflight for c in self._conns))

@@ -68,12 +68,12 @@ class TextTokenizer:
         return cls(tok, bos_id, eos_ids, chat_template)
 
     @classmethod
-    def from_vindex(cls, vx) -> TextTokenizer:
-        path = vx.tokenizer_path
+    def from_vindex(cls, vindex) -> TextTokenizer:
+        path = vindex.tokenizer_path
         if path is None:
-            raise TokenizerError(f"vindex {vx.path} has no tokenizer.json")
-        cfg = vx.config
-        return cls.from_file(path, cfg.bos_token_id, cfg.eos_ids, vx.chat_template)
+            raise TokenizerError(f"vindex {vindex.path} has no tokenizer.json")
+        cfg = vindex.config
+        return cls.from_file(path, cfg.bos_token_id, cfg.eos_ids, vindex.chat_template)
 
     @property
     def vocab_size(self) -> int:

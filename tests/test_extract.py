@@ -35,33 +35,33 @@ def _f(qm) -> np.ndarray:
     return qm.data.view(dt).reshape(qm.rows, qm.cols).astype(np.float32)
 
 
-def check_all_tensors(vx, sd: dict[str, np.ndarray], exact: bool) -> int:
+def check_all_tensors(vindex, sd: dict[str, np.ndarray], exact: bool) -> int:
     """Every tensor of the checkpoint is in the vindex, equal (f32) or f16-rounded (f16)."""
     cmp = (
         (lambda a, b: np.array_equal(a, b))
         if exact
         else (lambda a, b: np.array_equal(a, b.astype(np.float16).astype(np.float32)))
     )
-    c = vx.config
+    c = vindex.config
     n = 0
     for key, want in sd.items():
         if key == "embed_tokens.weight":
-            got = np.asarray(vx.embeddings(), dtype=np.float32)
+            got = np.asarray(vindex.embeddings(), dtype=np.float32)
         elif ".self_attn." in key and key.endswith("_proj.weight"):
             layer, proj = int(key.split(".")[1]), key.split(".")[3][0]
-            got = _f(getattr(vx.attn(layer), proj))
+            got = _f(getattr(vindex.attn(layer), proj))
         elif ".mlp." in key:
             layer, proj = int(key.split(".")[1]), key.split(".")[3].split("_")[0]
-            got = _f(getattr(vx.dense_mlp(layer), proj))
+            got = _f(getattr(vindex.dense_mlp(layer), proj))
         elif ".experts." in key:
             layer = int(key.split(".")[1])
-            ef = vx.expert_file(layer)
+            ef = vindex.expert_file(layer)
             dt = np.float32 if ef.quant_format == 0 else np.float16
             part = ef.gate_up if "gate_up" in key else ef.down
             got = np.stack([part(e).view(dt).reshape(want.shape[1:]) for e in range(c.num_experts)])
             got = got.astype(np.float32)
         else:
-            got = vx.norm(key)
+            got = vindex.norm(key)
             # norms.bin stays f32 whatever the precision of the big matrices
             assert np.array_equal(got.reshape(want.shape), want), key
             n += 1
@@ -76,32 +76,32 @@ def check_all_tensors(vx, sd: dict[str, np.ndarray], exact: bool) -> int:
 def test_f32_extract_is_bit_exact(tiny_checkpoint, tmp_path, name):
     model, ckpt = tiny_checkpoint(name)
     out = extract(ckpt, tmp_path / "m.vindex", quant="f32", progress=False)
-    vx = open_vindex(out)
-    assert vx.quant == "f32" and vx.dtype == "f32"
+    vindex = open_vindex(out)
+    assert vindex.quant == "f32" and vindex.dtype == "f32"
     sd = _state(model)
-    assert check_all_tensors(vx, sd, exact=True) == len(sd)
-    c = vx.config
+    assert check_all_tensors(vindex, sd, exact=True) == len(sd)
+    c = vindex.config
     assert c.num_layers == model.config.num_hidden_layers
-    assert vx.layers_present == list(range(c.num_layers))
-    assert vx.experts_present == list(range(c.num_experts))
+    assert vindex.layers_present == list(range(c.num_layers))
+    assert vindex.experts_present == list(range(c.num_experts))
     for layer in range(c.num_layers):
-        assert (vx.attn(layer).v is None) == c.layer_k_eq_v(layer)
-    assert vx.tokenizer_path is not None
-    assert vx.lm_head() is None
-    assert vx.index["ffn_layout"] == "per_layer"
-    assert set(vx.index["checksums"]) >= {"embeddings.bin", "norms.bin", "layers/layer_00.weights"}
+        assert (vindex.attn(layer).v is None) == c.layer_k_eq_v(layer)
+    assert vindex.tokenizer_path is not None
+    assert vindex.lm_head() is None
+    assert vindex.index["ffn_layout"] == "per_layer"
+    assert set(vindex.index["checksums"]) >= {"embeddings.bin", "norms.bin", "layers/layer_00.weights"}
 
 
 def test_f16_extract_rounds_once(tiny_checkpoint, tmp_path):
     model, ckpt = tiny_checkpoint("small")
-    vx = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="f16", progress=False))
-    assert vx.embeddings().dtype == np.float16
-    check_all_tensors(vx, _state(model), exact=False)
+    vindex = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="f16", progress=False))
+    assert vindex.embeddings().dtype == np.float16
+    check_all_tensors(vindex, _state(model), exact=False)
 
 
 def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
     model, ckpt = tiny_checkpoint("small", dtype="bfloat16")
-    vx = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="f32", progress=False))
+    vindex = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="f32", progress=False))
     # bf16 -> f32 is exact, so the f32 vindex holds exactly the bf16 values
     import torch
 
@@ -110,9 +110,9 @@ def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
         for k, v in model.state_dict().items()
         if k != "lm_head.weight"
     }
-    check_all_tensors(vx, sd, exact=True)
+    check_all_tensors(vindex, sd, exact=True)
     # embed_scale is rounded the way the bf16 checkpoint stores it
-    assert vx.config.embed_scale == float(torch.tensor(64**0.5, dtype=torch.bfloat16))
+    assert vindex.config.embed_scale == float(torch.tensor(64**0.5, dtype=torch.bfloat16))
 
 
 def _multimodal_copy(ckpt, dst):
@@ -138,8 +138,8 @@ def _multimodal_copy(ckpt, dst):
 def test_multimodal_prefix(tiny_checkpoint, tmp_path):
     model, ckpt = tiny_checkpoint("small")
     _multimodal_copy(ckpt, tmp_path / "mm")
-    vx = open_vindex(extract(tmp_path / "mm", tmp_path / "m.vindex", quant="f32", progress=False))
-    assert check_all_tensors(vx, _state(model), exact=True) > 0
+    vindex = open_vindex(extract(tmp_path / "mm", tmp_path / "m.vindex", quant="f32", progress=False))
+    assert check_all_tensors(vindex, _state(model), exact=True) > 0
 
 
 def test_existing_output_is_refused_and_failures_leave_nothing(tiny_checkpoint, tmp_path):

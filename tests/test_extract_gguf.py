@@ -109,8 +109,8 @@ def gguf_model(tiny_checkpoint, tmp_path_factory):
 
 def test_gguf_extract(gguf_model, tmp_path):
     model, tok, path, stored = gguf_model
-    vx = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
-    c, hc = vx.config, model.config.to_dict()
+    vindex = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
+    c, hc = vindex.config, model.config.to_dict()
     assert (c.num_layers, c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size) == (
         hc["num_hidden_layers"],
         hc["hidden_size"],
@@ -123,7 +123,7 @@ def test_gguf_extract(gguf_model, tmp_path):
     sd = {strip_prefix(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
     for layer in range(c.num_layers):
         # Q4_K / Q6_K blocks are copied byte for byte
-        a, d = vx.attn(layer), vx.dense_mlp(layer)
+        a, d = vindex.attn(layer), vindex.dense_mlp(layer)
         for qm, key in (
             (a.q, "self_attn.q_proj.weight"),
             (a.o, "self_attn.o_proj.weight"),
@@ -131,7 +131,7 @@ def test_gguf_extract(gguf_model, tmp_path):
             (d.down, "mlp.down_proj.weight"),
         ):
             assert np.array_equal(qm.data, stored[f"layers.{layer}.{key}"][1].reshape(-1).view(np.uint8)), key
-        ef = vx.expert_file(layer)
+        ef = vindex.expert_file(layer)
         gu_raw = stored[f"layers.{layer}.experts.gate_up_proj"][1]
         dn_q8 = stored[f"layers.{layer}.experts.down_proj"]
         assert dn_q8[0] == Q.Q8_0
@@ -150,23 +150,23 @@ def test_gguf_extract(gguf_model, tmp_path):
             "pre_feedforward_layernorm_2.weight",
         ):
             assert np.array_equal(
-                vx.norm(f"layers.{layer}.{key}"), sd[f"layers.{layer}.{key}"].reshape(-1)
+                vindex.norm(f"layers.{layer}.{key}"), sd[f"layers.{layer}.{key}"].reshape(-1)
             ), key
         assert np.array_equal(
-            vx.norm(f"layers.{layer}.router.proj.weight"), sd[f"layers.{layer}.router.proj.weight"]
+            vindex.norm(f"layers.{layer}.router.proj.weight"), sd[f"layers.{layer}.router.proj.weight"]
         )
     # Q8_0 embeddings decoded then stored as f16
-    emb = vx.embeddings().astype(np.float32)
+    emb = vindex.embeddings().astype(np.float32)
     assert np.abs(emb - sd["embed_tokens.weight"]).max() < 0.01
     # tokenizer rebuilt from GGUF metadata with `tokenizers` alone
     from tokenizers import Tokenizer
 
-    rebuilt = Tokenizer.from_file(str(vx.tokenizer_path))
+    rebuilt = Tokenizer.from_file(str(vindex.tokenizer_path))
     text = "Hello, vindex! \u00e9\u4e16"
     assert rebuilt.encode(text).ids == tok.encode(text).ids
     assert rebuilt.decode(rebuilt.encode(text).ids) == text
-    assert vx.chat_template == "{{ messages }}"
-    assert vx.index["source"]["kind"] == "gguf"
+    assert vindex.chat_template == "{{ messages }}"
+    assert vindex.index["source"]["kind"] == "gguf"
 
 
 def test_gguf_errors(gguf_model, tmp_path):

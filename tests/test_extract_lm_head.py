@@ -45,11 +45,11 @@ def heads(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("head,fmt", [("q4k", fm.Q4_K), ("q6k", fm.Q6_K)])
 def test_head_bytes_are_the_quantised_embedding_rows(heads, head, fmt):
     emb, paths = heads
-    vx = open_vindex(paths[head])
+    vindex = open_vindex(paths[head])
     V, H = emb.shape
     name = fm.LM_HEAD_FILES[fmt]
     # the manifest entry the reference writes: last in weight_manifest.json, whole file
-    entry = json.loads((vx.path / fm.WEIGHT_MANIFEST).read_text())[-1]
+    entry = json.loads((vindex.path / fm.WEIGHT_MANIFEST).read_text())[-1]
     assert entry == {
         "key": "lm_head.weight",
         "kind": {fm.Q4_K: "tensor_q4k", fm.Q6_K: "tensor_q6k"}[fmt],
@@ -59,7 +59,7 @@ def test_head_bytes_are_the_quantised_embedding_rows(heads, head, fmt):
         "length": V * fm.row_bytes(fmt, 256),
         "file": name,
     }
-    raw = np.fromfile(vx.path / name, dtype=np.uint8)
+    raw = np.fromfile(vindex.path / name, dtype=np.uint8)
     assert raw.size == entry["length"]
     # exactly what our quantiser makes of the source rows (zero-padded to 256 per row) ...
     assert np.array_equal(raw, kernels.quantize(emb, fmt))
@@ -69,13 +69,13 @@ def test_head_bytes_are_the_quantised_embedding_rows(heads, head, fmt):
     np.testing.assert_allclose(kernels.dequantize(raw, fmt, V, 256), dec, rtol=1e-6, atol=1e-7)
     assert 1e-4 < _rel(dec[:, :H], emb) < MAX_REL_ERR[fmt]
     assert np.abs(dec[:, H:]).max() <= 0.05 * np.abs(dec).max()  # the padding decodes to ~0
-    qm = vx.lm_head()
+    qm = vindex.lm_head()
     assert (qm.fmt, qm.rows, qm.cols, qm.logical_cols) == (fmt, V, 256, H)
-    assert vx.lm_head_format == fm.FORMAT_NAMES[fmt]
-    assert np.array_equal(vx.embeddings(), emb)  # the embeddings themselves stay exact
-    assert info(vx.path)["formats"]["lm_head"] == fm.FORMAT_NAMES[fmt]
-    assert f"separate, {fm.FORMAT_NAMES[fmt]}" in format_info(info(vx.path))
-    assert verify(vx.path, progress=False) == []  # the head file is checksummed
+    assert vindex.lm_head_format == fm.FORMAT_NAMES[fmt]
+    assert np.array_equal(vindex.embeddings(), emb)  # the embeddings themselves stay exact
+    assert info(vindex.path)["formats"]["lm_head"] == fm.FORMAT_NAMES[fmt]
+    assert f"separate, {fm.FORMAT_NAMES[fmt]}" in format_info(info(vindex.path))
+    assert verify(vindex.path, progress=False) == []  # the head file is checksummed
 
 
 @pytest.mark.parametrize("head,fmt", [("q4k", fm.Q4_K), ("q6k", fm.Q6_K)])
@@ -107,11 +107,12 @@ def test_logits_with_the_quantised_head(heads, head, fmt):
 
 def test_float_vindexes_stay_tied_and_q4k_defaults_to_a_q4k_head(heads, tiny_checkpoint, tmp_path):
     emb, paths = heads
-    vx = open_vindex(paths["tied"])
-    assert vx.lm_head() is None and vx.lm_head_format == "tied"
-    assert not any(p.name.startswith("lm_head") for p in vx.path.iterdir())
-    assert all(e["key"] != "lm_head.weight" for e in json.loads((vx.path / fm.WEIGHT_MANIFEST).read_text()))
-    assert "tied to the embeddings (f32)" in format_info(info(vx.path))
+    vindex = open_vindex(paths["tied"])
+    assert vindex.lm_head() is None and vindex.lm_head_format == "tied"
+    assert not any(p.name.startswith("lm_head") for p in vindex.path.iterdir())
+    manifest = json.loads((vindex.path / fm.WEIGHT_MANIFEST).read_text())
+    assert all(e["key"] != "lm_head.weight" for e in manifest)
+    assert "tied to the embeddings (f32)" in format_info(info(vindex.path))
     model, ckpt = tiny_checkpoint("small")
     # defaults: f16 tied (exact path), q4k with lm_head_q4.bin like the reference
     assert open_vindex(extract(ckpt, tmp_path / "f16.vindex", quant="f16", progress=False)).lm_head() is None
@@ -216,11 +217,11 @@ def test_gguf_source_head(tiny_checkpoint, tmp_path, monkeypatch, embd):
     path = tmp_path / "tiny.gguf"
     qt, data = tg.write_gguf(model, byte_level_tokenizer(), path)["embed_tokens.weight"]
     assert qt.name == embd
-    vx = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
-    head = vx.lm_head()
-    V, H = vx.config.vocab_size, vx.config.hidden_size
+    vindex = open_vindex(extract(path, tmp_path / "g.vindex", quant="q4k", progress=False))
+    head = vindex.lm_head()
+    V, H = vindex.config.vocab_size, vindex.config.hidden_size
     rows = gguf.quants.dequantize(np.asarray(data).reshape(V, -1), qt)
-    assert np.array_equal(vx.embeddings(), rows.astype(np.float16))
+    assert np.array_equal(vindex.embeddings(), rows.astype(np.float16))
     want = np.asarray(data).reshape(-1).view(np.uint8) if embd == "Q4_K" else kernels.quantize(rows, fm.Q4_K)
     assert (head.fmt, head.rows, head.cols) == (fm.Q4_K, V, H) and np.array_equal(head.data, want)
 
@@ -231,5 +232,5 @@ def test_bf16_checkpoint_head(tiny_checkpoint, tmp_path):
     import torch
 
     emb = model.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16).float().numpy()
-    vx = open_vindex(extract(ckpt, tmp_path / "b.vindex", quant="q4k", progress=False))
-    assert np.array_equal(vx.lm_head().data, kernels.quantize(emb, fm.Q4_K))
+    vindex = open_vindex(extract(ckpt, tmp_path / "b.vindex", quant="q4k", progress=False))
+    assert np.array_equal(vindex.lm_head().data, kernels.quantize(emb, fm.Q4_K))

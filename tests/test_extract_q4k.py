@@ -41,13 +41,13 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
     model, ckpt = tiny_checkpoint(name)
     sd = {strip_prefix(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
-    vx = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="q4k", progress=False))
-    c = vx.config
-    assert vx.quant == "q4k" and vx.dtype == "f16"
-    assert np.array_equal(vx.embeddings(), sd["embed_tokens.weight"].astype(np.float16))
+    vindex = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="q4k", progress=False))
+    c = vindex.config
+    assert vindex.quant == "q4k" and vindex.dtype == "f16"
+    assert np.array_equal(vindex.embeddings(), sd["embed_tokens.weight"].astype(np.float16))
     errs: dict[int, list[float]] = {fm.Q4_K: [], fm.Q6_K: []}
     for layer in range(c.num_layers):
-        a, d = vx.attn(layer), vx.dense_mlp(layer)
+        a, d = vindex.attn(layer), vindex.dense_mlp(layer)
         mats = {"q": a.q, "k": a.k, "o": a.o, "gate": d.gate, "up": d.up, "down": d.down}
         if a.v is not None:
             mats["v"] = a.v
@@ -64,7 +64,7 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
             assert qm.cols == fm.padded_cols(qm.fmt, want.shape[1]) and qm.logical_cols == want.shape[1]
             got = _decode(qm.data, qm.fmt, qm.rows, want.shape[1])
             errs[qm.fmt].append(_rel_err(got, want))
-        ef = vx.expert_file(layer)
+        ef = vindex.expert_file(layer)
         assert ef.quant_format == fm.Q4_K
         gu_all, dn_all = sd[f"layers.{layer}.experts.gate_up_proj"], sd[f"layers.{layer}.experts.down_proj"]
         for e in range(c.num_experts):
@@ -79,13 +79,14 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
             f"layers.{layer}.pre_feedforward_layernorm_2.weight",
         ):
             assert np.array_equal(
-                vx.norm(key).reshape(sd[key].shape) if key in sd else vx.norm(key), sd.get(key, vx.norm(key))
+                vindex.norm(key).reshape(sd[key].shape) if key in sd else vindex.norm(key),
+                sd.get(key, vindex.norm(key)),
             ), key
     for fmt, es in errs.items():
         assert es and max(es) < MAX_REL_ERR[fmt], (fm.FORMAT_NAMES[fmt], max(es))
         assert min(es) > 1e-4  # really quantised, not stored as floats
     # reference compatibility: four attention entries per layer, V slot of k_eq_v layers holds K as Q6_K
-    man = json.loads((vx.path / "attn_weights_q4k_manifest.json").read_text())
+    man = json.loads((vindex.path / "attn_weights_q4k_manifest.json").read_text())
     assert len(man) == 4 * c.num_layers
     assert [e["key"].split(".")[-2] for e in man[:4]] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     full = [i for i in range(c.num_layers) if c.layer_k_eq_v(i)]
@@ -94,7 +95,7 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
         assert v["format"] == "Q6_K"
         k_dec = gguf.quants.dequantize(
             np.frombuffer(
-                (vx.path / "attn_weights_q4k.bin").read_bytes()[v["offset"] : v["offset"] + v["length"]],
+                (vindex.path / "attn_weights_q4k.bin").read_bytes()[v["offset"] : v["offset"] + v["length"]],
                 np.uint8,
             ).reshape(v["shape"][0], -1),
             GG[fm.Q6_K],
@@ -106,16 +107,16 @@ def test_q4k_extract_matches_gguf_decoder(tiny_checkpoint, tmp_path, name):
 def test_q4k_experts_feed_the_kernel_table(tiny_checkpoint, tmp_path):
     """ExpertFile.table builds a kernels.ExpertTable over the mmap for just the named experts."""
     model, ckpt = tiny_checkpoint("small")
-    vx = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="q4k", progress=False))
-    ef = vx.expert_file(0)
+    vindex = open_vindex(extract(ckpt, tmp_path / "m.vindex", quant="q4k", progress=False))
+    ef = vindex.expert_file(0)
     table = ef.table([0, 3])
     assert table is not None
-    x = np.random.default_rng(0).standard_normal((2, vx.config.hidden_size)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, vindex.config.hidden_size)).astype(np.float32)
     ids = np.array([[0, 3], [3, 0]], dtype=np.int32)
     w = np.array([[0.7, 0.3], [0.5, 0.5]], dtype=np.float32)
     y = kernels.moe_ffn(table, x, ids, w)
     # the same FFN done in numpy from gguf-decoded weights
-    c = vx.config
+    c = vindex.config
     I = c.moe_intermediate_size
     ref = np.zeros_like(y)
     for t in range(2):

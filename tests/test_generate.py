@@ -69,8 +69,9 @@ def test_logprobs_helpers():
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint, tmp_path_factory):
     _, ckpt = tiny_checkpoint("small", 0)
-    vx = open_vindex(extract(ckpt, tmp_path_factory.mktemp("gen") / "m.vindex", quant="f32", progress=False))
-    return Gemma4Model(vx)
+    out = tmp_path_factory.mktemp("gen") / "m.vindex"
+    vindex = open_vindex(extract(ckpt, out, quant="f32", progress=False))
+    return Gemma4Model(vindex)
 
 
 def test_generation_stops_on_stop_ids_and_counts(model):

@@ -229,10 +229,10 @@ def test_publish_then_pull_presets(hub, vindex, tmp_path):
         "layers/layer_01.weights",
         "layers/layer_02.weights",
     } <= got
-    vx = open_vindex(out)
+    pulled = open_vindex(out)
     src = open_vindex(vindex)
-    assert np.array_equal(vx.expert_file(2).gate_up(5), src.expert_file(2).gate_up(5))
-    assert vx.expert_fingerprint() == src.expert_fingerprint()
+    assert np.array_equal(pulled.expert_file(2).gate_up(5), src.expert_file(2).gate_up(5))
+    assert pulled.expert_fingerprint() == src.expert_fingerprint()
 
     # the full repo round-trips byte for byte (checksums hold)
     out2 = pull("me/tiny-vindex", tmp_path / "full")

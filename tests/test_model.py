@@ -34,7 +34,7 @@ def f32_vindex(tiny_checkpoint, tmp_path_factory):
                 ckpt = save_checkpoint(model, tmp_path_factory.mktemp(f"ckpt-{name}-{seed}"))
             else:
                 model, ckpt = tiny_checkpoint(name, seed)
-            out = tmp_path_factory.mktemp(f"vx-{name}-{seed}") / "m.vindex"
+            out = tmp_path_factory.mktemp(f"vindex-{name}-{seed}") / "m.vindex"
             cache[key] = (model, open_vindex(extract(ckpt, out, quant="f32", progress=False)))
         return cache[key]
 
@@ -64,10 +64,10 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_prefill_logits_match_transformers(f32_vindex, name):
-    model, vx = f32_vindex(name)
-    window = vx.config.sliding_window
+    model, vindex = f32_vindex(name)
+    window = vindex.config.sliding_window
     ids = prompt(3 * window + 5)  # longer than the window: sliding layers must mask by distance
-    m = Gemma4Model(vx)
+    m = Gemma4Model(vindex)
     ours = m.forward(ids, m.new_cache(), all_logits=True)
     want = ref_logits(model, ids)
     assert ours.shape == want.shape
@@ -77,23 +77,23 @@ def test_prefill_logits_match_transformers(f32_vindex, name):
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("prompt_len", ["short", "long"])
 def test_greedy_32_tokens_match_generate(f32_vindex, name, prompt_len):
-    model, vx = f32_vindex(name)
-    window = vx.config.sliding_window
+    model, vindex = f32_vindex(name)
+    window = vindex.config.sliding_window
     # short: decoding crosses the window (the ring fills and wraps during decode);
     # long: the prompt alone is longer than the window (the ring wraps during prefill).
     n = window // 2 if prompt_len == "short" else 2 * window + 3
     ids = prompt(n, seed=1)
-    ours = [s.token for s in generate(Gemma4Model(vx), ids, 32, Sampler())]
+    ours = [s.token for s in generate(Gemma4Model(vindex), ids, 32, Sampler())]
     assert ours == ref_greedy(model, ids, 32)
 
 
 @pytest.mark.parametrize("name", ["small", "wide"])
 def test_decode_logits_match_at_every_step(f32_vindex, name):
     """Token-by-token decode through the ring gives the same logits as one full forward."""
-    model, vx = f32_vindex(name)
-    ids = prompt(2 * vx.config.sliding_window + 7, seed=2)
+    model, vindex = f32_vindex(name)
+    ids = prompt(2 * vindex.config.sliding_window + 7, seed=2)
     want = ref_logits(model, ids)
-    m = Gemma4Model(vx)
+    m = Gemma4Model(vindex)
     cache = m.new_cache()
     got = np.stack([m.forward([t], cache) for t in ids])
     assert rel_err(got, want) < 1e-4
@@ -102,10 +102,10 @@ def test_decode_logits_match_at_every_step(f32_vindex, name):
 @pytest.mark.parametrize("chunks", [[5, 1, 9, 3, 20], [17, 17, 4]])
 def test_chunked_prefill_equals_one_pass(f32_vindex, chunks):
     """Prompt chunks that start mid-ring and are longer than the window agree with one pass."""
-    model, vx = f32_vindex("small")
+    model, vindex = f32_vindex("small")
     ids = prompt(sum(chunks), seed=3)
     want = ref_logits(model, ids)
-    m = Gemma4Model(vx)
+    m = Gemma4Model(vindex)
     cache = m.new_cache()
     got, start = [], 0
     for c in chunks:
@@ -118,8 +118,8 @@ def test_chunked_prefill_equals_one_pass(f32_vindex, chunks):
 class CountingExperts(LocalExperts):
     """The real in-process experts, recording each call's shape."""
 
-    def __init__(self, vx) -> None:
-        super().__init__(vx)
+    def __init__(self, vindex) -> None:
+        super().__init__(vindex)
         self.calls: list[tuple[int, int]] = []
         self.multi_calls: list[int] = []
 
@@ -133,21 +133,21 @@ class CountingExperts(LocalExperts):
 
 
 def test_prefill_is_one_expert_call_per_layer(f32_vindex):
-    model, vx = f32_vindex("small")
-    experts = CountingExperts(vx)
-    m = Gemma4Model(vx, experts=experts)
+    model, vindex = f32_vindex("small")
+    experts = CountingExperts(vindex)
+    m = Gemma4Model(vindex, experts=experts)
     ids = prompt(21)
     m.forward(ids, m.new_cache())
-    L = vx.config.num_layers
+    L = vindex.config.num_layers
     assert experts.calls == [(layer, len(ids)) for layer in range(L)]
 
 
 def test_batch_dispatch_is_one_multi_call_and_exact_for_one_layer(f32_vindex):
     # With one layer no expert output feeds another layer's router input, so the batch
     # scheme computes exactly what transformers does.
-    model, vx = f32_vindex("small", 0, num_hidden_layers=1, layer_types=["full_attention"])
-    experts = CountingExperts(vx)
-    m = Gemma4Model(vx, experts=experts, dispatch="batch")
+    model, vindex = f32_vindex("small", 0, num_hidden_layers=1, layer_types=["full_attention"])
+    experts = CountingExperts(vindex)
+    m = Gemma4Model(vindex, experts=experts, dispatch="batch")
     ids = prompt(12, seed=4)
     cache = m.new_cache()
     got = [m.forward(ids, cache, all_logits=True)]
@@ -160,9 +160,9 @@ def test_batch_dispatch_is_one_multi_call_and_exact_for_one_layer(f32_vindex):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batch_dispatch_agreement_is_reported(f32_vindex, name, capsys):
     """Teacher-forced top-1 agreement of batch dispatch with exact mode (an approximation)."""
-    model, vx = f32_vindex(name)
+    model, vindex = f32_vindex(name)
     ids = prompt(8, seed=6)
-    exact_m, batch_m = Gemma4Model(vx), Gemma4Model(vx, dispatch="batch")
+    exact_m, batch_m = Gemma4Model(vindex), Gemma4Model(vindex, dispatch="batch")
     ce, cb = exact_m.new_cache(), batch_m.new_cache()
     le, lb = exact_m.forward(ids, ce), batch_m.forward(ids, cb)
     agree, steps = 0, 32
@@ -177,14 +177,14 @@ def test_batch_dispatch_agreement_is_reported(f32_vindex, name, capsys):
 
 
 def test_bad_inputs_are_clear_errors(f32_vindex):
-    _, vx = f32_vindex("small")
-    m = Gemma4Model(vx)
+    _, vindex = f32_vindex("small")
+    m = Gemma4Model(vindex)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        m.forward([2, vx.config.vocab_size], m.new_cache())
+        m.forward([2, vindex.config.vocab_size], m.new_cache())
     with pytest.raises(ValueError, match="at least one token"):
         m.forward([], m.new_cache())
     with pytest.raises(ValueError, match="dispatch"):
-        Gemma4Model(vx, dispatch="fast")
+        Gemma4Model(vindex, dispatch="fast")
 
 
 def test_batch_dispatch_chunked_prefill_keeps_the_ring(tmp_path):
@@ -197,9 +197,9 @@ def test_batch_dispatch_chunked_prefill_keeps_the_ring(tmp_path):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.router.per_expert_scale.zero_()
-    vx = open_vindex(extract(save_checkpoint(model, tmp_path / "ckpt"), tmp_path / "m.vindex",
+    vindex = open_vindex(extract(save_checkpoint(model, tmp_path / "ckpt"), tmp_path / "m.vindex",
                              quant="f32", progress=False))
-    m = Gemma4Model(vx, dispatch="batch")
+    m = Gemma4Model(vindex, dispatch="batch")
     ids = prompt(5 + 12 + 3, seed=7)
     cache = m.new_cache()
     got = np.concatenate([m.forward(ids[:5], cache, all_logits=True),
@@ -213,10 +213,10 @@ def test_query_blocks_and_window_slicing(f32_vindex, monkeypatch, block):
     """Prefill in query blocks (each block of a sliding layer reads only its window's keys)."""
     from larql.models import gemma4
 
-    model, vx = f32_vindex("no_keqv")
+    model, vindex = f32_vindex("no_keqv")
     monkeypatch.setattr(gemma4, "QUERY_BLOCK", block)
-    ids = prompt(4 * vx.config.sliding_window + 1, seed=8)
-    m = Gemma4Model(vx)
+    ids = prompt(4 * vindex.config.sliding_window + 1, seed=8)
+    m = Gemma4Model(vindex)
     cache = m.new_cache()
     got = np.concatenate([m.forward(ids[:9], cache, all_logits=True),
                           m.forward(ids[9:], cache, all_logits=True)])

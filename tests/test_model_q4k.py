@@ -46,10 +46,10 @@ def _deq(qm) -> np.ndarray:
     return kernels.dequantize(qm.data, qm.fmt, qm.rows, qm.cols)[:, :qm.logical_cols]
 
 
-def dequantised_reference(model, vx):
+def dequantised_reference(model, vindex):
     """A copy of the torch model holding exactly the weights the vindex stores."""
     ref = copy.deepcopy(model)
-    cfg = vx.config
+    cfg = vindex.config
     sd = ref.state_dict()
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
 
@@ -58,20 +58,20 @@ def dequantised_reference(model, vx):
         with torch.no_grad():
             sd[name].copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
 
-    put("model.embed_tokens.weight", vx.embeddings().astype(np.float32))
-    head = vx.lm_head()
+    put("model.embed_tokens.weight", vindex.embeddings().astype(np.float32))
+    head = vindex.lm_head()
     if head is not None:  # a separate quantised head: untie, so its rounding is the reference's too
         ref.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(_deq(head))))
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
-        a = vx.attn(layer)
+        a = vindex.attn(layer)
         for n in "qkvo":
             if getattr(a, n) is not None:
                 put(p + f"self_attn.{n}_proj.weight", _deq(getattr(a, n)))
-        d = vx.dense_mlp(layer)
+        d = vindex.dense_mlp(layer)
         for n in ("gate", "up", "down"):
             put(p + f"mlp.{n}_proj.weight", _deq(getattr(d, n)))
-        ef = vx.expert_file(layer)
+        ef = vindex.expert_file(layer)
         gu, dn = [], []
         for e in range(cfg.num_experts):
             ent = ef.entry(e)
@@ -92,8 +92,8 @@ def q4k(tiny_checkpoint, tmp_path_factory):
         if (name, seed) not in cache:
             model, ckpt = tiny_checkpoint(name, seed)
             out = tmp_path_factory.mktemp(f"q4k-{name}-{seed}") / "m.vindex"
-            vx = open_vindex(extract(ckpt, out, quant="q4k", progress=False))
-            cache[(name, seed)] = (model, dequantised_reference(model, vx), vx)
+            vindex = open_vindex(extract(ckpt, out, quant="q4k", progress=False))
+            cache[(name, seed)] = (model, dequantised_reference(model, vindex), vindex)
         return cache[(name, seed)]
 
     return make
@@ -111,8 +111,8 @@ def rms_rel(got: np.ndarray, want: np.ndarray) -> float:
 def test_each_branch_within_the_q8k_budget(q4k, name, capsys):
     """Attention, dense MLP, router and experts of every layer, each fed the reference's own
     inputs, reproduce the reference's outputs."""
-    _, ref, vx = q4k(name)
-    ids = prompt(2 * vx.config.sliding_window + 3, seed=10)
+    _, ref, vindex = q4k(name)
+    ids = prompt(2 * vindex.config.sliding_window + 3, seed=10)
     cap: dict = {}
 
     def hook(key, kwargs=False):
@@ -137,7 +137,7 @@ def test_each_branch_within_the_q8k_budget(q4k, name, capsys):
     finally:
         for h in hooks:
             h.remove()
-    m = Gemma4Model(vx)
+    m = Gemma4Model(vindex)
     positions = np.arange(len(ids))
     errs: dict[str, list[float]] = {"attention": [], "dense MLP": [], "experts": []}
     for lw in m.layers:
@@ -165,9 +165,9 @@ def test_each_branch_within_the_q8k_budget(q4k, name, capsys):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_end_to_end_logits_top1_and_error(q4k, name, capsys):
-    model, ref, vx = q4k(name)
-    ids = prompt(3 * vx.config.sliding_window, seed=11)
-    m = Gemma4Model(vx)
+    model, ref, vindex = q4k(name)
+    ids = prompt(3 * vindex.config.sliding_window, seed=11)
+    m = Gemma4Model(vindex)
     ours = m.forward(ids, m.new_cache(), all_logits=True)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
@@ -182,6 +182,6 @@ def test_end_to_end_logits_top1_and_error(q4k, name, capsys):
               f"Q4_K weight rounding itself: top-1 {top1_w:.3f}, rms rel {err_w:.4f}")
     # Finite and soft-capped (|logit| <= cap on both sides), then the relative bound: our
     # activation rounding moves logits less, and flips fewer argmaxes, than weight rounding.
-    assert np.isfinite(ours).all() and max_err <= 2 * vx.config.final_logit_softcapping
+    assert np.isfinite(ours).all() and max_err <= 2 * vindex.config.final_logit_softcapping
     assert err < err_w
     assert top1 >= top1_w

@@ -29,7 +29,7 @@ E, L, H, TOPK = 8, 2, 64, 3
 
 
 @pytest.fixture(scope="module", params=["f32", "q4k"])
-def vx(request, tmp_path_factory):
+def vindex(request, tmp_path_factory):
     cfg = demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK)
     path = build_demo_vindex(tmp_path_factory.mktemp(f"remote-{request.param}") / "v",
                              quant=request.param, config=cfg)
@@ -39,8 +39,8 @@ def vx(request, tmp_path_factory):
 class Shards:
     """Servers for a shard layout; `spec` is the --moe-shards string."""
 
-    def __init__(self, vx, ranges, **kw):
-        self.handles = [ExpertServer(open_vindex(vx.path), experts=range(a, b + 1), **kw)
+    def __init__(self, vindex, ranges, **kw):
+        self.handles = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1), **kw)
                         .start_in_thread("127.0.0.1", 0) for a, b in ranges]
         self.ranges = ranges
         pairs = zip(self.ranges, self.handles, strict=True)
@@ -59,7 +59,7 @@ def routing(T, seed=0, K=TOPK):
     return h, ids, w
 
 
-def sharded_local(vx, ranges, layer, h, ids, w):
+def sharded_local(vindex, ranges, layer, h, ids, w):
     """The same partition computed in process, partials added in shard order."""
     out = np.zeros_like(h)
     for a, b in ranges:
@@ -67,24 +67,24 @@ def sharded_local(vx, ranges, layer, h, ids, w):
         if part is None:
             continue
         rows, i_s, w_s = part
-        out[rows] += LocalExperts(vx, experts=list(range(a, b + 1))).forward(layer, h[rows], i_s, w_s)
+        out[rows] += LocalExperts(vindex, experts=list(range(a, b + 1))).forward(layer, h[rows], i_s, w_s)
     return out
 
 
 @pytest.mark.parametrize("ranges", [[(0, 7)], [(0, 3), (4, 7)], [(0, 1), (2, 3), (4, 5), (6, 7)]],
                          ids=["1shard", "2shards", "4shards"])
-def test_remote_equals_in_process(vx, ranges):
-    shards = Shards(vx, ranges)
+def test_remote_equals_in_process(vindex, ranges):
+    shards = Shards(vindex, ranges)
     try:
-        with connect_shards(shards.spec, vx, timeout=20) as rx:
-            local = LocalExperts(vx)
+        with connect_shards(shards.spec, vindex, timeout=20) as rx:
+            local = LocalExperts(vindex)
             for T, seed in ((1, 1), (1, 2), (9, 3)):   # decode steps and a prefill
                 for layer in range(L):
                     h, ids, w = routing(T, seed + layer)
                     got = rx.forward(layer, h, ids, w)
                     assert got.dtype == np.float32 and got.shape == (T, H)
                     # bit-exact against the same partition in process ...
-                    np.testing.assert_array_equal(got, sharded_local(vx, ranges, layer, h, ids, w))
+                    np.testing.assert_array_equal(got, sharded_local(vindex, ranges, layer, h, ids, w))
                     # ... and equal up to summation order to the unsharded experts
                     np.testing.assert_allclose(got, local.forward(layer, h, ids, w), rtol=1e-5, atol=1e-6)
             # one request per shard per layer, whatever T is
@@ -99,14 +99,14 @@ def test_remote_equals_in_process(vx, ranges):
         shards.stop()
 
 
-def test_encodings_f16_and_q8k(vx):
-    shards = Shards(vx, [(0, 3), (4, 7)])
+def test_encodings_f16_and_q8k(vindex):
+    shards = Shards(vindex, [(0, 3), (4, 7)])
     try:
         h, ids, w = routing(5, 7)
-        ref = LocalExperts(vx).forward(1, h, ids, w)
+        ref = LocalExperts(vindex).forward(1, h, ids, w)
         scale = float(np.abs(ref).max())
-        for enc, tol in (("f16", 2e-3 if vx.quant == "f32" else 2e-2), ("q8k", 2e-2)):
-            with connect_shards(shards.spec, vx, timeout=20, encoding=enc) as rx:
+        for enc, tol in (("f16", 2e-3 if vindex.quant == "f32" else 2e-2), ("q8k", 2e-2)):
+            with connect_shards(shards.spec, vindex, timeout=20, encoding=enc) as rx:
                 got = rx.forward(1, h, ids, w)
             err = np.abs(got - ref).max() / scale
             assert 0 < err <= tol, (enc, err)   # lossy, but close
@@ -114,12 +114,12 @@ def test_encodings_f16_and_q8k(vx):
         shards.stop()
 
 
-def test_grouped_requests_read_experts_once_and_stay_exact(vx):
+def test_grouped_requests_read_experts_once_and_stay_exact(vindex):
     """A burst of pipelined single-token requests for one layer is fused into few kernel calls."""
-    srv = ExpertServer(open_vindex(vx.path), workers=1)
+    srv = ExpertServer(open_vindex(vindex.path), workers=1)
     h_ = srv.start_in_thread("127.0.0.1", 0)
     try:
-        local = LocalExperts(vx)
+        local = LocalExperts(vindex)
         works = [routing(1, 100 + i) for i in range(40)]
         s = socket.create_connection((h_.host, h_.port), timeout=10)
         s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
@@ -142,10 +142,10 @@ def test_grouped_requests_read_experts_once_and_stay_exact(vx):
         h_.stop()
 
 
-def test_lone_decode_request_skips_the_worker_threads(vx):
+def test_lone_decode_request_skips_the_worker_threads(vindex):
     """With nothing else to do, a one-token request is computed on the event loop thread (no
     two thread hand-offs, ~300 us on a 2-vCPU VM); a prefill still goes to the worker pool."""
-    srv = ExpertServer(open_vindex(vx.path), workers=2)
+    srv = ExpertServer(open_vindex(vindex.path), workers=2)
     h_ = srv.start_in_thread("127.0.0.1", 0)
     threads: list[str] = []
     compute = srv.batcher._compute
@@ -156,8 +156,8 @@ def test_lone_decode_request_skips_the_worker_threads(vx):
 
     srv.batcher._compute = recording
     try:
-        local = LocalExperts(vx)
-        with connect_shards(f"0-{E - 1}={h_.address}", vx, timeout=20) as rx:
+        local = LocalExperts(vindex)
+        with connect_shards(f"0-{E - 1}={h_.address}", vindex, timeout=20) as rx:
             for T in (1, 5):
                 h, ids, w = routing(T, 300 + T)
                 np.testing.assert_array_equal(rx.forward(1, h, ids, w), local.forward(1, h, ids, w))
@@ -167,14 +167,14 @@ def test_lone_decode_request_skips_the_worker_threads(vx):
         h_.stop()
 
 
-def test_pipelined_out_of_order_replies_are_matched(vx):
+def test_pipelined_out_of_order_replies_are_matched(vindex):
     """Many concurrent forwards on one connection; a big prefill overtaken by small decodes."""
-    shards = Shards(vx, [(0, 7)], workers=2)
+    shards = Shards(vindex, [(0, 7)], workers=2)
     try:
-        local = LocalExperts(vx)
+        local = LocalExperts(vindex)
 
         async def run():
-            client = AsyncExpertClient(parse_shards(shards.spec, E), ModelIdentity.from_vindex(vx),
+            client = AsyncExpertClient(parse_shards(shards.spec, E), ModelIdentity.from_vindex(vindex),
                                        timeout=20)
             await client.connect()
             jobs = [(0, *routing(600, 5))] + [(1, *routing(1, 200 + i)) for i in range(20)]
@@ -191,31 +191,32 @@ def test_pipelined_out_of_order_replies_are_matched(vx):
         shards.stop()
 
 
-def test_hello_checks_refuse_wrong_shards(vx, tmp_path):
+def test_hello_checks_refuse_wrong_shards(vindex, tmp_path):
     other = build_demo_vindex(tmp_path / "other", quant="f32",
                               config=demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK), seed=9)
     wrong_model = ExpertServer(open_vindex(other)).start_in_thread("127.0.0.1", 0)
-    half = ExpertServer(open_vindex(vx.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
-    one_layer = ExpertServer(open_vindex(vx.path), layers=[0]).start_in_thread("127.0.0.1", 0)
+    half = ExpertServer(open_vindex(vindex.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    one_layer = ExpertServer(open_vindex(vindex.path), layers=[0]).start_in_thread("127.0.0.1", 0)
     try:
         with pytest.raises(ShardSpecError, match="different expert weights"):
-            connect_shards(f"0-7={wrong_model.address}", vx, timeout=5)
+            connect_shards(f"0-7={wrong_model.address}", vindex, timeout=5)
         with pytest.raises(ShardSpecError, match="does not hold experts 4-7"):
-            connect_shards(f"0-7={half.address}", vx, timeout=5)
+            connect_shards(f"0-7={half.address}", vindex, timeout=5)
         with pytest.raises(ShardSpecError, match="does not hold layers 1"):
-            connect_shards(f"0-7={one_layer.address}", vx, timeout=5)
+            connect_shards(f"0-7={one_layer.address}", vindex, timeout=5)
         with pytest.raises(ShardSpecError, match="unserved"):
-            connect_shards(f"0-3={half.address}", vx, timeout=5)
+            connect_shards(f"0-3={half.address}", vindex, timeout=5)
         # a misconfigured replica is fatal even when another replica of the range is fine
         with pytest.raises(ShardSpecError, match="does not hold layers 1"):
-            connect_shards(f"0-3={half.address}|{one_layer.address},4-7={one_layer.address}", vx, timeout=5)
+            connect_shards(f"0-3={half.address}|{one_layer.address},4-7={one_layer.address}", vindex,
+                           timeout=5)
     finally:
         for s in (wrong_model, half, one_layer):
             s.stop()
 
 
-def test_ownership_error_from_server_names_what_it_owns(vx):
-    half = ExpertServer(open_vindex(vx.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+def test_ownership_error_from_server_names_what_it_owns(vindex):
+    half = ExpertServer(open_vindex(vindex.path), experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
     try:
         s = socket.create_connection((half.host, half.port), timeout=10)
         s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
@@ -272,27 +273,27 @@ class SilentServer:
             c.close()
 
 
-def test_dead_and_hung_servers_are_clear_errors_within_timeout(vx):
+def test_dead_and_hung_servers_are_clear_errors_within_timeout(vindex):
     dead = free_port()
     t0 = time.monotonic()
     with pytest.raises(ShardError, match=f"127.0.0.1:{dead}.*cannot connect"):
-        connect_shards(f"0-7=127.0.0.1:{dead}", vx, timeout=2, connect_timeout=2)
+        connect_shards(f"0-7=127.0.0.1:{dead}", vindex, timeout=2, connect_timeout=2)
     assert time.monotonic() - t0 < 10
 
     silent = SilentServer()
     try:
         t0 = time.monotonic()
         with pytest.raises(ShardError, match="no reply to 'hello' within 1s"):
-            connect_shards(f"0-7=127.0.0.1:{silent.port}", vx, timeout=1, connect_timeout=1)
+            connect_shards(f"0-7=127.0.0.1:{silent.port}", vindex, timeout=1, connect_timeout=1)
         assert time.monotonic() - t0 < 10
     finally:
         silent.close()
 
     # answers hello correctly, then never computes: the forward raises instead of hanging
-    real = ExpertServer(open_vindex(vx.path))
+    real = ExpertServer(open_vindex(vindex.path))
     stall = SilentServer(answer_hello_from=real)
     try:
-        with connect_shards(f"0-7=127.0.0.1:{stall.port}", vx, timeout=1, connect_timeout=2) as rx:
+        with connect_shards(f"0-7=127.0.0.1:{stall.port}", vindex, timeout=1, connect_timeout=2) as rx:
             h, ids, w = routing(1)
             t0 = time.monotonic()
             with pytest.raises(ShardError, match="no answer.*refusing to continue without experts 0-7"):
@@ -302,19 +303,19 @@ def test_dead_and_hung_servers_are_clear_errors_within_timeout(vx):
         stall.close()
 
 
-def test_failover_to_replica_and_no_silent_zeros(vx):
-    a = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
-    b = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
+def test_failover_to_replica_and_no_silent_zeros(vindex):
+    a = ExpertServer(open_vindex(vindex.path)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(open_vindex(vindex.path)).start_in_thread("127.0.0.1", 0)
     dead = free_port()
     try:
-        local = LocalExperts(vx)
+        local = LocalExperts(vindex)
         h, ids, w = routing(2, 3)
         ref = local.forward(1, h, ids, w)
         # a dead replica listed first is skipped at connect time
-        with connect_shards(f"0-7=127.0.0.1:{dead}|{a.address}", vx, timeout=5, connect_timeout=1) as rx:
+        with connect_shards(f"0-7=127.0.0.1:{dead}|{a.address}", vindex, timeout=5, connect_timeout=1) as rx:
             np.testing.assert_array_equal(rx.forward(1, h, ids, w), ref)
-        with connect_shards(f"0-3={a.address}|{b.address},4-7={b.address}", vx, timeout=5) as rx:
-            ref2 = sharded_local(vx, [(0, 3), (4, 7)], 1, h, ids, w)
+        with connect_shards(f"0-3={a.address}|{b.address},4-7={b.address}", vindex, timeout=5) as rx:
+            ref2 = sharded_local(vindex, [(0, 3), (4, 7)], 1, h, ids, w)
             np.testing.assert_array_equal(rx.forward(1, h, ids, w), ref2)
             a.stop()                       # the primary of 0-3 dies mid-session
             got = rx.forward(1, h, ids, w)   # retried on b
@@ -328,8 +329,8 @@ def test_failover_to_replica_and_no_silent_zeros(vx):
         b.stop()
 
 
-def test_graceful_shutdown_finishes_in_flight_work(vx):
-    srv = ExpertServer(open_vindex(vx.path))
+def test_graceful_shutdown_finishes_in_flight_work(vindex):
+    srv = ExpertServer(open_vindex(vindex.path))
     h_ = srv.start_in_thread("127.0.0.1", 0)
     s = socket.create_connection((h_.host, h_.port), timeout=20)
     s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}))
@@ -348,36 +349,37 @@ def test_graceful_shutdown_finishes_in_flight_work(vx):
     stopper.join(30)
     s.close()
     y = P.decode_result(P.check_reply(reps[1]), 2000, H)
-    np.testing.assert_array_equal(y, LocalExperts(vx).forward(0, h, ids, w))
+    np.testing.assert_array_equal(y, LocalExperts(vindex).forward(0, h, ids, w))
     with pytest.raises(OSError):
         socket.create_connection((h_.host, h_.port), timeout=2)
 
 
-def test_server_needs_only_norms_manifests_and_layers(vx, tmp_path):
+def test_server_needs_only_norms_manifests_and_layers(vindex, tmp_path):
     """An expert-only slice (no embeddings, attention, dense MLP, tokenizer) serves fine."""
     import shutil
 
     slim = tmp_path / "slim"
     slim.mkdir()
     for name in ("index.json", "weight_manifest.json", "norms.bin"):
-        shutil.copy(vx.path / name, slim / name)
-    shutil.copytree(vx.path / "layers", slim / "layers")
+        shutil.copy(vindex.path / name, slim / name)
+    shutil.copytree(vindex.path / "layers", slim / "layers")
     srv = ExpertServer(open_vindex(slim)).start_in_thread("127.0.0.1", 0)
     try:
-        with connect_shards(f"0-7={srv.address}", vx, timeout=10) as rx:
+        with connect_shards(f"0-7={srv.address}", vindex, timeout=10) as rx:
             h, ids, w = routing(3, 8)
-            np.testing.assert_array_equal(rx.forward(1, h, ids, w), LocalExperts(vx).forward(1, h, ids, w))
+            want = LocalExperts(vindex).forward(1, h, ids, w)
+            np.testing.assert_array_equal(rx.forward(1, h, ids, w), want)
     finally:
         srv.stop()
 
 
-def test_large_work_is_split_to_fit_the_servers_frame_limit(vx):
+def test_large_work_is_split_to_fit_the_servers_frame_limit(vindex):
     """A server announcing a small max_frame gets a long prefill (and a batch) in several
     requests, each within its limit; the result is unchanged."""
-    srv = ExpertServer(open_vindex(vx.path), max_frame=16384).start_in_thread("127.0.0.1", 0)
+    srv = ExpertServer(open_vindex(vindex.path), max_frame=16384).start_in_thread("127.0.0.1", 0)
     try:
-        local = LocalExperts(vx)
-        with connect_shards(f"0-7={srv.address}", vx, timeout=20) as rx:
+        local = LocalExperts(vindex)
+        with connect_shards(f"0-7={srv.address}", vindex, timeout=20) as rx:
             h, ids, w = routing(200, 4)
             y = rx.forward(0, h, ids, w)
             assert rx.round_trips >= 200 * (H * 4 + 8 * TOPK) // 16384 + 1
@@ -395,9 +397,9 @@ def test_large_work_is_split_to_fit_the_servers_frame_limit(vx):
 
 def test_client_that_does_not_read_replies_is_throttled_not_fatal(tmp_path):
     # transport behaviour: one weight format is enough
-    vx = open_vindex(build_demo_vindex(tmp_path / "v", quant="f32",
+    vindex = open_vindex(build_demo_vindex(tmp_path / "v", quant="f32",
                                        config=demo_config(num_layers=L, hidden=H, num_experts=E, top_k=TOPK)))
-    srv = ExpertServer(open_vindex(vx.path))
+    srv = ExpertServer(open_vindex(vindex.path))
     h_ = srv.start_in_thread("127.0.0.1", 0)
     try:
         s = socket.create_connection((h_.host, h_.port), timeout=30)
@@ -411,9 +413,9 @@ def test_client_that_does_not_read_replies_is_throttled_not_fatal(tmp_path):
         while srv.stats.backpressure == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.stats.backpressure >= 1     # it stopped reading the greedy client ...
-        with connect_shards(f"0-7={h_.address}", vx, timeout=10) as rx:   # ... and serves others
+        with connect_shards(f"0-7={h_.address}", vindex, timeout=10) as rx:   # ... and serves others
             rx.forward(1, *routing(1, 3))
-        ref = LocalExperts(vx).forward(0, h, ids, w)
+        ref = LocalExperts(vindex).forward(0, h, ids, w)
         reader, got = P.FrameReader(), set()
         while len(got) < 193:
             for body in reader.feed(s.recv(1 << 20)):
@@ -427,11 +429,11 @@ def test_client_that_does_not_read_replies_is_throttled_not_fatal(tmp_path):
         h_.stop()
 
 
-def test_sync_client_works_inside_a_running_event_loop(vx):
+def test_sync_client_works_inside_a_running_event_loop(vindex):
     """Called from asyncio code, the sync API hops to a helper thread instead of failing."""
-    srv = ExpertServer(open_vindex(vx.path)).start_in_thread("127.0.0.1", 0)
+    srv = ExpertServer(open_vindex(vindex.path)).start_in_thread("127.0.0.1", 0)
     try:
-        rx = connect_shards(f"0-7={srv.address}", vx, timeout=10)
+        rx = connect_shards(f"0-7={srv.address}", vindex, timeout=10)
         h, ids, w = routing(2, 6)
 
         async def inside():
@@ -448,20 +450,20 @@ def test_sync_client_works_inside_a_running_event_loop(vx):
         srv.stop()
 
 
-def test_layer_split_shards(vx):
+def test_layer_split_shards(vindex):
     """Servers started with --layers, named with EXPERTS@LAYERS in the shard map."""
     def start(**kw):
-        return ExpertServer(open_vindex(vx.path), **kw).start_in_thread("127.0.0.1", 0)
+        return ExpertServer(open_vindex(vindex.path), **kw).start_in_thread("127.0.0.1", 0)
 
     l0_lo, l0_hi, l1 = start(experts=range(0, 4), layers=[0]), start(experts=range(4, 8), layers=[0]), \
         start(layers=[1])
     try:
         spec = f"0-3@0={l0_lo.address},4-7@0-0={l0_hi.address},0-7@1={l1.address}"
-        with connect_shards(spec, vx, timeout=10) as rx:
+        with connect_shards(spec, vindex, timeout=10) as rx:
             for layer, ranges in ((0, [(0, 3), (4, 7)]), (1, [(0, 7)])):
                 h, ids, w = routing(5, 30 + layer)
                 np.testing.assert_array_equal(rx.forward(layer, h, ids, w),
-                                              sharded_local(vx, ranges, layer, h, ids, w))
+                                              sharded_local(vindex, ranges, layer, h, ids, w))
             work = [(layer, *routing(2, 50 + layer)) for layer in range(L)]
             ys = rx.forward_multi(work)
             for (layer, h, ids, w), y in zip(work, ys, strict=True):
@@ -469,15 +471,15 @@ def test_layer_split_shards(vx):
         for s in (l0_lo, l0_hi, l1):            # each server only ever saw its own layer
             assert s.server.stats.snapshot()["errors"] == 0
         with pytest.raises(ShardSpecError, match="unserved at layer 1"):
-            connect_shards(f"0-3@0={l0_lo.address},4-7@0={l0_hi.address}", vx, timeout=5)
+            connect_shards(f"0-3@0={l0_lo.address},4-7@0={l0_hi.address}", vindex, timeout=5)
         with pytest.raises(ShardSpecError, match="does not hold layers 0"):
-            connect_shards(f"0-7@0-1={l1.address}", vx, timeout=5)
+            connect_shards(f"0-7@0-1={l1.address}", vindex, timeout=5)
     finally:
         for s in (l0_lo, l0_hi, l1):
             s.stop()
 
 
-def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vx, monkeypatch):
+def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vindex, monkeypatch):
     """Fault injection: the kernel call fails whenever a 3-token request is in it. Fused with
     others, the server retries them one by one: only the 3-token request gets an error."""
     from larql.server import LayerBatcher
@@ -492,10 +494,10 @@ def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vx, monkeypa
         return real(self, key, works)
 
     monkeypatch.setattr(LayerBatcher, "_compute", flaky)
-    srv = ExpertServer(open_vindex(vx.path), workers=1)
+    srv = ExpertServer(open_vindex(vindex.path), workers=1)
     h_ = srv.start_in_thread("127.0.0.1", 0)
     try:
-        local = LocalExperts(vx)
+        local = LocalExperts(vindex)
         works = {i: routing(3 if i == 5 else 1, 300 + i) for i in range(1, 21)}
         s = socket.create_connection((h_.host, h_.port), timeout=10)
         s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}) + b"".join(

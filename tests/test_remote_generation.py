@@ -34,8 +34,8 @@ def tiny(request, tiny_checkpoint, tmp_path_factory):
 class ShardedLocal:
     """In-process experts split like the servers: partials added in shard order."""
 
-    def __init__(self, vx, ranges):
-        self.parts = [((a, b), LocalExperts(vx, experts=list(range(a, b + 1)))) for a, b in ranges]
+    def __init__(self, vindex, ranges):
+        self.parts = [((a, b), LocalExperts(vindex, experts=list(range(a, b + 1)))) for a, b in ranges]
 
     def forward(self, layer, h, ids, weights):
         h = np.atleast_2d(h)
@@ -71,29 +71,29 @@ def ranges_for(num_experts, shards):
 
 @pytest.mark.parametrize("shards", [2, 4])
 def test_remote_generation_matches_in_process(tiny, shards):
-    torch_model, vx = tiny
-    ranges = ranges_for(vx.config.num_experts, shards)
-    servers = [ExpertServer(open_vindex(vx.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
+    torch_model, vindex = tiny
+    ranges = ranges_for(vindex.config.num_experts, shards)
+    servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
                for a, b in ranges]
     spec = ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
     try:
-        remote = connect_shards(spec, vx, timeout=30)
+        remote = connect_shards(spec, vindex, timeout=30)
         try:
-            model = Gemma4Model(vx, experts=remote)
+            model = Gemma4Model(vindex, experts=remote)
             cache = model.new_cache()
             model.forward(PROMPT, cache)
             # prefill: all prompt tokens in one request per shard per layer
-            assert remote.round_trips <= shards * vx.config.num_layers
+            assert remote.round_trips <= shards * vindex.config.num_layers
             tokens, logits = run(model)
         finally:
             remote.close()
-        ref_tokens, ref_logits = run(Gemma4Model(vx, experts=ShardedLocal(vx, ranges)))
+        ref_tokens, ref_logits = run(Gemma4Model(vindex, experts=ShardedLocal(vindex, ranges)))
         assert tokens == ref_tokens
         np.testing.assert_array_equal(logits, ref_logits)            # bit-exact
-        un_tokens, un_logits = run(Gemma4Model(vx))                   # unsharded in-process
+        un_tokens, un_logits = run(Gemma4Model(vindex))                   # unsharded in-process
         assert tokens == un_tokens
         np.testing.assert_allclose(logits, un_logits, rtol=1e-4, atol=1e-4)
-        if vx.quant == "f32":
+        if vindex.quant == "f32":
             with torch.no_grad():
                 want = torch_model(torch.tensor([PROMPT])).logits[0, -1].numpy()
             np.testing.assert_allclose(logits[0], want, rtol=1e-4, atol=1e-4)
@@ -103,29 +103,30 @@ def test_remote_generation_matches_in_process(tiny, shards):
 
 
 def test_batch_dispatch_is_one_round_trip_per_shard_per_token(tiny):
-    _, vx = tiny
-    ranges = ranges_for(vx.config.num_experts, 2)
-    servers = [ExpertServer(open_vindex(vx.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
+    _, vindex = tiny
+    ranges = ranges_for(vindex.config.num_experts, 2)
+    servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
                for a, b in ranges]
     spec = ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
     try:
-        remote = connect_shards(spec, vx, timeout=30)
+        remote = connect_shards(spec, vindex, timeout=30)
         try:
-            model = Gemma4Model(vx, experts=remote, dispatch="batch")
+            model = Gemma4Model(vindex, experts=remote, dispatch="batch")
             cache = model.new_cache()
             model.forward(PROMPT, cache)
             before = remote.round_trips
             model.forward([5], cache)
             assert remote.round_trips - before <= 2          # one `multi` per shard
-            tokens, logits = run(Gemma4Model(vx, experts=remote, dispatch="batch"))
+            tokens, logits = run(Gemma4Model(vindex, experts=remote, dispatch="batch"))
         finally:
             remote.close()
-        ref_tokens, ref_logits = run(Gemma4Model(vx, experts=ShardedLocal(vx, ranges), dispatch="batch"))
+        sharded = ShardedLocal(vindex, ranges)
+        ref_tokens, ref_logits = run(Gemma4Model(vindex, experts=sharded, dispatch="batch"))
         assert tokens == ref_tokens
         np.testing.assert_array_equal(logits, ref_logits)
-        exact_tokens, _ = run(Gemma4Model(vx))
+        exact_tokens, _ = run(Gemma4Model(vindex))
         agree = np.mean(np.array(tokens) == np.array(exact_tokens))
-        print(f"batch dispatch greedy agreement with exact ({vx.quant}): {agree:.0%}")
+        print(f"batch dispatch greedy agreement with exact ({vindex.quant}): {agree:.0%}")
     finally:
         for s in servers:
             s.stop()

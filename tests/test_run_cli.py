@@ -49,9 +49,9 @@ def test_json_output_shape_and_seed_determinism(vindex_path):
         assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
     assert out["stats"]["generated_tokens"] == len(out["tokens"])
     # The same seed in process draws the same tokens; another seed (almost surely) does not.
-    vx = open_vindex(vindex_path)
-    tok = TextTokenizer.from_vindex(vx)
-    want = [s.token for s in generate(Gemma4Model(vx), out["prompt_ids"], 12,
+    vindex = open_vindex(vindex_path)
+    tok = TextTokenizer.from_vindex(vindex)
+    want = [s.token for s in generate(Gemma4Model(vindex), out["prompt_ids"], 12,
                                       Sampler(0.9, 50, 1.0, 7), stop_ids=tok.stop_ids)]
     assert out["tokens"] == want
     other = json.loads(larql_run(*args[:-4], "--seed", "8").stdout)

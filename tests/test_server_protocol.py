@@ -208,8 +208,8 @@ def test_stats_count_requests_and_errors(server):
 
 
 def test_warmup_op_reports_owned_bytes(server, vindex_path):
-    vx = open_vindex(vindex_path)
-    ef = vx.expert_file(0)
+    vindex = open_vindex(vindex_path)
+    ef = vindex.expert_file(0)
     owned = sum(ef.entry(e).down_off + ef.entry(e).down_len - ef.entry(e).gate_up_off for e in range(4))
     with connect(server, hello=False) as s:
         assert rt(s, {"op": "warmup", "id": 1})["error"]["code"] == P.E_NEED_HELLO

@@ -49,8 +49,8 @@ def vindex_path(tmp_path_factory):
 @pytest.mark.parametrize("owned_text, OWNED, UNOWNED", [("0-7", range(0, 8), range(8, 16)),
                                                        ("8-15", range(8, 16), range(0, 8))])
 def test_warmup_faults_owned_experts_only(vindex_path, owned_text, OWNED, UNOWNED):
-    vx = open_vindex(vindex_path)
-    files = [vx.expert_file(layer) for layer in vx.layers_present]
+    vindex = open_vindex(vindex_path)
+    files = [vindex.expert_file(layer) for layer in vindex.layers_present]
     owned_bytes = sum(ef.entry(e).down_off + ef.entry(e).down_len - ef.entry(e).gate_up_off
                       for ef in files for e in OWNED)
     for ef in files:

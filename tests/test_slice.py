@@ -73,10 +73,10 @@ def test_presets(full, tmp_path, preset, has, lacks):
     for f in lacks:
         assert f not in files, f
     assert verify(dst, progress=False) == []
-    vx = open_vindex(dst)
-    assert vx.expert_fingerprint() == open_vindex(src).expert_fingerprint()
+    vindex = open_vindex(dst)
+    assert vindex.expert_fingerprint() == open_vindex(src).expert_fingerprint()
     if "norms.bin" in has:
-        assert np.array_equal(vx.norm("norm.weight"), open_vindex(src).norm("norm.weight"))
+        assert np.array_equal(vindex.norm("norm.weight"), open_vindex(src).norm("norm.weight"))
 
 
 def test_expert_shard_is_physically_half(full, tmp_path):
@@ -86,12 +86,12 @@ def test_expert_shard_is_physically_half(full, tmp_path):
     full_bytes = sum(p.stat().st_size for p in (src / "layers").iterdir())
     half_bytes = sum(p.stat().st_size for p in (half / "layers").iterdir())
     assert 0.45 < half_bytes / full_bytes < 0.55
-    vx, vo = open_vindex(half), open_vindex(other)
-    assert vx.experts_present == list(range(8)) and vo.experts_present == list(range(8, 16))
-    assert vx.index["slice"]["experts"] == "0-7"
-    assert vx.expert_fingerprint() == vo.expert_fingerprint() == open_vindex(src).expert_fingerprint()
+    vindex, vo = open_vindex(half), open_vindex(other)
+    assert vindex.experts_present == list(range(8)) and vo.experts_present == list(range(8, 16))
+    assert vindex.index["slice"]["experts"] == "0-7"
+    assert vindex.expert_fingerprint() == vo.expert_fingerprint() == open_vindex(src).expert_fingerprint()
     for layer in range(cfg.num_layers):
-        ef = vx.expert_file(layer)
+        ef = vindex.expert_file(layer)
         assert ef.present() == list(range(8))
         assert not ef.has(8) and ef.entry(12) is None
         for e in (0, 7):
@@ -111,11 +111,11 @@ def test_layer_slice(full, tmp_path):
     dst = slice_vindex(
         src, tmp_path / "l.vindex", preset="expert-server", layers="1-2", experts="3", progress=False
     )
-    vx = open_vindex(dst)
-    assert vx.layers_present == [1, 2] and vx.experts_present == [3]
+    vindex = open_vindex(dst)
+    assert vindex.layers_present == [1, 2] and vindex.experts_present == [3]
     assert sorted(p.name for p in (dst / "layers").iterdir()) == ["layer_01.weights", "layer_02.weights"]
     with pytest.raises(VindexError, match="layer_00.weights: missing"):
-        vx.expert_file(0)
+        vindex.expert_file(0)
 
 
 def test_cli_slice_and_errors(full, tmp_path, capsys):

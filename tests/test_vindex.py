@@ -29,7 +29,7 @@ def small():
 @pytest.fixture(scope="module")
 def built(small, tmp_path_factory):
     cfg, src = small
-    root = tmp_path_factory.mktemp("vx")
+    root = tmp_path_factory.mktemp("vindex")
     v2 = write_vindex(root / "v2.vindex", cfg, src, quant="f32", progress=False)
     v1 = write_vindex(root / "v1.vindex", cfg, src, quant="f32", progress=False, lyrw_version=1)
     return v1, v2
@@ -53,9 +53,9 @@ def _expert(src, layer, e):
 @pytest.mark.parametrize("version", [1, 2])
 def test_lyrw_versions_read_back(built, small, version):
     cfg, src = small
-    vx = open_vindex(built[version - 1])
+    vindex = open_vindex(built[version - 1])
     for layer in (0, 5):
-        ef = vx.expert_file(layer)
+        ef = vindex.expert_file(layer)
         assert ef.version == version and ef.quant_format == fm.F32
         assert (ef.num_experts, ef.inter, ef.hidden) == (
             cfg.num_experts,
@@ -79,25 +79,26 @@ def test_lyrw_versions_read_back(built, small, version):
 
 def test_zero_copy_views_and_norm_shapes(built, small):
     cfg, src = small
-    vx = open_vindex(built[1])
-    emb = vx.embeddings()
+    vindex = open_vindex(built[1])
+    emb = vindex.embeddings()
     assert not emb.flags.writeable and not emb.flags.owndata
     assert np.array_equal(emb, src.get("embed_tokens.weight"))
-    r = vx.norm("layers.2.router.proj.weight")
+    r = vindex.norm("layers.2.router.proj.weight")
     assert r.shape == (cfg.num_experts, cfg.hidden_size)
-    assert vx.norm("layers.2.layer_scalar").shape == (1,)
-    assert vx.has("layers.5.self_attn.k_norm.weight") and not vx.has("layers.5.self_attn.v_norm.weight")
-    a = vx.attn(5)
+    assert vindex.norm("layers.2.layer_scalar").shape == (1,)
+    assert vindex.has("layers.5.self_attn.k_norm.weight")
+    assert not vindex.has("layers.5.self_attn.v_norm.weight")
+    a = vindex.attn(5)
     assert a.v is None and a.q.rows == cfg.num_heads * cfg.global_head_dim
-    assert vx.eos_ids == cfg.eos_token_ids
+    assert vindex.eos_ids == cfg.eos_token_ids
     with pytest.raises(VindexError, match="no vector"):
-        vx.norm("layers.2.nonexistent.weight")
+        vindex.norm("layers.2.nonexistent.weight")
 
 
 def test_access_hints(built, small):
     cfg, _ = small
-    vx = open_vindex(built[1])
-    ef = vx.expert_file(1)
+    vindex = open_vindex(built[1])
+    ef = vindex.expert_file(1)
     ef.advise_random()
     ef.prefetch([0, 1])
     touched = ef.prefault([2, 3])
@@ -113,13 +114,13 @@ def test_open_with_only_expert_server_files(copy):
     d = copy()
     for name in ("embeddings.bin", "attn_weights.bin", "interleaved.bin"):
         (d / name).unlink()
-    vx = open_vindex(d)
-    assert vx.expert_file(0).num_experts == 8
-    assert vx.norm("layers.0.pre_feedforward_layernorm_2.weight").shape == (64,)
+    vindex = open_vindex(d)
+    assert vindex.expert_file(0).num_experts == 8
+    assert vindex.norm("layers.0.pre_feedforward_layernorm_2.weight").shape == (64,)
     with pytest.raises(VindexError, match="embeddings.bin"):
-        vx.embeddings()
+        vindex.embeddings()
     with pytest.raises(VindexError, match="attn_weights.bin"):
-        vx.attn(0).q.data.sum()
+        vindex.attn(0).q.data.sum()
 
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
@@ -163,9 +164,9 @@ def test_malformed_layer_file(copy, case, match):
         _patch(p, 20, struct.pack("<I", 65))
     elif case == "unknown_fmt":
         _patch(p, 8, struct.pack("<I", 99))
-    vx = open_vindex(d)  # layer files are validated when first used
+    vindex = open_vindex(d)  # layer files are validated when first used
     with pytest.raises(VindexError, match=match) as ei:
-        vx.expert_file(2)
+        vindex.expert_file(2)
     assert "layer_02.weights" in str(ei.value)
     assert verify(d, progress=False)  # and verify reports it
 
@@ -223,11 +224,11 @@ def test_truncated_embeddings_and_missing_layer(copy):
     with open(d / "embeddings.bin", "r+b") as f:
         f.truncate(1000)
     (d / fm.layer_file(4)).unlink()
-    vx = open_vindex(d)
+    vindex = open_vindex(d)
     with pytest.raises(VindexError, match="embeddings.bin: 1000 bytes"):
-        vx.embeddings()
+        vindex.embeddings()
     with pytest.raises(VindexError, match="layer_04.weights: missing"):
-        vx.expert_file(4)
+        vindex.expert_file(4)
     problems = verify(d, progress=False)
     assert any("embeddings.bin: sha256" in p for p in problems)
     assert any("layer_04.weights: missing" in p for p in problems)
@@ -308,15 +309,15 @@ def test_reference_style_vindex_opens(small, tmp_path):
         }
     )
     (d / "weight_manifest.json").write_text(json.dumps(wm))
-    vx = open_vindex(d)
-    assert vx.layers_present == list(range(cfg.num_layers))  # discovered from layers/
-    assert vx.experts_present == list(range(cfg.num_experts))
-    assert vx.expert_file(0).version == 1 and vx.expert_file(0).entry(0).gate_up_off == 24 + 32 * 8
-    fp = vx.expert_fingerprint()
+    vindex = open_vindex(d)
+    assert vindex.layers_present == list(range(cfg.num_layers))  # discovered from layers/
+    assert vindex.experts_present == list(range(cfg.num_experts))
+    assert vindex.expert_file(0).version == 1 and vindex.expert_file(0).entry(0).gate_up_off == 24 + 32 * 8
+    fp = vindex.expert_fingerprint()
     assert len(fp) == 64 and fp == open_vindex(d).expert_fingerprint()
-    assert vx.attn(5).v is None and vx.attn(0).v.fmt == fm.Q6_K
-    assert np.array_equal(vx.norm("layers.1.router.scale"), src.get("layers.1.router.scale"))
-    head = vx.lm_head()
+    assert vindex.attn(5).v is None and vindex.attn(0).v.fmt == fm.Q6_K
+    assert np.array_equal(vindex.norm("layers.1.router.scale"), src.get("layers.1.router.scale"))
+    head = vindex.lm_head()
     assert head is not None and head.fmt == fm.Q4_K and head.rows == cfg.vocab_size
     with pytest.raises(VindexError, match="no checksums"):
         verify(d, progress=False)
@@ -345,9 +346,9 @@ def test_kquant_named_vindex_opens(small, tmp_path):
     idx["quant"] = "kquant"
     (renamed / "index.json").write_text(json.dumps(idx))
 
-    vx = open_vindex(renamed)
-    assert vx.quant == "q4k"
-    got_attn, got_dense = vx.attn(0), vx.dense_mlp(5)
+    vindex = open_vindex(renamed)
+    assert vindex.quant == "q4k"
+    got_attn, got_dense = vindex.attn(0), vindex.dense_mlp(5)
     for p in "qkvo":
         assert np.array_equal(getattr(got_attn, p).data, getattr(want_attn, p).data), p
     for p in ("gate", "up", "down"):

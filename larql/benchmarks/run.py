@@ -145,14 +145,14 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         kernels.set_num_threads(args.threads)
     path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth-run", args.lm_head)
-    vx = open_vindex(path)
-    cfg = vx.config
-    model = models.load(vx, dispatch=args.dispatch)
+    vindex = open_vindex(path)
+    cfg = vindex.config
+    model = models.load(vindex, dispatch=args.dispatch)
     rng = np.random.default_rng(0)
     prompt = [cfg.bos_token_id, *rng.integers(4, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
     n_full = sum(cfg.is_full(i) for i in range(cfg.num_layers))
     print(f"larql bench run: {cfg.num_layers} layers ({n_full} full), hidden {cfg.hidden_size}, "
-          f"{cfg.num_experts} experts top-{cfg.top_k}, vocab {cfg.vocab_size}, quant {vx.quant}, "
+          f"{cfg.num_experts} experts top-{cfg.top_k}, vocab {cfg.vocab_size}, quant {vindex.quant}, "
           f"isa {kernels.isa()}, {kernels.num_threads()} threads, dispatch {args.dispatch}")
 
     # Prefill: one batched pass vs one token at a time (fresh caches). A warm-up pass over the

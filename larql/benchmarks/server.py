@@ -131,18 +131,18 @@ def raw_echo():
     return ping, stop
 
 
-def bench_rtt(args, path: Path, vx) -> None:
+def bench_rtt(args, path: Path, vindex) -> None:
     from ..client import connect_shards
     from ..experts import LocalExperts
 
-    cfg = vx.config
+    cfg = vindex.config
     works = random_work(cfg, 64)
-    local = LocalExperts(vx)
+    local = LocalExperts(vindex)
     for layer in range(cfg.num_layers):   # page the experts in, as the server's --warmup does
-        vx.expert_file(layer).prefault()
+        vindex.expert_file(layer).prefault()
     servers, spec = start_servers(path, [(0, cfg.num_experts - 1)], args.threads, path.parent)
     try:
-        rx = connect_shards(spec, vx)
+        rx = connect_shards(spec, vindex)
         try:
             conn = rx.client.shards[0].replicas[0].conn
 
@@ -175,18 +175,19 @@ def bench_rtt(args, path: Path, vx) -> None:
           f"p50 {stats['compute_p50_us']:.0f} us")
 
 
-def bench_throughput(args, path: Path, vx) -> None:
+def bench_throughput(args, path: Path, vindex) -> None:
     from ..client import AsyncExpertClient, ModelIdentity
     from ..shardmap import parse_shards
     from ..transport import new_event_loop
 
-    cfg = vx.config
+    cfg = vindex.config
     works = random_work(cfg, 256, seed=1)
     servers, spec = start_servers(path, [(0, cfg.num_experts - 1)], args.threads, path.parent)
 
     async def run(conns: int, seconds: float) -> tuple[int, dict]:
-        clients = [await AsyncExpertClient(parse_shards(spec, cfg.num_experts), ModelIdentity.from_vindex(vx))
-                   .connect() for _ in range(conns)]
+        identity = ModelIdentity.from_vindex(vindex)
+        clients = [await AsyncExpertClient(parse_shards(spec, cfg.num_experts), identity).connect()
+                   for _ in range(conns)]
         before = (await clients[0].stats())[0]
         done = 0
         stop = time.perf_counter() + seconds
@@ -223,23 +224,23 @@ def bench_throughput(args, path: Path, vx) -> None:
     print(f"ratio: {rk / r1:.2f}x")
 
 
-def bench_e2e(args, path: Path, vx) -> None:
+def bench_e2e(args, path: Path, vindex) -> None:
     from .. import models
     from ..client import connect_shards
 
-    cfg = vx.config
+    cfg = vindex.config
     rng = np.random.default_rng(3)
     prompt = [cfg.bos_token_id, *rng.integers(3, cfg.vocab_size, args.prompt_tokens - 1).tolist()]
     for layer in range(cfg.num_layers):
-        vx.expert_file(layer).prefault()
+        vindex.expert_file(layer).prefault()
     half = cfg.num_experts // 2
     servers, spec = start_servers(path, [(0, half - 1), (half, cfg.num_experts - 1)], args.threads,
                                   path.parent)
     try:
-        rx = connect_shards(spec, vx)
+        rx = connect_shards(spec, vindex)
         try:
-            runs = {"local": models.load(vx), "exact": models.load(vx, experts=rx),
-                    "batch": models.load(vx, experts=rx, dispatch="batch")}
+            runs = {"local": models.load(vindex), "exact": models.load(vindex, experts=rx),
+                    "batch": models.load(vindex, experts=rx, dispatch="batch")}
             caches = {k: m.new_cache() for k, m in runs.items()}
             prefill, trips, tok = {}, {}, {}
             for k, m in runs.items():
@@ -291,12 +292,12 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         kernels.set_num_threads(args.threads)
     path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth", args.lm_head)
-    vx = open_vindex(path)
+    vindex = open_vindex(path)
     print(f"synthetic vindex {path}: kernels {kernels.isa()} x{kernels.num_threads()} threads")
     if args.what in ("all", "rtt"):
-        bench_rtt(args, path, vx)
+        bench_rtt(args, path, vindex)
     if args.what in ("all", "throughput"):
-        bench_throughput(args, path, vx)
+        bench_throughput(args, path, vindex)
     if args.what in ("all", "e2e"):
-        bench_e2e(args, path, vx)
+        bench_e2e(args, path, vindex)
     return 0

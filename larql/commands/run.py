@@ -69,15 +69,15 @@ def main(args: argparse.Namespace) -> int:
         kernels.set_num_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    vx = open_vindex(args.vindex)
-    tok = TextTokenizer.from_vindex(vx)
+    vindex = open_vindex(args.vindex)
+    tok = TextTokenizer.from_vindex(vindex)
     ids = tok.encode_chat(prompt) if args.chat else tok.encode(prompt)
     experts = None
     if args.moe_shards:
         from ..client import connect_shards  # only needed (and imported) for remote experts
 
-        experts = connect_shards(args.moe_shards, vx, timeout=args.timeout)
-    model = models.load(vx, experts=experts, dispatch=args.moe_dispatch)
+        experts = connect_shards(args.moe_shards, vindex, timeout=args.timeout)
+    model = models.load(vindex, experts=experts, dispatch=args.moe_dispatch)
     stats = GenerationStats()
     stream = tok.streamer()
     tokens: list[int] = []

@@ -75,14 +75,14 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port} out of range")
     if args.threads:
         kernels.set_num_threads(args.threads)
-    vx = open_vindex(args.vindex)
-    cfg = vx.config
+    vindex = open_vindex(args.vindex)
+    cfg = vindex.config
     experts = ranges.parse(args.experts, cfg.num_experts, "--experts") if args.experts else None
     layers = ranges.parse(args.layers, cfg.num_layers, "--layers") if args.layers else None
-    srv = ExpertServer(vx, experts, layers, workers=args.workers)
+    srv = ExpertServer(vindex, experts, layers, workers=args.workers)
     log.info("vindex %s: %s, hidden %d, %d experts x %d layers; this shard: experts %s, layers %s "
              "(%s of expert weights), kernels %s x%d threads",
-             vx.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
+             vindex.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
              ranges.text(srv.experts), ranges.text(srv.layers), human_bytes(srv.owned_bytes()),
              kernels.isa(), kernels.num_threads())
     if args.warmup:

@@ -122,15 +122,16 @@ def rope_inv_freq(cfg: ModelConfig, layer: int) -> np.ndarray:
     return inv
 
 
-def load_layer(vx, layer: int) -> LayerWeights:
-    cfg: ModelConfig = vx.config
+def load_layer(vindex, layer: int) -> LayerWeights:
+    cfg: ModelConfig = vindex.config
     p = f"layers.{layer}."
-    attn = vx.attn(layer)
-    mlp = vx.dense_mlp(layer)
-    router = np.ascontiguousarray(vx.norm(p + "router.proj.weight"), dtype=np.float32)
+    attn = vindex.attn(layer)
+    mlp = vindex.dense_mlp(layer)
+    router = np.ascontiguousarray(vindex.norm(p + "router.proj.weight"), dtype=np.float32)
     router = router.reshape(cfg.num_experts, cfg.hidden_size)
-    scale = vx.norm(p + "router.scale").astype(np.float32) * np.float32(cfg.hidden_size ** -0.5)
-    layer_scalar = vx.norm(p + "layer_scalar") if vx.has(p + "layer_scalar") else np.ones(1, np.float32)
+    scale = vindex.norm(p + "router.scale").astype(np.float32) * np.float32(cfg.hidden_size ** -0.5)
+    has_scalar = vindex.has(p + "layer_scalar")
+    layer_scalar = vindex.norm(p + "layer_scalar") if has_scalar else np.ones(1, np.float32)
     return LayerWeights(
         index=layer,
         full=cfg.is_full(layer),
@@ -142,15 +143,15 @@ def load_layer(vx, layer: int) -> LayerWeights:
         gate=mlp.gate, up=mlp.up, down=mlp.down,
         router=as_matrix(router),
         router_scale=scale,
-        per_expert_scale=vx.norm(p + "router.per_expert_scale").astype(np.float32),
-        input_norm=vx.norm(p + "input_layernorm.weight"),
-        post_attn_norm=vx.norm(p + "post_attention_layernorm.weight"),
-        q_norm=vx.norm(p + "self_attn.q_norm.weight"),
-        k_norm=vx.norm(p + "self_attn.k_norm.weight"),
-        pre_ffn_norm=vx.norm(p + "pre_feedforward_layernorm.weight"),
-        post_ffn_norm=vx.norm(p + "post_feedforward_layernorm.weight"),
-        post_ffn_norm_1=vx.norm(p + "post_feedforward_layernorm_1.weight"),
-        post_ffn_norm_2=vx.norm(p + "post_feedforward_layernorm_2.weight"),
+        per_expert_scale=vindex.norm(p + "router.per_expert_scale").astype(np.float32),
+        input_norm=vindex.norm(p + "input_layernorm.weight"),
+        post_attn_norm=vindex.norm(p + "post_attention_layernorm.weight"),
+        q_norm=vindex.norm(p + "self_attn.q_norm.weight"),
+        k_norm=vindex.norm(p + "self_attn.k_norm.weight"),
+        pre_ffn_norm=vindex.norm(p + "pre_feedforward_layernorm.weight"),
+        post_ffn_norm=vindex.norm(p + "post_feedforward_layernorm.weight"),
+        post_ffn_norm_1=vindex.norm(p + "post_feedforward_layernorm_1.weight"),
+        post_ffn_norm_2=vindex.norm(p + "post_feedforward_layernorm_2.weight"),
         layer_scalar=np.float32(np.asarray(layer_scalar).reshape(-1)[0]),
     )
 

@@ -2,29 +2,30 @@
 
 Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f32 files).
 
-    vx = open_vindex(path)                 # validates index.json and every manifest (sizes, offsets
+    vindex = open_vindex(path)                 # validates index.json and every manifest (sizes, offsets
                                            # inside their files, shapes vs index.json); maps files
                                            # lazily; LYRW headers/offset tables are validated when a
                                            # layer's ExpertFile is first opened
-    vx.path, vx.index (dict), vx.config (larql.config.ModelConfig), vx.quant ("q4k"|"f16"|"f32"),
-    vx.dtype ("f16"|"f32": the embeddings' dtype), vx.eos_ids (list[int])
-    vx.norm(key) -> np.ndarray f32         # e.g. "layers.3.input_layernorm.weight", "norm.weight",
+    vindex.path, vindex.index (dict), vindex.config (larql.config.ModelConfig),
+    vindex.quant ("q4k"|"f16"|"f32"), vindex.dtype ("f16"|"f32": the embeddings' dtype),
+    vindex.eos_ids (list[int])
+    vindex.norm(key) -> np.ndarray f32         # e.g. "layers.3.input_layernorm.weight", "norm.weight",
                                            # "layers.3.router.proj.weight" (reshaped [E, H]),
                                            # "layers.3.router.scale", "layers.3.router.per_expert_scale",
                                            # "layers.3.layer_scalar" (shape [1]),
                                            # "layers.3.self_attn.q_norm.weight" / "k_norm.weight"
-    vx.has(key) -> bool                    # is that vector in norms.bin
-    vx.embeddings() -> np.ndarray [vocab, hidden] f16 or f32 (zero-copy view)
-    vx.lm_head() -> QMatrix | None          # None = tied to embeddings; else lm_head_q4.bin (Q4_K,
-                                           # q4k default) or lm_head_q6k.bin; vx.lm_head_format
-    vx.attn(layer) -> AttnWeights(q, k, v, o: QMatrix; v is None when k_eq_v on that layer)
-    vx.dense_mlp(layer) -> DenseWeights(gate, up, down: QMatrix)
+    vindex.has(key) -> bool                    # is that vector in norms.bin
+    vindex.embeddings() -> np.ndarray [vocab, hidden] f16 or f32 (zero-copy view)
+    vindex.lm_head() -> QMatrix | None          # None = tied to embeddings; else lm_head_q4.bin (Q4_K,
+                                           # q4k default) or lm_head_q6k.bin; vindex.lm_head_format
+    vindex.attn(layer) -> AttnWeights(q, k, v, o: QMatrix; v is None when k_eq_v on that layer)
+    vindex.dense_mlp(layer) -> DenseWeights(gate, up, down: QMatrix)
         QMatrix.cols is the stored (padded) row length, logical_cols the model's.
-    vx.expert_file(layer) -> ExpertFile     # raises VindexError naming the file if absent
-    vx.layers_present -> list[int]; vx.experts_present -> list[int] (what this slice holds)
-    vx.tokenizer_path -> Path | None; vx.chat_template -> str | None
-    vx.expert_fingerprint() -> str          # equal across every slice/shard of one extraction
-    vx.file_sizes() -> {relative path: bytes}; vx.close()
+    vindex.expert_file(layer) -> ExpertFile     # raises VindexError naming the file if absent
+    vindex.layers_present -> list[int]; vindex.experts_present -> list[int] (what this slice holds)
+    vindex.tokenizer_path -> Path | None; vindex.chat_template -> str | None
+    vindex.expert_fingerprint() -> str          # equal across every slice/shard of one extraction
+    vindex.file_sizes() -> {relative path: bytes}; vindex.close()
 
     ExpertFile: layer, path, version, quant_format, num_experts, inter, hidden, header, buffer (uint8
         view of the whole mmap; offsets are absolute), size,

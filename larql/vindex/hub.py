@@ -78,8 +78,8 @@ def publish(
     from .reader import open_vindex
 
     folder = Path(folder)
-    vx = open_vindex(folder)  # refuse to publish something that does not open
-    vx.close()
+    vindex = open_vindex(folder)  # refuse to publish something that does not open
+    vindex.close()
     if "/" not in repo:
         raise VindexError(f"--repo {repo!r}: expected OWNER/NAME")
     api = HfApi(token=token)

@@ -24,9 +24,9 @@ COMPONENTS = (
 
 
 def info(path: str | os.PathLike) -> dict[str, Any]:
-    vx = open_vindex(path)
-    c = vx.config
-    sizes = vx.file_sizes()
+    vindex = open_vindex(path)
+    c = vindex.config
+    sizes = vindex.file_sizes()
     comp: dict[str, int] = {name: 0 for name, _ in COMPONENTS}
     comp["other"] = 0
     for name, size in sizes.items():
@@ -36,16 +36,16 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
                 break
         else:
             comp["other"] += size
-    formats: dict[str, Any] = {"embeddings": vx.dtype, "lm_head": vx.lm_head_format, "norms": "f32"}
-    for label, table in (("attention", vx._attn), ("dense_mlp", vx._dense)):
+    formats: dict[str, Any] = {"embeddings": vindex.dtype, "lm_head": vindex.lm_head_format, "norms": "f32"}
+    for label, table in (("attention", vindex._attn), ("dense_mlp", vindex._dense)):
         fs = sorted({fm.FORMAT_NAMES[e.fmt] for e in table.values()})
         if fs:
             formats[label] = fs
     expert_fmts: set[str] = set()
     lyrw_versions: set[int] = set()
-    for layer in vx.layers_present[:1] + vx.layers_present[-1:]:
+    for layer in vindex.layers_present[:1] + vindex.layers_present[-1:]:
         try:
-            ef = vx.expert_file(layer)
+            ef = vindex.expert_file(layer)
         except VindexError:
             continue
         lyrw_versions.add(ef.version)
@@ -55,11 +55,11 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     if expert_fmts:
         formats["experts"] = sorted(expert_fmts)
     return {
-        "path": str(vx.path),
-        "model": vx.index.get("model"),
-        "family": vx.index.get("family"),
+        "path": str(vindex.path),
+        "model": vindex.index.get("model"),
+        "family": vindex.index.get("family"),
         "architecture": c.model_type,
-        "quant": vx.quant,
+        "quant": vindex.quant,
         "num_layers": c.num_layers,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -68,16 +68,16 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         "top_k": c.top_k,
         "moe_intermediate_size": c.moe_intermediate_size,
         "layer_types": c.layer_types,
-        "lm_head": vx.lm_head_format,
-        "layers_present": ranges.text(vx.layers_present),
-        "experts_present": ranges.text(vx.experts_present),
+        "lm_head": vindex.lm_head_format,
+        "layers_present": ranges.text(vindex.layers_present),
+        "experts_present": ranges.text(vindex.experts_present),
         "lyrw_versions": sorted(lyrw_versions),
         "formats": formats,
         "bytes": {k: v for k, v in comp.items() if v},
         "total_bytes": sum(sizes.values()),
-        "slice": vx.index.get("slice"),
-        "expert_fingerprint": vx.expert_fingerprint(),
-        "has_checksums": bool(vx.index.get("checksums")),
+        "slice": vindex.index.get("slice"),
+        "expert_fingerprint": vindex.expert_fingerprint(),
+        "has_checksums": bool(vindex.index.get("checksums")),
     }
 
 
@@ -142,10 +142,10 @@ def verify(path: str | os.PathLike, progress: bool = True) -> list[str]:
             bar.close()
     # Opening validates structure too (manifests, sizes, every layer file's offset table).
     try:
-        vx = open_vindex(root)
-        for layer in vx.layers_present:
-            vx.expert_file(layer)
-        vx.close()
+        vindex = open_vindex(root)
+        for layer in vindex.layers_present:
+            vindex.expert_file(layer)
+        vindex.close()
     except VindexError as e:
         problems.append(str(e))
     return problems

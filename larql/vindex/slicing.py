@@ -125,19 +125,19 @@ def slice_vindex(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    vx = open_vindex(src)
-    c = vx.config
+    vindex = open_vindex(src)
+    c = vindex.config
     src, dst = Path(src), Path(dst)
     groups = preset_groups(preset)
     want_e = (
         fm.parse_ranges(experts, c.num_experts, "--experts") if isinstance(experts, str | None) else experts
     )
     want_l = fm.parse_ranges(layers, c.num_layers, "--layers") if isinstance(layers, str | None) else layers
-    have_e = vx.experts_present if want_e is None else want_e
-    have_l = vx.layers_present if want_l is None else want_l
+    have_e = vindex.experts_present if want_e is None else want_e
+    have_l = vindex.layers_present if want_l is None else want_l
     if "layers" in groups:
-        missing_e = sorted(set(have_e) - set(vx.experts_present))
-        missing_l = sorted(set(have_l) - set(vx.layers_present))
+        missing_e = sorted(set(have_e) - set(vindex.experts_present))
+        missing_l = sorted(set(have_l) - set(vindex.layers_present))
         if missing_e or missing_l:
             raise VindexError(
                 f"{src}: does not hold "
@@ -154,15 +154,15 @@ def slice_vindex(
         have_e, have_l = [], []
     if dst.exists() and not overwrite:
         raise VindexError(f"{dst}: already exists (pass --force to replace it)")
-    names = [n for n in vx.file_sizes() if n != fm.INDEX_JSON]
+    names = [n for n in vindex.file_sizes() if n != fm.INDEX_JSON]
     chosen = [
         n
         for n in select_files(names, preset)
         if not GROUPS["layers"](n) or n in {fm.layer_file(x) for x in have_l}
     ]
-    rewrite = want_e is not None and sorted(want_e) != vx.experts_present
-    sums_src: dict[str, str] = dict(vx.index.get("checksums") or {})
-    sizes = vx.file_sizes()
+    rewrite = want_e is not None and sorted(want_e) != vindex.experts_present
+    sums_src: dict[str, str] = dict(vindex.index.get("checksums") or {})
+    sizes = vindex.file_sizes()
     total = sum(sizes[n] for n in chosen)
     bar = None
     if progress:
@@ -177,16 +177,16 @@ def slice_vindex(
         for n in chosen:
             if GROUPS["layers"](n) and rewrite:
                 layer = int(n[len(fm.LAYERS_DIR) + 7 : -8])
-                sums[n] = _rewrite_layer(vx.expert_file(layer), have_e, tmp / n, bar)
+                sums[n] = _rewrite_layer(vindex.expert_file(layer), have_e, tmp / n, bar)
             else:
                 _copy(src / n, tmp / n, bar)
                 if n in sums_src:
                     sums[n] = sums_src[n]
-        index = dict(vx.index)
+        index = dict(vindex.index)
         index["checksums"] = sums
         index["layers_present"] = list(have_l)
         index["experts_present"] = list(have_e)
-        index["expert_fingerprint"] = vx.expert_fingerprint()
+        index["expert_fingerprint"] = vindex.expert_fingerprint()
         index["slice"] = {
             "preset": ALIASES.get(preset, preset),
             "experts": ranges.text(have_e),
@@ -203,5 +203,5 @@ def slice_vindex(
     finally:
         if bar:
             bar.close()
-        vx.close()
+        vindex.close()
     return dst
