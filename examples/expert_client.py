@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stream_tokens import vindex_and_shards  # noqa: E402
 
 import larql.api as lq  # noqa: E402
 from larql import kernels  # noqa: E402
@@ -47,44 +48,34 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4)
     args = ap.parse_args()
 
-    servers = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path, spec = args.vindex, args.shards
-        if path is None:
-            from stream_tokens import local_demo_servers
+    with vindex_and_shards(args.vindex, args.shards) as (path, spec):
+        vindex = open_vindex(path)
+        cfg = vindex.config
+        h = np.random.default_rng(0).standard_normal((args.tokens, cfg.hidden_size)).astype(np.float32)
+        ids, w = route(vindex, args.layer, h)
 
-            path, spec, servers = local_demo_servers(tmp)
-        try:
-            vindex = open_vindex(path)
-            cfg = vindex.config
-            h = np.random.default_rng(0).standard_normal((args.tokens, cfg.hidden_size)).astype(np.float32)
-            ids, w = route(vindex, args.layer, h)
+        # synchronous: one request per shard, all shards at once, partial sums added
+        with lq.expert_client(spec, vindex) as experts:
+            y = experts.forward(args.layer, h, ids, w)
+        # the caller applies the post-norm to the summed output (a shard never does)
+        post_norm = vindex.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight")
+        moe = kernels.rms_norm(y, post_norm, cfg.rms_norm_eps)
 
-            # synchronous: one request per shard, all shards at once, partial sums added
-            with lq.expert_client(spec, vindex) as experts:
-                y = experts.forward(args.layer, h, ids, w)
-            # the caller applies the post-norm to the summed output (a shard never does)
-            moe = kernels.rms_norm(y, vindex.norm(f"layers.{args.layer}.post_feedforward_layernorm_2.weight"),
-                           cfg.rms_norm_eps)
+        # asyncio: the same call, awaitable
+        async def run():
+            client = await lq.async_expert_client(spec, vindex)
+            try:
+                return await client.forward(args.layer, h, ids, w)
+            finally:
+                await client.close()
 
-            # asyncio: the same call, awaitable
-            async def run():
-                client = await lq.async_expert_client(spec, vindex)
-                try:
-                    return await client.forward(args.layer, h, ids, w)
-                finally:
-                    await client.close()
-
-            y_async = asyncio.run(run())
-            y_local = LocalExperts(vindex).forward(args.layer, h, ids, w)
-            print(f"layer {args.layer}: {args.tokens} tokens x top-{cfg.top_k} of {cfg.num_experts} experts "
-                  f"via {spec}")
-            print(f"  |remote - in-process| max = {np.abs(y - y_local).max():.2e} "
-                  f"(sum order only), async == sync: {np.array_equal(y, y_async)}")
-            print(f"  post-normed MoE output, token 0, first values: {np.round(moe[0, :4], 4)}")
-        finally:
-            for s in servers:
-                s.stop()
+        y_async = asyncio.run(run())
+        y_local = LocalExperts(vindex).forward(args.layer, h, ids, w)
+        print(f"layer {args.layer}: {args.tokens} tokens x top-{cfg.top_k} of {cfg.num_experts} experts "
+              f"via {spec}")
+        print(f"  |remote - in-process| max = {np.abs(y - y_local).max():.2e} "
+              f"(sum order only), async == sync: {np.array_equal(y, y_async)}")
+        print(f"  post-normed MoE output, token 0, first values: {np.round(moe[0, :4], 4)}")
     return 0
 
 

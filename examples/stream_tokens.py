@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +36,21 @@ def local_demo_servers(tmp: str):
     return path, spec, servers
 
 
+@contextlib.contextmanager
+def vindex_and_shards(vindex: str | None, shards: str | None):
+    """(vindex, shards) as given, or with no vindex a random demo model and its two local servers."""
+    if vindex is not None:
+        yield vindex, shards
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path, spec, servers = local_demo_servers(tmp)
+        try:
+            yield path, spec
+        finally:
+            for s in servers:
+                s.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vindex", help="a vindex directory (default: build a random demo model)")
@@ -43,39 +59,31 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
 
-    servers = []
-    with tempfile.TemporaryDirectory() as tmp:
-        vindex, shards = args.vindex, args.shards
-        if vindex is None:
-            vindex, shards, servers = local_demo_servers(tmp)
-        try:
-            # 1. synchronous streaming
-            with lq.load(vindex, shards=shards) as model:
-                print(f"experts: {'remote ' + shards if shards else 'in process'}")
-                print(repr(args.prompt), "->", end=" ", flush=True)
-                for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=0.8, seed=1):
-                    print(repr(piece)[1:-1], end="", flush=True)
-                print()
-                print("sync: ", model.last.stats.summary())
-                sync_ids = model.last.tokens
+    with vindex_and_shards(args.vindex, args.shards) as (vindex, shards):
+        # 1. synchronous streaming
+        with lq.load(vindex, shards=shards) as model:
+            print(f"experts: {'remote ' + shards if shards else 'in process'}")
+            print(repr(args.prompt), "->", end=" ", flush=True)
+            for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=0.8, seed=1):
+                print(repr(piece)[1:-1], end="", flush=True)
+            print()
+            print("sync: ", model.last.stats.summary())
+            sync_ids = model.last.tokens
 
-                # 2. the same from asyncio: generation runs on a worker thread, the loop stays free
-                async def run() -> list[str]:
-                    pieces = []
-                    async for piece in model.astream(args.prompt, max_tokens=args.max_tokens,
-                                                     temperature=0.8, seed=1):
-                        pieces.append(piece)
-                    return pieces
+            # 2. the same from asyncio: generation runs on a worker thread, the loop stays free
+            async def run() -> list[str]:
+                pieces = []
+                async for piece in model.astream(args.prompt, max_tokens=args.max_tokens,
+                                                 temperature=0.8, seed=1):
+                    pieces.append(piece)
+                return pieces
 
-                asyncio.run(run())
-                print("async:", model.last.stats.summary())
-                assert model.last.tokens == sync_ids, "same seed, same tokens"
-                for s in model.server_stats():
-                    print(f"server {s['shard']} at {s['address']}: {s['requests']} requests, "
-                          f"p50 {s['p50_us']:.0f} us")
-        finally:
-            for s in servers:
-                s.stop()
+            asyncio.run(run())
+            print("async:", model.last.stats.summary())
+            assert model.last.tokens == sync_ids, "same seed, same tokens"
+            for s in model.server_stats():
+                print(f"server {s['shard']} at {s['address']}: {s['requests']} requests, "
+                      f"p50 {s['p50_us']:.0f} us")
     return 0
 
 

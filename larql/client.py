@@ -380,6 +380,13 @@ class AsyncExpertClient:
                              f"match hidden={self.identity.hidden}")
         return h, ids, weights
 
+    @staticmethod
+    def _share(sh: _Shard, layer: int, ids: np.ndarray, weights: np.ndarray):
+        """The shard's part of one layer's routing (see split_work), or None if it has none."""
+        if not sh.spec.serves(layer):
+            return None
+        return split_work(ids, weights, sh.spec.first, sh.spec.last)
+
     def _payload(self, layer: int, h: np.ndarray, rows: np.ndarray):
         x = h[rows] if rows.size != h.shape[0] else h
         if self.encoding == "q8k":
@@ -392,9 +399,7 @@ class AsyncExpertClient:
         T, H = h.shape
         jobs, where = [], []
         for si, sh in enumerate(self.shards):
-            if not sh.spec.serves(layer):
-                continue
-            part = split_work(ids, weights, sh.spec.first, sh.spec.last)
+            part = self._share(sh, layer, ids, weights)
             if part is None:
                 continue
             rows, ids_s, w_s = part
@@ -425,9 +430,7 @@ class AsyncExpertClient:
             budget = self._frame_budget(sh)
             items, where, size = [], [], 0
             for wi, (layer, h, ids, w) in enumerate(prepared):
-                if not sh.spec.serves(layer):
-                    continue
-                part = split_work(ids, w, sh.spec.first, sh.spec.last)
+                part = self._share(sh, layer, ids, w)
                 if part is None:
                     continue
                 rows, ids_s, w_s = part

@@ -36,6 +36,18 @@ def vindex(request, tmp_path_factory):
     return open_vindex(path)
 
 
+def read_replies(sock: socket.socket, count: int) -> dict[int, dict]:
+    """Read reply frames from a raw socket until `count` have arrived; keyed by request id."""
+    reader, replies = P.FrameReader(), {}
+    while len(replies) < count:
+        data = sock.recv(1 << 20)
+        assert data, f"connection closed after {len(replies)} of {count} replies"
+        for body in reader.feed(data):
+            rep = P.decode_body(body)
+            replies[rep["id"]] = rep
+    return replies
+
+
 class Shards:
     """Servers for a shard layout; `spec` is the --moe-shards string."""
 
@@ -126,11 +138,7 @@ def test_grouped_requests_read_experts_once_and_stay_exact(vindex):
         burst = b"".join(P.encode_frame({"op": "experts", "id": i + 1, **P.encode_work(0, *wk)})
                          for i, wk in enumerate(works))
         s.sendall(burst)
-        reader, replies = P.FrameReader(), {}
-        while len(replies) < len(works) + 1:
-            for body in reader.feed(s.recv(1 << 20)):
-                rep = P.decode_body(body)
-                replies[rep["id"]] = rep
+        replies = read_replies(s, len(works) + 1)
         s.close()
         for i, (h, ids, w) in enumerate(works):
             y = P.decode_result(P.check_reply(replies[i + 1]), 1, H)
@@ -502,11 +510,7 @@ def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vindex, monk
         s = socket.create_connection((h_.host, h_.port), timeout=10)
         s.sendall(P.encode_frame({"op": "hello", "id": 0, "version": P.PROTOCOL_VERSION}) + b"".join(
             P.encode_frame({"op": "experts", "id": i, **P.encode_work(0, *wk)}) for i, wk in works.items()))
-        reader, reps = P.FrameReader(), {}
-        while len(reps) < len(works) + 1:
-            for body in reader.feed(s.recv(1 << 20)):
-                rep = P.decode_body(body)
-                reps[rep["id"]] = rep
+        reps = read_replies(s, len(works) + 1)
         s.close()
         assert reps[5]["ok"] is False and "injected" in reps[5]["error"]["message"]
         assert max(fused_failures) > 1          # it really was fused with others, then retried alone

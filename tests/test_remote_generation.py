@@ -69,13 +69,18 @@ def ranges_for(num_experts, shards):
     return [(i * n, (i + 1) * n - 1) for i in range(shards)]
 
 
+def start_shards(vindex, ranges):
+    """In-thread expert servers on loopback, one per (first, last) range; (handles, --moe-shards)."""
+    servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
+               for a, b in ranges]
+    return servers, ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
+
+
 @pytest.mark.parametrize("shards", [2, 4])
 def test_remote_generation_matches_in_process(tiny, shards):
     torch_model, vindex = tiny
     ranges = ranges_for(vindex.config.num_experts, shards)
-    servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
-               for a, b in ranges]
-    spec = ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
+    servers, spec = start_shards(vindex, ranges)
     try:
         remote = connect_shards(spec, vindex, timeout=30)
         try:
@@ -105,9 +110,7 @@ def test_remote_generation_matches_in_process(tiny, shards):
 def test_batch_dispatch_is_one_round_trip_per_shard_per_token(tiny):
     _, vindex = tiny
     ranges = ranges_for(vindex.config.num_experts, 2)
-    servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
-               for a, b in ranges]
-    spec = ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
+    servers, spec = start_shards(vindex, ranges)
     try:
         remote = connect_shards(spec, vindex, timeout=30)
         try:

@@ -7,6 +7,7 @@ scripts in bench/ can run the same code without the `larql` command.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 BENCHES = {
@@ -30,6 +31,15 @@ def synthetic_vindex(directory: str | Path, layers: int, vocab: int, prefix: str
         write_synthetic_vindex(path, num_layers=layers, quant="q4k", progress=True, vocab_size=vocab,
                                lm_head=lm_head)
     return path
+
+
+def add_synthetic_vindex_arguments(p, layers: int, vocab_help: str) -> None:
+    """--dir, --layers and --vocab: where and how big the synthetic vindex is."""
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
+                   help="where the synthetic vindex is written (reused between runs)")
+    p.add_argument("--layers", type=int, default=layers,
+                   help=f"layers of the synthetic vindex (default {layers})")
+    p.add_argument("--vocab", type=int, default=262144, help=vocab_help)
 
 
 def add_lm_head_argument(p) -> None:

@@ -21,14 +21,12 @@ Everything is a ratio against a quantity measured in the same run.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
-from . import add_lm_head_argument, synthetic_vindex
+from . import add_lm_head_argument, add_synthetic_vindex_arguments, synthetic_vindex
 
 # larql.kernels' fused vector-glue helpers: timed apart from the matmul/moe kernels.
 VECTOR_KERNELS = ("rms_norm", "norm_rope", "gelu_mul", "add_rms_norm", "ffn_combine", "route_topk",
@@ -41,10 +39,7 @@ LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "route": "router",
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_lm_head_argument(p)
-    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
-                   help="where the synthetic vindex is written (reused between runs)")
-    p.add_argument("--layers", type=int, default=6, help="layers of the synthetic vindex (default 6)")
-    p.add_argument("--vocab", type=int, default=262144, help="vocabulary (default 262144, the real one)")
+    add_synthetic_vindex_arguments(p, 6, "vocabulary (default 262144, the real one)")
     p.add_argument("--tokens", type=int, default=16, help="decode tokens measured (default 16)")
     p.add_argument("--warmup", type=int, default=3, help="decode tokens before measuring (default 3)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")

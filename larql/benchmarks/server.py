@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import add_lm_head_argument, synthetic_vindex
+from . import add_lm_head_argument, add_synthetic_vindex_arguments, synthetic_vindex
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--what", default="all", choices=["all", "rtt", "throughput", "e2e"],
                    help="rtt: one layer's round trip vs in process; throughput: requests/s with many "
                         "connections; e2e: decode tok/s with two shards (default all)")
-    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
-                   help="where the synthetic vindex is written (reused between runs)")
-    p.add_argument("--layers", type=int, default=2, help="layers of the synthetic vindex (default 2)")
-    p.add_argument("--vocab", type=int, default=262144,
-                   help="vocabulary of the synthetic vindex (the LM head is part of e2e decode time)")
+    add_synthetic_vindex_arguments(p, 2, "vocabulary of the synthetic vindex (the LM head is part of e2e "
+                                         "decode time)")
     p.add_argument("--iters", type=int, default=300, help="round trips per rtt measurement")
     p.add_argument("--threads", type=int, default=0,
                    help="kernel threads, in process and in each server (default: all cores)")
