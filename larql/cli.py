@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from .errors import LarqlError
+
 # The C kernels run their own thread pool; a multi-threaded BLAS under numpy would fight it
 # for the same cores on the small products the model leaves to numpy. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except (LarqlError, ValueError, OSError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"larql {args.command}: error: {e}", file=sys.stderr)

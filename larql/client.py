@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__, ranges
 from . import protocol as P
+from .errors import LarqlError
 from .shardmap import ShardSpec, ShardSpecError, parse_shards, split_work
 from .transport import set_nodelay
 
@@ -38,7 +39,7 @@ DEFAULT_TIMEOUT = 60.0        # seconds for one request (a long prefill on a slo
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
-class ShardError(ConnectionError):
+class ShardError(LarqlError, ConnectionError):
     """A shard could not be reached, timed out, or answered something unusable."""
 
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import LarqlError
+
 # Gemma 4 26B A4B: the family defaults a reader falls back on when a field is missing.
 GEMMA4_26B_A4B: dict[str, Any] = {
     "model_type": "gemma4_text",
@@ -39,7 +41,7 @@ GEMMA4_26B_A4B: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(LarqlError, ValueError):
     """A config file is missing a required field or holds an inconsistent value."""
 
 

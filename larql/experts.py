@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from . import kernels, ranges
+from .errors import LarqlError
 
 
 class Experts(Protocol):
@@ -100,5 +101,5 @@ class LocalExperts:
         self._tables.clear()
 
 
-class ExpertOwnershipError(ValueError):
+class ExpertOwnershipError(LarqlError, ValueError):
     """Work named an expert or layer this backend does not hold."""

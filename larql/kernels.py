@@ -18,6 +18,8 @@ import numpy as np
 
 from larql._kernels import ffi, lib
 
+from .errors import LarqlError
+
 F32, F16, BF16, Q4_K, Q6_K, Q8_K = 0, 1, 2, 4, 5, 100
 FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_K: "Q8_K"}
 QK_K = 256
@@ -25,7 +27,7 @@ WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)
 KQUANTS = (Q4_K, Q6_K, Q8_K)
 
 
-class KernelError(ValueError):
+class KernelError(LarqlError, ValueError):
     """A kernel call was given a bad format, shape or expert id."""
 
 

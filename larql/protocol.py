@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from . import ranges
+from .errors import LarqlError
 
 PROTOCOL_VERSION = 1
 
@@ -32,7 +33,7 @@ ENCODINGS = ("f32", "f16", "q8k")
 Q8K_BLOCK = 256
 Q8K_BLOCK_BYTES = 292  # f32 d + 256 int8 + 16 int16 group sums
 
-OPS = ("hello", "info", "health", "experts", "multi", "warmup", "stats")
+OPS = ("auth", "hello", "info", "health", "experts", "multi", "warmup", "stats")
 
 # Error codes in replies: stable strings a client can branch on.
 E_BAD_FRAME = "bad_frame"        # not msgpack, not a map, or oversized
@@ -43,9 +44,10 @@ E_NEED_HELLO = "hello_required"  # compute before the handshake
 E_NOT_OWNED = "not_owned"        # an expert or layer this shard does not hold
 E_INTERNAL = "internal"          # the server failed (a bug); the request did nothing
 E_SHUTDOWN = "shutting_down"
+E_UNAUTHORIZED = "unauthorized"  # no or wrong API key: the connection is closed after this reply
 
 
-class ProtocolError(ValueError):
+class ProtocolError(LarqlError, ValueError):
     """A frame or field was malformed. `code` is one of the E_* strings."""
 
     def __init__(self, message: str, code: str = E_BAD_REQUEST) -> None:
@@ -53,7 +55,7 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-class RemoteError(RuntimeError):
+class RemoteError(LarqlError, RuntimeError):
     """The peer answered a request with an error reply."""
 
     def __init__(self, code: str, message: str, where: str = "") -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import LarqlError
 
-class RangeError(ValueError):
+
+class RangeError(LarqlError, ValueError):
     """A range text is malformed or names ids outside the allowed 0..limit-1."""
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ranges
+from .errors import LarqlError
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(LarqlError, ValueError):
     """A --moe-shards map is malformed, has gaps or overlaps, or names experts out of range."""
 
 

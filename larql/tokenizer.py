@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from .errors import LarqlError
+
 # Gemma's special ids: the byte tokens follow them.
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -26,7 +28,7 @@ END_OF_TURN_TOKENS = ("<turn|>", "<end_of_turn>")
 GEMMA4_CHAT_FALLBACK = "{bos}<|turn>user\n{prompt}<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LarqlError, ValueError):
     """The tokenizer file or chat template could not be used."""
 
 

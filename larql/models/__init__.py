@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import LarqlError
+
 # model_type -> (module under larql.models, class). Gemma 4's text checkpoints say
 # "gemma4_text"; the multimodal wrapper's top-level config says "gemma4".
 MODEL_CLASSES: dict[str, tuple[str, str]] = {
@@ -19,7 +21,7 @@ MODEL_CLASSES: dict[str, tuple[str, str]] = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(LarqlError, ValueError):
     """The vindex holds a model type no class here implements."""
 
 

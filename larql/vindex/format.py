@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import ranges
+from ..errors import LarqlError
 
 PAGE = 4096
 
@@ -94,7 +95,7 @@ LYRW_ROW_V1 = struct.Struct("<4Q")  # gate_up_off, gate_up_len, down_off, down_l
 LYRW_ROW_V2 = struct.Struct("<2I4Q")  # gate_up_fmt, down_fmt, then as v1
 
 
-class VindexError(ValueError):
+class VindexError(LarqlError, ValueError):
     """A vindex (or a source checkpoint) is malformed or incomplete; names the file and field."""
 
 
