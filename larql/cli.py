@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "larql.vindex.commands",   # extract, slice, pull, publish, info, verify
     "larql.run",               # run
     "larql.server_cli",        # serve, demo
+    "larql.chat_cli",          # chat, api-server
     "larql.benchmarks",        # bench kernels|run|server|extract
 ]
 
