@@ -167,10 +167,10 @@ class ChatSession:
                      "cached_tokens": len(self.cache)}
         if self.turns:
             t = self.turns[-1]
-            out["last_turn"] = {"fed_tokens": t.fed_tokens, "generated_tokens": len(t.tokens),
-                                "finish_reason": t.finish_reason, "reread": t.reread,
-                                "round_trips": t.round_trips, "prefill_round_trips": t.prefill_round_trips,
-                                "seconds": round(t.seconds, 3), **t.stats.as_dict()}
+            out["last_turn"] = {**t.stats.as_dict(), "fed_tokens": t.fed_tokens,
+                                "generated_tokens": len(t.tokens), "finish_reason": t.finish_reason,
+                                "reread": t.reread, "round_trips": t.round_trips,
+                                "prefill_round_trips": t.prefill_round_trips, "seconds": round(t.seconds, 3)}
             gen = sum(len(x.tokens) for x in self.turns)
             secs = sum(x.seconds for x in self.turns)
             out["total"] = {"fed_tokens": sum(x.fed_tokens for x in self.turns), "generated_tokens": gen,
