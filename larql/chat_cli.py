@@ -253,6 +253,24 @@ def read_api_key(path: str | None) -> str | None:
     return os.environ.get("LARQL_API_KEY", "").strip() or None
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def api_server_main(args: argparse.Namespace) -> int:
     _check_model_args(args)
     if not 0 <= args.port <= 65535:
@@ -267,6 +285,7 @@ def api_server_main(args: argparse.Namespace) -> int:
     import asyncio
 
     key = read_api_key(args.api_key_file)
+    _check_port_free(args.host, args.port)   # before loading the model: minutes on a real one
     model = _load(args)
     name = args.model_name or model.vindex.index.get("model") or model.vindex.path.name
     app = http_api.create_app(model, model_name=name, api_key=key, max_queue=args.max_queue,

@@ -241,7 +241,7 @@ def parse_completion_request(body, tokenizer, model_name: str,
 
 
 class StopMatcher:
-    """Cuts streamed text at the first stop string. `feed(piece)` returns (text that is final,
+    """Cuts streamed text at the first stop string to be complete. `feed(piece)` returns (text that is final,
     whether a stop string was found); text that could be the start of a stop string is held
     back until the next piece decides it; `flush()` releases it at the end."""
 
@@ -254,10 +254,11 @@ class StopMatcher:
         if not self.stops:
             self.held = ""
             return text, False
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # The stop string that is complete first (the earliest end; the longest at one end).
+        hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[:min(hits)], True
+            return text[:min(hits)[1]], True
         keep = 0
         for s in self.stops:   # the longest tail of text that begins some stop string
             for n in range(min(len(s) - 1, len(text)), keep, -1):
