@@ -15,7 +15,10 @@ A new user turn appends the text the chat template puts between the model's last
 next answer ("<turn|>\\n<|turn>user\\n...<|turn>model\\n..." for Gemma 4), and feeds the
 transcript's tokens the cache does not hold yet: that text, plus the last answer's final token
 (`generate` yields it before running it). So the cache always equals a fresh prefill of the
-transcript, and a turn costs a prefill of its own tokens only.
+transcript, and a turn costs a prefill of its own tokens only. The transcript holds answers as
+they were generated, where re-rendering the conversation would rewrite them (Gemma 4's template
+drops a model turn's thoughts); a template whose earlier text changes as the conversation grows
+makes the turn re-read the whole re-rendered conversation instead (`Turn.reread`).
 
 Stopping an answer early (`stop` event, set by the CLI on Ctrl-C) ends it at the next token
 boundary: the tokens generated so far stay in the transcript and the history, as if the answer

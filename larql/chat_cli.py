@@ -253,6 +253,15 @@ def read_api_key(path: str | None) -> str | None:
     return os.environ.get("LARQL_API_KEY", "").strip() or None
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -297,6 +306,10 @@ def api_server_main(args: argparse.Namespace) -> int:
         host = f"[{host}]" if ":" in host else host
         print(f"larql api-server: serving {name!r} on http://{host}:{port}/v1 "
               f"({'bearer key required' if key else 'no key'}); Ctrl-C stops", file=sys.stderr, flush=True)
+        if not key and not _is_loopback(host.strip("[]")):
+            print("larql api-server: warning: no API key and not on loopback: anyone who can reach "
+                  "this port can use the model (--api-key-file or LARQL_API_KEY)",
+                  file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 pytest.importorskip("aiohttp", reason="the api extra (in the test extra) installs aiohttp")
 
-from larql.demo import build_demo_vindex, demo_config, free_port  # noqa: E402
+from larql.demo import ServerProcess, build_demo_vindex, demo_config, free_port  # noqa: E402
 from larql.http_api import StopMatcher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,6 +318,35 @@ def test_without_a_key_and_with_the_env_key(vindex_path, tmp_path):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
     finally:
         assert srv.stop() == 0
+
+
+def test_remote_experts_and_a_shard_that_dies(vindex_path, tmp_path):
+    shards = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
+              for i, rng in enumerate(("0-3", "4-7"))]
+    srv = None
+    try:
+        for s in shards:
+            s.wait_ready()
+        spec = f"0-3=127.0.0.1:{shards[0].port},4-7=127.0.0.1:{shards[1].port}"
+        srv = APIServer(vindex_path, tmp_path / "api.log", "--moe-shards", spec, "-n", str(N))
+        srv.wait_ready()
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        want = larql_run(vindex_path, "Hello", "-n", N)       # experts in process
+        assert client.completions.create(model=name, prompt="Hello").choices[0].text == want["text"]
+        shards[1].stop()
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model=name, prompt="Hello")
+        assert err.value.status_code == 503 and err.value.body["code"] == "experts_unavailable"
+        assert "4-7" in err.value.body["message"]
+        with pytest.raises(openai.APIError, match="4-7"):     # reported inside the event stream
+            list(client.completions.create(model=name, prompt="Hello", stream=True))
+        assert health(srv)["status"] == "ok"
+    finally:
+        if srv is not None:
+            assert srv.stop() == 0
+        for s in shards:
+            s.stop()
 
 
 def test_without_aiohttp_the_command_says_how_to_install_it(vindex_path, tmp_path):
