@@ -12,7 +12,6 @@ import json
 import os
 import pty
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -276,13 +275,21 @@ def _read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
     return buf
 
 
+# Runs in a new session on the pseudo-terminal: takes it as the controlling terminal (so ^C
+# becomes SIGINT for the chat) and becomes the chat. A fresh interpreter does this rather than
+# pty.fork(): forking this multi-threaded test process can hang the child before its exec.
+ON_TERMINAL = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_leaves(vindex_path):
     """A real pseudo-terminal: the line discipline turns ^C into SIGINT, ^D into end of input."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "dumb"}
-    pid, fd = pty.fork()
-    if pid == 0:   # the child: the chat, on the terminal
-        os.execvpe(sys.executable, [sys.executable, "-m", "larql", "chat", str(vindex_path),
-                                    "-n", "1000000"], env)
+    fd, tty = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", ON_TERMINAL, sys.executable, "-m", "larql", "chat",
+                             str(vindex_path), "-n", "1000000"], stdin=tty, stdout=tty, stderr=tty, env=env,
+                            start_new_session=True)
+    os.close(tty)
     try:
         _read_until(fd, b"> ")
         os.write(fd, b"Hello there\r")
@@ -298,19 +305,15 @@ def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_leaves(vindex_pat
         assert 0 < stats["last_turn"]["generated_tokens"] < 1000000
         os.write(fd, b"\x04")
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
                 if select.select([fd], [], [], 0.2)[0]:
                     os.read(fd, 65536)
             except OSError:
                 pass
-        assert done and os.waitstatus_to_exitcode(status) == 0
-        pid = 0
+        assert proc.wait(5) == 0
     finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         os.close(fd)
