@@ -179,7 +179,11 @@ class ChatSession:
             out["total"] = {"fed_tokens": sum(x.fed_tokens for x in self.turns), "generated_tokens": gen,
                             "seconds": round(secs, 3), "tok_s": round(gen / secs, 3) if secs else 0.0,
                             "round_trips": sum(x.round_trips for x in self.turns)}
-        servers = self.model.server_stats()
-        if servers:
-            out["servers"] = servers
+        try:
+            servers = self.model.server_stats()
+        except (ConnectionError, RuntimeError) as e:    # a shard that went away (ShardError, RemoteError)
+            out["servers_error"] = str(e)
+        else:
+            if servers:
+                out["servers"] = servers
         return out

@@ -135,6 +135,8 @@ def format_stats(stats: dict) -> str:
         out.append(f"session: {tot['generated_tokens']} tokens generated in {tot['seconds']:.2f} s "
                    f"({tot['tok_s']:.2f} tok/s overall), {tot['fed_tokens']} fed, "
                    f"{tot['round_trips']} expert round trips")
+    if err := stats.get("servers_error"):
+        out.append(f"  expert servers: {err}")
     for s in stats.get("servers", []):
         out.append(f"  shard {s['shard']} at {s['address']}: {s.get('requests', 0)} requests, latency "
                    f"p50 {s.get('p50_us', 0) / 1e3:.2f} ms, p99 {s.get('p99_us', 0) / 1e3:.2f} ms "
@@ -155,9 +157,11 @@ def _answer(session, text: str, out) -> None:
             raise KeyboardInterrupt
         stop.set()
 
+    turns = len(session.turns)
+    answer = session.send(text, stop=stop)
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        for piece in session.send(text, stop=stop):
+        for piece in answer:
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -165,7 +169,12 @@ def _answer(session, text: str, out) -> None:
         if session.turns[-1].finish_reason == "interrupted":
             print("[stopped; the answer so far stays in the chat]", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\n[aborted: this turn is dropped; the next one re-reads the chat]", file=sys.stderr)
+        answer.close()    # interrupted between steps, the turn is kept; inside one, it is dropped
+        if len(session.turns) > turns:
+            print("\n[stopped; the answer so far stays in the chat]", file=sys.stderr)
+        else:
+            print("\n[aborted mid-step: this turn is dropped; the next one re-reads the chat]",
+                  file=sys.stderr)
     except (ShardError, RemoteError) as e:
         print(f"\n[expert servers failed, turn dropped: {e}]", file=sys.stderr)
     finally:

@@ -157,7 +157,7 @@ def _common(body: dict, model_name: str, default_max_tokens: int, max_keys: tupl
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=_integer(body, "top_k", 0, lo=0),
-        seed=_integer(body, "seed", None),
+        seed=_integer(body, "seed", None, lo=0),
         stop=_stop_strings(body),
         stream=stream, include_usage=stream and include_usage,
     )
@@ -535,7 +535,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
     app.add_routes([
         web.get("/health", api.health),
         web.get("/v1/models", api.models),
-        web.get("/v1/models/{name}", api.model),
+        web.get("/v1/models/{name:.+}", api.model),    # ids may hold a slash (org/model)
         web.post("/v1/chat/completions", api.chat_completions),
         web.post("/v1/completions", api.completions),
     ])

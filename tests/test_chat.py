@@ -256,28 +256,35 @@ def test_chat_with_remote_experts_reports_shard_latencies(model, vindex_path, tm
     assert "shard 0-3 at 127.0.0.1:" in out.stdout and "p50" in out.stdout
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no {needle!r} within {timeout:g}s; got {buf[-2000:]!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise AssertionError(f"the chat exited before {needle!r}; got {buf[-2000:]!r}")
-            buf += chunk
-    return buf
+class TerminalReader:
+    """Reads a pseudo-terminal's output; `expect(needle)` returns everything up to and
+    including the needle and keeps what came after it for the next call."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, b""
+
+    def expect(self, needle: bytes, timeout: float = 60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while needle not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {needle!r} within {timeout:g}s; got {self.buf[-2000:]!r}")
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"the chat exited before {needle!r}; got {self.buf[-2000:]!r}")
+                self.buf += chunk
+        end = self.buf.index(needle) + len(needle)
+        out, self.buf = self.buf[:end], self.buf[end:]
+        return out
 
 
 # Runs in a new session on the pseudo-terminal: takes it as the controlling terminal (so ^C
 # becomes SIGINT for the chat) and becomes the chat. A fresh interpreter does this rather than
-# pty.fork(): forking this multi-threaded test process can hang the child before its exec.
+# pty.fork(), which would fork this multi-threaded test process and run Python in the child.
 ON_TERMINAL = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
                "os.execv(sys.argv[1], sys.argv[1:])")
 
@@ -290,16 +297,17 @@ def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_leaves(vindex_pat
                              str(vindex_path), "-n", "1000000"], stdin=tty, stdout=tty, stderr=tty, env=env,
                             start_new_session=True)
     os.close(tty)
+    term = TerminalReader(fd)
     try:
-        _read_until(fd, b"> ")
+        term.expect(b"> ")
         os.write(fd, b"Hello there\r")
-        _read_until(fd, b"Hello there\r\n")
+        term.expect(b"Hello there\r\n")
         time.sleep(0.5)             # the answer is streaming (a million tokens take minutes)
         os.write(fd, b"\x03")
-        _read_until(fd, b"[stopped")
-        _read_until(fd, b"> ")
+        term.expect(b"[stopped")
+        term.expect(b"> ")
         os.write(fd, b"/stats json\r")
-        out = _read_until(fd, b"> ").decode(errors="replace")
+        out = term.expect(b"> ").decode(errors="replace")
         stats = json.loads(next(ln for ln in out.splitlines() if ln.startswith('{"turns"')))
         assert stats["turns"] == 1 and stats["last_turn"]["finish_reason"] == "interrupted"
         assert 0 < stats["last_turn"]["generated_tokens"] < 1000000

@@ -203,6 +203,7 @@ def test_stop_strings_end_the_answer_and_are_stripped(client):
     (dict(max_tokens=0), "max_tokens"),
     (dict(top_p=0), "top_p"),
     (dict(stop=[1]), "stop"),
+    (dict(seed=-1), "seed"),
     (dict(frequency_penalty=1.0), "frequency_penalty"),
     (dict(logprobs=True), "logprobs"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
