@@ -21,7 +21,7 @@ Ctrl-C stops the answer being written; a line ending in \\ continues on the next
 start a message with // to send one that begins with /."""
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
     p.add_argument("vindex", help="path to a vindex directory")
     p.add_argument("--moe-shards", default=None, metavar="SPEC",
                    help='remote experts, e.g. "0-63=HOST:PORT,64-127=HOST:PORT" (default: in process)')
@@ -32,20 +32,19 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="per-request timeout for --moe-shards (default 30)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
-    p.add_argument("--max-tokens", "-n", type=int, default=512, metavar="N",
-                   help="tokens per answer at most (default 512)")
+    p.add_argument("--max-tokens", "-n", type=int, default=512, metavar="N", help=max_tokens_help)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "chat", help="chat with a vindex in the terminal (multi-turn, streaming)",
-        description="Interactive chat using the vindex's chat template. Earlier turns stay in the KV "
-                    "cache, so each turn only runs its own new tokens. Reads one message per line "
-                    "when stdin is not a terminal.",
+        description="Interactive chat using the vindex's chat template. Earlier turns stay in the\n"
+                    "KV cache, so each turn only runs its own new tokens. Reads one message per\n"
+                    "line when stdin is not a terminal.",
         epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_options(p)
+    _model_options(p, "tokens per answer at most (default 512)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     p.add_argument("--temperature", "-t", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default)")
@@ -63,7 +62,7 @@ def add_commands(sub) -> None:
                     "(stream: true for server-sent events). Needs the api extra: "
                     "pip install 'larql[api]'.",
     )
-    _model_options(q)
+    _model_options(q, "max_tokens of a request that gives none (default 512)")
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     q.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     q.add_argument("--api-key-file", default=None, metavar="FILE",
