@@ -300,14 +300,31 @@ def test_a_client_that_disconnects_stops_its_generation(client, server, stream):
     assert r.usage.completion_tokens == 3
 
 
-def test_without_a_key_and_with_the_env_key(vindex_path, tmp_path):
-    srv = APIServer(vindex_path, tmp_path / "open.log", "-n", "3")
+def _start_endless_stream(port: int, key: str = KEY) -> socket.socket:
+    body = json.dumps({"prompt": "Hello", "max_tokens": 1_000_000, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert b"200 OK" in sock.recv(65536)
+    return sock
+
+
+def test_without_a_key_and_with_the_env_key_and_a_full_queue(vindex_path, tmp_path):
+    srv = APIServer(vindex_path, tmp_path / "open.log", "-n", "3", "--max-queue", "1")
     try:
         srv.wait_ready()
-        r = openai.OpenAI(base_url=srv.url + "/v1", api_key="anything", max_retries=0).completions.create(
-            model="larql-demo-random-f32-seed0", prompt="Hi")   # the vindex's model name by default
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="anything", max_retries=0)
+        r = client.completions.create(model="larql-demo-random-f32-seed0", prompt="Hi")   # the vindex's name
         assert r.usage.completion_tokens == 3
         assert "(no key)" in srv.log()
+        busy = _start_endless_stream(srv.port)
+        with pytest.raises(openai.InternalServerError) as err:     # one running = the queue is full
+            client.completions.create(model="larql-demo-random-f32-seed0", prompt="Hi")
+        assert err.value.status_code == 503 and err.value.body["code"] == "queue_full"
+        busy.close()
+        assert _wait_idle(srv)
+        assert client.completions.create(model="larql-demo-random-f32-seed0", prompt="Hi").choices
     finally:
         assert srv.stop() == 0
     srv = APIServer(vindex_path, tmp_path / "env.log", env={**_env(), "LARQL_API_KEY": "from-env"})
