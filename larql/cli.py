@@ -22,6 +22,7 @@ COMMANDS = [
     "larql.commands.serve",    # serve (also larql-server)
     "larql.commands.demo",     # demo
     "larql.commands.bench",    # bench kernels|run|server|extract
+    "larql.commands.chat",     # chat, api-server
 ]
 
 

@@ -22,10 +22,43 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 # Tokens that end a chat turn in the Gemma families (Gemma 4 writes "<turn|>").
 END_OF_TURN_TOKENS = ("<turn|>", "<end_of_turn>")
 
-# Gemma 4's turn format, used for --chat when the vindex has no chat_template.jinja or jinja2
-# is not installed. Matches what the official template renders for a plain user message with
-# thinking disabled (an empty thought channel opens the model turn).
+# Gemma 4's turn format for one user message (thinking disabled: an empty thought channel opens
+# the model turn). `render_gemma4_turns` writes it for any conversation when the vindex has no
+# chat_template.jinja or jinja2 is not installed.
 GEMMA4_CHAT_FALLBACK = "{bos}<|turn>user\n{prompt}<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+
+
+def render_gemma4_turns(messages: list[dict], bos: str, add_generation_prompt: bool = True) -> str:
+    """Gemma 4's turn format for plain text conversations (no tools, thinking disabled), as the
+    official template renders them: a leading system/developer message becomes the system turn,
+    "assistant" is the "model" role, contents are trimmed, and a model turn's thought channels
+    are dropped from the history."""
+    out = [bos]
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise TokenizerError(f"message {i}: content must be a string, not {type(content).__name__}")
+        if role in ("system", "developer"):
+            if i:
+                raise TokenizerError(f"message {i}: a {role} message must come first")
+            role = "system"
+        elif role == "assistant":
+            role, content = "model", _strip_thoughts(content)
+        elif role != "user":
+            raise TokenizerError(f"message {i}: unknown role {role!r} (system, user or assistant)")
+        out.append(f"<|turn>{role}\n{content.strip()}<turn|>\n")
+    if add_generation_prompt:
+        out.append("<|turn>model\n<|channel>thought\n<channel|>")
+    return "".join(out)
+
+
+def _strip_thoughts(text: str) -> str:
+    """Drop every "<|channel>...<channel|>" span (a model turn's thinking)."""
+    kept = []
+    for part in text.split("<channel|>"):
+        kept.append(part.split("<|channel>")[0] if "<|channel>" in part else part)
+    return "".join(kept)
 
 
 class TokenizerError(LarqlError, ValueError):
@@ -108,9 +141,7 @@ class TextTokenizer:
             else:
                 return _render_jinja(self.chat_template, messages, bos or "", add_generation_prompt,
                                      ImmutableSandboxedEnvironment)
-        if len(messages) != 1 or messages[0].get("role") != "user":
-            raise TokenizerError("without a chat template (or jinja2) only one user message can be rendered")
-        return GEMMA4_CHAT_FALLBACK.format(bos=bos or "", prompt=str(messages[0]["content"]).strip())
+        return render_gemma4_turns(messages, bos or "", add_generation_prompt)
 
     def encode_chat(self, messages: list[dict] | str) -> list[int]:
         # The template writes the BOS token itself; encode() only adds one if it is missing.

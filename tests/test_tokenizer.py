@@ -2,47 +2,72 @@
 
 The vocab-only GGUF converted from gemma-4-26B-A4B ships in the llama-cpp-python source package
 with `.inp`/`.out` vectors beside it (GEMMA4.md). A session fixture downloads that sdist once
-(PyPI is reachable in CI), extracts only those three files, converts the vocabulary to a
-`tokenizer.json` with transformers' GGUF converter and caches the result under
+(PyPI is reachable in CI; nothing is built), extracts only those three files, converts the
+vocabulary to a `tokenizer.json` with transformers' GGUF converter and caches the result under
 ~/.cache/larql-tests/ so later runs need no network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import subprocess
-import sys
 import tarfile
-import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from larql.config import GEMMA4_26B_A4B
-from larql.tokenizer import GEMMA4_CHAT_FALLBACK, TextTokenizer, byte_level_tokenizer
+from larql.tokenizer import GEMMA4_CHAT_FALLBACK, TextTokenizer, TokenizerError, byte_level_tokenizer
 
-SDIST = "llama-cpp-python==0.3.36"
+SDIST_NAME, SDIST_VERSION = "llama-cpp-python", "0.3.36"
 VOCAB = "ggml-vocab-gemma-4.gguf"
-CACHE = Path(os.environ.get("LARQL_TEST_CACHE", Path.home() / ".cache" / "larql-tests")) / "gemma4-vocab"
+CACHE_ROOT = Path(os.environ.get("LARQL_TEST_CACHE", Path.home() / ".cache" / "larql-tests"))
+CACHE = CACHE_ROOT / "gemma4-vocab"
+
+
+def fetch_sdist() -> Path:
+    """The pinned llama-cpp-python source archive, downloaded once into CACHE_ROOT.
+
+    Its URL and sha256 come from PyPI's simple index (the JSON form, PEP 691) and the archive
+    is fetched directly: `pip download` of an sdist prepares its metadata, which builds cmake
+    from source (minutes on a cold machine)."""
+    filename = f"{SDIST_NAME.replace('-', '_')}-{SDIST_VERSION}.tar.gz"
+    dst = CACHE_ROOT / filename
+    if dst.exists():
+        return dst
+    req = urllib.request.Request(f"https://pypi.org/simple/{SDIST_NAME}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    (entry,) = [f for f in files if f["filename"] == filename]
+    want = entry["hashes"]["sha256"]
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(filename + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(entry["url"], timeout=300) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    if digest.hexdigest() != want:
+        tmp.unlink()
+        raise RuntimeError(f"{entry['url']}: sha256 {digest.hexdigest()} is not the index's {want}")
+    tmp.rename(dst)
+    return dst
 
 
 def _fetch_vocab(dst: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                            "llama-cpp-python", SDIST, "-d", tmp], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"pip download {SDIST} failed:\n{r.stderr[-2000:]}")
-        (sdist,) = Path(tmp).glob("*.tar.gz")
-        wanted = {VOCAB, VOCAB + ".inp", VOCAB + ".out"}
-        with tarfile.open(sdist) as tar:
-            for member in tar:
-                name = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and name in wanted and "/vendor/llama.cpp/models/" in member.name:
-                    (dst / name).write_bytes(tar.extractfile(member).read())  # never extractall
-                    wanted.discard(name)
-        if wanted:
-            raise RuntimeError(f"{sdist.name} does not contain {sorted(wanted)}")
+    sdist = fetch_sdist()
+    wanted = {VOCAB, VOCAB + ".inp", VOCAB + ".out"}
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and name in wanted and "/vendor/llama.cpp/models/" in member.name:
+                (dst / name).write_bytes(tar.extractfile(member).read())  # never extractall
+                wanted.discard(name)
+    if wanted:
+        raise RuntimeError(f"{sdist.name} does not contain {sorted(wanted)}")
 
 
 @pytest.fixture(scope="session")
@@ -170,3 +195,44 @@ def test_stream_decoder_holds_split_utf8_on_byte_tokens():
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[:2] == ["n", ""] and pieces[2] == "é"  # é's first byte is held back
     assert tok.stop_ids == frozenset({1})
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "  The capital of France?\n"}],
+    [{"role": "developer", "content": "Rules."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Paris."},
+     {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_builtin_gemma4_renderer_equals_the_real_template(gemma4_tok, messages):
+    """Vindexes without a chat template (and the demo's) get the same prompts as Gemma 4's."""
+    builtin = TextTokenizer(gemma4_tok.tok, gemma4_tok.bos_id, [], chat_template=None)
+    for gen in (True, False):
+        assert builtin.render_chat(messages, gen) == gemma4_tok.render_chat(messages, gen)
+
+
+def test_builtin_gemma4_renderer_refuses_what_it_cannot_write():
+    tok = TextTokenizer(byte_level_tokenizer(), bos_id=2, eos_ids=[1])
+    for messages, needle in [([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                              "must come first"),
+                             ([{"role": "tool", "content": "a"}], "unknown role"),
+                             ([{"role": "user", "content": None}], "must be a string")]:
+        with pytest.raises(TokenizerError, match=needle):
+            tok.render_chat(messages)
+
+
+def test_chat_turns_continue_the_real_template(gemma4_tok):
+    """What `larql chat` appends after an answer, rendered by Gemma 4's own template."""
+    from larql.chat import next_turn_text
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}]
+    assert next_turn_text(gemma4_tok, history, "Again") == (
+        "<turn|>\n<|turn>user\nAgain<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+    ids = gemma4_tok.encode(next_turn_text(gemma4_tok, history, "Again"), add_bos=False)
+    assert ids[0] == gemma4_tok.tok.token_to_id("<turn|>") and 2 not in ids
