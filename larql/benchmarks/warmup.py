@@ -1,0 +1,156 @@
+"""`larql bench warmup`: how fast `larql serve --warmup` brings a shard's experts into memory,
+as a ratio against the disk's sequential read rate measured in the same run.
+
+On a synthetic vindex with the real Gemma 4 26B A4B shapes (default 6 layers, a shard owning
+experts 0-63), each trial runs in a fresh child process with the layer files evicted from the
+page cache first (posix_fadvise DONTNEED on those files only: nothing else on the machine is
+touched):
+
+  disk      a `cat`-style sequential read of one layer's owned bytes (read(2), readahead),
+            evicted again afterwards; the same measurement `larql serve --warmup` logs
+  fault     the old warm-up: MADV_RANDOM, one byte touched per page, one thread
+  prefetch  ExpertServer.warmup: MADV_WILLNEED + MADV_POPULATE_READ, several pieces in flight
+
+Each warm-up child also reports the process RSS, the owned bytes, and mincore's resident
+fraction of the owned and of the unowned experts, i.e. the memory a shard costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import synthetic_vindex
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "larql-bench"),
+                   help="where the synthetic vindex is written (reused between runs)")
+    p.add_argument("--layers", type=int, default=6, help="layers of the synthetic vindex (default 6)")
+    p.add_argument("--experts", default="0-63", help="the shard's experts (default 0-63)")
+    p.add_argument("--repeats", type=int, default=2, help="trials of each method, alternated (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="warm-up threads (default: the server's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--child", default=None, choices=["fault", "prefetch"], help=argparse.SUPPRESS)
+    p.add_argument("--path", default=None, help=argparse.SUPPRESS)
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages of a just-written vindex cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(args) -> int:
+    import mmap
+
+    import numpy as np
+
+    from ..protocol import parse_range
+    from ..server import ExpertServer
+    from ..vindex import open_vindex
+
+    vx = open_vindex(args.path)
+    experts = parse_range(args.experts, vx.config.num_experts, "--experts")
+    srv = ExpertServer(vx, experts)
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    if args.child == "fault":  # what warm-up did before: 4 KiB faults under MADV_RANDOM
+        for layer in srv.layers:
+            ef = vx.expert_file(layer)
+            ef.advise_random()
+            for a, b in ef.page_ranges(experts):
+                int(ef.buffer[a:b:mmap.PAGESIZE].sum(dtype=np.uint64))
+        secs = time.perf_counter() - t0
+        nbytes = srv.owned_bytes()
+    else:
+        nbytes, secs = srv.warmup(progress=False, threads=args.threads or None)
+    unowned = sorted(set(vx.experts_present) - set(experts))
+    files = [vx.expert_file(layer) for layer in srv.layers]
+    print(json.dumps({
+        "bytes": nbytes, "seconds": secs,
+        "rss_before": rss0, "rss_after": rss_bytes(),
+        "owned_resident": min(ef.resident(experts) for ef in files),
+        "unowned_resident": max(ef.resident(unowned) for ef in files) if unowned else 0.0,
+    }))
+    return 0
+
+
+def main(args) -> int:
+    if args.child:
+        return _child(args)
+    from ..protocol import parse_range
+    from ..vindex import open_vindex
+    from ..vindex.reader import sequential_read_rate
+
+    path = synthetic_vindex(args.dir, args.layers, 512, prefix="warmup", lm_head="tied")
+    vx = open_vindex(path)
+    experts = parse_range(args.experts, vx.config.num_experts, "--experts")
+    files = [vx.expert_file(layer).path for layer in vx.layers_present]
+    ef0 = vx.expert_file(vx.layers_present[0])
+    first, last = ef0.page_ranges(experts)[0]
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    trials: dict[str, list[dict]] = {"fault": [], "prefetch": []}
+    disk: list[float] = []
+    for _ in range(max(1, args.repeats)):
+        evict(files)
+        disk.append(sequential_read_rate(files[0], first, last))
+        for method in ("fault", "prefetch"):
+            evict(files)
+            cmd = [sys.executable, "-m", "larql", "bench", "warmup", "--child", method, "--path", str(path),
+                   "--experts", args.experts, "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+            trials[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    evict(files)
+
+    def best(method: str) -> dict:
+        return max(trials[method], key=lambda t: t["bytes"] / t["seconds"])
+
+    disk_rate = max(disk)
+    res = {
+        "vindex": str(path), "layers": len(files), "experts": args.experts,
+        "owned_bytes": best("prefetch")["bytes"],
+        "disk_sequential_GBps": disk_rate / 1e9,
+        "methods": {m: {"GBps": best(m)["bytes"] / best(m)["seconds"] / 1e9, **best(m)} for m in trials},
+    }
+    for m in trials:
+        r = res["methods"][m]
+        r["vs_disk"] = r["GBps"] * 1e9 / disk_rate
+        r["overhead_bytes"] = r["rss_after"] - r["bytes"]
+    res["prefetch_vs_fault"] = res["methods"]["prefetch"]["GBps"] / res["methods"]["fault"]["GBps"]
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    gib = 2**30
+    print(f"warm-up of experts {args.experts} x {len(files)} layers ({res['owned_bytes'] / gib:.2f} GiB), "
+          f"cold page cache, best of {args.repeats}:")
+    print(f"  {'disk: sequential read(2) of a layer':38s} {res['disk_sequential_GBps']:6.2f} GB/s")
+    labels = {"fault": "old: 4 KiB faults under MADV_RANDOM",
+              "prefetch": "warmup(): WILLNEED + POPULATE_READ"}
+    for m, label in labels.items():
+        r = res["methods"][m]
+        print(f"  {label:38s} {r['GBps']:6.2f} GB/s  warm-up/disk = {r['vs_disk']:.2f}; "
+              f"RSS {r['rss_after'] / gib:.2f} GiB "
+              f"(owned + {r['overhead_bytes'] / 2**20:.0f} MiB); resident owned {r['owned_resident']:.3f}, "
+              f"unowned {r['unowned_resident']:.3f}")
+    print(f"  prefetch / fault = {res['prefetch_vs_fault']:.1f}x")
+    return 0
