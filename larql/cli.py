@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "larql.run",               # run
     "larql.server_cli",        # serve, demo
     "larql.benchmarks",        # bench kernels|run|server|extract
+    "larql.health",            # health
+    "larql.deploy",            # boot (the container entrypoint)
 ]
 
 

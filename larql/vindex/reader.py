@@ -665,14 +665,11 @@ class Vindex:
         fp = self.index.get("expert_fingerprint")
         if isinstance(fp, str) and fp:
             return fp
-        h = hashlib.sha256()
-        ident = {k: self.index.get(k) for k in ("model", "num_layers", "hidden_size", "vocab_size", "quant")}
-        ident["moe"] = (self.index.get("model_config") or {}).get("moe")
-        h.update(json.dumps(ident, sort_keys=True).encode())
+        tables = []
         for layer in self.layers_present:
             ef = self.expert_file(layer)
-            h.update(bytes(ef.buffer[: ef.header.table_bytes]))
-        return h.hexdigest()
+            tables.append(bytes(ef.buffer[: ef.header.table_bytes]))
+        return fingerprint_of_tables(self.index, tables)
 
     def file_sizes(self) -> dict[str, int]:
         out = {}
@@ -698,6 +695,19 @@ class Vindex:
             f"Vindex({str(self.path)!r}, quant={self.quant}, layers={fm.format_ranges(self.layers_present)}, "
             f"experts={fm.format_ranges(self.experts_present)})"
         )
+
+
+def fingerprint_of_tables(index: dict[str, Any], tables: list[bytes]) -> str:
+    """The expert fingerprint of a vindex that records none (the reference's): a hash of the
+    model identity in index.json and each layer file's header + offset table, in layer order.
+    A shard pulled by byte ranges computes it from the tables it fetched, so it matches."""
+    h = hashlib.sha256()
+    ident = {k: index.get(k) for k in ("model", "num_layers", "hidden_size", "vocab_size", "quant")}
+    ident["moe"] = (index.get("model_config") or {}).get("moe")
+    h.update(json.dumps(ident, sort_keys=True).encode())
+    for table in tables:
+        h.update(table)
+    return h.hexdigest()
 
 
 def open_vindex(path: str | os.PathLike) -> Vindex:
