@@ -164,7 +164,9 @@ def _handler(hub: FakeHub):
             m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
             if m:
                 repo, _, fname = m.groups()
-                data = hub.repos.get(repo, {}).get(fname)
+                if repo not in hub.repos:
+                    return self._missing(repo)
+                data = hub.repos[repo].get(fname)
                 if data is None:
                     return self._json(
                         404,
