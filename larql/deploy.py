@@ -52,6 +52,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TLS_KEY": ("", "its private key file (`--tls-key`)"),
     "ALLOW_ANONYMOUS": ("0", "1: serve a non-loopback address without an API key (`--allow-anonymous`)"),
     "LOG_LEVEL": ("info", "debug, info, warning or error"),
+    "LARQL_USER": ("larql", "the image's user: started as root, the boot gives it the volume and runs as it"),
 }
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -358,10 +359,49 @@ def _remote(s: Settings, remote_vindex):
         raise BootError(f"HF_REPO={s.repo!r}: {e}") from None
 
 
+def drop_privileges(env: dict[str, str] | None = None) -> str | None:
+    """Started as root with LARQL_USER set (the image): give the volume to that user, then
+    become it, before anything else happens. fly.io mounts a fresh volume owned by root, and
+    volumes written by older images hold root-owned files; the server never runs as root.
+    Returns the user name switched to, or None (not root, or no LARQL_USER)."""
+    import pwd
+
+    env = os.environ if env is None else env
+    user = env.get("LARQL_USER", "").strip()
+    if os.getuid() != 0 or not user:
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise BootError(f"LARQL_USER={user!r}: no such user in this image") from None
+    target = Path(env.get("VINDEX_PATH", "").strip() or DEFAULT_VINDEX_PATH)
+    if target.is_absolute():
+        volume = target.parent
+        volume.mkdir(parents=True, exist_ok=True)
+        paths = [volume]
+        if target.exists():
+            paths.append(target)
+            for root, dirs, files in os.walk(target):
+                paths += [Path(root, n) for n in (*dirs, *files)]
+        for p in paths:
+            st = p.lstat()
+            if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+                os.lchown(p, pw.pw_uid, pw.pw_gid)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = user
+    return user
+
+
 def boot_main(args: argparse.Namespace) -> int:
     from .vindex.format import VindexError
 
     try:
+        if user := drop_privileges():
+            where = os.environ.get("VINDEX_PATH") or DEFAULT_VINDEX_PATH
+            log(f"running as {user} (uid {os.getuid()}); {where} and its volume belong to it")
         s = read_settings()
         prepare(s, progress=not args.quiet)
     except (BootError, VindexError) as e:

@@ -280,3 +280,60 @@ def test_booted_shards_give_the_same_tokens_as_in_process_experts(repo, tmp_path
     for rc, err in logs:
         assert rc == 0, err
         assert "larql-boot: exec" in err and "warm-up:" in err and "shutting down" in err
+
+
+def test_health_command(src, capsys):
+    from larql.cli import main as cli
+    from larql.health import local_target, parse_target
+    from larql.server import ExpertServer
+
+    t = parse_target("https://app.fly.dev")
+    assert (t.host, t.port, t.tls) == ("app.fly.dev", 443, True)
+    t = parse_target("tcp://[::1]:9000")
+    assert (t.host, t.port, t.tls) == ("::1", 9000, False)
+    assert (parse_target("tls://app.fly.dev:443").port, parse_target("10.0.0.5:8080").tls) == (443, False)
+    t = local_target({"PORT": "9001", "TLS_CERT": "/c.pem"})
+    assert (t.host, t.port, t.tls) == ("127.0.0.1", 9001, True)
+    assert (local_target({}).port, local_target({}).tls) == (8080, False)
+    with pytest.raises(ValueError, match="scheme 'http' is not tcp, tls or https"):
+        parse_target("http://x:1")
+    with ExpertServer(open_vindex(src), experts=range(0, 4)).start_in_thread() as h:
+        assert cli(["health", h.address]) == 0
+        assert '"status": "ok"' in capsys.readouterr().out
+    port = free_port()  # nothing listens there now
+    assert cli(["health", f"127.0.0.1:{port}", "--timeout", "2"]) == 1
+    assert "unhealthy: ConnectionRefusedError" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the privilege drop runs as root (as in the image)")
+def test_boot_as_root_gives_the_volume_to_the_user_and_drops_to_it(tmp_path):
+    import pwd
+    import tempfile
+
+    volume = Path(tempfile.mkdtemp(prefix="larql-volume-"))  # outside pytest's root-only tmp
+    try:
+        (volume / "vindex" / "layers").mkdir(parents=True)
+        (volume / "vindex" / "layers" / "old.weights").write_bytes(b"x")  # root-owned, older image
+        nobody = pwd.getpwnam("nobody")
+        pid = os.fork()
+        if pid == 0:  # the child becomes `nobody`; the test process stays root
+            code = 1
+            try:
+                user = deploy.drop_privileges({"LARQL_USER": "nobody", "VINDEX_PATH": str(volume / "vindex")})
+                ok = (user == "nobody" and os.getuid() == nobody.pw_uid and os.getgid() == nobody.pw_gid
+                      and os.access(volume / "vindex" / "layers" / "old.weights", os.W_OK))
+                (volume / "vindex" / "new").write_bytes(b"y")
+                code = 0 if ok else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for p in [volume, *volume.rglob("*")]:
+            assert p.stat().st_uid == nobody.pw_uid, p
+        assert deploy.drop_privileges({"VINDEX_PATH": str(volume / "vindex")}) is None  # no LARQL_USER
+        with pytest.raises(deploy.BootError, match="LARQL_USER='no-such-user': no such user"):
+            deploy.drop_privileges({"LARQL_USER": "no-such-user"})
+    finally:
+        import shutil
+
+        shutil.rmtree(volume, ignore_errors=True)
