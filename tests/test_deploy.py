@@ -337,3 +337,101 @@ def test_boot_as_root_gives_the_volume_to_the_user_and_drops_to_it(tmp_path):
         import shutil
 
         shutil.rmtree(volume, ignore_errors=True)
+
+
+def self_signed(tmp_path: Path, name: str = "localhost") -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class TlsEdge:
+    """What fly's `tls` handler does: terminate TLS, pass the plain stream to the server."""
+
+    def __init__(self, cert: Path, key: Path, backend: tuple[str, int]) -> None:
+        import ssl
+        import threading
+
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(cert, key)
+        self.backend = backend
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                tls = self.ctx.wrap_socket(raw, server_side=True)
+            except OSError:
+                raw.close()
+                continue
+            up = socket.create_connection(self.backend)
+            for a, b in ((tls, up), (up, tls)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_health_over_tls_as_behind_fly_edge(src, tmp_path, monkeypatch, capsys):
+    from larql.cli import main as cli
+    from larql.health import check, parse_target
+    from larql.server import ExpertServer
+
+    cert, key = self_signed(tmp_path)
+    with ExpertServer(open_vindex(src), experts=range(0, 4)).start_in_thread() as h:
+        edge = TlsEdge(cert, key, ("127.0.0.1", h.port))
+        try:
+            assert check(parse_target(f"tls://localhost:{edge.port}"), ca_file=str(cert))["status"] == "ok"
+            assert cli(["health", f"https://localhost:{edge.port}", "--tls-ca", str(cert)]) == 0
+            # the certificate is checked: an unknown CA is refused
+            assert cli(["health", f"https://localhost:{edge.port}", "--timeout", "5"]) == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+            # the container's own check: 127.0.0.1:$PORT over TLS when TLS_CERT is set, trusting
+            # that certificate (its name is not 127.0.0.1)
+            monkeypatch.setenv("PORT", str(edge.port))
+            monkeypatch.setenv("TLS_CERT", str(cert))
+            assert cli(["health"]) == 0
+            monkeypatch.delenv("TLS_CERT")
+            assert cli(["health", "--timeout", "3"]) == 1  # plain TCP to a TLS port: no usable reply
+        finally:
+            edge.close()
