@@ -261,7 +261,7 @@ def _holds(index: dict, s: Settings, num_experts: int, num_layers: int) -> str |
     return None
 
 
-def problems(path: Path, full: bool) -> tuple[dict[str, str], str | None]:
+def problems(path: Path, full: bool, progress: bool = True) -> tuple[dict[str, str], str | None]:
     """(bad files -> why, structural error): sha256 of every recorded file when `full`, sizes and
     presence otherwise; then the vindex must open and every layer file's table parse."""
     from .vindex import open_vindex
@@ -271,7 +271,7 @@ def problems(path: Path, full: bool) -> tuple[dict[str, str], str | None]:
     index = _local_index(path) or {}
     sums = index.get("checksums") or {}
     if full:
-        bad = file_problems(path, sums, progress=True)
+        bad = file_problems(path, sums, progress=progress)
     else:
         bad = {n: "missing" for n in sums if not (path / n).exists()}
     try:
@@ -311,7 +311,7 @@ def prepare(s: Settings, progress: bool = True) -> Path:
     check_against_model(s, cfg.num_experts, cfg.num_layers, where)
     why = "no complete vindex there" if local is None else _holds(local, s, cfg.num_experts, cfg.num_layers)
     if why is None:
-        bad, structural = problems(path, s.verify)
+        bad, structural = problems(path, s.verify, progress)
         if not bad and structural is None:
             log(f"{path}: complete and intact ({'sha256 checked' if s.verify else 'structure checked'}); "
                 "nothing to download")
@@ -330,7 +330,7 @@ def prepare(s: Settings, progress: bool = True) -> Path:
         pull_shard(remote, path, experts=s.experts, layers=s.layers, preset=s.preset, progress=progress)
     # What was just downloaded was hashed while pulling (against the repo's sha256 where it
     # records one); presence and structure are what is left to check.
-    bad, structural = problems(path, False)
+    bad, structural = problems(path, False, progress)
     if bad or structural:
         raise BootError(f"{path}: still not intact after downloading: "
                         + "; ".join([*(f"{n}: {w}" for n, w in sorted(bad.items())), structural or ""]))

@@ -280,6 +280,8 @@ def test_booted_shards_give_the_same_tokens_as_in_process_experts(repo, tmp_path
     for rc, err in logs:
         assert rc == 0, err
         assert "larql-boot: exec" in err and "warm-up:" in err and "shutting down" in err
+        # just downloaded, so in the page cache: the disk's rate is not what it would time
+        assert "disk rate not measured (the pages were already cached)" in err or "warm-up/disk =" in err
 
 
 def test_health_command(src, capsys):
