@@ -7,7 +7,8 @@ page cache first (posix_fadvise DONTNEED on those files only: nothing else on th
 touched):
 
   disk      a `cat`-style sequential read of one layer's owned bytes (read(2), readahead),
-            evicted again afterwards; the same measurement `larql serve --warmup` logs
+            evicted again afterwards; the same measurement `larql serve --warmup` logs. Taken
+            just before every warm-up trial: each trial's ratio is against its own disk rate
   fault     the old warm-up: MADV_RANDOM, one byte touched per page, one thread
   prefetch  ExpertServer.warmup: MADV_WILLNEED + MADV_POPULATE_READ, several pieces in flight
 
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from . import synthetic_vindex
 
@@ -110,47 +113,52 @@ def main(args) -> int:
     root = str(Path(__file__).resolve().parent.parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     trials: dict[str, list[dict]] = {"fault": [], "prefetch": []}
-    disk: list[float] = []
     for _ in range(max(1, args.repeats)):
-        evict(files)
-        disk.append(sequential_read_rate(files[0], first, last))
-        for method in ("fault", "prefetch"):
+        for method in trials:
+            # Each trial is paired with a disk measurement taken just before it, from the same
+            # cold cache: on a shared machine the disk's rate drifts between minutes.
+            evict(files)
+            disk = sequential_read_rate(files[0], first, last)
             evict(files)
             cmd = [sys.executable, "-m", "larql", "bench", "warmup", "--child", method, "--path", str(path),
                    "--experts", args.experts, "--threads", str(args.threads)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
-            trials[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            t = json.loads(out.stdout.strip().splitlines()[-1])
+            t["GBps"] = t["bytes"] / t["seconds"] / 1e9
+            t["disk_GBps"] = disk / 1e9
+            t["vs_disk"] = t["GBps"] / t["disk_GBps"]
+            trials[method].append(t)
     evict(files)
 
-    def best(method: str) -> dict:
-        return max(trials[method], key=lambda t: t["bytes"] / t["seconds"])
-
-    disk_rate = max(disk)
-    res = {
-        "vindex": str(path), "layers": len(files), "experts": args.experts,
-        "owned_bytes": best("prefetch")["bytes"],
-        "disk_sequential_GBps": disk_rate / 1e9,
-        "methods": {m: {"GBps": best(m)["bytes"] / best(m)["seconds"] / 1e9, **best(m)} for m in trials},
-    }
-    for m in trials:
-        r = res["methods"][m]
-        r["vs_disk"] = r["GBps"] * 1e9 / disk_rate
-        r["overhead_bytes"] = r["rss_after"] - r["bytes"]
+    res = {"vindex": str(path), "layers": len(files), "experts": args.experts,
+           "owned_bytes": trials["prefetch"][0]["bytes"], "trials": trials, "methods": {}}
+    for m, ts in trials.items():
+        best = max(ts, key=lambda t: t["GBps"])
+        res["methods"][m] = {"GBps": best["GBps"],
+                             "vs_disk_median": float(np.median([t["vs_disk"] for t in ts])),
+                             "vs_disk": [round(t["vs_disk"], 3) for t in ts],
+                             "disk_GBps": [round(t["disk_GBps"], 3) for t in ts],
+                             "rss_after": best["rss_after"],
+                             "overhead_bytes": best["rss_after"] - best["bytes"],
+                             "owned_resident": min(t["owned_resident"] for t in ts),
+                             "unowned_resident": max(t["unowned_resident"] for t in ts)}
     res["prefetch_vs_fault"] = res["methods"]["prefetch"]["GBps"] / res["methods"]["fault"]["GBps"]
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     gib = 2**30
     print(f"warm-up of experts {args.experts} x {len(files)} layers ({res['owned_bytes'] / gib:.2f} GiB), "
-          f"cold page cache, best of {args.repeats}:")
-    print(f"  {'disk: sequential read(2) of a layer':38s} {res['disk_sequential_GBps']:6.2f} GB/s")
+          f"cold page cache, {args.repeats} trials each, each paired with a sequential read(2) of one "
+          "layer's owned bytes just before it:")
     labels = {"fault": "old: 4 KiB faults under MADV_RANDOM",
               "prefetch": "warmup(): WILLNEED + POPULATE_READ"}
     for m, label in labels.items():
         r = res["methods"][m]
-        print(f"  {label:38s} {r['GBps']:6.2f} GB/s  warm-up/disk = {r['vs_disk']:.2f}; "
-              f"RSS {r['rss_after'] / gib:.2f} GiB "
-              f"(owned + {r['overhead_bytes'] / 2**20:.0f} MiB); resident owned {r['owned_resident']:.3f}, "
-              f"unowned {r['unowned_resident']:.3f}")
-    print(f"  prefetch / fault = {res['prefetch_vs_fault']:.1f}x")
+        print(f"  {label:36s} best {r['GBps']:5.2f} GB/s; warm-up/disk median {r['vs_disk_median']:.2f} "
+              f"(trials {', '.join(f'{v:.2f}' for v in r['vs_disk'])}; disk GB/s "
+              f"{', '.join(f'{v:.2f}' for v in r['disk_GBps'])})")
+        print(f"  {'':36s} RSS {r['rss_after'] / gib:.2f} GiB "
+              f"(owned + {r['overhead_bytes'] / 2**20:.0f} MiB); "
+              f"resident owned {r['owned_resident']:.3f}, unowned {r['unowned_resident']:.3f}")
+    print(f"  prefetch / fault (best rates) = {res['prefetch_vs_fault']:.1f}x")
     return 0
