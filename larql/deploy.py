@@ -320,8 +320,12 @@ def prepare(s: Settings, progress: bool = True) -> Path:
             raise BootError(f"{path}: {structural}")
         log(f"{path}: {len(bad)} bad file(s): " + "; ".join(f"{n}: {w}" for n, w in sorted(bad.items())))
         remote = remote or _remote(s, remote_vindex)
-        pull_shard(remote, path, experts=s.experts, layers=s.layers, preset=s.preset, only=set(bad),
-                   progress=progress)
+        # Repair what the volume holds (it may hold more than EXPERTS/LAYERS ask for): the same
+        # selection as its pull, so only the bad files are fetched again.
+        held = local.get("slice") if isinstance(local.get("slice"), dict) else {}
+        pull_shard(remote, path, experts=local.get("experts_present") or s.experts,
+                   layers=local.get("layers_present") or s.layers, preset=held.get("preset") or s.preset,
+                   only=set(bad), progress=progress)
     else:
         log(f"pulling {s.repo} into {path} ({why}): experts {s.experts_text or 'all'}, "
             f"layers {s.layers_text or 'all'}, preset {s.preset}")

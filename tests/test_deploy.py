@@ -160,6 +160,14 @@ def test_truncated_and_corrupt_files_are_repaired_alone(repo, tmp_path):
     assert verify(vindex, progress=False) == []
     assert set(repo.served) <= {fm.layer_file(0), fm.NORMS_BIN, fm.layer_file(1), "index.json"}
     assert repo.served[fm.layer_file(1)] <= TABLE_PROBE  # its table (the layout), not its experts
+    # a boot asking for fewer experts than the volume holds repairs what it holds, file by file
+    layer0.write_bytes(good[:1000])
+    repo.served.clear()
+    r = boot(boot_env(repo, tmp_path, EXPERTS="3-4"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "1 bad file(s)" in r.stderr and "--experts 3-4" in r.stderr
+    assert layer0.read_bytes() == good and open_vindex(vindex).experts_present == [2, 3, 4, 5]
+    assert repo.served[fm.layer_file(1)] <= TABLE_PROBE
 
 
 BAD = [
