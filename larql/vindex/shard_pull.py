@@ -357,7 +357,7 @@ def check_selection(remote: RemoteVindex, experts: list[int] | None, layers: lis
     if miss := sorted(set(want_l) - set(have_l)):
         raise VindexError(f"{layers_what}: {remote.repo} does not hold layers {fm.format_ranges(miss)} "
                           f"(it holds {fm.format_ranges(have_l)})")
-    return sorted(want_e), sorted(want_l)
+    return sorted(set(want_e)), sorted(set(want_l))
 
 
 def pull_shard(
