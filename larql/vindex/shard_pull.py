@@ -244,6 +244,11 @@ def _split(p: Piece, skip: int) -> list[Piece]:
 
 def download_layer(remote: RemoteVindex, plan: LayerPlan, out: Path, bar) -> str:
     """Write the plan's file into `out` (via NAME.part, resumed if present); returns its sha256."""
+    from huggingface_hub import get_hf_file_metadata
+
+    # Asked again right before the download: the Hub redirects large files to signed CDN URLs
+    # that expire, and planning every layer first may have taken a while on a slow link.
+    location = get_hf_file_metadata(remote.url(plan.name), token=remote.token).location or plan.location
     dst = out / plan.name
     part = dst.with_name(dst.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +281,7 @@ def download_layer(remote: RemoteVindex, plan: LayerPlan, out: Path, bar) -> str
                 if bar is not None:
                     bar.update(kept)
 
-            fetch_range(plan.location, remote.token, first, last, sink)
+            fetch_range(location, remote.token, first, last, sink)
         os.ftruncate(fd, plan.size)
         os.fsync(fd)
     finally:
