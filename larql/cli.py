@@ -23,6 +23,8 @@ COMMANDS = [
     "larql.commands.demo",     # demo
     "larql.commands.bench",    # bench kernels|run|server|extract
     "larql.commands.chat",     # chat, api-server
+    "larql.commands.health",   # health
+    "larql.commands.boot",     # boot (the container entrypoint)
 ]
 
 

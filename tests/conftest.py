@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hub_standin import hub  # noqa: E402, F401  (fixture: the local Hugging Face Hub stand-in)
 from tiny_models import build_model, save_checkpoint  # noqa: E402
 
 

@@ -15,6 +15,7 @@ BENCHES = {
     "extract": ("larql.benchmarks.extract", "extraction weights/s and peak RSS at 26B A4B shapes"),
     "run": ("larql.benchmarks.run", "per-token decode time split by component, prefill tokens/s"),
     "server": ("larql.benchmarks.server", "expert-server round trips, throughput and end-to-end tok/s"),
+    "warmup": ("larql.benchmarks.warmup", "serve --warmup GB/s vs the disk's sequential read, shard RSS"),
 }
 
 

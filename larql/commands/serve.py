@@ -86,9 +86,13 @@ def main(args: argparse.Namespace) -> int:
              ranges.text(srv.experts), ranges.text(srv.layers), human_bytes(srv.owned_bytes()),
              kernels.isa(), kernels.num_threads())
     if args.warmup:
+        disk = srv.disk_read_rate()  # read and evicted again: the warm-up below starts cold
         nbytes, secs = srv.warmup(progress=True)
-        log.info("warm-up: %s of owned expert pages faulted in %.2f s (%.2f GB/s); process RSS %s",
-                 human_bytes(nbytes), secs, nbytes / max(secs, 1e-9) / 1e9, human_bytes(_rss()))
+        rate = nbytes / max(secs, 1e-9)
+        vs_disk = (f"; the disk reads sequentially at {disk / 1e9:.2f} GB/s: warm-up/disk = {rate / disk:.2f}"
+                   if disk else "; disk rate not measured (the pages were already cached)")
+        log.info("warm-up: %s of owned expert pages faulted in %.2f s (%.2f GB/s)%s; process RSS %s",
+                 human_bytes(nbytes), secs, rate / 1e9, vs_disk, human_bytes(_rss()))
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     t0 = time.time()

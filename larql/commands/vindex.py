@@ -45,8 +45,10 @@ def _slice(args) -> int:
 def _pull(args) -> int:
     from ..vindex.hub import pull
 
-    out = pull(args.repo, args.output, preset=args.preset, layers=args.layers, revision=args.revision)
-    print(f"pulled {args.repo} ({args.preset}) into {out}")
+    out = pull(args.repo, args.output, preset=args.preset, layers=args.layers, revision=args.revision,
+               experts=args.experts)
+    shard = f", experts {args.experts}" if args.experts else ""
+    print(f"pulled {args.repo} ({args.preset}{shard}) into {out}")
     return 0
 
 
@@ -143,6 +145,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="local directory")
     _preset_argument(p, presets, "download only this preset's files")
     p.add_argument("--layers", default=None, help="download only these layers' expert files, e.g. 0-14")
+    p.add_argument("--experts", default=None, metavar="A-B",
+                   help="download only these experts' bytes of each layer file (HTTP ranges), e.g. 64-127: "
+                        "a shard vindex holding just them")
     p.add_argument("--revision", default=None, help="branch, tag or commit")
     p.set_defaults(func=main)
 

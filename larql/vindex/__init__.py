@@ -32,8 +32,10 @@ Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f
         entry(e) -> ExpertEntry(gate_up_off, gate_up_len, down_off, down_len, gate_up_fmt, down_fmt) | None,
         has(e) -> bool, present() -> list[int], gate_up(e)/down(e) -> uint8 views,
         table(experts=None) -> larql.kernels.ExpertTable (only the named experts; None = all held),
-        advise_random(), prefetch(experts=None) (MADV_WILLNEED), prefault(experts=None) -> bytes covered,
-        resident(experts=None) -> fraction of pages resident (mincore), close()
+        advise_random(), page_ranges(experts=None) -> merged page-aligned [start, end) byte ranges,
+        prefetch(experts=None) (MADV_WILLNEED), populate(start, end) (readahead + MADV_POPULATE_READ),
+        prefault(experts=None) -> bytes covered, resident(experts=None) / resident_fraction(ranges)
+        -> fraction of pages resident (mincore), close()
 
     VindexError(ValueError): every bad-input error, naming the file and field.
 

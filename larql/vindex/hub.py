@@ -25,11 +25,18 @@ def pull(
     layers: str | None = None,
     revision: str | None = None,
     token: str | None = None,
+    experts: str | None = None,
 ) -> Path:
-    """Download the files of `preset` (and, with `layers`, only those layer files) into `out`."""
+    """Download the files of `preset` (and, with `layers`, only those layer files) into `out`;
+    with `experts`, each layer file holding only those experts (byte ranges: shard_pull.py)."""
     from huggingface_hub import snapshot_download
 
     layer_ids = fm.parse_ranges(layers, None, "--layers")
+    if experts is not None:
+        from .shard_pull import pull_shard
+
+        return pull_shard(repo, out, experts=fm.parse_ranges(experts, None, "--experts"), layers=layer_ids,
+                          preset=preset, revision=revision, token=token)
     patterns = preset_patterns(preset, layer_ids)
     out = Path(out)
     path = snapshot_download(

@@ -115,17 +115,10 @@ def format_info(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify(path: str | os.PathLike, progress: bool = True) -> list[str]:
-    """Check every file's sha256 against index.json; returns a list of problems (empty = intact).
-
-    A slice records checksums only for the files it holds, so any recorded file missing is a problem."""
-    root = Path(path)
-    index = fm.read_json(root / fm.INDEX_JSON, "the vindex metadata")
-    sums: dict[str, str] = index.get("checksums") or {}
-    if not sums:
-        raise VindexError(f"{root / fm.INDEX_JSON}: no checksums recorded; nothing to verify against")
+def file_problems(root: Path, sums: dict[str, str], progress: bool = True) -> dict[str, str]:
+    """name -> what is wrong ("missing", a sha256 mismatch) for each recorded file not intact."""
     present = {n: root / n for n in sums if (root / n).exists()}
-    problems = [f"{n}: missing" for n in sums if n not in present]
+    problems = {n: "missing" for n in sums if n not in present}
     total = sum(p.stat().st_size for p in present.values())
     bar = None
     if progress:
@@ -136,10 +129,23 @@ def verify(path: str | os.PathLike, progress: bool = True) -> list[str]:
         for name, p in present.items():
             got = fm.sha256_file(p, bar.update if bar else None)
             if got != sums[name]:
-                problems.append(f"{name}: sha256 {got[:16]}... != recorded {sums[name][:16]}...")
+                problems[name] = f"sha256 {got[:16]}... != recorded {sums[name][:16]}..."
     finally:
         if bar:
             bar.close()
+    return problems
+
+
+def verify(path: str | os.PathLike, progress: bool = True) -> list[str]:
+    """Check every file's sha256 against index.json; returns a list of problems (empty = intact).
+
+    A slice records checksums only for the files it holds, so any recorded file missing is a problem."""
+    root = Path(path)
+    index = fm.read_json(root / fm.INDEX_JSON, "the vindex metadata")
+    sums: dict[str, str] = index.get("checksums") or {}
+    if not sums:
+        raise VindexError(f"{root / fm.INDEX_JSON}: no checksums recorded; nothing to verify against")
+    problems = [f"{name}: {why}" for name, why in file_problems(root, sums, progress).items()]
     # Opening validates structure too (manifests, sizes, every layer file's offset table).
     try:
         vindex = open_vindex(root)

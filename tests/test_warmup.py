@@ -1,0 +1,85 @@
+"""Warm-up at disk speed: owned ranges, readahead + MADV_POPULATE_READ on a thread pool, the
+fallback for kernels without it, and the disk-rate measurement that must not warm anything."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import larql.vindex.reader as reader
+from larql.demo import build_demo_vindex, demo_config
+from larql.server import ExpertServer
+from larql.vindex import open_vindex
+
+E = 16
+
+
+def evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a freshly written file's dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def vindex_path(tmp_path_factory):
+    # f32 experts of ~1 MiB each (hundreds of pages), v2 page-aligned, and a v1 packed copy
+    cfg = demo_config(num_layers=2, hidden=256, num_experts=E, top_k=2)
+    return build_demo_vindex(tmp_path_factory.mktemp("warmup") / "v", quant="f32", config=cfg)
+
+
+def cold_files(vx):
+    files = [vx.expert_file(layer) for layer in vx.layers_present]
+    for ef in files:
+        evict(ef.path)
+    if max(ef.resident() for ef in files) > 0.05:
+        pytest.fail("could not evict the test files from the page cache")
+    return files
+
+
+def test_page_ranges_merge_and_cover_exactly_the_experts(vindex_path):
+    vx = open_vindex(vindex_path)
+    ef = vx.expert_file(0)
+    ranges = ef.page_ranges([3, 4, 5, 9])
+    assert len(ranges) == 2  # 3-5 touch once page-aligned; 9 is apart
+    for a, b in ranges:
+        assert a % 4096 == 0 and b % 4096 == 0 and a < b
+    assert ranges[0][0] == ef.entry(3).start and ranges[0][1] >= ef.entry(5).end
+    assert ranges[1][0] == ef.entry(9).start and ranges[1][1] < ef.entry(10).start + 4096
+    e7 = ef.entry(7)
+    assert ef.page_ranges([7]) == [(e7.start, e7.start + -(-(e7.end - e7.start) // 4096) * 4096)]
+
+
+@pytest.mark.parametrize("populate_read", [True, False], ids=["MADV_POPULATE_READ", "touch-fallback"])
+def test_warmup_makes_exactly_the_owned_pages_resident(vindex_path, monkeypatch, populate_read):
+    if not populate_read:  # as on a kernel before 5.14: the first EINVAL selects the fallback
+        monkeypatch.setattr(reader, "MADV_POPULATE_READ", -1)
+        monkeypatch.setattr(reader, "_populate_read_ok", None)
+    vx = open_vindex(vindex_path)
+    files = cold_files(vx)
+    srv = ExpertServer(vx, experts=range(4, 12))
+    nbytes, secs = srv.warmup(progress=False, threads=3)
+    assert nbytes == srv.owned_bytes() > 0 and secs > 0
+    for ef in files:
+        assert ef.resident(range(4, 12)) == 1.0
+        assert ef.resident([*range(0, 4), *range(12, E)]) < 0.02
+    if not populate_read:
+        assert reader._populate_read_ok is False
+    else:
+        assert reader._populate_read_ok is True, "this kernel (>= 5.14) has MADV_POPULATE_READ"
+
+
+def test_disk_read_rate_measures_then_evicts(vindex_path):
+    vx = open_vindex(vindex_path)
+    files = cold_files(vx)
+    srv = ExpertServer(vx, experts=range(0, 8))
+    rate = srv.disk_read_rate()
+    assert rate is not None and rate > 0
+    # what it read is gone again, so the warm-up after it is measured cold
+    assert max(ef.resident() for ef in files) < 0.05
+    srv.warmup(progress=False)
+    assert srv.disk_read_rate() is None  # already cached: not measured, nothing evicted
+    assert files[0].resident(range(0, 8)) == 1.0
