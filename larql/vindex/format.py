@@ -224,9 +224,12 @@ def parse_lyrw(
             )
         for label, off, ln in (("gate_up_off", gu_off, gu_len), ("down_off", d_off, d_len)):
             if off < hdr.table_bytes or off + ln > file_size:
+                why = ""
+                if off >= hdr.table_bytes and off + ln > file_size:
+                    why = f": the file is truncated ({file_size} bytes) or its offset table is corrupt"
                 raise VindexError(
                     f"{name}: expert {e}: {label} {off}+{ln} lies outside the data "
-                    f"region [{hdr.table_bytes}, {file_size})"
+                    f"region [{hdr.table_bytes}, {file_size}){why}"
                 )
         entries.append(ExpertEntry(gu_off, gu_len, d_off, d_len, gu_fmt, d_fmt))
     return hdr, entries

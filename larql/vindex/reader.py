@@ -670,6 +670,27 @@ class Vindex:
         if m is not None:
             m.check()
 
+    def structure_problems(self) -> list[str]:
+        """Everything checkable without hashing, each problem naming its file and why: the
+        embeddings' size, every layer file's header and offset table against its size (so a
+        truncated file is reported), the manifests (checked at open). Empty: structurally sound."""
+        problems = []
+        c = self.config
+        p = self.path / fm.EMBEDDINGS_BIN
+        if p.exists():
+            want = c.vocab_size * c.hidden_size * (2 if self.dtype == "f16" else 4)
+            got = p.stat().st_size
+            if got != want:
+                why = "truncated: " if got < want else ""
+                problems.append(f"{p}: {why}{got} bytes, expected {want} (vocab_size {c.vocab_size} "
+                                f"x hidden_size {c.hidden_size} {self.dtype})")
+        for layer in self.layers_present:
+            try:
+                self.expert_file(layer)
+            except VindexError as e:
+                problems.append(str(e))
+        return problems
+
     def file_sizes(self) -> dict[str, int]:
         out = {}
         for p in sorted(self.path.rglob("*")):
