@@ -70,7 +70,8 @@ class _Mapped:
     def check(self) -> None:
         """Raise VindexError if the file is now shorter than what is mapped (it was truncated or
         rewritten in place): touching the missing pages would kill the process with SIGBUS.
-        One fstat (~1 us). A file replaced by rename keeps our old inode and stays valid."""
+        One fstat (~12 us on the test sandbox). A file replaced by rename keeps our old inode
+        and stays valid."""
         now = os.fstat(self.fd).st_size
         if now < self.size:
             raise VindexError(
@@ -664,7 +665,7 @@ class Vindex:
 
     def check_intact(self, layer: int) -> None:
         """Before computing `layer`: raise VindexError if its expert file or norms.bin shrank
-        since they were mapped (two fstat calls)."""
+        since they were mapped (two fstat calls: 25 us measured on the test sandbox)."""
         self.expert_file(layer).check_intact()
         m = self._maps.get(fm.NORMS_BIN)
         if m is not None:
