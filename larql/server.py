@@ -32,6 +32,8 @@ from . import __version__, kernels, ranges
 from . import protocol as P
 from .experts import ExpertOwnershipError, LocalExperts
 from .transport import new_event_loop, set_nodelay
+from .vindex import integrity
+from .vindex.format import VindexError
 
 log = logging.getLogger("larql.server")
 
@@ -122,6 +124,8 @@ class LayerBatcher:
         self.running: set[tuple[int, bool]] = set()
         self.inflight = 0
         self._kick_scheduled = False
+        # Called with the layer before each kernel call (the server's file and integrity checks).
+        self.before_compute = None
 
     def submit(self, work: P.Work) -> asyncio.Future:
         fut = self.loop.create_future()
@@ -172,6 +176,8 @@ class LayerBatcher:
     def _compute(self, key: tuple[int, bool], works: list[P.Work]) -> tuple[np.ndarray, float]:
         layer, normed = key
         t0 = time.perf_counter()
+        if self.before_compute is not None:
+            self.before_compute(layer)
         if len(works) == 1:
             x, ids, w = works[0].x, works[0].ids, works[0].weights
         else:
@@ -270,7 +276,12 @@ class ExpertServer:
         self.workers = max(0, workers)
         self.max_frame = max_frame
         self.stats = Stats()
+        # Derived from the digests index.json records, never read from it; the bytes served
+        # are checked against those digests before they are computed with (self.integrity:
+        # during warm-up, else on a background thread from start(), a layer's first request
+        # waiting for its own check).
         self.fingerprint = vindex.expert_fingerprint()
+        self.integrity = integrity.Verifier(vindex, experts, layers)
         self._info = {
             "version": P.PROTOCOL_VERSION,
             "server": f"larql {__version__}",
@@ -297,6 +308,12 @@ class ExpertServer:
     def info(self) -> dict:
         return dict(self._info)
 
+    def _check_layer(self, layer: int) -> None:
+        """Before a kernel reads `layer`: its files have not shrunk under us (fstat; a read past
+        the end of a mapping is SIGBUS) and its bytes passed the integrity check."""
+        self.vindex.check_intact(layer)
+        self.integrity.check(layer)
+
     def owned_bytes(self) -> int:
         total = 0
         for layer in self.layers:
@@ -317,7 +334,11 @@ class ExpertServer:
         (bytes, seconds). The owned ranges are cut into WARMUP_CHUNK pieces and `threads` of
         them are in flight at once (readahead, then MADV_POPULATE_READ: ExpertFile.populate), so the
         disk sees large queued reads instead of one 4 KiB fault at a time. The mappings stay
-        MADV_RANDOM for serving."""
+        MADV_RANDOM for serving.
+
+        First each layer's owned bytes are checked against index.json's digests (read through
+        the file descriptor, which fills the page cache the pre-fault then maps): VindexError
+        names the file and the experts whose bytes do not match."""
         t0 = time.perf_counter()
         step = self.WARMUP_CHUNK
         pieces: list[tuple[object, int, int]] = []
@@ -332,6 +353,8 @@ class ExpertServer:
 
             bar = tqdm(total=sum(b - a for _, a, b in pieces), unit="B", unit_scale=True,
                        unit_divisor=1024, desc="warm-up", leave=False, dynamic_ncols=True)
+        for layer in self.layers:
+            self.integrity.check(layer)
         workers = max(1, threads or self.WARMUP_THREADS)
         with ThreadPoolExecutor(workers, thread_name_prefix="larql-warmup") as pool:
             for a, b in pool.map(lambda pc: (pc[0].populate(pc[1], pc[2]), pc[1], pc[2])[1:], pieces):
@@ -358,6 +381,8 @@ class ExpertServer:
     async def start(self, host: str = "0.0.0.0", port: int = 8080) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
         self.batcher = LayerBatcher(self.loop, self.local, self.workers, self.stats)
+        self.batcher.before_compute = self._check_layer
+        self.integrity.start_background()  # returns at once; layers warm-up checked are skipped
         self._server = await self.loop.create_server(lambda: _Conn(self), host, port, backlog=256)
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
@@ -377,6 +402,7 @@ class ExpertServer:
             await self._server.wait_closed()
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+        await asyncio.get_running_loop().run_in_executor(None, self.integrity.close)
 
     async def serve_forever(self, host: str, port: int) -> None:
         """Serve until SIGTERM/SIGINT, then shut down gracefully."""
@@ -632,6 +658,9 @@ class _Conn(asyncio.Protocol):
     def _compute_failed(self, rid: int, exc: BaseException) -> None:
         if isinstance(exc, ExpertOwnershipError):
             self._error(rid, P.E_NOT_OWNED, str(exc))
+        elif isinstance(exc, VindexError):  # our files (changed on disk, failed their check)
+            log.error("request %s from %s: %s", rid, self.peer, exc)
+            self._error(rid, P.E_INTERNAL, str(exc))
         elif isinstance(exc, ValueError):  # KernelError and friends: the input was bad
             self._error(rid, P.E_BAD_REQUEST, str(exc))
         else:

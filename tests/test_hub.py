@@ -105,3 +105,49 @@ def test_publish_refuses_bad_input(hub, vindex, tmp_path):
     with pytest.raises(VindexError, match="index.json"):
         publish(tmp_path / "empty", "me/x")
     assert "me/x" not in hub.repos
+
+
+def _upload_raw(hub, repo: str, files: dict[str, bytes], commit: str) -> None:
+    """Put files into the stand-in as they are (publish would refuse a bad vindex first)."""
+    hub.repos[repo] = dict(files)
+    hub.commits[repo] = commit
+
+
+def _folder(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name, why", [("/etc/hostname", "absolute path"), ("../../outside.bin", "'..'")])
+def test_pull_refuses_manifest_names_outside_the_folder(hub, vindex, tmp_path, name, why):
+    import json
+
+    from larql.vindex.hub import pull
+
+    files = _folder(vindex)
+    wm = json.loads(files["weight_manifest.json"])
+    wm[0]["file"] = name
+    files["weight_manifest.json"] = json.dumps(wm).encode()
+    _upload_raw(hub, "me/evil", files, "2" * 40)
+    with pytest.raises(VindexError, match=why) as ei:
+        pull("me/evil", tmp_path / "evil")
+    assert "inside the vindex folder" in str(ei.value) and "weight_manifest.json" in str(ei.value)
+
+
+def test_pull_replaces_changed_files_by_rename(hub, vindex, tmp_path):
+    """A second pull of a changed repo into a folder a server maps: the mapped old bytes stay
+    readable (the file was renamed over, not rewritten in place) and the new bytes land."""
+    from larql.vindex.hub import pull
+
+    files = _folder(vindex)
+    _upload_raw(hub, "me/moving", files, "3" * 40)
+    out = pull("me/moving", tmp_path / "p")
+    served = open_vindex(out)
+    before = np.array(served.expert_file(1).gate_up(2))
+    name = "layers/layer_01.weights"
+    changed = bytearray(files[name])
+    changed[-8:] = b"\x01" * 8  # a different last expert, same size
+    _upload_raw(hub, "me/moving", {**files, name: bytes(changed)}, "4" * 40)
+    pull("me/moving", tmp_path / "p")
+    assert (out / name).read_bytes() == bytes(changed)
+    assert np.array_equal(served.expert_file(1).gate_up(2), before)
+    served.check_intact(1)

@@ -66,7 +66,9 @@ def _info(args) -> int:
 
     d = info(args.vindex)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
-    return 0
+    for p in d["problems"]:  # a truncated or malformed file: the exit status says so
+        print(f"larql info: FAIL {p}", file=sys.stderr)
+    return 1 if d["problems"] else 0
 
 
 def _verify(args) -> int:

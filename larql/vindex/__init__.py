@@ -24,7 +24,10 @@ Layout and decisions: docs/FORMAT.md (the reference's q4k layout, plus our f16/f
     vindex.expert_file(layer) -> ExpertFile     # raises VindexError naming the file if absent
     vindex.layers_present -> list[int]; vindex.experts_present -> list[int] (what this slice holds)
     vindex.tokenizer_path -> Path | None; vindex.chat_template -> str | None
-    vindex.expert_fingerprint() -> str          # equal across every slice/shard of one extraction
+    vindex.expert_fingerprint() -> str | None   # equal across every slice/shard of one extraction,
+                                           # derived from vindex.integrity (recorded digests)
+    vindex.integrity -> integrity.Record; vindex.check_intact(layer) (fstat: raises if a file shrank)
+    vindex.structure_problems() -> list[str]   # truncated / malformed files, without hashing
     vindex.file_sizes() -> {relative path: bytes}; vindex.close()
 
     ExpertFile: layer, path, version, quant_format, num_experts, inter, hidden, header, buffer (uint8
@@ -51,6 +54,8 @@ Operations: extract.extract(src, out, quant=..., lm_head=...),
     slicing.slice_vindex(src, dst, preset=..., experts=..., layers=...),
     hub.pull(repo, out, preset=...), hub.publish(dir, repo, slices=...),
     report.info(path) -> dict, report.verify(path) -> list of problems (empty = intact).
+Integrity: integrity.Verifier(vindex, experts, layers).check(layer) / check_all() /
+    start_background(): a server's check of its bytes against the record (docs/FORMAT.md).
 """
 
 from .format import VindexError, parse_ranges

@@ -10,7 +10,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .. import ranges
@@ -224,9 +224,12 @@ def parse_lyrw(
             )
         for label, off, ln in (("gate_up_off", gu_off, gu_len), ("down_off", d_off, d_len)):
             if off < hdr.table_bytes or off + ln > file_size:
+                why = ""
+                if off >= hdr.table_bytes and off + ln > file_size:
+                    why = f": the file is truncated ({file_size} bytes) or its offset table is corrupt"
                 raise VindexError(
                     f"{name}: expert {e}: {label} {off}+{ln} lies outside the data "
-                    f"region [{hdr.table_bytes}, {file_size})"
+                    f"region [{hdr.table_bytes}, {file_size}){why}"
                 )
         entries.append(ExpertEntry(gu_off, gu_len, d_off, d_len, gu_fmt, d_fmt))
     return hdr, entries
@@ -286,6 +289,23 @@ def strip_prefix(name: str) -> str:
         if name.startswith(p):
             return name[len(p) :]
     return name
+
+
+def member_path(root: Path, name: Any, where: str) -> Path:
+    """`root / name` for a file name taken from a manifest or index.json, refusing any name that
+    could leave the vindex folder: absolute paths, `..` components, empty or NUL-containing
+    names. The check is lexical (symlinks are not followed: old huggingface_hub versions fill a
+    pulled folder with symlinks into their cache)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise VindexError(f"{where}: file name {str(name)[:80]!r} is not a non-empty string")
+    win = PureWindowsPath(name)  # splits on both separators, knows drives ("C:x") and UNC names
+    if name.startswith(("/", "\\")) or win.drive or win.is_absolute():
+        raise VindexError(f"{where}: file {name[:200]!r} is an absolute path; files must lie inside "
+                          f"the vindex folder {root}")
+    if ".." in win.parts:
+        raise VindexError(f"{where}: file {name[:200]!r} contains '..'; files must lie inside "
+                          f"the vindex folder {root}")
+    return Path(root) / name
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -26,6 +26,7 @@ COMPONENTS = (
 def info(path: str | os.PathLike) -> dict[str, Any]:
     vindex = open_vindex(path)
     c = vindex.config
+    problems = vindex.structure_problems()
     sizes = vindex.file_sizes()
     comp: dict[str, int] = {name: 0 for name, _ in COMPONENTS}
     comp["other"] = 0
@@ -76,8 +77,10 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         "bytes": {k: v for k, v in comp.items() if v},
         "total_bytes": sum(sizes.values()),
         "slice": vindex.index.get("slice"),
-        "expert_fingerprint": vindex.expert_fingerprint(),
+        "expert_fingerprint": None if problems else vindex.expert_fingerprint(),
+        "integrity_basis": vindex.integrity.basis,
         "has_checksums": bool(vindex.index.get("checksums")),
+        "problems": problems,
     }
 
 
@@ -110,7 +113,7 @@ def format_info(d: dict[str, Any]) -> str:
         "  bytes        "
         + ", ".join(f"{k} {human(v)}" for k, v in d["bytes"].items())
         + f"; total {human(d['total_bytes'])}",
-        f"  fingerprint  {d['expert_fingerprint'][:16]}",
+        f"  fingerprint  {(d['expert_fingerprint'] or '-')[:16]} (from {d['integrity_basis']} digests)",
     ]
     return "\n".join(lines)
 
@@ -145,12 +148,17 @@ def verify(path: str | os.PathLike, progress: bool = True) -> list[str]:
     sums: dict[str, str] = index.get("checksums") or {}
     if not sums:
         raise VindexError(f"{root / fm.INDEX_JSON}: no checksums recorded; nothing to verify against")
+    if not isinstance(sums, dict):
+        raise VindexError(f"{root / fm.INDEX_JSON}: checksums must be an object {{file: sha256}}")
+    for n in sums:
+        fm.member_path(root, n, f"{root / fm.INDEX_JSON}: checksums")
     problems = [f"{name}: {why}" for name, why in file_problems(root, sums, progress).items()]
-    # Opening validates structure too (manifests, sizes, every layer file's offset table).
+    # Opening validates structure too (manifests, sizes, every layer file's offset table),
+    # and the fingerprint's record (norm digests against norms.bin).
     try:
         vindex = open_vindex(root)
-        for layer in vindex.layers_present:
-            vindex.expert_file(layer)
+        problems += vindex.structure_problems()
+        vindex.expert_fingerprint()
         vindex.close()
     except VindexError as e:
         problems.append(str(e))

@@ -7,15 +7,17 @@ offset table are zero), so a shard serving experts 0-63 downloads and stores hal
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from .. import ranges
 from . import format as fm
+from . import integrity
 from .format import VindexError
 from .reader import open_vindex
+from .writer import _HashingFile, replace_dir, write_index
 
 # group -> predicate on a relative file name
 GROUPS = {
@@ -79,17 +81,28 @@ def select_files(names, preset: str) -> list[str]:
     return sorted(n for n in names if any(GROUPS[g](n) for g in groups))
 
 
-def _copy(src: Path, dst: Path, bar) -> None:
+def _copy(src: Path, dst: Path, bar, want: str | None) -> str:
+    """Copy src to dst, hashing on the way; refuses a source whose sha256 is not `want`."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while chunk := fi.read(1 << 22):
             fo.write(chunk)
+            h.update(chunk)
             if bar:
                 bar.update(len(chunk))
+    got = h.hexdigest()
+    if want is not None and got != want:
+        raise VindexError(f"{src}: sha256 {got[:16]}... != {want[:16]}... recorded in its index.json: "
+                          "the source is corrupt or was changed (run `larql verify` on it)")
+    return got
 
 
-def _rewrite_layer(ef, experts: list[int], dst: Path, bar) -> str:
-    """A LYRW v2 file holding only `experts` (page-aligned), same header dims; returns sha256."""
+def _rewrite_layer(ef, experts: list[int], dst: Path, bar, want: list[str | None] | None
+                   ) -> tuple[str, list[str | None]]:
+    """A LYRW v2 file holding only `experts` (page-aligned), same header dims. Returns its
+    sha256 and the digest of each kept expert (None for the others), each checked against
+    `want` (the source's recorded digests) where recorded."""
     hdr = fm.LyrwHeader(2, ef.header.quant_format, ef.num_experts, ef.inter, ef.hidden)
     entries: list[fm.ExpertEntry | None] = [None] * ef.num_experts
     pos = hdr.table_bytes
@@ -100,19 +113,25 @@ def _rewrite_layer(ef, experts: list[int], dst: Path, bar) -> str:
             pos, src.gate_up_len, pos + src.gate_up_len, src.down_len, src.gate_up_fmt, src.down_fmt
         )
         pos += src.gate_up_len + src.down_len
-    from .writer import _HashingFile
-
     f = _HashingFile(dst)
     f.write(fm.pack_lyrw(hdr, entries))
+    digests: list[str | None] = [None] * ef.num_experts
     buf = ef.buffer
     for e in experts:
         src, new = ef.entry(e), entries[e]
         f.pad_to(new.gate_up_off)
-        f.write(buf[src.gate_up_off : src.gate_up_off + src.gate_up_len])
-        f.write(buf[src.down_off : src.down_off + src.down_len])
+        gu = buf[src.gate_up_off : src.gate_up_off + src.gate_up_len]
+        dn = buf[src.down_off : src.down_off + src.down_len]
+        digests[e] = integrity.expert_digest(src.gate_up_fmt, src.down_fmt, gu, dn)
+        if want is not None and want[e] is not None and digests[e] != want[e]:
+            f.close()
+            raise VindexError(f"{ef.path}: expert {e}'s bytes differ from the digest recorded in its "
+                              "index.json: the source is corrupt or was changed (run `larql verify` on it)")
+        f.write(gu)
+        f.write(dn)
         if bar:
             bar.update(src.gate_up_len + src.down_len)
-    return f.close()
+    return f.close(), digests
 
 
 def slice_vindex(
@@ -164,6 +183,16 @@ def slice_vindex(
     sums_src: dict[str, str] = dict(vindex.index.get("checksums") or {})
     sizes = vindex.file_sizes()
     total = sum(sizes[n] for n in chosen)
+    # The slice keeps the source's record (so every slice derives the same fingerprint) and
+    # adds the digests of the experts it rewrites, which its servers check their bytes against.
+    rec = vindex.integrity
+    if rec.basis == "tables" and len(rec.tables) < c.num_layers:
+        vindex.expert_fingerprint()  # fills rec.tables from the layer files when all are here
+        if len(rec.tables) < c.num_layers and "layers" in groups:
+            raise VindexError(f"{src}: records no checksums and lacks some layer files: a slice of it "
+                              "could not be matched to its other shards")
+    out_rec = integrity.Record(rec.basis, dict(rec.files), {k: list(v) for k, v in rec.experts.items()},
+                               dict(rec.tables), list(rec.norms or vindex.norm_digests() or []))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -177,26 +206,33 @@ def slice_vindex(
         for n in chosen:
             if GROUPS["layers"](n) and rewrite:
                 layer = int(n[len(fm.LAYERS_DIR) + 7 : -8])
-                sums[n] = _rewrite_layer(vindex.expert_file(layer), have_e, tmp / n, bar)
+                recorded = rec.experts.get(n)
+                if recorded is None and n in rec.files:
+                    # Only whole-file checksums: check the source file before trusting its bytes.
+                    ef = vindex.expert_file(layer)
+                    got = integrity.hash_file(ef.fd, ef.size, ef.path)
+                    if got != rec.files[n]:
+                        raise VindexError(
+                            f"{src / n}: sha256 {got[:16]}... != recorded {rec.files[n][:16]}...: "
+                            "the source is corrupt or was changed (run `larql verify` on it)")
+                sums[n], kept = _rewrite_layer(vindex.expert_file(layer), have_e, tmp / n, bar, recorded)
+                if recorded is None:
+                    out_rec.experts[n] = kept
             else:
-                _copy(src / n, tmp / n, bar)
-                if n in sums_src:
-                    sums[n] = sums_src[n]
+                sums[n] = _copy(src / n, tmp / n, bar, sums_src.get(n))
         index = dict(vindex.index)
         index["checksums"] = sums
         index["layers_present"] = list(have_l)
         index["experts_present"] = list(have_e)
-        index["expert_fingerprint"] = vindex.expert_fingerprint()
+        index[integrity.FIELD] = out_rec.to_json()
         index["slice"] = {
             "preset": ALIASES.get(preset, preset),
             "experts": ranges.text(have_e),
             "layers": ranges.text(have_l),
             "files": chosen,
         }
-        (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
+        write_index(tmp, index)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,7 @@ import numpy as np
 from .. import __version__
 from ..config import ModelConfig
 from . import format as fm
+from . import integrity
 from .format import VindexError
 from .sources.base import TensorSource
 
@@ -172,7 +173,7 @@ def write_vindex(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        checksums, fingerprint = _write_all(
+        checksums, record = _write_all(
             tmp, config, source, quant, progress, lyrw_version, threads, LM_HEADS[lm_head]
         )
         if tokenizer_json is not None:
@@ -185,19 +186,48 @@ def write_vindex(
         for name in [fm.TOKENIZER_JSON, fm.CHAT_TEMPLATE, *(extra_files or {})]:
             if (tmp / name).exists():
                 checksums[name] = fm.sha256_file(tmp / name)
-        index = build_index(config, quant, model_name, source_info, checksums, fingerprint)
-        (tmp / fm.INDEX_JSON).write_text(json.dumps(index, indent=2))
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
+        index = build_index(config, quant, model_name, source_info, checksums, record)
+        write_index(tmp, index)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_index(root: Path, index: dict[str, Any]) -> None:
+    """index.json, with `expert_fingerprint` set to the value readers derive from the record
+    (informational: readers never trust the field). Written last, by rename."""
+    from .reader import open_vindex
+
+    index.pop("expert_fingerprint", None)
+    replace_file(root / fm.INDEX_JSON, json.dumps(index, indent=2).encode())
+    with open_vindex(root) as vindex:
+        fingerprint = vindex.expert_fingerprint()
+    if fingerprint is not None:
+        index["expert_fingerprint"] = fingerprint
+        replace_file(root / fm.INDEX_JSON, json.dumps(index, indent=2).encode())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` as a new file and rename it into place: a process that has the old file
+    mapped keeps reading the old bytes, never a half-written or truncated file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished directory `new` to `out`. An existing `out` is renamed aside first and
+    deleted after, never rewritten: a server mapping its files keeps its (unlinked) inodes."""
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        new.rename(out)
 
 
 def build_index(
@@ -206,7 +236,7 @@ def build_index(
     model_name: str,
     source_info: dict | None,
     checksums: dict[str, str],
-    fingerprint: str,
+    record: integrity.Record,
 ) -> dict[str, Any]:
     dtype = "f32" if quant == "f32" else "f16"
     return {
@@ -237,7 +267,7 @@ def build_index(
         "model_config": config.to_index_model_config(),
         "layers_present": list(range(config.num_layers)),
         "experts_present": list(range(config.num_experts)),
-        "expert_fingerprint": fingerprint,
+        integrity.FIELD: record.to_json(),
         "larql_format": 1,
     }
 
@@ -339,7 +369,7 @@ def _write_all(
     lyrw_version: int,
     threads: int | None,
     head_fmt: int | None,
-) -> tuple[dict[str, str], str]:
+) -> tuple[dict[str, str], integrity.Record]:
     p = plan(quant)
     checksums: dict[str, str] = {}
     L = c.num_layers
@@ -361,6 +391,8 @@ def _write_all(
                 raise VindexError(f"source has no tensor {key!r}")
             return
         v = np.ascontiguousarray(source.get(key), dtype=np.float32).reshape(-1)
+        if key.endswith(".pre_feedforward_layernorm_2.weight"):  # the norm every shard applies
+            record.norms.append(integrity.norm_digest(v))
         off = norms.pos
         n = norms.write(v.view(np.uint8))
         vectors.append(
@@ -374,8 +406,7 @@ def _write_all(
             }
         )
 
-    fp_hash = hashlib.sha256()
-    fp_hash.update(json.dumps(c.to_index_model_config(), sort_keys=True).encode())
+    record = integrity.Record("experts")
     # The C quantiser spreads each matrix over its own thread pool (sized by `threads`), so one
     # worker thread encodes while the main thread hashes and writes the previous expert.
     restore = None
@@ -386,7 +417,7 @@ def _write_all(
         kernels.set_num_threads(threads)
     try:
         _write_layers(
-            root, c, source, quant, p, lyrw_version, attn, dense, add_vector, checksums, fp_hash, tick
+            root, c, source, quant, p, lyrw_version, attn, dense, add_vector, checksums, record, tick
         )
     finally:
         if restore is not None:
@@ -408,7 +439,7 @@ def _write_all(
         checksums[name] = fm.sha256_file(root / name)
     if bar:
         bar.close()
-    return checksums, fp_hash.hexdigest()
+    return checksums, record
 
 
 def _write_layers(
@@ -422,7 +453,7 @@ def _write_layers(
     dense: _Blob,
     add_vector,
     checksums: dict[str, str],
-    fp_hash,
+    record: integrity.Record,
     tick,
 ) -> None:
     H, L = c.hidden_size, c.num_layers
@@ -468,9 +499,9 @@ def _write_layers(
             add_vector(f"{pre}.router.scale")
             add_vector(f"{pre}.router.per_expert_scale")
             tick()
-            digest = _write_layer(root, c, source, layer, p, lyrw_version, pool, tick)
+            digest, experts = _write_layer(root, c, source, layer, p, lyrw_version, pool, tick)
             checksums[fm.layer_file(layer)] = digest
-            fp_hash.update(f"{layer}:{digest}".encode())
+            record.experts[fm.layer_file(layer)] = experts
             release = getattr(source, "release", None)
             if release is not None:  # e.g. drop a mapped source's touched pages from our RSS
                 release()
@@ -485,8 +516,9 @@ def _write_layer(
     version: int,
     pool: ThreadPoolExecutor,
     tick,
-) -> str:
-    """One LYRW file; experts are encoded in parallel batches and written in order."""
+) -> tuple[str, list[str]]:
+    """One LYRW file; experts are encoded in parallel batches and written in order.
+    Returns the file's sha256 and each expert's digest."""
     E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
     fgu, fdn = p["expert_gu"], p["expert_down"]
     hdr, entries, size = fm.layout_lyrw(version, fgu, fdn, list(range(E)), E, I, H)
@@ -494,7 +526,13 @@ def _write_layer(
     f.write(fm.pack_lyrw(hdr, entries))
     enc = getattr(source, "encoded_expert", None)
 
-    def one(e: int) -> tuple[np.ndarray, np.ndarray]:
+    def one(e: int) -> tuple[np.ndarray, np.ndarray, str]:
+        gu, dn = encoded(e)
+        # Hashed on the worker thread too (hashlib releases the GIL): the digest the
+        # fingerprint and every shard's check are built on (vindex/integrity.py).
+        return gu, dn, integrity.expert_digest(fgu, fdn, gu, dn)
+
+    def encoded(e: int) -> tuple[np.ndarray, np.ndarray]:
         got = enc(layer, e, fgu, fdn) if enc is not None else None
         got = got or (None, None)  # either part may come pre-encoded; the rest is encoded here
         if got[0] is not None and got[1] is not None:
@@ -515,10 +553,12 @@ def _write_layer(
             np.asarray(got[1], np.uint8).reshape(-1) if got[1] is not None else encode(dn, fdn),
         )
 
+    digests: list[str] = []
     batch = max(1, (pool._max_workers or 1) * 2)
     for start in range(0, E, batch):
         ids = list(range(start, min(E, start + batch)))
-        for e, (gu, dn) in zip(ids, pool.map(one, ids), strict=True):
+        for e, (gu, dn, digest) in zip(ids, pool.map(one, ids), strict=True):
+            digests.append(digest)
             ent = entries[e]
             assert ent is not None
             f.pad_to(ent.gate_up_off)
@@ -532,4 +572,4 @@ def _write_layer(
             tick()
     if f.pos != size:
         raise AssertionError(f"layer file size {f.pos} != planned {size}")
-    return f.close()
+    return f.close(), digests
