@@ -81,13 +81,6 @@ int lq_force_isa(const char *name);
 /* Space-separated list of ISAs usable on this CPU, best last. */
 const char *lq_available_isas(void);
 
-/* Benchmark helper (larql bench kernels): y[r] = fn(row r of w . xq) for every row, where fn has
- * ggml's vec_dot signature (int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy,
- * size_t by, int nrc). Spread over the thread pool when `parallel` is non-zero, else run on the
- * calling thread. Lets a foreign kernel be timed on the same bytes without per-row Python cost. */
-int lq_bench_vec_dot(const void *fn, int64_t n, const void *w, size_t row_bytes, int64_t rows,
-                     const void *xq, float *y, int parallel);
-
 /* Vector glue of a decoder layer (csrc/vecops.c), f32, on the calling thread unless noted.
  * Rows of n floats.
  * y = x / sqrt(mean(x^2) + eps) * w (w NULL: no weight); y may equal x. */

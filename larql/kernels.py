@@ -11,7 +11,7 @@ activation format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -467,3 +467,95 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n: 
                              _ptr(pos, "int64_t *"), n, int(q_pos), int(window or 0),
                              _fbuf(out)), "attend_one")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark hooks (csrc/larql_bench.h, not the public API): calls with their cffi pointers made
+# once, so a timing loop measures the kernel and not the argument checks, and the plain C read
+# loop that is the bandwidth anchor. Only larql.benchmarks and bench/ use these.
+
+READ_ALIGN = 64  # lq_bench_read wants 32-byte aligned buffers; a cache line is simplest
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 array of nbytes (rounded up to 256) starting on a cache line, every byte written.
+
+    Written, not np.zeros: untouched calloc pages all map the kernel's one zero page, which a
+    read loop would then stream from cache."""
+    n = -(-int(nbytes) // 256) * 256
+    raw = np.empty(n + READ_ALIGN, dtype=np.uint8)
+    raw.fill(0x5A)
+    off = (-raw.ctypes.data) % READ_ALIGN
+    return raw[off:off + n]
+
+
+def bench_read(buf: np.ndarray, parallel: bool) -> Callable[[], None]:
+    """A call that reads all of buf (from aligned_buffer) with the C streaming loop, on the calling
+    thread or spread over the pool in 1 MiB chunks."""
+    if buf.dtype != np.uint8 or buf.ndim != 1 or buf.ctypes.data % 32 or buf.size % 256:
+        raise KernelError("bench_read: buf must come from aligned_buffer()")
+    p, n, par = _ptr(buf), buf.size, int(bool(parallel))
+    sink = ffi.new("uint64_t *")
+
+    def call() -> None:
+        _check(lib.lq_bench_read(p, n, par, sink), "bench_read")
+
+    return call
+
+
+def bench_matmul_q8k(w: QMatrix, xq: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    """A prepared matmul_q8k(w, xq) into y (f32 [T, w.rows], T from y); the checks run once here."""
+    if w.fmt not in (Q4_K, Q6_K) or y.dtype != np.float32 or not y.flags.c_contiguous:
+        raise KernelError("bench_matmul_q8k: K-quant weights and a contiguous f32 y")
+    T = y.size // max(1, w.rows)
+    buf = _as_bytes(xq, "bench_matmul_q8k")
+    if y.size != T * w.rows or buf.size != T * row_bytes(Q8_K, w.cols):
+        raise KernelError(f"bench_matmul_q8k: {buf.size} activation bytes and {y.size} outputs do not fit")
+    args = (w.fmt, _ptr(w.data), w.rows, w.cols, _ptr(buf), T, _ptr(y, "float *"))
+    keep = (w, buf, y)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_matmul_q8k(*args), "bench_matmul_q8k")
+
+    return call
+
+
+def bench_vec_dot(fn_address: int, w: QMatrix, xq: np.ndarray, y: np.ndarray,
+                  parallel: bool) -> Callable[[], None]:
+    """A call running a foreign ggml-style vec_dot (its address) over every row of w against the
+    activation bytes xq (in that library's own Q8_K), into y [w.rows]: timed from C, row by row."""
+    if y.dtype != np.float32 or y.size != w.rows or not fn_address:
+        raise KernelError("bench_vec_dot: y must be f32 [w.rows] and the function address non-zero")
+    buf = _as_bytes(xq, "bench_vec_dot")
+    args = (ffi.cast("void *", int(fn_address)), w.cols, _ptr(w.data), row_bytes(w.fmt, w.cols), w.rows,
+            _ptr(buf), _ptr(y, "float *"), int(bool(parallel)))
+    keep = (w, buf, y)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_bench_vec_dot(*args), "bench_vec_dot")
+
+    return call
+
+
+def bench_moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                  out: np.ndarray) -> Callable[[], None]:
+    """A prepared moe_ffn(table, x, ids, weights, out=out): ids int32 [T, K], x/out f32 [T, hidden]."""
+    T = x.shape[0]
+    expect = (("x", x, np.float32, (T, table.hidden)), ("out", out, np.float32, (T, table.hidden)),
+              ("ids", ids, np.int32, ids.shape), ("weights", weights, np.float32, ids.shape))
+    for name, a, dt, shape in expect:
+        if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+            raise KernelError(f"bench_moe_ffn: {name} must be contiguous {np.dtype(dt).name} {shape}")
+    if ids.ndim != 2 or ids.shape[0] != T or (ids.size and ids.max() >= table.n_experts):
+        raise KernelError(f"bench_moe_ffn: ids {ids.shape} must be [T={T}, K] below {table.n_experts}")
+    args = (table._c, table.n_experts, table.hidden, table.inter, _ptr(x, "float *"), T, ids.shape[1],
+            _ptr(ids, "int32_t *"), _ptr(weights, "float *"), _ptr(out, "float *"))
+    keep = (table, x, ids, weights, out)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_moe_ffn(*args), "bench_moe_ffn")
+
+    return call
