@@ -72,6 +72,7 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), acc_m[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
         uint32_t sc[2], mn[2];
         q4k_unpack_scales(wb->scales, sc, mn);
         const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0]));
@@ -114,6 +115,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
         const block_q8_K *xb = &x[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
         uint32_t sc[2], mn[2];
         q4k_unpack_scales(wb->scales, sc, mn);
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
@@ -178,6 +180,7 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
     for (int t = 0; t < T; t++) acc[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
         __m256i q[8], scale[8]; /* q[m]: unsigned 6-bit values 32m..32m+31 */
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
@@ -224,6 +227,7 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         const block_q8_K *xb = &x[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
         /* the stored values are q + 32: start from -32 * sum_g scale_g * bsum_g */
@@ -282,7 +286,7 @@ static inline float el_f32(const void *w, int64_t i) { return ((const float *)w)
 static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const uint16_t *)w)[i]); }
 
 #define COL_FMA(k, off) a##k##off = _mm256_fmadd_ps(w##off, _mm256_loadu_ps(x##k + i + 8 * off), a##k##off)
-#define DEFINE_FLOAT_DOT(NAME, LD, EL)                                                                    \
+#define DEFINE_FLOAT_DOT(NAME, LD, EL, PF_ESZ)                                                               \
     static void NAME(int64_t n, const void *w, const float *x, int64_t x_stride, int T, float *out,       \
                      int64_t out_stride) {                                                                \
         int t = 0;                                                                                        \
@@ -293,6 +297,7 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
                    a30 = a00, a31 = a00;                                                                  \
             int64_t i = 0;                                                                                \
             for (; i + 16 <= n; i += 16) {                                                                \
+                if (PF_ESZ) LQ_PREFETCH(w, i * PF_ESZ);                                                            \
                 __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
                 COL_FMA(0, 0); COL_FMA(0, 1); COL_FMA(1, 0); COL_FMA(1, 1);                               \
                 COL_FMA(2, 0); COL_FMA(2, 1); COL_FMA(3, 0); COL_FMA(3, 1);                               \
@@ -316,6 +321,7 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
             __m256 a00 = _mm256_setzero_ps(), a01 = a00;                                                  \
             int64_t i = 0;                                                                                \
             for (; i + 16 <= n; i += 16) {                                                                \
+                if (PF_ESZ) LQ_PREFETCH(w, i * PF_ESZ);                                                            \
                 __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
                 COL_FMA(0, 0); COL_FMA(0, 1);                                                             \
             }                                                                                             \
@@ -330,8 +336,9 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
         }                                                                                                 \
     }
 
-DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32)
-DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16)
+/* PF_ESZ: bytes per weight to prefetch by, 0 = none (f32: the hardware prefetcher keeps up) */
+DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32, 0)
+DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16, 2)
 
 /* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
  * MXCSR mode of cvtps2dq), d = amax/127. */

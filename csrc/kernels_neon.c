@@ -115,6 +115,7 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const voi
 
     for (int64_t i = 0; i < nb; i++) {
         const block_q4_K *b = &w[i];
+        LQ_PREFETCH(b, 0), LQ_PREFETCH(b, 64), LQ_PREFETCH(b, 128);
         /* q[k] holds values 16k..16k+15; sub-block s (32 values, one scale) is q[2s], q[2s+1]. */
         int8x16_t q[16];
         for (int c = 0; c < 4; c++) {
@@ -164,6 +165,7 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const voi
 
     for (int64_t i = 0; i < nb; i++) {
         const block_q6_K *b = &w[i];
+        LQ_PREFETCH(b, 0), LQ_PREFETCH(b, 64), LQ_PREFETCH(b, 128), LQ_PREFETCH(b, 192);
         /* q[g] holds values 16g..16g+15, which share scales[g]. Per 128 values ggml stores
          * 64 bytes of ql (low nibbles: values 0-63, high nibbles: 64-127) and 32 bytes of qh
          * (2-bit fields at shifts 0, 2, 4, 6 for values 0-31, 32-63, 64-95, 96-127). */
@@ -260,6 +262,8 @@ static inline __attribute__((always_inline)) void float_rows(int64_t n, const vo
     }
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
+        if (f16) /* 64 values, 128 bytes; f32 rows stream well without (see kernels.h) */
+            LQ_PREFETCH(w, 2 * i), LQ_PREFETCH(w, 2 * i + 64);
         float32x4_t wv[16];
         for (int k = 0; k < 16; k++) wv[k] = load4(w, i + 4 * k, f16);
         for (int t = 0; t < T; t++) {
