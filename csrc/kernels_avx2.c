@@ -16,8 +16,6 @@
 
 #include "kernels.h"
 
-#define LQ_TMAX 64
-
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -67,8 +65,8 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[LQ_TMAX];
-    __m128 acc_m[LQ_TMAX];
+    __m256 acc[LQ_MAX_T];
+    __m128 acc_m[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), acc_m[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
@@ -142,7 +140,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     return q4k_finish(acc, acc_m);
 }
 
-static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q4k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     if (T == 1)
         out[0] = q4k_row1(nb, (const block_q4_K *)w_row, x);
@@ -176,7 +174,7 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const blo
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    __m128 acc[LQ_TMAX];
+    __m128 acc[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
@@ -266,7 +264,7 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     return _mm_cvtss_f32(acc);
 }
 
-static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q6k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     if (T == 1)
         out[0] = q6k_row1(nb, (const block_q6_K *)w_row, x);
@@ -282,13 +280,24 @@ static inline __m256 ld_f32(const void *w, int64_t i) { return _mm256_loadu_ps((
 static inline __m256 ld_f16(const void *w, int64_t i) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
 }
+static inline __m256 ld_bf16(const void *w, int64_t i) { /* bf16 -> f32: the top half, exact */
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
 static inline float el_f32(const void *w, int64_t i) { return ((const float *)w)[i]; }
 static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const uint16_t *)w)[i]); }
+static inline float el_bf16(const void *w, int64_t i) {
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 #define COL_FMA(k, off) a##k##off = _mm256_fmadd_ps(w##off, _mm256_loadu_ps(x##k + i + 8 * off), a##k##off)
 #define DEFINE_FLOAT_DOT(NAME, LD, EL, PF_ESZ)                                                               \
-    static void NAME(int64_t n, const void *w, const float *x, int64_t x_stride, int T, float *out,       \
+    static void NAME(int64_t n, const void *w, const void *x_rows, int64_t x_stride, int T, float *out,  \
                      int64_t out_stride) {                                                                \
+        const float *x = x_rows;                                                                          \
         int t = 0;                                                                                        \
         for (; t + 4 <= T; t += 4) {                                                                      \
             const float *x0 = x + t * x_stride, *x1 = x0 + x_stride, *x2 = x1 + x_stride,                 \
@@ -339,6 +348,7 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
 /* PF_ESZ: bytes per weight to prefetch by, 0 = none (f32: the hardware prefetcher keeps up) */
 DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32, 0)
 DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16, 2)
+DEFINE_FLOAT_DOT(dot_bf16, ld_bf16, el_bf16, 2)
 
 /* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
  * MXCSR mode of cvtps2dq), d = amax/127. */
@@ -380,12 +390,14 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     }
 }
 
+int lq_avx2_usable(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
 const lq_kernels lq_kernels_avx2 = {
     .name = "avx2",
-    .dot_q4k = dot_q4k,
-    .dot_q6k = dot_q6k,
-    .dot_f32 = dot_f32,
-    .dot_f16 = dot_f16,
+    .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
     .quantize_q8k = quantize_q8k,
 };
 
