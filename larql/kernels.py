@@ -18,11 +18,16 @@ import numpy as np
 
 from larql._kernels import ffi, lib
 
-F32, F16, BF16, Q4_K, Q6_K, Q8_K = 0, 1, 2, 4, 5, 100
-FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_K: "Q8_K"}
+# Format ids and error codes come from csrc/larql.h (through cffi): the one definition.
+F32, F16, BF16, Q4_K, Q6_K, Q8_K = lib.LQ_F32, lib.LQ_F16, lib.LQ_BF16, lib.LQ_Q4_K, lib.LQ_Q6_K, lib.LQ_Q8_K
+# LYRW ids a file may carry that the kernels do not compute (row sizes known, except FP4's).
+Q4_0, Q8_0, FP4, Q5_K = lib.LQ_Q4_0, lib.LQ_Q8_0, lib.LQ_FP4, lib.LQ_Q5_K
+FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "Q4_0", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_0: "Q8_0",
+                FP4: "FP4", Q5_K: "Q5_K", Q8_K: "Q8_K"}
 QK_K = 256
-WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)
+WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)  # what the row kernels compute with
 KQUANTS = (Q4_K, Q6_K, Q8_K)
+CODEC_FORMATS = (*WEIGHT_FORMATS, Q8_K)  # what quantize / dequantize convert
 
 
 class KernelError(ValueError):
@@ -30,16 +35,16 @@ class KernelError(ValueError):
 
 
 _ERRORS = {
-    -1: "unsupported format for this operation",
-    -2: "bad shape",
-    -3: "expert id out of range or not held",
-    -4: "out of memory",
-    -5: "ISA not available on this CPU",
+    lib.LQ_E_FORMAT: "unsupported format for this operation",
+    lib.LQ_E_SHAPE: "bad shape",
+    lib.LQ_E_EXPERT: "expert id out of range or not held",
+    lib.LQ_E_NOMEM: "out of memory",
+    lib.LQ_E_ISA: "ISA not available on this CPU",
 }
 
 
 def _check(rc: int, what: str) -> None:
-    if rc != 0:
+    if rc != lib.LQ_OK:
         raise KernelError(f"{what}: {_ERRORS.get(rc, f'error {rc}')}")
 
 
@@ -78,25 +83,27 @@ class QMatrix:
 
 
 def row_bytes(fmt: int, cols: int) -> int:
-    """Bytes of one stored row of `cols` values."""
+    """Bytes of one stored row of `cols` values (a whole number of fmt's blocks)."""
     n = lib.lq_row_bytes(int(fmt), int(cols))
     if n == 0:
-        if fmt not in FORMAT_NAMES:
-            raise KernelError(f"row_bytes: unknown format {fmt}")
+        if block_size(fmt) == 0:
+            raise KernelError(f"row_bytes: the layout of {_fmt_name(fmt)} is not known")
         raise KernelError(f"row_bytes: {cols} values is not a valid {_fmt_name(fmt)} row length")
     return int(n)
 
 
 def block_size(fmt: int) -> int:
-    """256 for K-quants, 1 for float formats."""
+    """Values per block: 256 for K-quants, 32 for Q4_0/Q8_0, 1 for float formats."""
     if fmt not in FORMAT_NAMES:
         raise KernelError(f"block_size: unknown format {fmt}")
-    return QK_K if fmt in KQUANTS else 1
+    return int(lib.lq_block_values(int(fmt)))
 
 
 def padded_cols(fmt: int, cols: int) -> int:
     """cols rounded up to a whole number of blocks of fmt."""
     b = block_size(fmt)
+    if b == 0:
+        raise KernelError(f"padded_cols: the layout of {_fmt_name(fmt)} is not known")
     return (int(cols) + b - 1) // b * b
 
 
@@ -123,8 +130,8 @@ def _ptr(a: np.ndarray, ctype: str = "void *"):
 
 def quantize(x: np.ndarray, fmt: int) -> np.ndarray:
     """f32 [rows, cols] -> uint8 [rows * row_bytes(fmt, padded cols)]; cols padded with zeros."""
-    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
-        raise KernelError(f"quantize: cannot quantise to {_fmt_name(fmt)}")
+    if fmt not in CODEC_FORMATS:
+        raise KernelError(f"quantize: cannot quantise to {_fmt_name(fmt)} (format {fmt})")
     x = _f32_2d(x, "quantize")
     rows, cols = x.shape
     if cols == 0:
@@ -149,8 +156,8 @@ def _as_bytes(data, name: str) -> np.ndarray:
 
 def dequantize(data, fmt: int, rows: int, cols: int) -> np.ndarray:
     """rows x cols stored in fmt (cols = the stored row length) -> f32 [rows, cols]."""
-    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
-        raise KernelError(f"dequantize: unknown format {fmt}")
+    if fmt not in CODEC_FORMATS:
+        raise KernelError(f"dequantize: cannot dequantise {_fmt_name(fmt)} (format {fmt})")
     buf = _as_bytes(data, "dequantize")
     need = rows * row_bytes(fmt, cols)
     if rows < 0 or buf.size != need:
@@ -298,7 +305,7 @@ def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndar
     y = _out(out, (table.hidden,) if vec else (T, table.hidden), "moe_ffn")
     rc = lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
                         ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"))
-    if rc == -3:  # LQ_E_EXPERT: the C side checks every id; name the bad one only when it fails
+    if rc == lib.LQ_E_EXPERT:  # the C side checks every id; name the bad one only when it fails
         _raise_bad_ids(table, ids32)
     _check(rc, "moe_ffn")
     return y
@@ -337,7 +344,7 @@ def force_isa(name: str | None) -> None:
     if name is None:
         _check(lib.lq_force_isa(ffi.NULL), "force_isa")
         return
-    if lib.lq_force_isa(name.encode()) != 0:
+    if lib.lq_force_isa(name.encode()) != lib.LQ_OK:
         raise KernelError(f"force_isa: {name!r} is not available here (have: {' '.join(available_isas())})")
 
 
