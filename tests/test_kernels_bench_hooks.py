@@ -53,3 +53,23 @@ def test_bench_moe_ffn_matches_moe_ffn() -> None:
     assert np.array_equal(out, K.moe_ffn(table, x, ids, w))
     with pytest.raises(K.KernelError, match="below 4"):
         K.bench_moe_ffn(table, x, np.array([[0, 4], [1, 2]], np.int32), w, out)
+
+
+def test_bytes_per_token_counts_every_weight_file(tmp_path) -> None:
+    """The bandwidth floor's byte count (larql bench run) against the vindex's own file sizes."""
+    from larql.benchmarks.run import bytes_per_token
+    from larql.vindex import open_vindex
+    from larql.vindex.synthetic import write_synthetic_vindex
+
+    vx = open_vindex(write_synthetic_vindex(tmp_path / "v", num_layers=2, vocab_size=512, num_experts=4,
+                                            top_k=2))
+    per = bytes_per_token(vx, [0, 1])
+    sizes = vx.file_sizes()
+    assert per["attention"] == sizes["attn_weights_q4k.bin"]
+    assert per["dense_mlp"] == sizes["interleaved_q4k.bin"]
+    assert per["lm_head"] == sizes["lm_head_q4.bin"]
+    cfg = vx.config
+    assert per["router"] == 2 * cfg.num_experts * cfg.hidden_size * 4
+    ef = vx.expert_file(0)
+    one = ef.entry(0).gate_up_len + ef.entry(0).down_len
+    assert per["experts"] == 2 * cfg.top_k * one
