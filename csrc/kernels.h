@@ -58,6 +58,18 @@ extern const lq_kernels lq_kernels_scalar;
 /* Each x86 table with the cpuid (and OS state) check that says whether it can run here. */
 extern const lq_kernels lq_kernels_avx2;
 int lq_avx2_usable(void);
+extern const lq_kernels lq_kernels_avxvnni; /* AVX-VNNI: 256-bit vpdpbusd (Alder Lake, SPR, Zen 5) */
+int lq_avxvnni_usable(void);
+extern const lq_kernels lq_kernels_avx512; /* AVX-512 F/BW/VL + VNNI: 512-bit vpdpbusd */
+int lq_avx512_usable(void);
+/* The AVX2 float-row kernels and Q8_K quantiser, shared by the wider x86 tables. */
+void lq_avx2_dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
+void lq_avx2_dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
+void lq_avx2_dot_bf16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
+void lq_avx2_quantize_q8k(const float *x, block_q8_K *y, int64_t n);
+/* XCR0 (the register state the OS saves) has all of `mask`: 0x06 = xmm+ymm, 0xe6 = + zmm and
+ * opmask. cpuid alone is not enough: an OS (or hypervisor) may not save the wider registers. */
+int lq_os_saves_state(uint64_t mask);
 #endif
 #if defined(__aarch64__)
 extern const lq_kernels lq_kernels_neon; /* int8 products with smull (every ARMv8.0 CPU) */

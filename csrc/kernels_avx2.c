@@ -295,7 +295,7 @@ static inline float el_bf16(const void *w, int64_t i) {
 
 #define COL_FMA(k, off) a##k##off = _mm256_fmadd_ps(w##off, _mm256_loadu_ps(x##k + i + 8 * off), a##k##off)
 #define DEFINE_FLOAT_DOT(NAME, LD, EL, PF_ESZ)                                                               \
-    static void NAME(int64_t n, const void *w, const void *x_rows, int64_t x_stride, int T, float *out,  \
+    void NAME(int64_t n, const void *w, const void *x_rows, int64_t x_stride, int T, float *out,         \
                      int64_t out_stride) {                                                                \
         const float *x = x_rows;                                                                          \
         int t = 0;                                                                                        \
@@ -345,14 +345,15 @@ static inline float el_bf16(const void *w, int64_t i) {
         }                                                                                                 \
     }
 
-/* PF_ESZ: bytes per weight to prefetch by, 0 = none (f32: the hardware prefetcher keeps up) */
-DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32, 0)
-DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16, 2)
-DEFINE_FLOAT_DOT(dot_bf16, ld_bf16, el_bf16, 2)
+/* PF_ESZ: bytes per weight to prefetch by, 0 = none (f32: the hardware prefetcher keeps up).
+ * Not static: the wider x86 tables (AVX-512, AVX-VNNI) share these float kernels. */
+DEFINE_FLOAT_DOT(lq_avx2_dot_f32, ld_f32, el_f32, 0)
+DEFINE_FLOAT_DOT(lq_avx2_dot_f16, ld_f16, el_f16, 2)
+DEFINE_FLOAT_DOT(lq_avx2_dot_bf16, ld_bf16, el_bf16, 2)
 
 /* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
  * MXCSR mode of cvtps2dq), d = amax/127. */
-static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
+void lq_avx2_quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
         __m256 mx = _mm256_setzero_ps();
@@ -390,15 +391,11 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     }
 }
 
-int lq_avx2_usable(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
 const lq_kernels lq_kernels_avx2 = {
     .name = "avx2",
-    .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
-    .quantize_q8k = quantize_q8k,
+    .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
+            [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
+    .quantize_q8k = lq_avx2_quantize_q8k,
 };
 
 #endif

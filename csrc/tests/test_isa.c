@@ -55,6 +55,9 @@ static const lq_kernels *table_under_test(const char **why) {
 #if ISA_ID == ISA_neon_sdot
     *why = "this CPU lacks the ARMv8.2 dotprod extension (or the build has no sdot table)";
     return lq_neon_sdot_table();
+#elif ISA_ID == ISA_avxvnni && defined(LQ_TEST_EMULATE_VNNI)
+    *why = "this CPU lacks AVX2 (the AVX-VNNI table built with vpdpbusd emulated needs it)";
+    return lq_avx2_usable() ? &lq_kernels_avxvnni : NULL;
 #elif ISA_ID == ISA_avx2 || ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
     *why = "this CPU (or OS) lacks the instructions of the table";
     return CAT(lq_, CAT(ISA, _usable))() ? &CAT(lq_kernels_, ISA) : NULL;
@@ -63,6 +66,14 @@ static const lq_kernels *table_under_test(const char **why) {
     return &CAT(lq_kernels_, ISA);
 #endif
 }
+
+/* The VNNI tables fold each block into the float sum with the scalar kernel's own operations,
+ * so their K-quant dots must equal scalar's bit for bit (tolerance 0), not just within the bound. */
+#if ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
+#define KQUANT_BIT_EXACT 1
+#else
+#define KQUANT_BIT_EXACT 0
+#endif
 
 static const lq_kernels *ref = &lq_kernels_scalar;
 static const lq_kernels *isa;
@@ -232,7 +243,8 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
             }
         }
         double a = oa[t * os], b = ob[t * os], diff = fabs(a - b);
-        double tol = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
+        double bound = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
+        double tol = KQUANT_BIT_EXACT && (kernel == K_Q4K || kernel == K_Q6K) ? 0.0 : bound;
         if (!(diff <= tol)) { /* also catches NaN */
             fail("%s %s T=%d n=%lld row %d: scalar %.9g, %s %.9g, |diff| %.3g > tol %.3g\n"
                  "     (mag %.3g, value in double from the test's own decoder %.9g)\n"
@@ -244,10 +256,10 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
         /* The reference itself against the test's own decoder, in double: one implementation's
          * share of the bound. Catches a layout mistake both tables might share. */
         double dref = fabs(a - exact_val[t]);
-        if (ok && !(dref <= tol / 2)) {
+        if (ok && !(dref <= bound / 2)) {
             fail("%s %s T=%d n=%lld row %d: the scalar reference %.9g is off the value decoded in double"
                  " %.9g by %.3g > %.3g\n     weights: %s; activations: %s",
-                 kname[kernel], mode, T, (long long)n_or_nb, t, a, exact_val[t], dref, tol / 2, w_desc, x_desc[t]);
+                 kname[kernel], mode, T, (long long)n_or_nb, t, a, exact_val[t], dref, bound / 2, w_desc, x_desc[t]);
             ok = 0;
         }
         if (!exact && mag[t] > 0) {
