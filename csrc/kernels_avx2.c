@@ -11,10 +11,7 @@
 
 #pragma GCC target("avx2,fma,f16c")
 
-#include <immintrin.h>
-#include <string.h>
-
-#include "kernels.h"
+#include "kernels_x86.h"
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -23,9 +20,6 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The 8 six-bit scales and 8 mins of a Q4_K block, unpacked to bytes (ggml's 12-byte packing:
- * bytes 0-3 scales 0-3, bytes 4-7 mins 0-3, bytes 8-11 the low nibbles of scales/mins 4-7 whose
- * top two bits sit in the spare bits 6-7 of bytes 0-3 / 4-7). */
 /* acc + scale * (float)(sum of the 8 int32 lanes of v), the lanes added exactly in integers.
  * Kept in xmm registers: a scalar int -> float conversion would merge into (and wait for) the
  * previous accumulator, serialising the blocks. */
@@ -34,15 +28,6 @@ static inline __m128 acc_block(__m128 acc, float scale, __m256i v) {
     s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
     return _mm_add_ss(acc, _mm_mul_ss(_mm_set_ss(scale), _mm_cvtepi32_ps(s)));
-}
-
-static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
-    uint32_t u[3];
-    memcpy(u, s, 12);
-    sc[0] = u[0] & 0x3f3f3f3f;
-    mn[0] = u[1] & 0x3f3f3f3f;
-    sc[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
 }
 
 /* sum of the 8 lanes of acc minus the 4 of acc_m (the min term), in a fixed order */
@@ -173,26 +158,13 @@ static inline __m256i q6k_scale_pair(__m128i sc8, int m) {
 static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const block_q6_K *w, const block_q8_K *x,
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
     __m128 acc[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
         __m256i q[8], scale[8]; /* q[m]: unsigned 6-bit values 32m..32m+31 */
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
-            __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
-            __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
-            __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
-            __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
-            q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
-            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h1);
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h2);
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h3);
-        }
+        q6k_unpack_256(wb, q);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
         for (int m = 0; m < 8; m++) scale[m] = q6k_scale_pair(sc8, m);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));

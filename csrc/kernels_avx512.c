@@ -11,10 +11,7 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 
-#include <immintrin.h>
-#include <string.h>
-
-#include "kernels.h"
+#include "kernels_x86.h"
 
 /* Two 256-bit loads from p + a and p + b as one 512-bit register (a in the low half). */
 static inline __m512i load_halves(const int8_t *p, int a, int b) {
@@ -27,24 +24,6 @@ static inline __m512i halves_epi32(int32_t a, int32_t b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b), 1);
 }
 
-static inline int32_t hsum_epi32_128(__m128i s) {
-    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-    return _mm_cvtsi128_si32(s);
-}
-
-/* The 8 six-bit scales and mins of a Q4_K block as bytes (ggml's 12-byte packing). */
-static inline void q4k_scales_mins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    uint32_t u[3], v[4];
-    memcpy(u, s, 12);
-    v[0] = u[0] & 0x3f3f3f3f;
-    v[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    v[2] = u[1] & 0x3f3f3f3f;
-    v[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-    memcpy(sc, v, 8);
-    memcpy(mn, v + 2, 8);
-}
-
 static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
                     int64_t out_stride) {
     const block_q4_K *w = w_row;
@@ -55,8 +34,9 @@ static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
         LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
-        uint8_t sc[8], mn[8];
-        q4k_scales_mins(wb->scales, sc, mn);
+        uint32_t sc4[2], mn4[2];
+        q4k_unpack_scales(wb->scales, sc4, mn4);
+        const uint8_t *sc = (const uint8_t *)sc4;
         /* qs bytes 0-63 hold sub-blocks 0 and 2 (low nibbles) and 1 and 3 (high); bytes 64-127
          * sub-blocks 4, 6 and 5, 7. q[k] pairs sub-blocks sub[k][0] (low half) and sub[k][1]. */
         static const int sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
@@ -67,9 +47,7 @@ static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
             q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
         }
         for (int k = 0; k < 4; k++) scale[k] = halves_epi32(sc[sub[k][0]], sc[sub[k][1]]);
-        int64_t mn64;
-        memcpy(&mn64, mn, 8);
-        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn64));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn4[1], (int)mn4[0]));
         const float wd = _cvtsh_ss(wb->d), wdmin = _cvtsh_ss(wb->dmin); /* exact, as lq_fp16_to_fp32 */
         for (int t = 0; t < T; t++) {
             const block_q8_K *xb = &x[t * x_stride + b];
@@ -80,13 +58,8 @@ static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
                 __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], y);
                 s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, scale[k]));
             }
-            int32_t isum = _mm512_reduce_add_epi32(s);
-            __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xb->bsums),
-                                        _mm_loadu_si128((const __m128i *)(xb->bsums + 8)));
-            int32_t imin = hsum_epi32_128(_mm_madd_epi16(bs, mn16));
-            float d = xb->d * wd, dmin = xb->d * wdmin;
-            acc[t] += d * (float)isum;
-            acc[t] -= dmin * (float)imin;
+            int32_t isum = _mm512_reduce_add_epi32(s), imin = q4k_min_term(xb, mn16);
+            acc[t] = q4k_fold(acc[t], xb->d, wd, wdmin, isum, imin);
         }
     }
     for (int t = 0; t < T; t++) out[t * out_stride] = acc[t];
@@ -138,9 +111,8 @@ static void dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
             }
             /* the stored values are q + 32: take back 32 * sum_g scale_g * bsum_g */
             __m256i off8 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
-            __m128i off4 = _mm_add_epi32(_mm256_castsi256_si128(off8), _mm256_extracti128_si256(off8, 1));
-            int32_t isum = _mm512_reduce_add_epi32(s) - 32 * hsum_epi32_128(off4);
-            acc[t] += (xb->d * wd) * (float)isum;
+            int32_t isum = _mm512_reduce_add_epi32(s) - 32 * hsum_epi32_256(off8);
+            acc[t] = q6k_fold(acc[t], xb->d, wd, isum);
         }
     }
     for (int t = 0; t < T; t++) out[t * out_stride] = acc[t];

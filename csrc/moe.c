@@ -103,6 +103,26 @@ static void row_dot(const lq_kernels *k, int fmt, const uint8_t *w, int64_t n_va
         lq_row_kernel(k, fmt)(n_values, w, xf, xf_stride, n, out, 1);
 }
 
+/* What one phase-A or phase-B work item reads: rows [r0, r1) of one expert's gate_up (down = 0)
+ * or down projection, item = group * n_slices + slice. */
+typedef struct {
+    const group *gr;
+    const uint8_t *w; /* the projection's first row */
+    size_t rb;        /* bytes per row */
+    int fmt, kq;
+    int64_t r0, r1;
+} moe_slice;
+
+static moe_slice slice_of(const moe_job *j, int64_t item, int64_t n_slices, int64_t rows_per, int64_t rows,
+                          int down) {
+    const group *gr = &j->s->groups[item / n_slices];
+    const lq_expert *ex = &j->experts[gr->e];
+    int fmt = down ? ex->down_fmt : ex->gate_up_fmt, kq = lq_is_kquant(fmt);
+    int64_t len = down ? (kq ? j->ipad : j->inter) : (kq ? j->hpad : j->hidden);
+    int64_t r0 = (item % n_slices) * rows_per, r1 = r0 + rows_per < rows ? r0 + rows_per : rows;
+    return (moe_slice){gr, down ? ex->down : ex->gate_up, lq_row_bytes(fmt, len), fmt, kq, r0, r1};
+}
+
 /* Phase A: one item per (expert, LQ_GU_ROWS slice of the intermediate rows): gate and up rows
  * of that slice against the expert's tokens, then gelu(gate) * up into hf. */
 static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
@@ -111,23 +131,16 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
     const moe_scratch *s = j->s;
     float g[LQ_MAX_T], u[LQ_MAX_T];
     for (int64_t item = i0; item < i1; item++) {
-        const group *gr = &s->groups[item / j->n_slices];
-        const lq_expert *ex = &j->experts[gr->e];
-        int64_t r0 = (item % j->n_slices) * LQ_GU_ROWS;
-        int64_t r1 = r0 + LQ_GU_ROWS < j->inter ? r0 + LQ_GU_ROWS : j->inter;
-        int fmt = ex->gate_up_fmt;
-        int kq = lq_is_kquant(fmt);
-        size_t rb = lq_row_bytes(fmt, kq ? j->hpad : j->hidden);
-        for (int64_t c0 = 0; c0 < gr->np; c0 += LQ_MAX_T) {
-            int n = (int)(gr->np - c0 < LQ_MAX_T ? gr->np - c0 : LQ_MAX_T);
-            int64_t pc = gr->p0 + c0;
-            const block_q8_K *xq = kq ? s->xgq + pc * j->nbh : NULL;
-            const float *xf = kq ? NULL : s->xgf + pc * j->hidden;
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *wg = (const uint8_t *)ex->gate_up + (size_t)r * rb;
-                const uint8_t *wu = (const uint8_t *)ex->gate_up + (size_t)(r + j->inter) * rb;
-                row_dot(j->k, fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g);
-                row_dot(j->k, fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u);
+        moe_slice sl = slice_of(j, item, j->n_slices, LQ_GU_ROWS, j->inter, 0);
+        for (int64_t c0 = 0; c0 < sl.gr->np; c0 += LQ_MAX_T) {
+            int n = (int)(sl.gr->np - c0 < LQ_MAX_T ? sl.gr->np - c0 : LQ_MAX_T);
+            int64_t pc = sl.gr->p0 + c0;
+            const block_q8_K *xq = sl.kq ? s->xgq + pc * j->nbh : NULL;
+            const float *xf = sl.kq ? NULL : s->xgf + pc * j->hidden;
+            for (int64_t r = sl.r0; r < sl.r1; r++) {
+                const uint8_t *wg = sl.w + (size_t)r * sl.rb, *wu = sl.w + (size_t)(r + j->inter) * sl.rb;
+                row_dot(j->k, sl.fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g);
+                row_dot(j->k, sl.fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u);
                 for (int q = 0; q < n; q++) s->hf[(pc + q) * j->ipad + r] = lq_gelu_tanh(g[q]) * u[q];
             }
         }
@@ -156,21 +169,14 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     const moe_scratch *s = j->s;
     float d[LQ_MAX_T];
     for (int64_t item = i0; item < i1; item++) {
-        const group *gr = &s->groups[item / j->n_down_slices];
-        const lq_expert *ex = &j->experts[gr->e];
-        int64_t r0 = (item % j->n_down_slices) * LQ_DOWN_ROWS;
-        int64_t r1 = r0 + LQ_DOWN_ROWS < j->hidden ? r0 + LQ_DOWN_ROWS : j->hidden;
-        int fmt = ex->down_fmt;
-        int kq = lq_is_kquant(fmt);
-        size_t rb = lq_row_bytes(fmt, kq ? j->ipad : j->inter);
-        for (int64_t c0 = 0; c0 < gr->np; c0 += LQ_MAX_T) {
-            int n = (int)(gr->np - c0 < LQ_MAX_T ? gr->np - c0 : LQ_MAX_T);
-            int64_t pc = gr->p0 + c0;
-            const block_q8_K *xq = kq ? s->hq + pc * j->nbi : NULL;
-            const float *xf = kq ? NULL : s->hf + pc * j->ipad;
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *w = (const uint8_t *)ex->down + (size_t)r * rb;
-                row_dot(j->k, fmt, w, j->inter, j->nbi, xq, xf, j->ipad, n, d);
+        moe_slice sl = slice_of(j, item, j->n_down_slices, LQ_DOWN_ROWS, j->hidden, 1);
+        for (int64_t c0 = 0; c0 < sl.gr->np; c0 += LQ_MAX_T) {
+            int n = (int)(sl.gr->np - c0 < LQ_MAX_T ? sl.gr->np - c0 : LQ_MAX_T);
+            int64_t pc = sl.gr->p0 + c0;
+            const block_q8_K *xq = sl.kq ? s->hq + pc * j->nbi : NULL;
+            const float *xf = sl.kq ? NULL : s->hf + pc * j->ipad;
+            for (int64_t r = sl.r0; r < sl.r1; r++) {
+                row_dot(j->k, sl.fmt, sl.w + (size_t)r * sl.rb, j->inter, j->nbi, xq, xf, j->ipad, n, d);
                 for (int q = 0; q < n; q++) s->dn[(pc + q) * j->hidden + r] = d[q];
             }
         }
