@@ -2,9 +2,10 @@
 
     python3 -m pytest bench/bench_kernels.py --benchmark-columns=median,ops
 
-Each benchmark cycles its weights through 64 experts (210 MiB of Q4_K, far past a 32 MiB L3),
-so every call reads cold bytes as a server does. `extra_info` carries GB/s and the ratio to the
-read bandwidth measured in the same session (numpy sum over 1 GiB). For the ggml and numpy
+Each benchmark cycles its weights through a bank of experts several times the last-level cache
+the OS reports, so every call reads cold bytes as a server does. `extra_info` carries GB/s and
+the ratio to the read bandwidth of the C streaming loop measured in the same session over a
+buffer of the same size. Everything goes through larql.kernels (its benchmark hooks). For the ggml and numpy
 ratios in one table, run `larql bench kernels` (larql/benchmarks/kernels.py).
 """
 
@@ -18,23 +19,29 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from larql._kernels import ffi, lib  # noqa: E402
-
 from larql import kernels as K  # noqa: E402
-from larql.benchmarks.kernels import HIDDEN, TOP_K, make_bank, read_bandwidth  # noqa: E402
+from larql.benchmarks.kernels import (  # noqa: E402
+    HIDDEN,
+    TOP_K,
+    c_read_bandwidth,
+    cold_bytes,
+    experts_for,
+    last_level_cache_bytes,
+    make_bank,
+)
 
-N_EXPERTS = 64
+COLD_BYTES = cold_bytes(last_level_cache_bytes())
 
 
 @pytest.fixture(scope="module")
 def bandwidths() -> dict[int, float]:
-    """Read bandwidth by thread count (0 = all cores), measured once per session."""
-    return {1: read_bandwidth(1.0, 1), 0: read_bandwidth(1.0, K.num_threads())}
+    """C read bandwidth by thread count (0 = all cores), measured once per session."""
+    return {1: c_read_bandwidth(COLD_BYTES, 1), 0: c_read_bandwidth(COLD_BYTES, K.num_threads())}
 
 
 @pytest.fixture(scope="module", params=[K.Q4_K, K.Q6_K], ids=["Q4_K", "Q6_K"])
 def bank(request):
-    return make_bank(N_EXPERTS, request.param, request.param)
+    return make_bank(experts_for(COLD_BYTES, request.param), request.param, request.param)
 
 
 def _report(benchmark, nbytes: int, bandwidth: float) -> None:
@@ -51,13 +58,12 @@ def test_matvec(benchmark, bank, bandwidths, which, threads):
     x = np.random.default_rng(0).standard_normal(m0.cols).astype(np.float32)
     xq = K.quantize_q8k(x)
     y = np.empty(m0.rows, np.float32)
-    ptrs = [ffi.cast("void *", m.data.ctypes.data) for m in mats]
-    xq_p, y_p = ffi.cast("void *", xq.ctypes.data), ffi.cast("float *", y.ctypes.data)
+    calls = [K.bench_matmul_q8k(m, xq, y) for m in mats]
     state = {"i": 0}
 
     def call():
         state["i"] += 7
-        lib.lq_matmul_q8k(m0.fmt, ptrs[state["i"] % len(ptrs)], m0.rows, m0.cols, xq_p, 1, y_p)
+        calls[state["i"] % len(calls)]()
 
     K.set_num_threads(threads)
     try:
@@ -76,14 +82,15 @@ def test_moe_ffn_top8(benchmark, bank, bandwidths, T):
     out = np.empty((T, HIDDEN), np.float32)
     span = TOP_K if T == 1 else 3 * TOP_K
     calls = []
-    for i in range(N_EXPERTS):
-        window = (np.arange(span) + i * span) % N_EXPERTS
+    for i in range(max(1, bank.n // span)):
+        window = (np.arange(span) + i * span) % bank.n
         calls.append(np.stack([rng.choice(window, TOP_K, replace=False) for _ in range(T)]).astype(np.int32))
+    prepared = [K.bench_moe_ffn(table, x, ids, w, out) for ids in calls]
     state = {"i": 0}
 
     def call():
         state["i"] += 1
-        K.moe_ffn(table, x, calls[state["i"] % len(calls)], w, out=out)
+        prepared[state["i"] % len(prepared)]()
 
     benchmark.pedantic(call, rounds=60, warmup_rounds=3)
     distinct = np.mean([len(np.unique(c)) for c in calls])

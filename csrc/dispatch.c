@@ -7,9 +7,9 @@
 
 #include "kernels.h"
 
-static const lq_kernels *candidates[4];
+static const lq_kernels *candidates[8];
 static int n_candidates; /* usable tables, best last */
-static char available[64];
+static char available[128];
 static _Atomic(const lq_kernels *) active;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
@@ -28,11 +28,14 @@ static const lq_kernels *find(const char *name) {
 static void init(void) {
     add(&lq_kernels_scalar);
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) add(&lq_kernels_avx2);
+    /* best last: AVX-512 VNNI, then AVX-VNNI, over AVX2 */
+    if (lq_avx2_usable()) add(&lq_kernels_avx2);
+    if (lq_avxvnni_usable()) add(&lq_kernels_avxvnni);
+    if (lq_avx512_usable()) add(&lq_kernels_avx512);
 #endif
 #if defined(__aarch64__)
     add(&lq_kernels_neon); /* Advanced SIMD is part of the aarch64 baseline */
+    if (lq_neon_sdot_table()) add(lq_neon_sdot_table());
 #endif
     const lq_kernels *best = candidates[n_candidates - 1];
     const char *env = getenv("LARQL_ISA");

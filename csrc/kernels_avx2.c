@@ -11,12 +11,7 @@
 
 #pragma GCC target("avx2,fma,f16c")
 
-#include <immintrin.h>
-#include <string.h>
-
-#include "kernels.h"
-
-#define LQ_TMAX 64
+#include "kernels_x86.h"
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -25,9 +20,6 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The 8 six-bit scales and 8 mins of a Q4_K block, unpacked to bytes (ggml's 12-byte packing:
- * bytes 0-3 scales 0-3, bytes 4-7 mins 0-3, bytes 8-11 the low nibbles of scales/mins 4-7 whose
- * top two bits sit in the spare bits 6-7 of bytes 0-3 / 4-7). */
 /* acc + scale * (float)(sum of the 8 int32 lanes of v), the lanes added exactly in integers.
  * Kept in xmm registers: a scalar int -> float conversion would merge into (and wait for) the
  * previous accumulator, serialising the blocks. */
@@ -36,15 +28,6 @@ static inline __m128 acc_block(__m128 acc, float scale, __m256i v) {
     s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
     return _mm_add_ss(acc, _mm_mul_ss(_mm_set_ss(scale), _mm_cvtepi32_ps(s)));
-}
-
-static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
-    uint32_t u[3];
-    memcpy(u, s, 12);
-    sc[0] = u[0] & 0x3f3f3f3f;
-    mn[0] = u[1] & 0x3f3f3f3f;
-    sc[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
 }
 
 /* sum of the 8 lanes of acc minus the 4 of acc_m (the min term), in a fixed order */
@@ -67,11 +50,12 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const blo
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[LQ_TMAX];
-    __m128 acc_m[LQ_TMAX];
+    __m256 acc[LQ_MAX_T];
+    __m128 acc_m[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), acc_m[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
         uint32_t sc[2], mn[2];
         q4k_unpack_scales(wb->scales, sc, mn);
         const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0]));
@@ -114,6 +98,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_K *wb = &w[b];
         const block_q8_K *xb = &x[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
         uint32_t sc[2], mn[2];
         q4k_unpack_scales(wb->scales, sc, mn);
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
@@ -140,7 +125,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     return q4k_finish(acc, acc_m);
 }
 
-static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q4k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     if (T == 1)
         out[0] = q4k_row1(nb, (const block_q4_K *)w_row, x);
@@ -173,25 +158,13 @@ static inline __m256i q6k_scale_pair(__m128i sc8, int m) {
 static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const block_q6_K *w, const block_q8_K *x,
                                                            int64_t x_stride, int T, float *out,
                                                            int64_t out_stride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    __m128 acc[LQ_TMAX];
+    __m128 acc[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
         __m256i q[8], scale[8]; /* q[m]: unsigned 6-bit values 32m..32m+31 */
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
-            __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
-            __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
-            __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
-            __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
-            q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
-            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h1);
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h2);
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h3);
-        }
+        q6k_unpack_256(wb, q);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
         for (int m = 0; m < 8; m++) scale[m] = q6k_scale_pair(sc8, m);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
@@ -224,6 +197,7 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         const block_q8_K *xb = &x[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)wb->scales);
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
         /* the stored values are q + 32: start from -32 * sum_g scale_g * bsum_g */
@@ -262,7 +236,7 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     return _mm_cvtss_f32(acc);
 }
 
-static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q6k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     if (T == 1)
         out[0] = q6k_row1(nb, (const block_q6_K *)w_row, x);
@@ -278,13 +252,24 @@ static inline __m256 ld_f32(const void *w, int64_t i) { return _mm256_loadu_ps((
 static inline __m256 ld_f16(const void *w, int64_t i) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
 }
+static inline __m256 ld_bf16(const void *w, int64_t i) { /* bf16 -> f32: the top half, exact */
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
 static inline float el_f32(const void *w, int64_t i) { return ((const float *)w)[i]; }
 static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const uint16_t *)w)[i]); }
+static inline float el_bf16(const void *w, int64_t i) {
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 #define COL_FMA(k, off) a##k##off = _mm256_fmadd_ps(w##off, _mm256_loadu_ps(x##k + i + 8 * off), a##k##off)
-#define DEFINE_FLOAT_DOT(NAME, LD, EL)                                                                    \
-    static void NAME(int64_t n, const void *w, const float *x, int64_t x_stride, int T, float *out,       \
+#define DEFINE_FLOAT_DOT(NAME, LD, EL, PF_ESZ)                                                               \
+    void NAME(int64_t n, const void *w, const void *x_rows, int64_t x_stride, int T, float *out,         \
                      int64_t out_stride) {                                                                \
+        const float *x = x_rows;                                                                          \
         int t = 0;                                                                                        \
         for (; t + 4 <= T; t += 4) {                                                                      \
             const float *x0 = x + t * x_stride, *x1 = x0 + x_stride, *x2 = x1 + x_stride,                 \
@@ -293,6 +278,7 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
                    a30 = a00, a31 = a00;                                                                  \
             int64_t i = 0;                                                                                \
             for (; i + 16 <= n; i += 16) {                                                                \
+                if (PF_ESZ) LQ_PREFETCH(w, i * PF_ESZ);                                                            \
                 __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
                 COL_FMA(0, 0); COL_FMA(0, 1); COL_FMA(1, 0); COL_FMA(1, 1);                               \
                 COL_FMA(2, 0); COL_FMA(2, 1); COL_FMA(3, 0); COL_FMA(3, 1);                               \
@@ -316,6 +302,7 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
             __m256 a00 = _mm256_setzero_ps(), a01 = a00;                                                  \
             int64_t i = 0;                                                                                \
             for (; i + 16 <= n; i += 16) {                                                                \
+                if (PF_ESZ) LQ_PREFETCH(w, i * PF_ESZ);                                                            \
                 __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                                  \
                 COL_FMA(0, 0); COL_FMA(0, 1);                                                             \
             }                                                                                             \
@@ -330,12 +317,15 @@ static inline float el_f16(const void *w, int64_t i) { return _cvtsh_ss(((const 
         }                                                                                                 \
     }
 
-DEFINE_FLOAT_DOT(dot_f32, ld_f32, el_f32)
-DEFINE_FLOAT_DOT(dot_f16, ld_f16, el_f16)
+/* PF_ESZ: bytes per weight to prefetch by, 0 = none (f32: the hardware prefetcher keeps up).
+ * Not static: the wider x86 tables (AVX-512, AVX-VNNI) share these float kernels. */
+DEFINE_FLOAT_DOT(lq_avx2_dot_f32, ld_f32, el_f32, 0)
+DEFINE_FLOAT_DOT(lq_avx2_dot_f16, ld_f16, el_f16, 2)
+DEFINE_FLOAT_DOT(lq_avx2_dot_bf16, ld_bf16, el_bf16, 2)
 
 /* Same bytes as the scalar quantiser: iscale = 127/amax, round half to even (the default
  * MXCSR mode of cvtps2dq), d = amax/127. */
-static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
+void lq_avx2_quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
         __m256 mx = _mm256_setzero_ps();
@@ -375,11 +365,9 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
 
 const lq_kernels lq_kernels_avx2 = {
     .name = "avx2",
-    .dot_q4k = dot_q4k,
-    .dot_q6k = dot_q6k,
-    .dot_f32 = dot_f32,
-    .dot_f16 = dot_f16,
-    .quantize_q8k = quantize_q8k,
+    .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
+            [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
+    .quantize_q8k = lq_avx2_quantize_q8k,
 };
 
 #endif

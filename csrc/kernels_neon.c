@@ -6,8 +6,10 @@
  *   smull (vmull_s8 + vpadalq_s16, plain ARMv8.0: Cortex-A53/A57/A72, Raspberry Pi 4).
  * Built with dotprod enabled (-march=armv8.2-a+dotprod, -mcpu=native on such a CPU) only the
  * sdot path exists. Built for baseline armv8-a (what distribution compilers and build_ext do)
- * with GCC on Linux, both exist and the CPU's HWCAP picks one at run time, so a wheel built on
- * a Raspberry Pi still uses sdot on a Graviton. lq_neon_int8_path() says which one runs.
+ * with GCC on Linux, both exist and the CPU's HWCAP says whether the sdot one can run, so a wheel
+ * built on a Raspberry Pi still uses sdot on a Graviton. They are two tables: "neon" (smull,
+ * always there) and "neon_sdot" (lq_neon_sdot_table(), NULL where it cannot run); dispatch lists
+ * both and prefers sdot, and LARQL_ISA / the tests can force either.
  *
  * The small-batch form (T activation rows) unpacks each weight block into registers once and
  * applies it to all T rows before touching the next block: weights are read once per call. */
@@ -41,15 +43,9 @@ static bool cpu_has_sdot(void) {
     return v;
 }
 #else
-#define LQ_HAVE_SDOT 0
-#define LQ_SDOT_FN /* q*k_sdot then falls back to smull inside dot16 */
-static bool cpu_has_sdot(void) { return false; }
+#define LQ_HAVE_SDOT 0 /* only the smull table exists */
 #endif
 
-#define MAX_T 64 /* activation rows per pass; larger T is handled in passes of MAX_T */
-
-const char *lq_neon_int8_path(void);
-const char *lq_neon_int8_path(void) { return cpu_has_sdot() ? "sdot" : "smull"; }
 
 static inline float f16_to_f32(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
@@ -110,11 +106,12 @@ static inline __attribute__((always_inline)) void q4k_rows(int64_t nb, const voi
                                                            bool sdot) {
     const block_q4_K *w = w_row;
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
-    float sum[MAX_T];
+    float sum[LQ_MAX_T];
     for (int t = 0; t < T; t++) sum[t] = 0.0f;
 
     for (int64_t i = 0; i < nb; i++) {
         const block_q4_K *b = &w[i];
+        LQ_PREFETCH(b, 0), LQ_PREFETCH(b, 64), LQ_PREFETCH(b, 128);
         /* q[k] holds values 16k..16k+15; sub-block s (32 values, one scale) is q[2s], q[2s+1]. */
         int8x16_t q[16];
         for (int c = 0; c < 4; c++) {
@@ -159,11 +156,12 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const voi
     const block_q6_K *w = w_row;
     const uint8x16_t m4 = vdupq_n_u8(0x0f), m2 = vdupq_n_u8(0x03);
     const int8x16_t bias = vdupq_n_s8(32);
-    float sum[MAX_T];
+    float sum[LQ_MAX_T];
     for (int t = 0; t < T; t++) sum[t] = 0.0f;
 
     for (int64_t i = 0; i < nb; i++) {
         const block_q6_K *b = &w[i];
+        LQ_PREFETCH(b, 0), LQ_PREFETCH(b, 64), LQ_PREFETCH(b, 128), LQ_PREFETCH(b, 192);
         /* q[g] holds values 16g..16g+15, which share scales[g]. Per 128 values ggml stores
          * 64 bytes of ql (low nibbles: values 0-63, high nibbles: 64-127) and 32 bytes of qh
          * (2-bit fields at shifts 0, 2, 4, 6 for values 0-31, 32-63, 64-95, 96-127). */
@@ -205,63 +203,63 @@ static inline __attribute__((always_inline)) void q6k_rows(int64_t nb, const voi
     for (int t = 0; t < T; t++) out[t * out_stride] = sum[t];
 }
 
-/* Each body is compiled once per int8 path (the `sdot` argument folds away); the public kernels
- * pick the path the CPU supports and split T into passes of at most MAX_T rows. */
-static void q4k_smull(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T, float *out,
-                      int64_t os) {
+/* Each body is compiled once per int8 path (the `sdot` argument folds away). */
+static void q4k_smull(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
     q4k_rows(nb, w, x, xs, T, out, os, false);
 }
-LQ_SDOT_FN static void q4k_sdot(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T,
-                                float *out, int64_t os) {
-    q4k_rows(nb, w, x, xs, T, out, os, true);
-}
-static void q6k_smull(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T, float *out,
-                      int64_t os) {
+static void q6k_smull(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
     q6k_rows(nb, w, x, xs, T, out, os, false);
 }
-LQ_SDOT_FN static void q6k_sdot(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T,
-                                float *out, int64_t os) {
+#if LQ_HAVE_SDOT
+LQ_SDOT_FN static void q4k_sdot(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out,
+                                int64_t os) {
+    q4k_rows(nb, w, x, xs, T, out, os, true);
+}
+LQ_SDOT_FN static void q6k_sdot(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out,
+                                int64_t os) {
     q6k_rows(nb, w, x, xs, T, out, os, true);
 }
-
-static void in_passes(lq_dot_q_fn rows, int64_t nb, const void *w, const block_q8_K *x, int64_t xs,
-                      int T, float *out, int64_t os) {
-    for (int t0 = 0; t0 < T; t0 += MAX_T)
-        rows(nb, w, x + t0 * xs, xs, T - t0 < MAX_T ? T - t0 : MAX_T, out + t0 * os, os);
-}
-
-static void dot_q4k(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T, float *out,
-                    int64_t os) {
-    in_passes(cpu_has_sdot() ? q4k_sdot : q4k_smull, nb, w, x, xs, T, out, os);
-}
-
-static void dot_q6k(int64_t nb, const void *w, const block_q8_K *x, int64_t xs, int T, float *out,
-                    int64_t os) {
-    in_passes(cpu_has_sdot() ? q6k_sdot : q6k_smull, nb, w, x, xs, T, out, os);
-}
+#endif
 
 /* ---- f32 / f16 rows x f32 activations ------------------------------------------------------- */
 
-static inline __attribute__((always_inline)) float32x4_t load4(const void *w, int64_t i, bool f16) {
-    if (f16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)w + i)));
+enum { W_F32, W_F16, W_BF16 }; /* the stored float format of a row */
+
+static inline __attribute__((always_inline)) float32x4_t load4(const void *w, int64_t i, int kind) {
+    if (kind == W_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)w + i)));
+    if (kind == W_BF16) /* bf16 -> f32 is the top half: exact */
+        return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)w + i), 16));
     return vld1q_f32((const float *)w + i);
+}
+
+static inline float load1(const void *w, int64_t i, int kind) {
+    if (kind == W_F16) return f16_to_f32(((const uint16_t *)w)[i]);
+    if (kind == W_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return ((const float *)w)[i];
 }
 
 /* The row is walked in chunks of 64 values kept in registers; each chunk is applied to every
  * activation row before the next is loaded. Four accumulators per row hide the FMA latency. */
 static inline __attribute__((always_inline)) void float_rows(int64_t n, const void *w, const float *x,
                                                              int64_t x_stride, int T, float *out,
-                                                             int64_t out_stride, bool f16) {
-    float32x4_t acc[MAX_T][4];
-    float tail[MAX_T];
+                                                             int64_t out_stride, int kind) {
+    float32x4_t acc[LQ_MAX_T][4];
+    float tail[LQ_MAX_T];
     for (int t = 0; t < T; t++) {
         for (int k = 0; k < 4; k++) acc[t][k] = vdupq_n_f32(0.0f);
         tail[t] = 0.0f;
     }
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
+        if (kind != W_F32) /* 64 values, 128 bytes; f32 rows stream well without (see kernels.h) */
+            LQ_PREFETCH(w, 2 * i), LQ_PREFETCH(w, 2 * i + 64);
         float32x4_t wv[16];
-        for (int k = 0; k < 16; k++) wv[k] = load4(w, i + 4 * k, f16);
+        for (int k = 0; k < 16; k++) wv[k] = load4(w, i + 4 * k, kind);
         for (int t = 0; t < T; t++) {
             const float *xt = x + t * x_stride + i;
             float32x4_t a[4] = {acc[t][0], acc[t][1], acc[t][2], acc[t][3]};
@@ -270,11 +268,11 @@ static inline __attribute__((always_inline)) void float_rows(int64_t n, const vo
         }
     }
     for (; i + 4 <= n; i += 4) {
-        float32x4_t wv = load4(w, i, f16);
+        float32x4_t wv = load4(w, i, kind);
         for (int t = 0; t < T; t++) acc[t][0] = vfmaq_f32(acc[t][0], wv, vld1q_f32(x + t * x_stride + i));
     }
     for (; i < n; i++) {
-        float wi = f16 ? f16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+        float wi = load1(w, i, kind);
         for (int t = 0; t < T; t++) tail[t] += wi * x[t * x_stride + i];
     }
     for (int t = 0; t < T; t++) {
@@ -283,16 +281,14 @@ static inline __attribute__((always_inline)) void float_rows(int64_t n, const vo
     }
 }
 
-static void dot_f32(int64_t n, const void *w, const float *x, int64_t xs, int T, float *out,
-                    int64_t os) {
-    for (int t0 = 0; t0 < T; t0 += MAX_T)
-        float_rows(n, w, x + t0 * xs, xs, T - t0 < MAX_T ? T - t0 : MAX_T, out + t0 * os, os, false);
+static void dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_rows(n, w, x, xs, T, out, os, W_F32);
 }
-
-static void dot_f16(int64_t n, const void *w, const float *x, int64_t xs, int T, float *out,
-                    int64_t os) {
-    for (int t0 = 0; t0 < T; t0 += MAX_T)
-        float_rows(n, w, x + t0 * xs, xs, T - t0 < MAX_T ? T - t0 : MAX_T, out + t0 * os, os, true);
+static void dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_rows(n, w, x, xs, T, out, os, W_F16);
+}
+static void dot_bf16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_rows(n, w, x, xs, T, out, os, W_BF16);
 }
 
 /* ---- f32 -> Q8_K ----------------------------------------------------------------------------
@@ -326,7 +322,27 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
 }
 
 const lq_kernels lq_kernels_neon = {
-    "neon", dot_q4k, dot_q6k, dot_f32, dot_f16, quantize_q8k,
+    .name = "neon",
+    .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = q4k_smull,
+            [LQ_Q6_K] = q6k_smull},
+    .quantize_q8k = quantize_q8k,
 };
+
+#if LQ_HAVE_SDOT
+static const lq_kernels neon_sdot = {
+    .name = "neon_sdot",
+    .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = q4k_sdot,
+            [LQ_Q6_K] = q6k_sdot},
+    .quantize_q8k = quantize_q8k,
+};
+#endif
+
+const lq_kernels *lq_neon_sdot_table(void) {
+#if LQ_HAVE_SDOT
+    return cpu_has_sdot() ? &neon_sdot : NULL;
+#else
+    return NULL;
+#endif
+}
 
 #endif /* __aarch64__ */

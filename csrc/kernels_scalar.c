@@ -72,9 +72,10 @@ static inline void q4k_scale_min(int j, const uint8_t *s, int *sc, int *mn) {
 
 /* ---- kernels ---- */
 
-static void dot_q4k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     const block_q4_K *w = (const block_q4_K *)w_row;
+    const block_q8_K *x = x_rows;
     for (int t = 0; t < T; t++) {
         const block_q8_K *xt = x + t * x_stride;
         float acc = 0.f;
@@ -122,9 +123,10 @@ static void q6k_unpack(const block_q6_K *b, int8_t *q) {
     }
 }
 
-static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t x_stride, int T,
+static void dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     const block_q6_K *w = (const block_q6_K *)w_row;
+    const block_q8_K *x = x_rows;
     for (int t = 0; t < T; t++) {
         const block_q8_K *xt = x + t * x_stride;
         float acc = 0.f;
@@ -143,26 +145,38 @@ static void dot_q6k(int64_t nb, const void *w_row, const block_q8_K *x, int64_t 
     }
 }
 
-static void dot_f32(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
-                    int64_t out_stride) {
-    const float *w = (const float *)w_row;
+/* bf16 is the top half of an f32: widening is exact */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float el_f32(const void *w, int64_t i) { return ((const float *)w)[i]; }
+static inline float el_f16(const void *w, int64_t i) { return lq_fp16_to_fp32(((const uint16_t *)w)[i]); }
+static inline float el_bf16(const void *w, int64_t i) { return bf16_to_f32(((const uint16_t *)w)[i]); }
+
+/* The float rows: one running sum per activation row, in index order. */
+static inline __attribute__((always_inline)) void float_dot(float (*el)(const void *, int64_t), int64_t n,
+                                                            const void *w, const void *x_rows,
+                                                            int64_t x_stride, int T, float *out,
+                                                            int64_t out_stride) {
     for (int t = 0; t < T; t++) {
-        const float *xt = x + t * x_stride;
+        const float *xt = (const float *)x_rows + t * x_stride;
         float acc = 0.f;
-        for (int64_t i = 0; i < n; i++) acc += w[i] * xt[i];
+        for (int64_t i = 0; i < n; i++) acc += el(w, i) * xt[i];
         out[t * out_stride] = acc;
     }
 }
 
-static void dot_f16(int64_t n, const void *w_row, const float *x, int64_t x_stride, int T, float *out,
-                    int64_t out_stride) {
-    const uint16_t *w = (const uint16_t *)w_row;
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + t * x_stride;
-        float acc = 0.f;
-        for (int64_t i = 0; i < n; i++) acc += lq_fp16_to_fp32(w[i]) * xt[i];
-        out[t * out_stride] = acc;
-    }
+static void dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_dot(el_f32, n, w, x, xs, T, out, os);
+}
+static void dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_dot(el_f16, n, w, x, xs, T, out, os);
+}
+static void dot_bf16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
+    float_dot(el_bf16, n, w, x, xs, T, out, os);
 }
 
 /* f32 -> Q8_K: d = max|x| / 127, q = round(x / d) (ties to even), bsums per 16 quants.
@@ -196,9 +210,6 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
 
 const lq_kernels lq_kernels_scalar = {
     .name = "scalar",
-    .dot_q4k = dot_q4k,
-    .dot_q6k = dot_q6k,
-    .dot_f32 = dot_f32,
-    .dot_f16 = dot_f16,
+    .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
     .quantize_q8k = quantize_q8k,
 };

@@ -15,12 +15,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The format ids: the LYRW quant_format numbering (docs/FORMAT.md). larql.kernels reads them
+ * (and the error codes below) from this header through cffi; nothing else defines them. */
 enum {
     LQ_F32 = 0,
     LQ_F16 = 1,
     LQ_BF16 = 2,
+    LQ_Q4_0 = 3, /* recognised in files (row sizes known), not computed */
     LQ_Q4_K = 4,
     LQ_Q6_K = 5,
+    LQ_Q8_0 = 6, /* recognised in files, not computed */
+    LQ_FP4 = 7,  /* recognised in files, layout unknown here */
+    LQ_Q5_K = 8, /* recognised in files, not computed */
     LQ_Q8_K = 100 /* activations only: in memory or on the wire */
 };
 
@@ -33,8 +39,11 @@ enum {
     LQ_E_ISA = -5       /* requested ISA not available on this CPU */
 };
 
-/* Bytes of one stored row of `cols` values, 0 if the format or length is invalid. */
+/* Bytes of one stored row of `cols` values, 0 if the format's layout is unknown or cols is not a
+ * whole number of its blocks. */
 size_t lq_row_bytes(int fmt, int64_t cols);
+/* Values per block of a format (256 for K-quants, 32 for Q4_0/Q8_0, 1 for floats), 0 if unknown. */
+int64_t lq_block_values(int fmt);
 
 /* f32 rows -> fmt rows (Q4_K/Q6_K with a scale/min search; F16; F32 copy; Q8_K). Multi-threaded. */
 int lq_quantize(int fmt, const float *src, void *dst, int64_t rows, int64_t cols);
@@ -80,13 +89,6 @@ const char *lq_isa(void);
 int lq_force_isa(const char *name);
 /* Space-separated list of ISAs usable on this CPU, best last. */
 const char *lq_available_isas(void);
-
-/* Benchmark helper (larql bench kernels): y[r] = fn(row r of w . xq) for every row, where fn has
- * ggml's vec_dot signature (int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy,
- * size_t by, int nrc). Spread over the thread pool when `parallel` is non-zero, else run on the
- * calling thread. Lets a foreign kernel be timed on the same bytes without per-row Python cost. */
-int lq_bench_vec_dot(const void *fn, int64_t n, const void *w, size_t row_bytes, int64_t rows,
-                     const void *xq, float *y, int parallel);
 
 /* Vector glue of a decoder layer (csrc/vecops.c), f32, on the calling thread unless noted.
  * Rows of n floats.

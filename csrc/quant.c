@@ -301,17 +301,33 @@ void lq_dequantize_row_q6k(const block_q6_K *x, float *y, int64_t n) {
 
 /* ---- row bytes and the multi-threaded drivers ---- */
 
-size_t lq_row_bytes(int fmt, int64_t cols) {
-    if (cols <= 0) return 0;
+/* Values and bytes per block of every format whose layout is known (ggml's for the quants). */
+static int block_layout(int fmt, int64_t *values, size_t *bytes) {
     switch (fmt) {
-    case LQ_F32: return (size_t)cols * 4;
+    case LQ_F32: *values = 1, *bytes = 4; return 1;
     case LQ_F16:
-    case LQ_BF16: return (size_t)cols * 2;
-    case LQ_Q4_K: return cols % QK_K ? 0 : (size_t)(cols / QK_K) * sizeof(block_q4_K);
-    case LQ_Q6_K: return cols % QK_K ? 0 : (size_t)(cols / QK_K) * sizeof(block_q6_K);
-    case LQ_Q8_K: return cols % QK_K ? 0 : (size_t)(cols / QK_K) * sizeof(block_q8_K);
+    case LQ_BF16: *values = 1, *bytes = 2; return 1;
+    case LQ_Q4_0: *values = 32, *bytes = 18; return 1;
+    case LQ_Q8_0: *values = 32, *bytes = 34; return 1;
+    case LQ_Q4_K: *values = QK_K, *bytes = sizeof(block_q4_K); return 1;
+    case LQ_Q5_K: *values = QK_K, *bytes = 176; return 1;
+    case LQ_Q6_K: *values = QK_K, *bytes = sizeof(block_q6_K); return 1;
+    case LQ_Q8_K: *values = QK_K, *bytes = sizeof(block_q8_K); return 1;
     default: return 0;
     }
+}
+
+size_t lq_row_bytes(int fmt, int64_t cols) {
+    int64_t values;
+    size_t bytes;
+    if (cols <= 0 || !block_layout(fmt, &values, &bytes) || cols % values) return 0;
+    return (size_t)(cols / values) * bytes;
+}
+
+int64_t lq_block_values(int fmt) {
+    int64_t values;
+    size_t bytes;
+    return block_layout(fmt, &values, &bytes) ? values : 0;
 }
 
 typedef struct {

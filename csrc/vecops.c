@@ -62,11 +62,8 @@ int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, 
 
 int lq_gelu_mul(const float *gate, const float *up, int64_t n, float *out) {
     if (n < 0) return LQ_E_SHAPE;
-    const float c = 0.7978845608028654f; /* sqrt(2/pi) rounded to f32, as numpy's np.float32 */
-    for (int64_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
-    }
+    /* the experts' gelu (kernels.h), so a dense MLP and an expert round alike */
+    for (int64_t i = 0; i < n; i++) out[i] = lq_gelu_tanh(gate[i]) * up[i];
     return LQ_OK;
 }
 

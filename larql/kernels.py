@@ -11,7 +11,7 @@ activation format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +20,16 @@ from larql._kernels import ffi, lib
 
 from .errors import LarqlError
 
-F32, F16, BF16, Q4_K, Q6_K, Q8_K = 0, 1, 2, 4, 5, 100
-FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_K: "Q8_K"}
+# Format ids and error codes come from csrc/larql.h (through cffi): the one definition.
+F32, F16, BF16, Q4_K, Q6_K, Q8_K = lib.LQ_F32, lib.LQ_F16, lib.LQ_BF16, lib.LQ_Q4_K, lib.LQ_Q6_K, lib.LQ_Q8_K
+# LYRW ids a file may carry that the kernels do not compute (row sizes known, except FP4's).
+Q4_0, Q8_0, FP4, Q5_K = lib.LQ_Q4_0, lib.LQ_Q8_0, lib.LQ_FP4, lib.LQ_Q5_K
+FORMAT_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "Q4_0", Q4_K: "Q4_K", Q6_K: "Q6_K", Q8_0: "Q8_0",
+                FP4: "FP4", Q5_K: "Q5_K", Q8_K: "Q8_K"}
 QK_K = 256
-WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)
+WEIGHT_FORMATS = (F32, F16, BF16, Q4_K, Q6_K)  # what the row kernels compute with
 KQUANTS = (Q4_K, Q6_K, Q8_K)
+CODEC_FORMATS = (*WEIGHT_FORMATS, Q8_K)  # what quantize / dequantize convert
 
 
 class KernelError(LarqlError, ValueError):
@@ -32,16 +37,16 @@ class KernelError(LarqlError, ValueError):
 
 
 _ERRORS = {
-    -1: "unsupported format for this operation",
-    -2: "bad shape",
-    -3: "expert id out of range or not held",
-    -4: "out of memory",
-    -5: "ISA not available on this CPU",
+    lib.LQ_E_FORMAT: "unsupported format for this operation",
+    lib.LQ_E_SHAPE: "bad shape",
+    lib.LQ_E_EXPERT: "expert id out of range or not held",
+    lib.LQ_E_NOMEM: "out of memory",
+    lib.LQ_E_ISA: "ISA not available on this CPU",
 }
 
 
 def _check(rc: int, what: str) -> None:
-    if rc != 0:
+    if rc != lib.LQ_OK:
         raise KernelError(f"{what}: {_ERRORS.get(rc, f'error {rc}')}")
 
 
@@ -80,25 +85,27 @@ class QMatrix:
 
 
 def row_bytes(fmt: int, cols: int) -> int:
-    """Bytes of one stored row of `cols` values."""
+    """Bytes of one stored row of `cols` values (a whole number of fmt's blocks)."""
     n = lib.lq_row_bytes(int(fmt), int(cols))
     if n == 0:
-        if fmt not in FORMAT_NAMES:
-            raise KernelError(f"row_bytes: unknown format {fmt}")
+        if block_size(fmt) == 0:
+            raise KernelError(f"row_bytes: the layout of {_fmt_name(fmt)} is not known")
         raise KernelError(f"row_bytes: {cols} values is not a valid {_fmt_name(fmt)} row length")
     return int(n)
 
 
 def block_size(fmt: int) -> int:
-    """256 for K-quants, 1 for float formats."""
+    """Values per block: 256 for K-quants, 32 for Q4_0/Q8_0, 1 for float formats."""
     if fmt not in FORMAT_NAMES:
         raise KernelError(f"block_size: unknown format {fmt}")
-    return QK_K if fmt in KQUANTS else 1
+    return int(lib.lq_block_values(int(fmt)))
 
 
 def padded_cols(fmt: int, cols: int) -> int:
     """cols rounded up to a whole number of blocks of fmt."""
     b = block_size(fmt)
+    if b == 0:
+        raise KernelError(f"padded_cols: the layout of {_fmt_name(fmt)} is not known")
     return (int(cols) + b - 1) // b * b
 
 
@@ -125,8 +132,8 @@ def _ptr(a: np.ndarray, ctype: str = "void *"):
 
 def quantize(x: np.ndarray, fmt: int) -> np.ndarray:
     """f32 [rows, cols] -> uint8 [rows * row_bytes(fmt, padded cols)]; cols padded with zeros."""
-    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
-        raise KernelError(f"quantize: cannot quantise to {_fmt_name(fmt)}")
+    if fmt not in CODEC_FORMATS:
+        raise KernelError(f"quantize: cannot quantise to {_fmt_name(fmt)} (format {fmt})")
     x = _f32_2d(x, "quantize")
     rows, cols = x.shape
     if cols == 0:
@@ -151,8 +158,8 @@ def _as_bytes(data, name: str) -> np.ndarray:
 
 def dequantize(data, fmt: int, rows: int, cols: int) -> np.ndarray:
     """rows x cols stored in fmt (cols = the stored row length) -> f32 [rows, cols]."""
-    if fmt not in (F32, F16, BF16, Q4_K, Q6_K, Q8_K):
-        raise KernelError(f"dequantize: unknown format {fmt}")
+    if fmt not in CODEC_FORMATS:
+        raise KernelError(f"dequantize: cannot dequantise {_fmt_name(fmt)} (format {fmt})")
     buf = _as_bytes(data, "dequantize")
     need = rows * row_bytes(fmt, cols)
     if rows < 0 or buf.size != need:
@@ -300,7 +307,7 @@ def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndar
     y = _out(out, (table.hidden,) if vec else (T, table.hidden), "moe_ffn")
     rc = lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
                         ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"))
-    if rc == -3:  # LQ_E_EXPERT: the C side checks every id; name the bad one only when it fails
+    if rc == lib.LQ_E_EXPERT:  # the C side checks every id; name the bad one only when it fails
         _raise_bad_ids(table, ids32)
     _check(rc, "moe_ffn")
     return y
@@ -339,7 +346,7 @@ def force_isa(name: str | None) -> None:
     if name is None:
         _check(lib.lq_force_isa(ffi.NULL), "force_isa")
         return
-    if lib.lq_force_isa(name.encode()) != 0:
+    if lib.lq_force_isa(name.encode()) != lib.LQ_OK:
         raise KernelError(f"force_isa: {name!r} is not available here (have: {' '.join(available_isas())})")
 
 
@@ -469,3 +476,95 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n: 
                              _ptr(pos, "int64_t *"), n, int(q_pos), int(window or 0),
                              _fbuf(out)), "attend_one")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark hooks (csrc/larql_bench.h, not the public API): calls with their cffi pointers made
+# once, so a timing loop measures the kernel and not the argument checks, and the plain C read
+# loop that is the bandwidth anchor. Only larql.benchmarks and bench/ use these.
+
+READ_ALIGN = 64  # lq_bench_read wants 32-byte aligned buffers; a cache line is simplest
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 array of nbytes (rounded up to 256) starting on a cache line, every byte written.
+
+    Written, not np.zeros: untouched calloc pages all map the kernel's one zero page, which a
+    read loop would then stream from cache."""
+    n = -(-int(nbytes) // 256) * 256
+    raw = np.empty(n + READ_ALIGN, dtype=np.uint8)
+    raw.fill(0x5A)
+    off = (-raw.ctypes.data) % READ_ALIGN
+    return raw[off:off + n]
+
+
+def bench_read(buf: np.ndarray, parallel: bool) -> Callable[[], None]:
+    """A call that reads all of buf (from aligned_buffer) with the C streaming loop, on the calling
+    thread or spread over the pool in 1 MiB chunks."""
+    if buf.dtype != np.uint8 or buf.ndim != 1 or buf.ctypes.data % 32 or buf.size % 256:
+        raise KernelError("bench_read: buf must come from aligned_buffer()")
+    p, n, par = _ptr(buf), buf.size, int(bool(parallel))
+    sink = ffi.new("uint64_t *")
+
+    def call() -> None:
+        _check(lib.lq_bench_read(p, n, par, sink), "bench_read")
+
+    return call
+
+
+def bench_matmul_q8k(w: QMatrix, xq: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    """A prepared matmul_q8k(w, xq) into y (f32 [T, w.rows], T from y); the checks run once here."""
+    if w.fmt not in (Q4_K, Q6_K) or y.dtype != np.float32 or not y.flags.c_contiguous:
+        raise KernelError("bench_matmul_q8k: K-quant weights and a contiguous f32 y")
+    T = y.size // max(1, w.rows)
+    buf = _as_bytes(xq, "bench_matmul_q8k")
+    if y.size != T * w.rows or buf.size != T * row_bytes(Q8_K, w.cols):
+        raise KernelError(f"bench_matmul_q8k: {buf.size} activation bytes and {y.size} outputs do not fit")
+    args = (w.fmt, _ptr(w.data), w.rows, w.cols, _ptr(buf), T, _ptr(y, "float *"))
+    keep = (w, buf, y)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_matmul_q8k(*args), "bench_matmul_q8k")
+
+    return call
+
+
+def bench_vec_dot(fn_address: int, w: QMatrix, xq: np.ndarray, y: np.ndarray,
+                  parallel: bool) -> Callable[[], None]:
+    """A call running a foreign ggml-style vec_dot (its address) over every row of w against the
+    activation bytes xq (in that library's own Q8_K), into y [w.rows]: timed from C, row by row."""
+    if y.dtype != np.float32 or y.size != w.rows or not fn_address:
+        raise KernelError("bench_vec_dot: y must be f32 [w.rows] and the function address non-zero")
+    buf = _as_bytes(xq, "bench_vec_dot")
+    args = (ffi.cast("void *", int(fn_address)), w.cols, _ptr(w.data), row_bytes(w.fmt, w.cols), w.rows,
+            _ptr(buf), _ptr(y, "float *"), int(bool(parallel)))
+    keep = (w, buf, y)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_bench_vec_dot(*args), "bench_vec_dot")
+
+    return call
+
+
+def bench_moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                  out: np.ndarray) -> Callable[[], None]:
+    """A prepared moe_ffn(table, x, ids, weights, out=out): ids int32 [T, K], x/out f32 [T, hidden]."""
+    T = x.shape[0]
+    expect = (("x", x, np.float32, (T, table.hidden)), ("out", out, np.float32, (T, table.hidden)),
+              ("ids", ids, np.int32, ids.shape), ("weights", weights, np.float32, ids.shape))
+    for name, a, dt, shape in expect:
+        if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+            raise KernelError(f"bench_moe_ffn: {name} must be contiguous {np.dtype(dt).name} {shape}")
+    if ids.ndim != 2 or ids.shape[0] != T or (ids.size and ids.max() >= table.n_experts):
+        raise KernelError(f"bench_moe_ffn: ids {ids.shape} must be [T={T}, K] below {table.n_experts}")
+    args = (table._c, table.n_experts, table.hidden, table.inter, _ptr(x, "float *"), T, ids.shape[1],
+            _ptr(ids, "int32_t *"), _ptr(weights, "float *"), _ptr(out, "float *"))
+    keep = (table, x, ids, weights, out)
+
+    def call() -> None:
+        assert keep
+        _check(lib.lq_moe_ffn(*args), "bench_moe_ffn")
+
+    return call

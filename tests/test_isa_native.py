@@ -1,8 +1,10 @@
 """This machine's SIMD kernel table against the scalar reference, built natively.
 
-AVX2 on x86-64 (skipped only when the CPU lacks AVX2/FMA: the harness exits 77), NEON on
-aarch64. The same C harness as test_neon.py; native runs are fast, so several seeds. Then the
-whole library through its public API (csrc/tests/test_lib.c), best ISA against scalar.
+On x86-64 every table: AVX2, AVX-VNNI and AVX-512 VNNI, each skipped (the harness exits 77,
+and the reason is shown) only where this CPU or its OS cannot run it; NEON on aarch64 (both of
+its tables are covered under qemu by test_neon.py). The same C harness as test_neon.py; native
+runs are fast, so several seeds. Then the whole library through its public API
+(csrc/tests/test_lib.c): every table dispatch lists, each forced, against scalar.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 from isa_harness import build, build_lib_test, run, run_lib_test
 
 ISA = {"x86_64": "avx2", "amd64": "avx2", "aarch64": "neon", "arm64": "neon"}.get(platform.machine().lower())
+# the tables past the baseline SIMD one that this architecture may have
+WIDER = {"avx2": ["avxvnni", "avx512"]}.get(ISA or "", [])
 
 
 def _compiler() -> str:
@@ -36,7 +40,30 @@ def test_native_isa_matches_scalar(native_build: Path, seed: int) -> None:
     run([str(native_build)], seed=seed, trials=6)
 
 
+NO_WIDER = [pytest.param(None, marks=pytest.mark.skip(reason=f"no wider table for {platform.machine()}"))]
+
+
+@pytest.mark.parametrize("table", WIDER or NO_WIDER)
+@pytest.mark.parametrize("seed", [5, 6])
+def test_wider_isa_matches_scalar(table: str, seed: int, tmp_path: Path) -> None:
+    """Built (so it compiles everywhere) and run where the CPU and OS allow; exit 77 = skip, with
+    the harness's reason, e.g. "SKIP: avx512 table: this CPU (or OS) lacks the instructions"."""
+    exe = build(_compiler(), table, tmp_path / f"test_isa_{table}", [])
+    run([str(exe)], seed=seed, trials=6)
+
+
 def test_whole_library_matches_scalar(native_build: Path, tmp_path: Path) -> None:
     # native_build first: it skips on a CPU without the SIMD table, where "best" would be scalar
     output = run_lib_test([str(build_lib_test(_compiler(), tmp_path / "test_lib", []))], expected_isa=ISA)
     assert f"default {ISA}" in output, output
+
+
+@pytest.mark.skipif(ISA != "avx2", reason="the emulated-VNNI build is x86-64 only")
+@pytest.mark.parametrize("seed", [7, 8])
+def test_avxvnni_table_with_emulated_vpdpbusd(seed: int, tmp_path: Path) -> None:
+    """The AVX-VNNI table with vpdpbusd replaced by an exact AVX2 stand-in: runs on any AVX2 CPU,
+    so its lane layout, scales, min/offset terms and float fold are tested against scalar (bit
+    for bit on the exact trials) even where the real instruction is missing."""
+    exe = build(_compiler(), "avxvnni", tmp_path / "test_isa_avxvnni_emulated", ["-DLQ_TEST_EMULATE_VNNI"])
+    result = run([str(exe)], seed=seed, trials=6)
+    assert result.table == "avxvnni", result.output

@@ -557,3 +557,22 @@ def test_expert_table_over_a_read_only_mmap(tmp_path):
         mm.close()
     del mapped
     mm.close()
+
+
+@pytest.mark.parametrize("fmt", [K.F32, K.BF16, K.Q4_K, K.Q6_K])
+@pytest.mark.parametrize("inter", [256, 704])
+def test_dense_mlp_and_expert_agree_bit_for_bit(fmt: int, inter: int) -> None:
+    """The dense MLP (matmul, gelu_mul, matmul) and one expert at weight 1 (moe_ffn) run the same
+    row kernels and one gelu_tanh, so they must give identical bits (they once rounded gelu apart)."""
+    rng = np.random.default_rng(inter + fmt)
+    hidden = 512
+    gu_f = (rng.standard_normal((2 * inter, hidden)) * 0.5).astype(np.float32)
+    dn_f = (rng.standard_normal((hidden, inter)) * 0.5).astype(np.float32)
+    gate_up, down = K.as_qmatrix(gu_f, fmt), K.as_qmatrix(dn_f, fmt)
+    x = (rng.standard_normal((3, hidden)) * 2).astype(np.float32)  # gelu's tail and middle both
+    h = K.matmul(gate_up, x)
+    dense = K.matmul(down, K.gelu_mul(h[:, :inter], h[:, inter:]))
+    buf = np.concatenate([gate_up.data, down.data])
+    table = K.ExpertTable(hidden, inter, [(buf, 0, fmt, gate_up.data.size, fmt)])
+    expert = K.moe_ffn(table, x, np.zeros((3, 1), np.int32), np.ones((3, 1), np.float32))
+    assert np.array_equal(dense, expert)

@@ -1,8 +1,10 @@
 """NEON kernels against the scalar reference: cross-compiled for aarch64, run under qemu-user.
 
-Two builds: baseline armv8-a, where the int8 dot products exist in both forms (smull and sdot)
-and the CPU's HWCAP picks one, and armv8.2-a+dotprod, where only sdot is compiled. qemu's
-`cortex-a57` has no dotprod and its `max` has it, so all three combinations really run.
+The int8 dot products come as two tables: "neon" (smull, any ARMv8.0 CPU) and "neon_sdot"
+(ARMv8.2 dotprod). Builds for baseline armv8-a hold both, and the sdot table is usable only where
+the CPU's HWCAP has dotprod; armv8.2-a+dotprod builds compile sdot in. qemu's `cortex-a57` has no
+dotprod and its `max` has it, so each table is forced and run on each CPU it can run on, and the
+sdot table must refuse to run (exit 77) on the CPU without dotprod.
 Also proves the whole C library compiles for aarch64 and runs there: dispatch picks NEON, and
 matmul / MoE through the public API agree with the scalar table (csrc/tests/test_lib.c).
 """
@@ -17,6 +19,7 @@ from isa_harness import (
     CSRC,
     LIBRARY_FLAGS,
     ROOT,
+    SKIP_EXIT,
     build,
     build_lib_test,
     require_tools,
@@ -29,30 +32,40 @@ QEMU = "qemu-aarch64"
 
 
 @pytest.fixture(scope="module")
-def neon_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def neon_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     require_tools(CROSS_CC, QEMU)
     out = tmp_path_factory.mktemp("neon")
     return {
-        march: build(
-            CROSS_CC, "neon", out / f"test_isa_{march.replace('+', '_')}", ["-static", f"-march={march}"]
+        (march, table): build(
+            CROSS_CC, table, out / f"test_isa_{table}_{march.replace('+', '_')}",
+            ["-static", f"-march={march}"],
         )
         for march in ("armv8-a", "armv8.2-a+dotprod")
+        for table in ("neon", "neon_sdot")
     }
 
 
 @pytest.mark.parametrize(
-    ("march", "cpu", "path", "seed"),
+    ("march", "cpu", "table", "seed"),
     [
-        ("armv8-a", "cortex-a57", "smull", 11),  # no dotprod on this CPU: the fallback runs
-        ("armv8-a", "max", "sdot", 12),  # same binary, dotprod CPU: chosen at run time
-        ("armv8.2-a+dotprod", "max", "sdot", 13),  # compiled-in sdot
+        ("armv8-a", "cortex-a57", "neon", 11),  # no dotprod on this CPU: smull
+        ("armv8-a", "max", "neon", 14),  # smull forced on a dotprod CPU
+        ("armv8-a", "max", "neon_sdot", 12),  # same binary, dotprod CPU: sdot found at run time
+        ("armv8.2-a+dotprod", "max", "neon_sdot", 13),  # compiled-in sdot
+        ("armv8.2-a+dotprod", "max", "neon", 15),  # the smull table still exists there
     ],
 )
 def test_neon_matches_scalar(
-    neon_builds: dict[str, Path], march: str, cpu: str, path: str, seed: int
+    neon_builds: dict[tuple[str, str], Path], march: str, cpu: str, table: str, seed: int
 ) -> None:
-    result = run([QEMU, "-cpu", cpu, str(neon_builds[march])], seed=seed, trials=3)
-    assert result.int8_path == path, result.output
+    result = run([QEMU, "-cpu", cpu, str(neon_builds[march, table])], seed=seed, trials=3)
+    assert result.table == table, result.output
+
+
+def test_sdot_table_refuses_a_cpu_without_dotprod(neon_builds: dict[tuple[str, str], Path]) -> None:
+    res = subprocess.run([QEMU, "-cpu", "cortex-a57", str(neon_builds["armv8-a", "neon_sdot"]), "1", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == SKIP_EXIT and "dotprod" in res.stdout, res.stdout + res.stderr
 
 
 def test_whole_library_cross_compiles(tmp_path: Path) -> None:
@@ -82,6 +95,9 @@ def test_whole_library_cross_compiles(tmp_path: Path) -> None:
 def test_whole_library_runs_on_aarch64(tmp_path: Path) -> None:
     require_tools(CROSS_CC, QEMU)
     exe = build_lib_test(CROSS_CC, tmp_path / "test_lib_aarch64", ["-static"])
-    # one CPU is enough here: both int8 paths are covered kernel by kernel above
-    output = run_lib_test([QEMU, "-cpu", "max", str(exe)], expected_isa="neon")
-    assert "default neon" in output, output
+    # with dotprod both tables are listed and each is forced through the public API; without it
+    # only the smull table is
+    output = run_lib_test([QEMU, "-cpu", "max", str(exe)], expected_isa="neon_sdot")
+    assert "default neon_sdot" in output and "-- neon\n" in output and "-- neon_sdot" in output, output
+    output = run_lib_test([QEMU, "-cpu", "cortex-a57", str(exe)], expected_isa="neon")
+    assert "default neon" in output and "neon_sdot" not in output, output

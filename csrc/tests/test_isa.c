@@ -37,23 +37,49 @@
 #include "kernels.h"
 
 #ifndef ISA
-#error "compile with -DISA=neon or -DISA=avx2"
+#error "compile with -DISA=<table>: avx2, avx512, avxvnni, neon or neon_sdot"
 #endif
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define STR_(a) #a
 #define STR(a) STR_(a)
-#define TABLE CAT(lq_kernels_, ISA)
 
-#if defined(__aarch64__)
-const char *lq_neon_int8_path(void); /* kernels_neon.c: "sdot" or "smull" */
+/* The table under test, or NULL with a reason when this CPU cannot run it (exit 77). */
+#define ISA_neon 1
+#define ISA_neon_sdot 2
+#define ISA_avx2 3
+#define ISA_avx512 4
+#define ISA_avxvnni 5
+#define ISA_ID CAT(ISA_, ISA)
+static const lq_kernels *table_under_test(const char **why) {
+#if ISA_ID == ISA_neon_sdot
+    *why = "this CPU lacks the ARMv8.2 dotprod extension (or the build has no sdot table)";
+    return lq_neon_sdot_table();
+#elif ISA_ID == ISA_avxvnni && defined(LQ_TEST_EMULATE_VNNI)
+    *why = "this CPU lacks AVX2 (the AVX-VNNI table built with vpdpbusd emulated needs it)";
+    return lq_avx2_usable() ? &lq_kernels_avxvnni : NULL;
+#elif ISA_ID == ISA_avx2 || ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
+    *why = "this CPU (or OS) lacks the instructions of the table";
+    return CAT(lq_, CAT(ISA, _usable))() ? &CAT(lq_kernels_, ISA) : NULL;
+#else
+    *why = "";
+    return &CAT(lq_kernels_, ISA);
+#endif
+}
+
+/* The VNNI tables fold each block into the float sum with the scalar kernel's own operations,
+ * so their K-quant dots must equal scalar's bit for bit (tolerance 0), not just within the bound. */
+#if ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
+#define KQUANT_BIT_EXACT 1
+#else
+#define KQUANT_BIT_EXACT 0
 #endif
 
 static const lq_kernels *ref = &lq_kernels_scalar;
-static const lq_kernels *isa = &TABLE;
+static const lq_kernels *isa;
 
 static int n_pass, n_fail;
-static double worst_ratio[4]; /* observed |diff| / (eps mag) per dot kernel */
+static double worst_ratio[5]; /* observed |diff| / (eps mag) per dot kernel */
 
 /* ---- random numbers (splitmix64: tiny, good enough, reproducible from the seed) ---- */
 static uint64_t rng_state;
@@ -192,8 +218,9 @@ static void check_quantize(int64_t nb, int kind) {
     free(x), free(a), free(b);
 }
 
-enum { K_Q4K, K_Q6K, K_F32, K_F16 };
-static const char *kname[] = {"dot_q4k", "dot_q6k", "dot_f32", "dot_f16"};
+enum { K_Q4K, K_Q6K, K_F32, K_F16, K_BF16 };
+static const char *kname[] = {"dot_q4k", "dot_q6k", "dot_f32", "dot_f16", "dot_bf16"};
+static const int kfmt[] = {LQ_Q4_K, LQ_Q6_K, LQ_F32, LQ_F16, LQ_BF16};
 
 /* Run both tables with the given strides, check untouched gaps in out, compare per row. */
 static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, const void *w, const void *x,
@@ -204,17 +231,8 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
     float *oa = malloc(T * os * sizeof(float)), *ob = malloc(T * os * sizeof(float));
     const float sentinel = -12345.678f;
     for (int64_t i = 0; i < T * os; i++) oa[i] = ob[i] = sentinel;
-    if (kernel == K_Q4K || kernel == K_Q6K) {
-        lq_dot_q_fn fa = kernel == K_Q4K ? ref->dot_q4k : ref->dot_q6k;
-        lq_dot_q_fn fb = kernel == K_Q4K ? isa->dot_q4k : isa->dot_q6k;
-        fa(n_or_nb, w, x, x_stride, T, oa, os);
-        fb(n_or_nb, w, x, x_stride, T, ob, os);
-    } else {
-        lq_dot_f_fn fa = kernel == K_F32 ? ref->dot_f32 : ref->dot_f16;
-        lq_dot_f_fn fb = kernel == K_F32 ? isa->dot_f32 : isa->dot_f16;
-        fa(n_or_nb, w, x, x_stride, T, oa, os);
-        fb(n_or_nb, w, x, x_stride, T, ob, os);
-    }
+    ref->dot[kfmt[kernel]](n_or_nb, w, x, x_stride, T, oa, os);
+    isa->dot[kfmt[kernel]](n_or_nb, w, x, x_stride, T, ob, os);
     int ok = 1;
     for (int t = 0; t < T && ok; t++) {
         for (int64_t g = 1; g < os; g++) {
@@ -225,7 +243,8 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
             }
         }
         double a = oa[t * os], b = ob[t * os], diff = fabs(a - b);
-        double tol = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
+        double bound = exact ? 0.0 : 2.0 * (chain + 8.0) * FLT_EPSILON * mag[t];
+        double tol = KQUANT_BIT_EXACT && (kernel == K_Q4K || kernel == K_Q6K) ? 0.0 : bound;
         if (!(diff <= tol)) { /* also catches NaN */
             fail("%s %s T=%d n=%lld row %d: scalar %.9g, %s %.9g, |diff| %.3g > tol %.3g\n"
                  "     (mag %.3g, value in double from the test's own decoder %.9g)\n"
@@ -237,10 +256,10 @@ static void compare_dot(int kernel, const char *mode, int64_t n_or_nb, int T, co
         /* The reference itself against the test's own decoder, in double: one implementation's
          * share of the bound. Catches a layout mistake both tables might share. */
         double dref = fabs(a - exact_val[t]);
-        if (ok && !(dref <= tol / 2)) {
+        if (ok && !(dref <= bound / 2)) {
             fail("%s %s T=%d n=%lld row %d: the scalar reference %.9g is off the value decoded in double"
                  " %.9g by %.3g > %.3g\n     weights: %s; activations: %s",
-                 kname[kernel], mode, T, (long long)n_or_nb, t, a, exact_val[t], dref, tol / 2, w_desc, x_desc[t]);
+                 kname[kernel], mode, T, (long long)n_or_nb, t, a, exact_val[t], dref, bound / 2, w_desc, x_desc[t]);
             ok = 0;
         }
         if (!exact && mag[t] > 0) {
@@ -297,6 +316,19 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
     free(w), free(x), free(xf), free(mag), free(val), free(x_desc);
 }
 
+/* bf16 by truncation (any finite f32 gives a finite bf16 here: the values stay below 1e5) */
+static uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
+}
+static double bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static void check_float(int kernel, int64_t n, int T, int exact) {
     int64_t xs = n + rnd_below(5);
     float *x = malloc(T * xs * sizeof *x);
@@ -306,7 +338,8 @@ static void check_float(int kernel, int64_t n, int T, int exact) {
     for (int64_t i = 0; i < n; i++) {
         float v = exact ? (float)rnd_int(-8, 8) : (float)(pow(10.0, rnd_unif() * 8 - 4) * rnd_normal());
         if (kernel == K_F32) ((float *)w)[i] = v;
-        else ((uint16_t *)w)[i] = exact ? lq_fp32_to_fp16(v) : rnd_f16(0, 30); /* any finite f16 */
+        else if (kernel == K_F16) ((uint16_t *)w)[i] = exact ? lq_fp32_to_fp16(v) : rnd_f16(0, 30); /* any finite */
+        else ((uint16_t *)w)[i] = bf16_bits(v); /* small integers are exact in bf16 */
     }
     for (int t = 0; t < T; t++) {
         float *xt = x + t * xs;
@@ -317,13 +350,16 @@ static void check_float(int kernel, int64_t n, int T, int exact) {
             x_desc[t] = make_floats(xt, n, -1);
         }
         for (int64_t i = 0; i < n; i++) {
-            double wi = kernel == K_F32 ? ((float *)w)[i] : lq_fp16_to_fp32(((uint16_t *)w)[i]);
+            double wi = kernel == K_F32   ? ((float *)w)[i]
+                        : kernel == K_F16 ? lq_fp16_to_fp32(((uint16_t *)w)[i])
+                                          : bf16_value(((uint16_t *)w)[i]);
             mag[t] += fabs(wi * xt[i]);
             val[t] += wi * xt[i];
         }
     }
     compare_dot(kernel, exact ? "exact" : "random", n, T, w, x, xs, mag, val, (double)n, exact,
-                exact ? "small integers" : kernel == K_F32 ? "random f32" : "random finite f16", x_desc);
+                exact ? "small integers" : kernel == K_F32 ? "random f32" : kernel == K_F16 ? "random finite f16"
+                                                                                   : "random bf16", x_desc);
     free(x), free(w), free(mag), free(val), free(x_desc);
 }
 
@@ -332,17 +368,14 @@ int main(int argc, char **argv) {
     int trials = argc > 2 ? atoi(argv[2]) : 4;
     rng_state = seed;
 
-#if defined(__x86_64__)
-    if (strcmp(STR(ISA), "avx2") == 0 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
-        printf("SKIP: this CPU lacks AVX2/FMA\n");
+    const char *why;
+    isa = table_under_test(&why);
+    if (!isa) {
+        printf("SKIP: %s table: %s\n", STR(ISA), why);
         return 77;
     }
-#endif
     printf("test_isa: %s vs %s, seed %llu, %d trials per shape", isa->name, ref->name,
            (unsigned long long)seed, trials);
-#if defined(__aarch64__)
-    printf(", int8 path %s", lq_neon_int8_path());
-#endif
     printf("\n");
 
     static const int Ts[] = {1, 2, 3, 7, 64};
@@ -361,21 +394,25 @@ int main(int argc, char **argv) {
                 check_kquant(K_Q6K, nbs[k], Ts[i], 0);
                 check_float(K_F32, nbs[k] * QK_K, Ts[i], 0);
                 check_float(K_F16, nbs[k] * QK_K, Ts[i], 0);
+                check_float(K_BF16, nbs[k] * QK_K, Ts[i], 0);
             }
             check_kquant(K_Q4K, nbs[k], Ts[i], 1);
             check_kquant(K_Q6K, nbs[k], Ts[i], 1);
             check_float(K_F32, nbs[k] * QK_K, Ts[i], 1);
             check_float(K_F16, nbs[k] * QK_K, Ts[i], 1);
+            check_float(K_BF16, nbs[k] * QK_K, Ts[i], 1);
         }
         for (int k = 0; k < 6; k++) {
             check_float(K_F32, odd_n[k], Ts[i], 0);
             check_float(K_F16, odd_n[k], Ts[i], 0);
             check_float(K_F32, odd_n[k], Ts[i], 1);
             check_float(K_F16, odd_n[k], Ts[i], 1);
+            check_float(K_BF16, odd_n[k], Ts[i], 0);
+            check_float(K_BF16, odd_n[k], Ts[i], 1);
         }
     }
-    printf("worst |diff|/(eps*mag): q4k %.2f, q6k %.2f, f32 %.2f, f16 %.2f (tolerance is 2*(n+8))\n",
-           worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3]);
+    printf("worst |diff|/(eps*mag): q4k %.2f, q6k %.2f, f32 %.2f, f16 %.2f, bf16 %.2f (tolerance is 2*(n+8))\n",
+           worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3], worst_ratio[4]);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }

@@ -161,11 +161,18 @@ int main(int argc, char **argv) {
     }
     check(strcmp(lq_isa(), best) == 0 || getenv("LARQL_ISA") != NULL, "the default table is not the best one");
 
-    static const int fmts[] = {LQ_Q4_K, LQ_Q6_K, LQ_F16, LQ_F32};
+    static const int fmts[] = {LQ_Q4_K, LQ_Q6_K, LQ_F16, LQ_BF16, LQ_F32};
     static const int64_t Ts[] = {1, 5, 70}; /* 70: more than one chunk of 64 columns */
-    for (int f = 0; f < 4; f++)
-        for (int i = 0; i < 3; i++) check_matmul(best, fmts[f], 37, 768, 704, Ts[i]);
-    check_moe(best);
+    /* every table dispatch lists (not only the best), each forced in turn against scalar */
+    char names[128];
+    snprintf(names, sizeof names, "%s", avail);
+    for (char *save = NULL, *isa = strtok_r(names, " ", &save); isa; isa = strtok_r(NULL, " ", &save)) {
+        if (strcmp(isa, "scalar") == 0) continue;
+        printf("-- %s\n", isa);
+        for (int f = 0; f < 5; f++)
+            for (int i = 0; i < 3; i++) check_matmul(isa, fmts[f], 37, 768, 704, Ts[i]);
+        check_moe(isa);
+    }
     lq_force_isa(NULL);
 
     printf("%d passed, %d failed\n", n_pass, n_fail);

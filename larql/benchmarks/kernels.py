@@ -1,53 +1,111 @@
 """`larql bench kernels`: kernel throughput at Gemma 4 26B A4B shapes, as ratios measured in one run.
 
-Prints the machine's read bandwidth (numpy sum over ~2 GiB, best of 3, one thread and all threads),
-then for each kernel its time, GB/s of weight bytes streamed, and the ratios
-  x bw     kernel GB/s / measured read bandwidth (same thread count): how close to the memory limit,
-  x sum    numpy-sum time / ours for as many cold bytes (one thread or split over the threads,
-           whichever is faster), timed call by call between the kernel's calls: the same ratio,
-           robust to a shared machine's changing load,
+The anchor is the machine's read bandwidth measured with a plain C streaming-load loop
+(csrc/bench.c: the widest loads the CPU has, several independent accumulators) over a buffer
+several times the last-level cache the OS reports, on one thread and on all threads. Then, for
+each kernel, its time, GB/s of weight bytes streamed, and the ratios
+  x bw     kernel GB/s / the C read bandwidth (same thread count): the share of the memory limit,
+  x read   C-read time / ours for as many cold bytes of the same bank, timed call by call between
+           the kernel's calls: the same ratio, robust to a shared machine's changing load,
+  x npsum  kernel GB/s / a numpy float32 sum's read rate (secondary: numpy reads well below the
+           limit on some machines, so this flatters the kernels),
   x numpy  numpy time / ours, numpy = larql's dequantiser then a numpy matmul on the f32 weights,
-  x ggml   ggml time / ours for ggml_vec_dot_q4_K_q8_K / _q6_K_ on the same bytes (when llama-cpp-python
-           is installed; see docs/KERNELS.md), driven row by row from C so Python costs nothing.
-Weights are cycled through more memory than the last-level cache holds (64 experts = 210 MiB by
-default), so every call streams its weights from DRAM as a server's would.
+  x ggml   ggml time / ours for ggml_vec_dot_q4_K_q8_K / _q6_K_ on the same bytes (when
+           llama-cpp-python is installed; see docs/KERNELS.md), driven row by row from C.
+The weight bank (one quantised expert copied to distinct addresses) is sized past the
+last-level cache the same way, so every call streams its weights from DRAM as a server's would.
+`--json` prints every figure as one JSON object instead of the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.util
+import json
+import os
+import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from larql import kernels as K
-from larql._kernels import ffi, lib
+
+from .ggml_ref import Ggml, load_ggml
 
 HIDDEN, INTER, TOP_K = 2816, 704, 8
-GGML_TYPE_Q4_K, GGML_TYPE_Q6_K = 12, 14
+CACHE_MULTIPLE = 4  # buffers and banks are at least this many times the last-level cache
+MIN_COLD_BYTES = 256 << 20
 
 
-# ---- bandwidth ----------------------------------------------------------------------------
+# ---- the machine ----------------------------------------------------------------------------
 
-def read_bandwidth(gib: float = 2.0, threads: int = 1, repeat: int = 3) -> float:
-    """Bytes/s of numpy summing `gib` GiB of f32 (best of `repeat`), split over `threads` threads."""
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+def last_level_cache_bytes() -> int:
+    """The largest data/unified cache of cpu0 as the OS reports it (sysfs, then sysconf), else 32 MiB."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        mult = units.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in units else text
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    if not best:
+        for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+            try:
+                best = max(best, os.sysconf(name))
+            except (ValueError, OSError):
+                pass
+    return best or 32 << 20
+
+
+def cold_bytes(llc: int) -> int:
+    """Bytes a buffer needs to be cold: several times the last-level cache."""
+    return max(CACHE_MULTIPLE * llc, MIN_COLD_BYTES)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def c_read_bandwidth(nbytes: int, threads: int, repeat: int = 3, buf: np.ndarray | None = None) -> float:
+    """Bytes/s of the C streaming read loop over nbytes (best of `repeat`) on `threads` threads."""
+    buf = K.aligned_buffer(nbytes) if buf is None else buf
+    K.set_num_threads(threads)
+    try:
+        read = K.bench_read(buf, parallel=threads > 1)
+        read()  # warm: page tables, pool wake-up
+        best = min(_timed(read) for _ in range(repeat))
+    finally:
+        K.set_num_threads(0)
+    return buf.size / best
+
+
+def numpy_sum_bandwidth(buf: np.ndarray, threads: int, repeat: int = 3) -> float:
+    """Bytes/s of numpy summing buf as float32 (best of `repeat`), split over `threads` threads."""
+    a = buf[: buf.size // 4 * 4].view(np.float32)
     parts = np.array_split(a, threads)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         if threads == 1:
-            a.sum()
+            _quiet_sum(a)
         else:  # numpy releases the GIL inside the reduction
-            ts = [threading.Thread(target=p.sum) for p in parts]
+            ts = [threading.Thread(target=_quiet_sum, args=(p,)) for p in parts]
             for t in ts:
                 t.start()
             for t in ts:
@@ -56,20 +114,39 @@ def read_bandwidth(gib: float = 2.0, threads: int = 1, repeat: int = 3) -> float
     return a.nbytes / best
 
 
+def _quiet_sum(a: np.ndarray) -> float:
+    with np.errstate(all="ignore"):  # the bytes are not meaningful floats
+        return float(a.sum())
+
+
+@dataclass
+class Bandwidth:
+    """The anchors, bytes/s, by thread count."""
+
+    buffer_bytes: int
+    c_read: dict[int, float]
+    numpy_sum: dict[int, float]
+
+
+def measure_bandwidth(nbytes: int, thread_counts: list[int]) -> Bandwidth:
+    buf = K.aligned_buffer(nbytes)
+    c = {n: c_read_bandwidth(nbytes, n, buf=buf) for n in thread_counts}
+    s = {n: numpy_sum_bandwidth(buf, n) for n in thread_counts}
+    return Bandwidth(buf.size, c, s)
+
+
 # ---- cold expert bank ---------------------------------------------------------------------
 
 @dataclass
 class ExpertBank:
     """n experts of Gemma 4 26B A4B shape laid out like an LYRW file: gate_up then down, per expert."""
 
-    buf: np.ndarray
+    buf: np.ndarray  # from K.aligned_buffer: every expert starts 256-byte aligned
     n: int
     gate_up_bytes: int
     down_bytes: int
     fmt: int
     down_fmt: int
-    gate_up_f32: np.ndarray  # the f32 weights the first expert was quantised from
-    down_f32: np.ndarray
 
     @property
     def expert_bytes(self) -> int:
@@ -84,6 +161,13 @@ class ExpertBank:
         cols = K.padded_cols(self.down_fmt, INTER)
         return K.QMatrix(self.down_fmt, HIDDEN, cols, self.buf[off:off + self.down_bytes], INTER)
 
+    def region(self, start_expert: int, nbytes: int) -> np.ndarray:
+        """nbytes of the bank from expert start_expert (wrapping to the start if it would run off)."""
+        start = (start_expert % self.n) * self.expert_bytes
+        if start + nbytes > self.buf.size:
+            start = 0
+        return self.buf[start:start + nbytes]
+
     def table(self) -> K.ExpertTable:
         return K.ExpertTable(HIDDEN, INTER, [
             (self.buf, e * self.expert_bytes, self.fmt, e * self.expert_bytes + self.gate_up_bytes,
@@ -92,73 +176,22 @@ class ExpertBank:
         ])
 
 
-def make_bank(n_experts: int = 64, fmt: int = K.Q4_K, down_fmt: int = K.Q4_K, seed: int = 0) -> ExpertBank:
+def experts_for(nbytes: int, fmt: int) -> int:
+    """How many experts of fmt make a bank of at least nbytes."""
+    one = 2 * INTER * K.row_bytes(fmt, HIDDEN) + HIDDEN * K.row_bytes(fmt, K.padded_cols(fmt, INTER))
+    return max(TOP_K * 3, -(-nbytes // one))
+
+
+def make_bank(n_experts: int, fmt: int = K.Q4_K, down_fmt: int = K.Q4_K, seed: int = 0) -> ExpertBank:
     """Quantise one random expert and copy its bytes n times (distinct addresses are what matter)."""
     rng = np.random.default_rng(seed)
     gu = (rng.standard_normal((2 * INTER, HIDDEN)) * 0.02).astype(np.float32)
     dn = (rng.standard_normal((HIDDEN, INTER)) * 0.02).astype(np.float32)
     qg, qd = K.quantize(gu, fmt), K.quantize(dn, down_fmt)
     one = np.concatenate([qg, qd])
-    buf = np.tile(one, n_experts)
-    return ExpertBank(buf, n_experts, qg.size, qd.size, fmt, down_fmt, gu, dn)
-
-
-# ---- ggml, optional ---------------------------------------------------------------------------
-
-class Ggml:
-    """ggml's CPU dot kernels from llama-cpp-python's shared libraries, if installed."""
-
-    def __init__(self, libs: list[ctypes.CDLL]) -> None:
-        def find(name: str):
-            for lb in libs:
-                try:
-                    return getattr(lb, name)
-                except AttributeError:
-                    continue
-            raise AttributeError(name)
-
-        init = None
-        try:
-            init = find("ggml_cpu_init")
-        except AttributeError:
-            pass
-        if init is not None:
-            init()
-        self.quantize_row_q8_K = find("quantize_row_q8_K")
-        self.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        self.quantize_row_q8_K.restype = None
-        self.dot = {
-            K.Q4_K: ctypes.cast(find("ggml_vec_dot_q4_K_q8_K"), ctypes.c_void_p).value,
-            K.Q6_K: ctypes.cast(find("ggml_vec_dot_q6_K_q8_K"), ctypes.c_void_p).value,
-        }
-
-    def quantize_q8k(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros(x.size // 256 * 292, dtype=np.uint8)
-        self.quantize_row_q8_K(x.ctypes.data, out.ctypes.data, x.size)
-        return out
-
-
-def load_ggml(libdir: str | Path | None = None) -> Ggml | None:
-    """ggml's CPU library from `libdir`, else from llama_cpp/lib/ (found without importing
-    llama_cpp and its dependencies). None if neither has it."""
-    if libdir is None:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    libdir = Path(libdir)
-    paths = sorted(libdir.glob("libggml*.so*"), key=lambda p: (p.name != "libggml-base.so", p.name))
-    libs = []
-    for p in paths:
-        try:
-            libs.append(ctypes.CDLL(str(p), mode=ctypes.RTLD_GLOBAL))
-        except OSError:
-            continue
-    try:
-        return Ggml(libs)
-    except AttributeError:
-        return None
+    buf = K.aligned_buffer(one.size * n_experts)
+    buf.reshape(n_experts, one.size)[:] = one
+    return ExpertBank(buf, n_experts, qg.size, qd.size, fmt, down_fmt)
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -185,164 +218,136 @@ def median_times(fns: list[Callable[[int], object]], repeat: int, warmup: int = 
     return [statistics.median(ts) * 1e-9 for ts in times]
 
 
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cold_reads(bank: ExpertBank, start: Callable[[int], int], nbytes: Callable[[int], int],
+               parallel: bool) -> Callable[[int], None]:
+    """Call i: the C read loop over nbytes(i) bytes of the bank from expert start(i)."""
+    cache: dict[tuple[int, int], Callable[[], None]] = {}
+
+    def call(i: int) -> None:
+        key = (start(i) % bank.n, nbytes(i))
+        if key not in cache:
+            cache[key] = K.bench_read(bank.region(*key), parallel)
+        cache[key]()
+
+    return call
+
+
 @dataclass
 class Result:
     name: str
+    fmt: str
+    threads: int
+    T: int
     seconds: float
     nbytes: int
-    bandwidth: float
-    numpy_seconds: float | None = None
-    ggml_seconds: float | None = None
-    sum_seconds: float | None = None
+    x_bw: float          # GB/s / C read bandwidth (same thread count)
+    x_read: float        # interleaved cold C read of the same bytes: its time / ours
+    x_npsum: float       # GB/s / numpy-sum rate (secondary)
+    x_numpy: float | None = None
+    x_ggml: float | None = None
+
+    @property
+    def gbs(self) -> float:
+        return self.nbytes / self.seconds / 1e9
 
     def row(self) -> str:
-        gbs = self.nbytes / self.seconds / 1e9
-        cells = [f"{self.name:<44}", f"{self.seconds * 1e6:9.1f} us", f"{gbs:7.2f}",
-                 f"{gbs * 1e9 / self.bandwidth:7.2f}"]
-        cells.append(f"{self.sum_seconds / self.seconds:7.2f}" if self.sum_seconds else f"{'-':>7}")
-        cells.append(f"{self.numpy_seconds / self.seconds:8.2f}" if self.numpy_seconds else f"{'-':>8}")
-        cells.append(f"{self.ggml_seconds / self.seconds:7.2f}" if self.ggml_seconds else f"{'-':>7}")
-        return "  ".join(cells)
+        def cell(v: float | None, w: int) -> str:
+            return f"{v:{w}.2f}" if v is not None else f"{'-':>{w}}"
+
+        return "  ".join([f"{self.name:<44}", f"{self.seconds * 1e6:9.1f} us", f"{self.gbs:7.2f}",
+                          cell(self.x_bw, 6), cell(self.x_read, 6), cell(self.x_npsum, 7),
+                          cell(self.x_numpy, 8), cell(self.x_ggml, 7)])
 
 
-HEADER = (f"{'kernel':<44}  {'time':>12}  {'GB/s':>7}  {'x bw':>7}  {'x sum':>7}  {'x numpy':>8}  "
-          f"{'x ggml':>7}")
-
-
-def _quiet_sum(a: np.ndarray) -> float:
-    with np.errstate(all="ignore"):  # the bytes are quantised weights, not meaningful floats
-        return float(a.sum())
-
-
-class ColdSum:
-    """numpy summing as many cold bytes of the bank as a kernel call reads: timed call by call
-    between the kernel's calls, it is a read-bandwidth baseline that sees the same moment-to-moment
-    load as the kernel on a shared machine (the `x sum` column). With threads > 1 both one thread
-    and a split over the threads are timed and the faster counts."""
-
-    def __init__(self, bank: ExpertBank, threads: int) -> None:
-        self.f32 = bank.buf[: bank.buf.size // 4 * 4].view(np.float32)
-        self.bank = bank
-        self.threads = threads
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
-
-    def _region(self, start_expert: int, nbytes: int) -> np.ndarray:
-        n = nbytes // 4
-        start = (start_expert % self.bank.n) * self.bank.expert_bytes // 4
-        return self.f32[0 if start + n > self.f32.size else start:][:n]
-
-    def fns(self, start: Callable[[int], int], nbytes: Callable[[int], int]) -> list[Callable[[int], object]]:
-        """The timed functions of call i: summing nbytes(i) bytes from expert start(i)."""
-        def one(i: int) -> None:
-            _quiet_sum(self._region(start(i), nbytes(i)))
-
-        def split(i: int) -> None:  # numpy releases the GIL inside the reduction
-            list(self.pool.map(_quiet_sum, np.array_split(self._region(start(i), nbytes(i)), self.threads)))
-
-        return [one] if self.pool is None else [one, split]
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+HEADER = (f"{'kernel':<44}  {'time':>12}  {'GB/s':>7}  {'x bw':>6}  {'x read':>6}  {'x npsum':>7}  "
+          f"{'x numpy':>8}  {'x ggml':>7}")
 
 
 # ---- the cases ------------------------------------------------------------------------------
 
-def matvec_case(bank: ExpertBank, which: str, threads: int, bandwidth: float, repeat: int,
+def matvec_case(bank: ExpertBank, which: str, threads: int, bw: Bandwidth, repeat: int,
                 ggml: Ggml | None, with_numpy: bool) -> Result:
     mats = [bank.gate_up(e) if which == "gate_up" else bank.down(e) for e in range(bank.n)]
     m0 = mats[0]
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal(m0.cols).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal(m0.cols).astype(np.float32)
     xq = K.quantize_q8k(x)
     y = np.empty(m0.rows, np.float32)
-    base = ffi.from_buffer(bank.buf)
-    ptrs = [ffi.cast("uint8_t *", base) + (m.data.ctypes.data - bank.buf.ctypes.data) for m in mats]
-    xq_p, y_p = ffi.cast("void *", xq.ctypes.data), ffi.cast("float *", y.ctypes.data)
     stride = 7  # hop between experts so consecutive calls never touch neighbouring bytes
+    calls = [K.bench_matmul_q8k(m, xq, y) for m in mats]
 
     def ours(i: int) -> None:
-        lib.lq_matmul_q8k(m0.fmt, ptrs[(i * stride) % bank.n], m0.rows, m0.cols, xq_p, 1, y_p)
+        calls[(i * stride) % bank.n]()
 
-    cold_sum = ColdSum(bank, threads)  # a quarter of the bank away from ours
-    sums = cold_sum.fns(lambda i: i * stride + bank.n // 4, lambda i: m0.data.size)
-
+    reads = cold_reads(bank, lambda i: i * stride + bank.n // 4, lambda i: m0.data.size, threads > 1)
     K.set_num_threads(threads)
     try:
-        name = f"{K.FORMAT_NAMES[m0.fmt]} {m0.rows}x{m0.cols} matvec ({which}), {threads} thr"
-        if ggml is None:
-            t, *t_sums = median_times([ours, *sums], repeat)
-            res = Result(name, t, m0.data.size, bandwidth, sum_seconds=min(t_sums))
-        else:
+        fns = [ours, reads]
+        if ggml is not None:
             gq = ggml.quantize_q8k(x)
-            gq_p = ffi.cast("void *", gq.ctypes.data)
-            fn = ffi.cast("void *", ggml.dot[m0.fmt])
-            rb = K.row_bytes(m0.fmt, m0.cols)
+            theirs_calls = [K.bench_vec_dot(ggml.dot_address[m0.fmt], m, gq, y, threads > 1) for m in mats]
 
             def theirs(i: int) -> None:  # half the bank away from ours: cold as well
-                w_p = ptrs[(i * stride + bank.n // 2) % bank.n]
-                lib.lq_bench_vec_dot(fn, m0.cols, w_p, rb, m0.rows, gq_p, y_p, threads > 1)
+                theirs_calls[(i * stride + bank.n // 2) % bank.n]()
 
-            # ours against ggml, then ours against the numpy sums: two separate alternations, so
-            # that the sums' Python threads do not disturb the kernel-to-kernel comparison
-            t, t_ggml = median_times([ours, theirs], repeat)
-            t2, *t_sums = median_times([ours, *sums], repeat)
-            res = Result(name, t, m0.data.size, bandwidth, ggml_seconds=t_ggml,
-                         sum_seconds=min(t_sums) * t / t2)
-            # sanity: both kernels compute the same product
-            lib.lq_matmul_q8k(m0.fmt, ptrs[0], m0.rows, m0.cols, xq_p, 1, y_p)
+            fns.append(theirs)
+        t, t_read, *t_ggml = median_times(fns, repeat)
+        if ggml is not None:  # sanity: both kernels compute the same product
+            calls[0]()
             ref = y.copy()
-            theirs(0)
+            theirs_calls[0]()
             if not np.allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max()):
-                print(f"  warning: ggml and larql disagree on {res.name}")
+                print(f"  warning: ggml and larql disagree on {which}")
+        numpy_t = None
         if with_numpy:
             def baseline(i: int) -> None:
                 m = mats[(i * stride) % bank.n]
-                w = K.dequantize(m.data, m.fmt, m.rows, m.cols)
-                w @ x
+                K.dequantize(m.data, m.fmt, m.rows, m.cols) @ x
 
-            res.numpy_seconds = median_time(baseline, max(3, repeat // 5), warmup=1)
+            numpy_t = median_time(baseline, max(3, repeat // 5), warmup=1)
     finally:
         K.set_num_threads(0)
-        cold_sum.close()
-    return res
+    n = m0.data.size
+    return Result(f"{K.FORMAT_NAMES[m0.fmt]} {m0.rows}x{m0.cols} matvec ({which}), {threads} thr",
+                  K.FORMAT_NAMES[m0.fmt], threads, 1, t, n, n / t / bw.c_read[threads], t_read / t,
+                  n / t / bw.numpy_sum[threads], numpy_t / t if numpy_t else None,
+                  t_ggml[0] / t if t_ggml else None)
 
 
-def moe_case(bank: ExpertBank, T: int, threads: int, bandwidth: float, repeat: int,
-             with_numpy: bool) -> Result:
+def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int, with_numpy: bool) -> Result:
     table = bank.table()
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, HIDDEN)).astype(np.float32)
     w = rng.random((T, TOP_K)).astype(np.float32)
     out = np.empty((T, HIDDEN), np.float32)
     # call i takes its experts from a window that slides over the whole bank, so an expert comes
-    # round again only after the whole bank (210 MiB for 64 experts) has been streamed
-    calls = []
+    # round again only after the whole bank has been streamed
     span = TOP_K if T == 1 else 3 * TOP_K  # a batch of tokens draws its experts from a wider window
-    for i in range(bank.n):
+    ids_list, nbytes_list = [], []
+    for i in range(max(1, bank.n // span)):
         window = (np.arange(span) + i * span) % bank.n
         ids = np.stack([rng.choice(window, TOP_K, replace=False) for _ in range(T)]).astype(np.int32)
-        calls.append((ids, len(np.unique(ids)) * bank.expert_bytes))
-    ptrs = [(ffi.cast("int32_t *", ids.ctypes.data), n) for ids, n in calls]
-    x_p, w_p, o_p = (ffi.cast("float *", a.ctypes.data) for a in (x, w, out))
+        ids_list.append(ids)
+        nbytes_list.append(len(np.unique(ids)) * bank.expert_bytes)
+    calls = [K.bench_moe_ffn(table, x, ids, w, out) for ids in ids_list]
 
     def ours(i: int) -> None:
-        ids_p, _ = ptrs[i % len(ptrs)]
-        rc = lib.lq_moe_ffn(table._c, table.n_experts, HIDDEN, INTER, x_p, T, TOP_K, ids_p, w_p, o_p)
-        assert rc == 0
+        calls[i % len(calls)]()
 
-    cold_sum = ColdSum(bank, threads)  # the same number of bytes, half the bank away from ours
-    sums = cold_sum.fns(lambda i: i * span + bank.n // 2, lambda i: calls[i % len(calls)][1])
-
+    reads = cold_reads(bank, lambda i: (i % len(calls)) * span + bank.n // 2,
+                       lambda i: nbytes_list[i % len(calls)], threads > 1)
     K.set_num_threads(threads)
     try:
-        t, *t_sums = median_times([ours, *sums], repeat)
-        nbytes = int(statistics.mean(n for _, n in calls))
-        res = Result(f"top-{TOP_K} expert FFN, T={T}, {K.FORMAT_NAMES[bank.fmt]}, {threads} thr", t, nbytes,
-                     bandwidth, sum_seconds=min(t_sums))
+        t, t_read = median_times([ours, reads], repeat)
+        numpy_t = None
         if with_numpy:
             def baseline(i: int) -> None:
-                ids, _ = calls[i % len(calls)]
+                ids = ids_list[i % len(calls)]
                 y = np.zeros((T, HIDDEN), np.float32)
                 for e in np.unique(ids):
                     gu, dn = bank.gate_up(int(e)), bank.down(int(e))
@@ -354,11 +359,13 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bandwidth: float, repeat: i
                     a = 0.5 * a * (1 + np.tanh(0.7978845608 * (a + 0.044715 * a**3))) * h[:, INTER:]
                     y[tok] += w[tok, slot][:, None] * (a @ d.T)
 
-            res.numpy_seconds = median_time(baseline, max(3, repeat // 10), warmup=1)
+            numpy_t = median_time(baseline, max(3, repeat // 10), warmup=1)
     finally:
         K.set_num_threads(0)
-        cold_sum.close()
-    return res
+    n = int(statistics.mean(nbytes_list))
+    return Result(f"top-{TOP_K} expert FFN, T={T}, {K.FORMAT_NAMES[bank.fmt]}, {threads} thr",
+                  K.FORMAT_NAMES[bank.fmt], threads, T, t, n, n / t / bw.c_read[threads], t_read / t,
+                  n / t / bw.numpy_sum[threads], numpy_t / t if numpy_t else None)
 
 
 def quantize_rate(fmt: int, threads: int, rows: int = 1024, cols: int = 4096) -> float:
@@ -372,55 +379,82 @@ def quantize_rate(fmt: int, threads: int, rows: int = 1024, cols: int = 4096) ->
     return x.size / best
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # ---- CLI ------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="threads for the multi-threaded rows (0 = all cores)")
-    p.add_argument("--experts", type=int, default=64,
-                   help="distinct experts to cycle through (64 = 210 MiB of Q4_K, well past a 32 MiB L3)")
-    p.add_argument("--bandwidth-gib", type=float, default=2.0,
-                   help="array size for the read-bandwidth baseline")
+    p.add_argument("--experts", type=int, default=0,
+                   help=f"distinct experts to cycle through (0 = enough for {CACHE_MULTIPLE}x the "
+                        "last-level cache)")
+    p.add_argument("--bandwidth-mib", type=int, default=0,
+                   help=f"buffer for the read-bandwidth anchor (0 = {CACHE_MULTIPLE}x the last-level cache, "
+                        f"at least {MIN_COLD_BYTES >> 20} MiB)")
     p.add_argument("--repeat", type=int, default=40, help="timed calls per kernel (the median is printed)")
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) numpy baseline")
     p.add_argument("--no-ggml", action="store_true", help="skip ggml even if llama-cpp-python is installed")
     p.add_argument("--ggml-lib", metavar="DIR",
                    help="directory holding libggml-cpu.so (default: llama-cpp-python's llama_cpp/lib)")
+    p.add_argument("--quick", action="store_true", help="Q4_K cases only (skip Q6_K and the quantisers)")
+    p.add_argument("--json", action="store_true", help="print every figure as one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
+    say = (lambda *a, **k: None) if args.json else print
     n_all = args.threads or K.num_threads()
-    print(f"larql kernels: isa={K.isa()} (available: {' '.join(K.available_isas())}), threads={n_all}")
-    bw1 = read_bandwidth(args.bandwidth_gib, 1)
-    bw_all = read_bandwidth(args.bandwidth_gib, n_all) if n_all > 1 else bw1
-    print(f"read bandwidth (numpy sum over {args.bandwidth_gib:g} GiB, best of 3): "
-          f"{bw1 / 1e9:.1f} GB/s on 1 thread, {bw_all / 1e9:.1f} GB/s on {n_all}")
+    llc = last_level_cache_bytes()
+    nbytes = (args.bandwidth_mib << 20) or cold_bytes(llc)
+    say(f"larql kernels: {cpu_model()}, isa={K.isa()} (available: {' '.join(K.available_isas())}), "
+        f"threads={n_all}, last-level cache {llc >> 20} MiB")
+    counts = sorted({1, n_all})
+    bw = measure_bandwidth(nbytes, counts)
+    say(f"read bandwidth, C streaming loop over {bw.buffer_bytes >> 20} MiB (best of 3): "
+        + ", ".join(f"{bw.c_read[n] / 1e9:.1f} GB/s on {n} thr" for n in counts)
+        + "   [numpy f32 sum: " + ", ".join(f"{bw.numpy_sum[n] / 1e9:.1f}" for n in counts) + " GB/s]")
     ggml = None if args.no_ggml else load_ggml(args.ggml_lib)
-    print("ggml: " + ("llama-cpp-python's libggml found" if ggml else
-                      "not installed (pip install llama-cpp-python; see docs/KERNELS.md), ratio skipped"))
+    say("ggml: " + ("llama-cpp-python's libggml found" if ggml else
+                    "not installed (pip install llama-cpp-python; see docs/KERNELS.md), ratio skipped"))
     numpy_on = not args.no_numpy
-    print(f"building {args.experts} experts per format (cycled, so weights come from DRAM) ...", flush=True)
-    q4 = make_bank(args.experts, K.Q4_K, K.Q4_K)
-    print()
-    print(HEADER)
-    for threads, bw in ((1, bw1), (n_all, bw_all)):
+    results: list[Result] = []
+
+    def run(res: Result) -> None:
+        results.append(res)
+        say(res.row(), flush=True)
+
+    bank_target = cold_bytes(llc)
+    n_q4 = args.experts or experts_for(bank_target, K.Q4_K)
+    say(f"building {n_q4} Q4_K experts ({n_q4 * 3.29:.0f} MiB, > {CACHE_MULTIPLE}x the cache, cycled, so "
+        "weights come from DRAM) ...", flush=True)
+    q4 = make_bank(n_q4, K.Q4_K, K.Q4_K)
+    say()
+    say(HEADER)
+    for threads in counts:
         for which in ("gate_up", "down"):
-            print(matvec_case(q4, which, threads, bw, args.repeat, ggml, numpy_on).row(), flush=True)
+            run(matvec_case(q4, which, threads, bw, args.repeat, ggml, numpy_on))
     for T in (1, 8):
-        print(moe_case(q4, T, n_all, bw_all, args.repeat, numpy_on).row(), flush=True)
+        run(moe_case(q4, T, n_all, bw, args.repeat, numpy_on))
+    banks = {"Q4_K": {"experts": q4.n, "bytes": q4.buf.size}}
     del q4
-    q6 = make_bank(args.experts, K.Q6_K, K.Q6_K, seed=1)
-    print(matvec_case(q6, "down", n_all, bw_all, args.repeat, ggml, numpy_on).row(), flush=True)
-    print(moe_case(q6, 1, n_all, bw_all, args.repeat, numpy_on).row(), flush=True)
-    del q6
-    print()
-    for fmt in (K.Q4_K, K.Q6_K):
-        rate = quantize_rate(fmt, n_all)
-        print(f"quantise f32 -> {K.FORMAT_NAMES[fmt]} on {n_all} threads: {rate / 1e6:.1f} M weights/s")
+    rates = {}
+    if not args.quick:
+        q6 = make_bank(args.experts or experts_for(bank_target, K.Q6_K), K.Q6_K, K.Q6_K, seed=1)
+        banks["Q6_K"] = {"experts": q6.n, "bytes": q6.buf.size}
+        run(matvec_case(q6, "down", n_all, bw, args.repeat, ggml, numpy_on))
+        run(moe_case(q6, 1, n_all, bw, args.repeat, numpy_on))
+        del q6
+        say()
+        for fmt in (K.Q4_K, K.Q6_K):
+            rates[K.FORMAT_NAMES[fmt]] = quantize_rate(fmt, n_all)
+            say(f"quantise f32 -> {K.FORMAT_NAMES[fmt]} on {n_all} threads: "
+                f"{rates[K.FORMAT_NAMES[fmt]] / 1e6:.1f} M weights/s")
+    if args.json:
+        print(json.dumps({
+            "cpu": cpu_model(), "isa": K.isa(), "available_isas": K.available_isas(), "threads": n_all,
+            "last_level_cache_bytes": llc, "bandwidth_buffer_bytes": bw.buffer_bytes,
+            "c_read_bytes_per_s": {str(k): v for k, v in bw.c_read.items()},
+            "numpy_sum_bytes_per_s": {str(k): v for k, v in bw.numpy_sum.items()},
+            "ggml": ggml is not None, "banks": banks,
+            "results": [asdict(r) | {"gb_per_s": r.gbs} for r in results],
+            "quantise_weights_per_s": rates,
+        }, indent=1))
     return 0

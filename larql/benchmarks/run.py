@@ -15,12 +15,21 @@ layers (default 6: five sliding and one full, the real pattern), experts in proc
   agreement (--agreement N) top-1 agreement of batch dispatch with exact dispatch, teacher
            forced on exact mode's greedy tokens.
 
-Everything is a ratio against a quantity measured in the same run.
+  floor    bytes read per token (attention, dense MLP, router, top-k experts, LM head: from the
+           vindex's own tensors) / the C streaming read bandwidth measured in this run on all
+           threads (larql bench kernels' anchor): the time no kernel can beat, printed beside the
+           measured ms/token as a ratio, for the measured layers and the 30-layer projection.
+
+Everything is a ratio against a quantity measured in the same run. --json prints the figures as
+one JSON object on stdout (the table then goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
 import time
 from collections import defaultdict
 
@@ -48,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode after N cached positions (random K/V written straight into the cache, "
                         "e.g. 1024 fills the sliding windows; default: just the prompt)")
     p.add_argument("--dispatch", choices=["exact", "batch"], default="exact")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object (the table goes to stderr)")
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also report how often batch dispatch's greedy token matches exact mode's over "
                         "N teacher-forced decode steps (default 0: skip)")
@@ -133,7 +144,53 @@ class Profiler:
             undo()
 
 
+def bytes_per_token(vindex, layers: list[int]) -> dict[str, int]:
+    """Weight bytes one decoded token reads, by component, over `layers` (the LM head once)."""
+    cfg = vindex.config
+    out = {"attention": 0, "dense_mlp": 0, "router": 0, "experts": 0}
+    for layer in layers:
+        a = vindex.attn(layer)
+        out["attention"] += sum(m.data.size for m in (a.q, a.k, a.v, a.o) if m is not None)
+        d = vindex.dense_mlp(layer)
+        out["dense_mlp"] += d.gate.data.size + d.up.data.size + d.down.data.size
+        out["router"] += vindex.norm(f"layers.{layer}.router.proj.weight").nbytes
+        ef = vindex.expert_file(layer)
+        sizes = [e.gate_up_len + e.down_len for e in map(ef.entry, ef.present()) if e is not None]
+        out["experts"] += round(cfg.top_k * sum(sizes) / max(1, len(sizes)))
+    head = vindex.lm_head()
+    out["lm_head"] = head.data.size if head is not None else vindex.embeddings().nbytes
+    return out
+
+
+def bandwidth_floor(vindex, measured_s: float, projected_s: float, real_layers: int) -> dict:
+    """The bandwidth floor of this run and of the projection, and measured / floor for each."""
+    from .. import kernels
+    from .kernels import c_read_bandwidth, cold_bytes, last_level_cache_bytes
+
+    layers = list(range(vindex.config.num_layers))
+    per = bytes_per_token(vindex, layers)
+    head = per["lm_head"]
+    layer_bytes = sum(per.values()) - head
+    projected = round(layer_bytes * real_layers / len(layers)) + head
+    bw = c_read_bandwidth(cold_bytes(last_level_cache_bytes()), kernels.num_threads())
+    floor, floor_proj = (layer_bytes + head) / bw, projected / bw
+    return {"bytes_per_token": per, "bytes_per_token_total": layer_bytes + head,
+            "bytes_per_token_projected": projected, "c_read_bytes_per_s": bw,
+            "threads": kernels.num_threads(), "floor_s": floor, "measured_s": measured_s,
+            "x_floor": measured_s / floor, "projected_floor_s": floor_proj,
+            "projected_s": projected_s, "projected_x_floor": projected_s / floor_proj}
+
+
 def main(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _main(args)
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _main(args, as_json=True)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _main(args: argparse.Namespace, as_json: bool = False):
     from .. import kernels, models
     from ..vindex import open_vindex
 
@@ -218,10 +275,27 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {'Python/numpy glue (not in C)':<30} {min(proj_glue / proj_total, 1):6.1%}")
     print(f"    of which attention over the KV cache (numpy) {proj_att / proj_total:.1%}, "
           f"Python overhead and vector glue {(proj_glue - proj_att) / proj_total:.1%}")
-    if args.agreement:
-        agreement(model, prompt[:16], args.agreement)
+    floor = bandwidth_floor(vindex, per_tok, proj_total, real)
+    print(f"\nbandwidth floor ({floor['bytes_per_token_total'] / 1e6:.1f} MB/token over {L} layers / C read "
+          f"{floor['c_read_bytes_per_s'] / 1e9:.1f} GB/s on {floor['threads']} threads): "
+          f"{floor['floor_s'] * 1e3:.2f} ms/token; measured {per_tok * 1e3:.2f} ms = "
+          f"x{floor['x_floor']:.2f} the floor")
+    print(f"  projected to {real} layers: {floor['bytes_per_token_projected'] / 1e9:.2f} GB/token, floor "
+          f"{floor['projected_floor_s'] * 1e3:.1f} ms; projected {proj_total * 1e3:.1f} ms = "
+          f"x{floor['projected_x_floor']:.2f} the floor (target <= 1.5)")
+    total_bytes = floor["bytes_per_token_total"]
+    share = ", ".join(f"{k} {v / total_bytes:.0%}" for k, v in floor["bytes_per_token"].items())
+    print(f"  bytes by component ({L} layers): {share}")
+    agree = agreement(model, prompt[:16], args.agreement) if args.agreement else None
     model.close()
-    return 0
+    if not as_json:
+        return 0
+    return {"layers": L, "isa": kernels.isa(), "threads": kernels.num_threads(), "dispatch": args.dispatch,
+            "prefill_tokens": n, "prefill_batched_tok_per_s": n / batched,
+            "prefill_sequential_tok_per_s": n / sequential, "decode_s_per_token": per_tok,
+            "decode_parts_s": parts, "glue_s": glue, "vector_glue_s": vec,
+            "projected_layers": real, "projected_s_per_token": proj_total, "floor": floor,
+            "agreement": agree}
 
 
 def fill_cache(cache, n: int) -> None:

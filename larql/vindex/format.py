@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from .. import kernels as K
 from .. import ranges
 from ..errors import LarqlError
 
@@ -57,37 +58,21 @@ DENSE_FILES = {
 KQUANT_ATTN_FILES = ("attn_weights_kquant.bin", "attn_weights_kquant_manifest.json")
 KQUANT_DENSE_FILES = ("interleaved_kquant.bin", "interleaved_kquant_manifest.json")
 
-# Format ids: the LYRW quant_format numbering, which larql.kernels shares for 0/1/2/4/5.
-F32, F16, BF16, Q4_0, Q4_K, Q6_K, Q8_0, FP4, Q5_K = 0, 1, 2, 3, 4, 5, 6, 7, 8
-FORMAT_NAMES = {
-    F32: "f32",
-    F16: "f16",
-    BF16: "bf16",
-    Q4_0: "Q4_0",
-    Q4_K: "Q4_K",
-    Q6_K: "Q6_K",
-    Q8_0: "Q8_0",
-    FP4: "FP4",
-    Q5_K: "Q5_K",
-}
+# Format ids, names and block layouts are the kernels' (csrc/larql.h through larql.kernels): the
+# LYRW quant_format numbering. Here only which of them may stand in a file.
+F32, F16, BF16, Q4_0, Q4_K, Q6_K, Q8_0, FP4, Q5_K = (K.F32, K.F16, K.BF16, K.Q4_0, K.Q4_K, K.Q6_K, K.Q8_0,
+                                                    K.FP4, K.Q5_K)
+FILE_FORMATS = (F32, F16, BF16, Q4_0, Q4_K, Q6_K, Q8_0, FP4, Q5_K)
+FORMAT_NAMES = {f: K.FORMAT_NAMES[f] for f in FILE_FORMATS}
 FORMAT_IDS = {v.lower(): k for k, v in FORMAT_NAMES.items()}
-# fmt -> (values per block, bytes per block)
-BLOCKS = {
-    F32: (1, 4),
-    F16: (1, 2),
-    BF16: (1, 2),
-    Q4_0: (32, 18),
-    Q4_K: (256, 144),
-    Q6_K: (256, 210),
-    Q8_0: (32, 34),
-    Q5_K: (256, 176),
-}
+# fmt -> (values per block, bytes per block), for the formats whose layout is known (not FP4)
+BLOCKS = {f: (K.block_size(f), K.row_bytes(f, K.block_size(f))) for f in FILE_FORMATS if K.block_size(f)}
 # A separate (untied) LM head: file and weight_manifest.json `kind` per format. "tensor_q4k" is
 # the reference's kind; "tensor_q6k" is ours.
 LM_HEAD_FILES = {Q4_K: LM_HEAD_Q4, Q6_K: LM_HEAD_Q6K}
 LM_HEAD_KINDS = {Q4_K: "tensor_q4k", Q6_K: "tensor_q6k"}
-# What this implementation can compute with (FP4 is recognised but not served).
-SUPPORTED = {F32, F16, BF16, Q4_K, Q6_K}
+# What this implementation can compute with (the others are recognised but not served).
+SUPPORTED = set(K.WEIGHT_FORMATS)
 
 LYRW_MAGIC = 0x4C595257
 LYRW_HEADER = struct.Struct("<6I")  # magic, version, quant_format, num_entries, inter, hidden
@@ -113,14 +98,12 @@ def block_values(fmt: int) -> int:
 
 
 def padded_cols(fmt: int, cols: int) -> int:
-    b = BLOCKS[fmt][0]
-    return -(-cols // b) * b
+    return K.padded_cols(fmt, cols)
 
 
 def row_bytes(fmt: int, cols: int) -> int:
-    """Bytes of one row of `cols` values (cols padded up to the block size)."""
-    b, nb = BLOCKS[fmt]
-    return -(-cols // b) * nb
+    """Bytes of one stored row of `cols` values (cols padded up to the block size)."""
+    return K.row_bytes(fmt, K.padded_cols(fmt, cols))
 
 
 def align(n: int, a: int = PAGE) -> int:

@@ -1,0 +1,75 @@
+"""larql.kernels' benchmark hooks: the prepared calls compute what the checked API computes, and
+the C read loop refuses buffers it cannot read with aligned loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from larql import kernels as K
+
+
+def test_aligned_buffer_is_aligned_and_written() -> None:
+    buf = K.aligned_buffer(1000)
+    assert buf.size == 1024 and buf.ctypes.data % K.READ_ALIGN == 0
+    assert (buf == 0x5A).all()  # every page written, so none maps the shared zero page
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_bench_read_runs_and_rejects_misaligned(parallel: bool) -> None:
+    buf = K.aligned_buffer(3 << 20)
+    K.bench_read(buf, parallel)()
+    with pytest.raises(K.KernelError, match="aligned_buffer"):
+        K.bench_read(buf[1:257], parallel)
+    with pytest.raises(K.KernelError, match="aligned_buffer"):
+        K.bench_read(buf[:300], parallel)
+
+
+@pytest.mark.parametrize("fmt", [K.Q4_K, K.Q6_K])
+def test_bench_matmul_q8k_matches_matmul(fmt: int) -> None:
+    rng = np.random.default_rng(0)
+    w = K.as_qmatrix(rng.standard_normal((40, 512)).astype(np.float32), fmt)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    y = np.zeros((3, 40), np.float32)
+    K.bench_matmul_q8k(w, K.quantize_q8k(x), y)()
+    assert np.array_equal(y, K.matmul(w, x))
+
+
+def test_bench_moe_ffn_matches_moe_ffn() -> None:
+    rng = np.random.default_rng(1)
+    hidden, inter, n = 256, 128, 4
+    experts = []
+    for _ in range(n):
+        gu = K.quantize(rng.standard_normal((2 * inter, hidden)).astype(np.float32), K.Q4_K)
+        dn = K.quantize(rng.standard_normal((hidden, inter)).astype(np.float32), K.Q4_K)
+        buf = np.concatenate([gu, dn])
+        experts.append((buf, 0, K.Q4_K, gu.size, K.Q4_K))
+    table = K.ExpertTable(hidden, inter, experts)
+    x = rng.standard_normal((2, hidden)).astype(np.float32)
+    ids = np.array([[0, 3], [2, 3]], np.int32)
+    w = rng.random((2, 2)).astype(np.float32)
+    out = np.zeros((2, hidden), np.float32)
+    K.bench_moe_ffn(table, x, ids, w, out)()
+    assert np.array_equal(out, K.moe_ffn(table, x, ids, w))
+    with pytest.raises(K.KernelError, match="below 4"):
+        K.bench_moe_ffn(table, x, np.array([[0, 4], [1, 2]], np.int32), w, out)
+
+
+def test_bytes_per_token_counts_every_weight_file(tmp_path) -> None:
+    """The bandwidth floor's byte count (larql bench run) against the vindex's own file sizes."""
+    from larql.benchmarks.run import bytes_per_token
+    from larql.vindex import open_vindex
+    from larql.vindex.synthetic import write_synthetic_vindex
+
+    vx = open_vindex(write_synthetic_vindex(tmp_path / "v", num_layers=2, vocab_size=512, num_experts=4,
+                                            top_k=2))
+    per = bytes_per_token(vx, [0, 1])
+    sizes = vx.file_sizes()
+    assert per["attention"] == sizes["attn_weights_q4k.bin"]
+    assert per["dense_mlp"] == sizes["interleaved_q4k.bin"]
+    assert per["lm_head"] == sizes["lm_head_q4.bin"]
+    cfg = vx.config
+    assert per["router"] == 2 * cfg.num_experts * cfg.hidden_size * 4
+    ef = vx.expert_file(0)
+    one = ef.entry(0).gate_up_len + ef.entry(0).down_len
+    assert per["experts"] == 2 * cfg.top_k * one
