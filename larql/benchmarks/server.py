@@ -140,10 +140,8 @@ def bench_rtt(args, path: Path, vindex) -> None:
     try:
         rx = connect_shards(spec, vindex)
         try:
-            conn = rx.client.shards[0].replicas[0].conn
-
             def ping(*_):
-                rx._run(conn.request({"op": "health"}, 10))
+                rx.ping()
 
             echo, stop_echo = raw_echo()
             try:
