@@ -312,7 +312,7 @@ class AsyncExpertClient:
                     raise ShardError(f"{rep.where}: no reply to {job.msg['op']!r} within {self.timeout:g}s")
                 return self._take(job, sh, rep, fut.result())
             except Exception as e:
-                self._failed(sh, rep, e)
+                self._failed(sh, rep, e, attempt)
         while True:
             step = attempt.next(time.monotonic())
             if step.replica is not None:
@@ -326,7 +326,7 @@ class AsyncExpertClient:
                     reply = await rep.conn.request_raw(dict(job.msg), step.budget)
                     return self._take(job, sh, rep, reply)
                 except Exception as e:
-                    self._failed(sh, rep, e)
+                    self._failed(sh, rep, e, attempt)
             elif step.wait:
                 await asyncio.sleep(step.wait)
             else:
@@ -345,13 +345,13 @@ class AsyncExpertClient:
         sh.policy.succeeded(rep.state)
         return ys
 
-    def _failed(self, sh: _Shard, rep: _Replica, e: Exception) -> None:
+    def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
         if not retryable(e):
             raise e
         if rep.conn is not None:
             rep.conn.close()
             rep.conn = None
-        sh.policy.failed(rep.state, str(e), time.monotonic())
+        attempt.failed(rep.state, str(e), time.monotonic(), corrupt=isinstance(e, core.BadReply))
 
     # --- background probes ------------------------------------------------------------------
     def _schedule_probes(self) -> None:

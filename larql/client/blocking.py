@@ -382,7 +382,7 @@ class BlockingExpertClient:
                 reply = conn.recv(rid, self._attempt_deadline(sh, rep, deadline), job.msg["op"])
                 return self._take(job, sh, rep, conn, reply)
             except Exception as e:
-                self._failed(sh, rep, e)
+                self._failed(sh, rep, e, attempt)
         while True:
             with self._lock:
                 step = attempt.next(time.monotonic())
@@ -401,7 +401,7 @@ class BlockingExpertClient:
                     reply = conn.request(dict(job.msg), time.monotonic() + step.budget)
                     return self._take(job, sh, rep, conn, reply)
                 except Exception as e:
-                    self._failed(sh, rep, e)
+                    self._failed(sh, rep, e, attempt)
             elif step.wait:
                 time.sleep(step.wait)
             else:
@@ -430,7 +430,7 @@ class BlockingExpertClient:
             sh.policy.succeeded(rep.state)
         return ys
 
-    def _failed(self, sh: _Shard, rep: _Replica, e: Exception) -> None:
+    def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
         with self._lock:
             rep.state.inflight = max(0, rep.state.inflight - 1)
         if not retryable(e):
@@ -439,7 +439,7 @@ class BlockingExpertClient:
             if rep.conn is not None:
                 rep.conn.close()
                 rep.conn = None
-            sh.policy.failed(rep.state, str(e), time.monotonic())
+            attempt.failed(rep.state, str(e), time.monotonic(), corrupt=isinstance(e, BadReply))
         log.info("shard %s replica %s failed: %s", sh.spec.label, rep.state.where, e)
 
     # --- background probes of down replicas -------------------------------------------------

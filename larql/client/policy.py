@@ -139,16 +139,21 @@ class Attempt:
     wait: bool = True
     tried: list[ReplicaState] = field(default_factory=list)
     tries: int = 0
+    corrupt: list[ReplicaState] = field(default_factory=list)   # answered unusable data: not retried
 
     def next(self, now: float) -> Step:
         left = self.deadline - now
         pol = self.policy
         if left <= 0:
             return Step(reason=self._give_up("the deadline passed"))
+        if len(self.corrupt) == len(pol.replicas):
+            return Step(reason=self._give_up("every replica answered unusable data"))
         rep = pol.choose(now, exclude=self.tried)
         if rep is None and len(self.tried) >= len(pol.replicas):
-            self.tried.clear()          # every replica failed once: go round again after backoff
-            rep = pol.choose(now)
+            # every replica failed once: go round again after backoff (a replica that answered
+            # corrupt data is not asked again: reconnecting does not fix a broken shard)
+            self.tried = list(self.corrupt)
+            rep = pol.choose(now, exclude=self.tried)
         if rep is not None:
             self.tried.append(rep)
             self.tries += 1
@@ -162,8 +167,10 @@ class Attempt:
             return Step(reason=self._give_up("no replica came back before the deadline"))
         return Step(wait=max(0.001, soonest - now))
 
-    def failed(self, rep: ReplicaState, error: str, now: float) -> None:
+    def failed(self, rep: ReplicaState, error: str, now: float, corrupt: bool = False) -> None:
         self.policy.failed(rep, error, now)
+        if corrupt and rep not in self.corrupt:
+            self.corrupt.append(rep)
 
     def _give_up(self, why: str) -> str:
         pol = self.policy
