@@ -167,9 +167,10 @@ class _Shard:
         self.spec = spec
         self.policy = ShardPolicy(spec.label, list(spec.replicas))
         self.replicas = [_Replica(s) for s in self.policy.replicas]
+        self._by_state = {id(r.state): r for r in self.replicas}
 
     def replica(self, state: ReplicaState) -> _Replica:
-        return next(r for r in self.replicas if r.state is state)
+        return self._by_state[id(state)]
 
 
 class AsyncExpertClient:
@@ -337,11 +338,10 @@ class AsyncExpertClient:
                 raise ShardError(step.reason)
 
     def _take(self, job: core.Job, sh: _Shard, rep: _Replica, reply: dict):
-        who = core.endpoint_label(sh.spec, rep.state.endpoint)
         if reply.get("ok") is not True:
             code, message = core._error_of(reply)
-            raise P.RemoteError(code, message, who)
-        ys = self.planner.decode(job, reply, who)
+            raise P.RemoteError(code, message, core.endpoint_label(sh.spec, rep.state.endpoint))
+        ys = self.planner.decode(job, reply, rep)
         sh.policy.succeeded(rep.state)
         return ys
 

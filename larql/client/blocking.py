@@ -233,9 +233,10 @@ class _Shard:
         self.spec = spec
         self.policy = ShardPolicy(spec.label, list(spec.replicas))
         self.replicas = [_Replica(s) for s in self.policy.replicas]
+        self._by_state = {id(r.state): r for r in self.replicas}
 
     def replica(self, state: ReplicaState) -> _Replica:
-        return next(r for r in self.replicas if r.state is state)
+        return self._by_state[id(state)]
 
 
 class BlockingExpertClient:
@@ -373,16 +374,18 @@ class BlockingExpertClient:
         sh = self.shards[job.shard]
         pol = sh.policy
         degrade = self.options.on_shard_failure == "renormalize"
-        attempt = pol.attempt(deadline, wait=not degrade)
         if sent is not None:
             rep, conn, rid = sent
-            attempt.tried.append(rep.state)
-            attempt.tries += 1
             try:
                 reply = conn.recv(rid, self._attempt_deadline(sh, rep, deadline), job.msg["op"])
                 return self._take(job, sh, rep, conn, reply)
             except Exception as e:
+                attempt = pol.attempt(deadline, wait=not degrade)
+                attempt.tried.append(rep.state)
+                attempt.tries += 1
                 self._failed(sh, rep, e, attempt)
+        else:
+            attempt = pol.attempt(deadline, wait=not degrade)
         while True:
             with self._lock:
                 step = attempt.next(time.monotonic())
@@ -414,20 +417,23 @@ class BlockingExpertClient:
     @staticmethod
     def _attempt_deadline(sh: _Shard, rep: _Replica, deadline: float) -> float:
         """Half of what is left when another replica is up to fail over to (see policy.py)."""
+        if len(sh.replicas) == 1:
+            return deadline
         others = any(r.state.up() for r in sh.replicas if r is not rep)
         now = time.monotonic()
         return now + (deadline - now) / 2 if others else deadline
 
     def _take(self, job: core.Job, sh: _Shard, rep: _Replica, conn: BlockingConnection, reply: dict):
+        state = rep.state
         with self._lock:
-            rep.state.inflight -= 1
-        who = core.endpoint_label(sh.spec, rep.state.endpoint)
+            state.inflight -= 1
         if reply.get("ok") is not True:
             code, message = core._error_of(reply)
-            raise P.RemoteError(code, message, who)
-        ys = self.planner.decode(job, reply, who)
-        with self._lock:
-            sh.policy.succeeded(rep.state)
+            raise P.RemoteError(code, message, core.endpoint_label(sh.spec, state.endpoint))
+        ys = self.planner.decode(job, reply, rep)
+        if state.failures:
+            with self._lock:
+                sh.policy.succeeded(state)
         return ys
 
     def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
@@ -444,8 +450,7 @@ class BlockingExpertClient:
 
     # --- background probes of down replicas -------------------------------------------------
     def _schedule_probes(self) -> None:
-        with self._lock:
-            down = any(not r.state.up() for sh in self.shards for r in sh.replicas)
+        down = any(r.state.failures for sh in self.shards for r in sh.replicas)
         if not down or self._closed:
             return
         if self._prober is None or not self._prober.is_alive():

@@ -77,6 +77,11 @@ class ShardPolicy:
         """The replica a new request goes to: the least busy of those up (round-robin among
         equals); if none is up, the one whose backoff has expired the longest; else None."""
         n = len(self.replicas)
+        if n == 1:     # the common case, without the lists below
+            r = self.replicas[0]
+            if r in exclude:
+                return None
+            return r if r.up() or (r.down_until <= now and not r.probing) else None
         order = [self.replicas[(self._turn + i) % n] for i in range(n)]
         self._turn = (self._turn + 1) % n
         up = [r for r in order if r.up() and r not in exclude]
