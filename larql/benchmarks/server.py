@@ -235,6 +235,7 @@ def bench_rtt(args, path: Path, vindex) -> dict:
             fns.append(rxt.forward)
         times = dict(zip(names, interleaved(fns, works, args.iters), strict=True))
         server = rx1.stats()[0]
+        cpu = client_cpu(rx1, spec1, vindex, works, args.iters)
     finally:
         for c in clients:
             c.close()
@@ -251,6 +252,7 @@ def bench_rtt(args, path: Path, vindex) -> dict:
            "overhead_over_echo": over1 / echo, "overhead_2shards_over_echo": over2 / echo,
            "ping_over_echo": p50["ping"] / echo, "server_p50_us": server["p50_us"],
            "server_compute_p50_us": server["compute_p50_us"]}
+    out["client_cpu_us"] = cpu
     if "echo TLS" in p50:
         out["tls_echo_cost_us"] = p50["echo TLS"] - echo
     if "1 shard TLS" in p50:
@@ -271,6 +273,9 @@ def bench_rtt(args, path: Path, vindex) -> dict:
           f"{p50['ping'] / echo:.1f}x the echo")
     print(f"server side: p50 {server['p50_us']:.0f} us per request, of which compute p50 "
           f"{server['compute_p50_us']:.0f} us")
+    print(f"client CPU per layer call (thread time, p50; independent of the machine's load): blocking "
+          f"decode path {cpu['blocking']:.0f} us, asyncio client on a private loop {cpu['asyncio']:.0f} us "
+          f"(the old decode path's shape) -> {cpu['asyncio'] / cpu['blocking']:.1f}x")
     if "tls_echo_cost_us" in out:
         served = (f", {out['tls_layer_cost_us']:.0f} us per layer through larql serve"
                   if "tls_layer_cost_us" in out
@@ -279,6 +284,34 @@ def bench_rtt(args, path: Path, vindex) -> dict:
     else:
         print("TLS: skipped (needs the `cryptography` package for a throw-away certificate)")
     return out
+
+
+def client_cpu(rx, spec: str, vindex, works, iters: int) -> dict:
+    """CPU time the client's own thread spends per one-shard layer call (waiting excluded):
+    the blocking decode path vs the asyncio client run on a private loop per call, as the
+    decode path did before (p50 us, interleaved)."""
+    from ..client import async_client
+
+    loop = asyncio.new_event_loop()
+    ac = async_client(spec, vindex, api_key="")
+    loop.run_until_complete(ac.connect())
+
+    def aio(*w):
+        return loop.run_until_complete(ac.forward(*w))
+
+    out: dict[str, list[float]] = {"blocking": [], "asyncio": []}
+    try:
+        for i in range(iters):
+            wk = works[i % len(works)]
+            for name, fn in ((("blocking", rx.forward), ("asyncio", aio)) if i % 2 == 0
+                             else (("asyncio", aio), ("blocking", rx.forward))):
+                t0 = time.thread_time()
+                fn(*wk)
+                out[name].append((time.thread_time() - t0) * 1e6)
+    finally:
+        loop.run_until_complete(ac.close())
+        loop.close()
+    return {k: pct(v, 50) for k, v in out.items()}
 
 
 def bench_throughput(args, path: Path, vindex) -> dict:
