@@ -131,12 +131,10 @@ def main() -> int:
                 time.sleep(0.5)
         try:
             t0 = time.perf_counter()
-            rx.client.shards[0].replicas[0].conn  # noqa: B018 (connected)
             rtts = []
-            conn = rx.client.shards[0].replicas[0].conn
             for _ in range(5):
                 t0 = time.perf_counter()
-                rx._run(conn.request({"op": "health"}, 10))
+                rx.ping()
                 rtts.append((time.perf_counter() - t0) * 1e3)
             print(f"measured protocol round trip: {np.median(rtts):.1f} ms")
             rng = np.random.default_rng(0)

@@ -14,11 +14,17 @@ High level: load a model whose experts run in process or on expert servers, and 
 
 Low level: send one layer's expert work to a shard map and get the summed result back.
 
-    experts = lq.expert_client("0-63=a:8080,64-127=b:8080", "gemma4.vindex")
+    experts = lq.expert_client("0-63=a:8080,64-127=tls://b:8443", "gemma4.vindex", api_key_file="key")
     y = experts.forward(layer, h, ids, weights)      # raw weighted sum; apply the post-norm yourself
 
     client = await lq.async_expert_client(spec, vindex)   # the same, awaitable
     y = await client.forward(layer, h, ids, weights)
+
+Connection keywords (load, expert_client, async_expert_client): `api_key` / `api_key_file`
+(default: $LARQL_API_KEY; `api_key=""` forces none), `tls_ca` (default: $LARQL_TLS_CA, else the
+system trust store), `connect_timeout`, `on_shard_failure` ("fail", or "renormalize": drop a
+lost shard's experts and rescale the router weights, counted in stats as degraded_layers),
+`accumulate` ("auto": f64 partial sums when the servers offer them).
 
 See examples/ for runnable programs.
 """
@@ -39,13 +45,15 @@ from .client import (
     async_client,
     connect_shards,
 )
+from .errors import LarqlError
 from .generate import GenerationStats, generate
 from .protocol import RemoteError
 from .sampling import Sampler
 from .shardmap import ShardSpecError
+from .transport import AuthError
 
 __all__ = ["Generation", "Model", "load", "expert_client", "async_expert_client",
-           "ShardError", "ShardSpecError", "RemoteError"]
+           "ShardError", "ShardSpecError", "RemoteError", "AuthError", "LarqlError"]
 
 
 def _open(vindex):
@@ -108,6 +116,8 @@ class Model:
             g.tokens.append(step.token)
             yield step.token
         g.stats.extra["round_trips"] = self.expert_round_trips - trips0
+        if isinstance(self.experts, RemoteExperts):
+            g.stats.extra["degraded_layers"] = self.experts.degraded_layers
 
     def stream(self, prompt: str | list[int], max_tokens: int = 64, **kw) -> Iterator[str]:
         """Text pieces as they become final (multi-token characters are held until complete)."""
@@ -186,12 +196,13 @@ class Model:
 
 
 def load(vindex, shards: str | None = None, *, dispatch: str = "exact", timeout: float = DEFAULT_TIMEOUT,
-         encoding: str = "f32") -> Model:
+         encoding: str = "f32", **connection) -> Model:
     """A Model over a vindex (path or opened). shards: a `--moe-shards` map ("0-63=host:port,...");
     None runs the experts in process. dispatch: "exact" (per layer) or "batch" (one round trip
-    per token, approximate)."""
+    per token, approximate). `connection`: the keywords listed at the top of this module."""
     vindex = _open(vindex)
-    experts = connect_shards(shards, vindex, timeout=timeout, encoding=encoding) if shards else None
+    experts = (connect_shards(shards, vindex, timeout=timeout, encoding=encoding, **connection)
+               if shards else None)
     try:
         return Model(vindex, experts=experts, dispatch=dispatch)
     except BaseException:
@@ -201,14 +212,14 @@ def load(vindex, shards: str | None = None, *, dispatch: str = "exact", timeout:
 
 
 def expert_client(shards: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
-                  encoding: str = "f32") -> RemoteExperts:
+                  encoding: str = "f32", **connection) -> RemoteExperts:
     """Synchronous low-level client: `.forward(layer, h, ids, weights)` -> summed raw expert output,
     `.forward_multi([...])`, `.stats()`, `.close()`."""
-    return connect_shards(shards, _open(vindex), timeout=timeout, encoding=encoding)
+    return connect_shards(shards, _open(vindex), timeout=timeout, encoding=encoding, **connection)
 
 
 async def async_expert_client(shards: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
-                              encoding: str = "f32") -> AsyncExpertClient:
+                              encoding: str = "f32", **connection) -> AsyncExpertClient:
     """Connected asyncio low-level client on the running loop (await `.forward(...)`, `.close()`)."""
-    client = async_client(shards, _open(vindex), timeout=timeout, encoding=encoding)
+    client = async_client(shards, _open(vindex), timeout=timeout, encoding=encoding, **connection)
     return await client.connect()

@@ -48,16 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = bool(getattr(args, "debug", False) or os.environ.get("LARQL_DEBUG"))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if debug:
+            raise
+        print(f"larql {args.command}: interrupted", file=sys.stderr)
         return 130
     except (LarqlError, ValueError, OSError) as e:
-        if getattr(args, "debug", False):
+        # Every expected failure (bad input, a refusing or unreachable server, auth, TLS,
+        # timeouts) is one line; a traceback means a bug, or --debug / LARQL_DEBUG=1.
+        if debug:
             raise
-        print(f"larql {args.command}: error: {e}", file=sys.stderr)
+        print(f"larql {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + "…"
 
 
 def server_main() -> int:

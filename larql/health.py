@@ -36,21 +36,12 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """host:port, [v6]:port, tcp://host:port, tls://host:port, https://host[:port] (TLS, 443)."""
+    """host:port, [v6]:port, tcp://host:port, tls://host:port, https://host[:port] (TLS, 443):
+    the shard map's address forms (shardmap.parse_address)."""
     from .shardmap import parse_address
 
-    t = text.strip()
-    scheme, sep, rest = t.partition("://")
-    if not sep:
-        scheme, rest = "tcp", t
-    scheme = scheme.lower()
-    if scheme not in ("tcp", "tls", "https"):
-        raise ValueError(f"address {text!r}: scheme {scheme!r} is not tcp, tls or https")
-    rest = rest.rstrip("/")
-    if scheme == "https" and not rest.endswith("]") and ":" not in rest.rsplit("]", 1)[-1]:
-        rest += ":443"
-    host, port = parse_address(rest)
-    return Target(host, port, scheme != "tcp", text)
+    ep = parse_address(text)
+    return Target(ep.host, ep.port, ep.tls, text.strip())
 
 
 def local_target(env: dict[str, str] | None = None) -> Target:
@@ -66,7 +57,9 @@ def _tls_context(target: Target, ca_file: str | None, loopback_cert: str | None)
         ctx = ssl.create_default_context(cafile=loopback_cert)
         ctx.check_hostname = False
         return ctx
-    return ssl.create_default_context(cafile=ca_file)
+    from .transport import client_tls_context
+
+    return client_tls_context(ca_file)
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:

@@ -12,6 +12,7 @@ expert of every layer exactly once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,11 +24,28 @@ class ShardSpecError(LarqlError, ValueError):
     """A --moe-shards map is malformed, has gaps or overlaps, or names experts out of range."""
 
 
+class Endpoint(NamedTuple):
+    """One replica's address; `tls` says whether the connection is wrapped in TLS."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'tls://' if self.tls else ''}{host}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """host:port, as messages name it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 @dataclass
 class ShardSpec:
     first: int
     last: int
-    replicas: list[tuple[str, int]]
+    replicas: list[Endpoint]
     layers: tuple[int, int] | None = None   # inclusive layer range; None = every layer
 
     @property
@@ -39,19 +57,45 @@ class ShardSpec:
         return self.layers is None or self.layers[0] <= layer <= self.layers[1]
 
     def __str__(self) -> str:
-        return f"{self.label}=" + "|".join(f"{h}:{p}" for h, p in self.replicas)
+        return f"{self.label}=" + "|".join(str(e) for e in self.replicas)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """'host:port', 'tcp://host:port', '[::1]:port' -> (host, port)."""
+TLS_DEFAULT_PORT = 443   # https://host without a port: a TLS-terminating proxy such as fly's
+
+
+def parse_address(text: str) -> Endpoint:
+    """'host:port', 'tcp://host:port', '[::1]:port' -> plain TCP; 'tls://host:port' and
+    'https://host[:port]' (port 443 by default) -> TLS."""
     t = text.strip()
+    scheme = "tcp"
     if "://" in t:
         scheme, t = t.split("://", 1)
-        if scheme != "tcp":
-            raise ShardSpecError(
-                f"address {text!r}: larql expert servers speak raw TCP, not {scheme}; write host:port "
-                f"or tcp://host:port (on fly.io expose the port as a TCP service, see docs/DEPLOY.md)")
-        t = t.rstrip("/")
+        scheme = scheme.lower()
+        if scheme == "http":
+            raise ShardSpecError(f"address {text!r}: larql expert servers do not speak plain HTTP; "
+                                 f"use tls:// or https:// for TLS, or host:port for plain TCP")
+        if scheme not in ("tcp", "tls", "https"):
+            raise ShardSpecError(f"address {text!r}: unknown scheme {scheme}://; write host:port or "
+                                 f"tcp://host:port (plain TCP), tls://host:port or https://host (TLS)")
+        host_part, slash, path = t.partition("/")
+        if slash and path:
+            raise ShardSpecError(f"address {text!r}: a shard address names a host and port, not a "
+                                 f"path ({'/' + path!r})")
+        t = host_part
+    tls = scheme in ("tls", "https")
+    if scheme == "https" and not _has_port(t):
+        t = f"{t}:{TLS_DEFAULT_PORT}"
+    host, port = _host_port(text, t)
+    return Endpoint(host, port, tls)
+
+
+def _has_port(t: str) -> bool:
+    if t.startswith("["):
+        return "]:" in t
+    return ":" in t
+
+
+def _host_port(text: str, t: str) -> tuple[str, int]:
     if t.startswith("["):
         host, sep, rest = t[1:].partition("]")
         if not sep or not rest.startswith(":"):

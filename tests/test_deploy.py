@@ -305,7 +305,7 @@ def test_health_command(src, capsys):
     t = local_target({"PORT": "9001", "TLS_CERT": "/c.pem"})
     assert (t.host, t.port, t.tls) == ("127.0.0.1", 9001, True)
     assert (local_target({}).port, local_target({}).tls) == (8080, False)
-    with pytest.raises(ValueError, match="scheme 'http' is not tcp, tls or https"):
+    with pytest.raises(ValueError, match="do not speak plain HTTP; use tls:// or https://"):
         parse_target("http://x:1")
     with ExpertServer(open_vindex(src), experts=range(0, 4)).start_in_thread() as h:
         assert cli(["health", h.address]) == 0

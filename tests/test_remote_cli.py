@@ -50,7 +50,7 @@ def test_run_with_moe_shards_matches_in_process(served):
     (lambda spec, p: spec.split(",")[0], "leaves experts 4-7 unserved"),
     (lambda spec, p: f"0-7=127.0.0.1:{p}", "does not hold experts 4-7"),
     (lambda spec, p: "0-3=127.0.0.1:1,4-7=127.0.0.1:1", "cannot connect"),
-    (lambda spec, p: "0-7=https://expert.example", "raw TCP"),
+    (lambda spec, p: "0-7=http://expert.example", "use tls:// or https:// for TLS"),
 ])
 def test_run_with_bad_shards_fails_before_generating(served, spec_fn, needle):
     path, spec, servers = served

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from larql.shardmap import ShardSpecError, parse_address, parse_shards, split_work
+from larql.shardmap import Endpoint, ShardSpecError, parse_address, parse_shards, split_work
 
 
 def test_parse_shards_ok():
     s = parse_shards("64-127=tcp://b.example:9000, 0-63=10.0.0.5:8080|[::1]:8081", 128)
     assert [(x.first, x.last) for x in s] == [(0, 63), (64, 127)]
-    assert s[0].replicas == [("10.0.0.5", 8080), ("::1", 8081)]
-    assert s[1].replicas == [("b.example", 9000)]
+    assert s[0].replicas == [Endpoint("10.0.0.5", 8080, False), Endpoint("::1", 8081, False)]
+    assert s[1].replicas == [Endpoint("b.example", 9000, False)]
     assert [(x.first, x.last) for x in parse_shards("0=a:1,1-7=b:2", 8)] == [(0, 0), (1, 7)]
 
 
@@ -40,7 +40,10 @@ def test_parse_shards_with_layer_ranges():
     ("0-127=a", "no port"),
     ("0-127=a:http", "not a number"),
     ("0-127=a:0", "out of range"),
-    ("0-127=https://a.fly.dev", "raw TCP"),
+    ("0-127=http://a.fly.dev", "use tls:// or https:// for TLS, or host:port for plain TCP"),
+    ("0-127=https://a.fly.dev/experts", "not a path"),
+    ("0-127=udp://a:1", "unknown scheme"),
+    ("0-127=tls://a", "no port"),
     ("0-63=a:1,,64-127=b:2", "empty entry"),
 ])
 def test_parse_shards_errors(spec, needle):
@@ -50,8 +53,23 @@ def test_parse_shards_errors(spec, needle):
 
 
 def test_parse_address_forms():
-    assert parse_address("tcp://h:1/") == ("h", 1)
-    assert parse_address("[fe80::1]:80") == ("fe80::1", 80)
+    assert parse_address("tcp://h:1/") == Endpoint("h", 1, False)
+    assert parse_address("[fe80::1]:80") == Endpoint("fe80::1", 80, False)
+    assert parse_address("h:1") == Endpoint("h", 1, False)
+
+
+def test_tls_addresses():
+    assert parse_address("tls://h:8443") == Endpoint("h", 8443, True)
+    assert parse_address("https://a.fly.dev") == Endpoint("a.fly.dev", 443, True)   # fly's tls handler
+    assert parse_address("https://a.fly.dev:8443/") == Endpoint("a.fly.dev", 8443, True)
+    assert parse_address("HTTPS://[::1]") == Endpoint("::1", 443, True)
+    assert parse_address("tls://[::1]:9") == Endpoint("::1", 9, True)
+    # the text form parses back to the same endpoint
+    for e in (Endpoint("h", 1, True), Endpoint("::1", 2, False), Endpoint("::1", 3, True)):
+        assert parse_address(str(e)) == e
+    s = parse_shards("0-3=tls://a:1|b:2,4-7=https://c", 8)
+    assert [e.tls for e in s[0].replicas] == [True, False] and s[1].replicas == [Endpoint("c", 443, True)]
+    assert str(s[0]) == "0-3=tls://a:1|b:2"
 
 
 def test_split_work_keeps_order_and_compacts():

@@ -3,14 +3,18 @@
 On a synthetic vindex with the real Gemma 4 26B A4B shapes (hidden 2816, 128 experts of
 704, top-8, Q4_K), measured in this one invocation:
 
-  rtt         one layer of top-8 experts for one token: in process vs through a loopback
-              `larql serve` process (p50/p99, overhead in us) and the bare protocol ping.
+  rtt         one layer of top-8 experts for one token: in process vs one and two loopback
+              `larql serve` shards (p50/p99), beside the protocol ping and a bare Python echo:
+              the per-layer overhead over in-process compute and its ratio to the echo; TLS's
+              cost on its own (the echo over TLS; larql serve over TLS when it has --tls-cert).
   throughput  requests/s with many concurrent connections vs one connection at a time, and
               how many requests the server fused into each kernel call.
   e2e         decode tok/s of the whole model with two loopback shards vs in-process experts
-              (exact and batch dispatch) and expert round trips per prompt (prefill).
+              (exact and batch dispatch), expert round trips per prompt (prefill), and the
+              same projected to 30 layers (the LM head once + 30 x the measured per-layer time).
 
-Servers are separate processes (their own GIL), started and stopped here.
+Servers are separate processes (their own GIL), started and stopped here. `--json` prints one
+object with every figure.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="duration of each throughput run")
     p.add_argument("--tokens", type=int, default=16, help="decode tokens per e2e run")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for e2e prefill")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
 
 def pct(xs, q) -> float:
@@ -91,27 +96,37 @@ def interleaved(fns: list, works, iters: int) -> list[list[float]]:
 
 
 # A bare echo process: the machine's own floor for one loopback round trip between two Python
-# processes, measured beside ours so the overhead can be read against it.
+# processes, measured beside ours so the overhead can be read against it. With a certificate
+# and key as arguments it speaks TLS: the same echo's TLS cost, alone.
 _ECHO = """
-import socket, sys
+import socket, ssl, sys
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
 print(srv.getsockname()[1], flush=True)
 c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if len(sys.argv) > 2:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+    c = ctx.wrap_socket(c, server_side=True)
 while (d := c.recv(1 << 16)):
     c.sendall(d)
 """
 
 
-def raw_echo():
-    """(ping function, stop function) for a 64-byte round trip to a bare Python echo process."""
+def raw_echo(tls: tuple[Path, Path] | None = None):
+    """(ping function, stop function) for a 64-byte round trip to a bare Python echo process,
+    over TLS when `tls` = (certificate, key) of 127.0.0.1 is given."""
     import socket
+    import ssl
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    extra = [str(tls[0]), str(tls[1])] if tls else []
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO, *extra], stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        ctx = ssl.create_default_context(cafile=str(tls[0]))
+        sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
     payload = b"x" * 64
 
     def ping(*_):
@@ -127,7 +142,54 @@ def raw_echo():
     return ping, stop
 
 
-def bench_rtt(args, path: Path, vindex) -> None:
+def self_signed(folder: Path) -> tuple[Path, Path] | None:
+    """A throw-away certificate for 127.0.0.1 (None without the `cryptography` package)."""
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return None
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "larql bench")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "bench-cert.pem", folder / "bench-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def serve_speaks_tls() -> bool:
+    """Whether `larql serve` has --tls-cert (the server side of issue 8)."""
+    from ..commands import serve
+
+    return _has_option(serve, "--tls-cert")
+
+
+def _has_option(module, option: str) -> bool:
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    module.add_parser(sub)
+    return any(option in a.option_strings for p in sub.choices.values() for a in p._actions)
+
+
+def bench_rtt(args, path: Path, vindex) -> dict:
+    """One layer, one token: in process vs one shard vs two shards, beside the protocol ping,
+    the bare echo and (when available) the same over TLS."""
     from ..client import connect_shards
     from ..experts import LocalExperts
 
@@ -136,42 +198,123 @@ def bench_rtt(args, path: Path, vindex) -> None:
     local = LocalExperts(vindex)
     for layer in range(cfg.num_layers):   # page the experts in, as the server's --warmup does
         vindex.expert_file(layer).prefault()
-    servers, spec = start_servers(path, [(0, cfg.num_experts - 1)], args.threads, path.parent)
+    half = cfg.num_experts // 2
+    tls = self_signed(path.parent / "bench-tls")
+    tls_serve = tls is not None and serve_speaks_tls()
+    one, spec1 = start_servers(path, [(0, cfg.num_experts - 1)], args.threads, path.parent)
+    two, spec2 = start_servers(path, [(0, half - 1), (half, cfg.num_experts - 1)], args.threads, path.parent)
+    tls_servers: list = []
+    clients: list = []
+    stops: list = []
     try:
-        rx = connect_shards(spec, vindex)
-        try:
-            conn = rx.client.shards[0].replicas[0].conn
-
-            def ping(*_):
-                rx._run(conn.request({"op": "health"}, 10))
-
-            echo, stop_echo = raw_echo()
+        rx1 = connect_shards(spec1, vindex, api_key="")
+        clients.append(rx1)
+        rx2 = connect_shards(spec2, vindex, api_key="")
+        clients.append(rx2)
+        names = ["in process", "1 shard", "2 shards", "ping", "echo"]
+        fns = [local.forward, rx1.forward, rx2.forward, lambda *_: rx1.ping(), None]
+        fns[4], stop = raw_echo()
+        stops.append(stop)
+        if tls is not None:
+            echo_tls, stop = raw_echo(tls)
+            stops.append(stop)
+            names.append("echo TLS")
+            fns.append(echo_tls)
+        if tls_serve:
+            global SERVER_ARGS
+            plain_args = SERVER_ARGS
+            SERVER_ARGS = (*plain_args, "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
             try:
-                t_local, t_remote, t_ping, t_echo = interleaved(
-                    [local.forward, rx.forward, ping, echo], works, args.iters
-                )
+                tls_servers, spec_tls = start_servers(path, [(0, cfg.num_experts - 1)], args.threads,
+                                                      path.parent)
             finally:
-                stop_echo()
-            stats = rx.stats()[0]
-        finally:
-            rx.close()
+                SERVER_ARGS = plain_args
+            rxt = connect_shards(spec_tls.replace("=", "=tls://"), vindex, api_key="", tls_ca=tls[0])
+            clients.append(rxt)
+            names.append("1 shard TLS")
+            fns.append(rxt.forward)
+        times = dict(zip(names, interleaved(fns, works, args.iters), strict=True))
+        server = rx1.stats()[0]
+        cpu = client_cpu(rx1, spec1, vindex, works, args.iters)
     finally:
-        for s in servers:
+        for c in clients:
+            c.close()
+        for stop in stops:
+            stop()
+        for s in one + two + tls_servers:
             s.stop()
-    lp50, rp50 = pct(t_local, 50), pct(t_remote, 50)
-    print("\n== one layer, top-8 experts, 1 token (hidden 2816, 704-wide Q4_K experts), interleaved ==")
-    print(f"{'':26}{'p50 us':>10}{'p99 us':>10}")
-    print(f"{'in process (baseline)':26}{lp50:10.0f}{pct(t_local, 99):10.0f}")
-    print(f"{'loopback larql serve':26}{rp50:10.0f}{pct(t_remote, 99):10.0f}")
-    print(f"{'protocol ping (health)':26}{pct(t_ping, 50):10.0f}{pct(t_ping, 99):10.0f}")
-    print(f"{'bare Python echo (floor)':26}{pct(t_echo, 50):10.0f}{pct(t_echo, 99):10.0f}")
-    print(f"overhead at p50: {rp50 - lp50:.0f} us (target < 100 us) = {(rp50 - lp50) / pct(t_echo, 50):.1f}x "
-          f"this machine's bare loopback round trip; remote/in-process = {rp50 / lp50:.2f}x")
-    print(f"server side: p50 {stats['p50_us']:.0f} us per request, of which compute (norm + kernel) "
-          f"p50 {stats['compute_p50_us']:.0f} us")
+    p50 = {k: pct(v, 50) for k, v in times.items()}
+    p99 = {k: pct(v, 99) for k, v in times.items()}
+    echo = p50["echo"]
+    over1 = p50["1 shard"] - p50["in process"]
+    over2 = p50["2 shards"] - p50["in process"]
+    out = {"p50_us": p50, "p99_us": p99, "overhead_1shard_us": over1, "overhead_2shards_us": over2,
+           "overhead_over_echo": over1 / echo, "overhead_2shards_over_echo": over2 / echo,
+           "ping_over_echo": p50["ping"] / echo, "server_p50_us": server["p50_us"],
+           "server_compute_p50_us": server["compute_p50_us"]}
+    out["client_cpu_us"] = cpu
+    if "echo TLS" in p50:
+        out["tls_echo_cost_us"] = p50["echo TLS"] - echo
+    if "1 shard TLS" in p50:
+        out["tls_layer_cost_us"] = p50["1 shard TLS"] - p50["1 shard"]
+    if args.json:
+        return out
+    print(f"\n== one layer, top-{cfg.top_k} experts, 1 token (hidden {cfg.hidden_size}), interleaved "
+          f"{args.iters} times ==")
+    print(f"{'':30}{'p50 us':>10}{'p99 us':>10}")
+    labels = {"in process": "in process (baseline)", "1 shard": "1 loopback shard",
+              "2 shards": "2 loopback shards", "ping": "protocol ping (health)",
+              "echo": "bare Python echo (floor)", "echo TLS": "bare echo over TLS",
+              "1 shard TLS": "1 loopback shard over TLS"}
+    for k in names:
+        print(f"{labels[k]:30}{p50[k]:10.0f}{p99[k]:10.0f}")
+    print(f"per-layer overhead over in-process compute, p50: 1 shard {over1:.0f} us = {over1 / echo:.1f}x "
+          f"the bare echo (target <= 3x); 2 shards {over2:.0f} us = {over2 / echo:.1f}x; ping = "
+          f"{p50['ping'] / echo:.1f}x the echo")
+    print(f"server side: p50 {server['p50_us']:.0f} us per request, of which compute p50 "
+          f"{server['compute_p50_us']:.0f} us")
+    print(f"client CPU per layer call (thread time, p50; independent of the machine's load): blocking "
+          f"decode path {cpu['blocking']:.0f} us, asyncio client on a private loop {cpu['asyncio']:.0f} us "
+          f"(the old decode path's shape) -> {cpu['asyncio'] / cpu['blocking']:.1f}x")
+    if "tls_echo_cost_us" in out:
+        served = (f", {out['tls_layer_cost_us']:.0f} us per layer through larql serve"
+                  if "tls_layer_cost_us" in out
+                  else " (larql serve here has no --tls-cert: the server's TLS row is skipped)")
+        print(f"TLS costs {out['tls_echo_cost_us']:.0f} us per round trip on the bare echo{served}")
+    else:
+        print("TLS: skipped (needs the `cryptography` package for a throw-away certificate)")
+    return out
 
 
-def bench_throughput(args, path: Path, vindex) -> None:
+def client_cpu(rx, spec: str, vindex, works, iters: int) -> dict:
+    """CPU time the client's own thread spends per one-shard layer call (waiting excluded):
+    the blocking decode path vs the asyncio client run on a private loop per call, as the
+    decode path did before (p50 us, interleaved)."""
+    from ..client import async_client
+
+    loop = asyncio.new_event_loop()
+    ac = async_client(spec, vindex, api_key="")
+    loop.run_until_complete(ac.connect())
+
+    def aio(*w):
+        return loop.run_until_complete(ac.forward(*w))
+
+    out: dict[str, list[float]] = {"blocking": [], "asyncio": []}
+    try:
+        for i in range(iters):
+            wk = works[i % len(works)]
+            for name, fn in ((("blocking", rx.forward), ("asyncio", aio)) if i % 2 == 0
+                             else (("asyncio", aio), ("blocking", rx.forward))):
+                t0 = time.thread_time()
+                fn(*wk)
+                out[name].append((time.thread_time() - t0) * 1e6)
+    finally:
+        loop.run_until_complete(ac.close())
+        loop.close()
+    return {k: pct(v, 50) for k, v in out.items()}
+
+
+def bench_throughput(args, path: Path, vindex) -> dict:
     from ..client import AsyncExpertClient, ModelIdentity
     from ..shardmap import parse_shards
     from ..transport import new_event_loop
@@ -212,15 +355,21 @@ def bench_throughput(args, path: Path, vindex) -> None:
         for s in servers:
             s.stop()
     r1, rk = n1 / args.seconds, nk / args.seconds
+    out = {"serial_req_s": r1, "concurrent_req_s": rk, "connections": args.conns, "ratio": rk / r1,
+           "fused_serial": f1["expert_requests"] / max(1, f1["kernel_calls"]),
+           "fused_concurrent": fk["expert_requests"] / max(1, fk["kernel_calls"])}
+    if args.json:
+        return out
     print(f"\n== throughput: one-token top-8 layer requests, {args.seconds:g} s each ==")
     print(f"1 connection, serial (baseline): {r1:8.0f} req/s  "
           f"({f1['expert_requests'] / max(1, f1['kernel_calls']):.2f} requests per kernel call)")
     print(f"{args.conns} concurrent connections:    {rk:8.0f} req/s  "
           f"({fk['expert_requests'] / max(1, fk['kernel_calls']):.2f} requests per kernel call)")
     print(f"ratio: {rk / r1:.2f}x")
+    return out
 
 
-def bench_e2e(args, path: Path, vindex) -> None:
+def bench_e2e(args, path: Path, vindex) -> dict:
     from .. import models
     from ..client import connect_shards
 
@@ -233,7 +382,7 @@ def bench_e2e(args, path: Path, vindex) -> None:
     servers, spec = start_servers(path, [(0, half - 1), (half, cfg.num_experts - 1)], args.threads,
                                   path.parent)
     try:
-        rx = connect_shards(spec, vindex)
+        rx = connect_shards(spec, vindex, api_key="")
         try:
             runs = {"local": models.load(vindex), "exact": models.load(vindex, experts=rx),
                     "batch": models.load(vindex, experts=rx, dispatch="batch")}
@@ -259,12 +408,31 @@ def bench_e2e(args, path: Path, vindex) -> None:
                     spent[k] += time.perf_counter() - t0
                     if k == "batch":
                         batch_trips += rx.round_trips - before
+            # The LM head, timed alone: the part of a token that does not grow with the layers
+            model = runs["local"]
+            h = np.random.default_rng(4).standard_normal((1, cfg.hidden_size)).astype(np.float32)
+            head = [0.0] * 5
+            for i in range(5):
+                t0 = time.perf_counter()
+                model.logits(h)
+                head[i] = time.perf_counter() - t0
         finally:
             rx.close()
     finally:
         for s in servers:
             s.stop()
     tps = {k: args.tokens / v for k, v in spent.items()}
+    # A 30-layer (26B A4B) token: the head once plus 30 of this model's per-layer time.
+    t_head = float(np.median(head))
+    per_layer = {k: max(0.0, v / args.tokens - t_head) / cfg.num_layers for k, v in spent.items()}
+    proj = {k: 1.0 / (t_head + 30 * per_layer[k]) for k in spent}
+    out = {"tok_s": tps, "prefill_ms": {k: v * 1e3 for k, v in prefill.items()},
+           "prefill_round_trips": trips["exact"], "batch_round_trips_per_token": batch_trips / args.tokens,
+           "lm_head_ms": t_head * 1e3, "per_layer_ms": {k: v * 1e3 for k, v in per_layer.items()},
+           "projected_30_layer_tok_s": proj,
+           "projected_30_layer_exact_over_in_process": proj["exact"] / proj["local"]}
+    if args.json:
+        return out
     print(f"\n== end to end: {cfg.num_layers} layers of 26B-A4B shape, vocab {cfg.vocab_size}, "
           f"{args.tokens} decode tokens, interleaved ==")
     print(f"in-process experts (baseline):      {tps['local']:7.2f} tok/s   prefill of {args.prompt_tokens} "
@@ -277,6 +445,10 @@ def bench_e2e(args, path: Path, vindex) -> None:
     print(f"prefill round trips for a {args.prompt_tokens}-token prompt: {trips['exact']} "
           f"= {trips['exact'] / (2 * cfg.num_layers):.2f} per shard per layer (target 1); "
           f"batch dispatch: {batch_trips / args.tokens:.1f} round trips per decode token")
+    print(f"30-layer projection (LM head {t_head * 1e3:.1f} ms + 30 x the measured per-layer time): "
+          f"in process {proj['local']:.2f} tok/s, 2 shards exact {proj['exact']:.2f} tok/s -> "
+          f"{proj['exact'] / proj['local']:.1%} of in-process (target >= 95%)")
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -289,11 +461,18 @@ def main(args: argparse.Namespace) -> int:
         kernels.set_num_threads(args.threads)
     path = synthetic_vindex(args.dir, args.layers, args.vocab, "synth", args.lm_head)
     vindex = open_vindex(path)
-    print(f"synthetic vindex {path}: kernels {kernels.isa()} x{kernels.num_threads()} threads")
+    if not args.json:
+        print(f"synthetic vindex {path}: kernels {kernels.isa()} x{kernels.num_threads()} threads")
+    results: dict = {"kernels": kernels.isa(), "threads": kernels.num_threads(), "layers": args.layers,
+                     "vocab": args.vocab}
     if args.what in ("all", "rtt"):
-        bench_rtt(args, path, vindex)
+        results["rtt"] = bench_rtt(args, path, vindex)
     if args.what in ("all", "throughput"):
-        bench_throughput(args, path, vindex)
+        results["throughput"] = bench_throughput(args, path, vindex)
     if args.what in ("all", "e2e"):
-        bench_e2e(args, path, vindex)
+        results["e2e"] = bench_e2e(args, path, vindex)
+    if args.json:
+        import json
+
+        print(json.dumps(results, indent=1))
     return 0

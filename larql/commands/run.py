@@ -42,10 +42,32 @@ def add_parser(sub) -> None:
                         "approximate")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
                    help="per-request timeout for --moe-shards (default 30)")
+    add_remote_arguments(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.set_defaults(func=main)
+
+
+def add_remote_arguments(p: argparse.ArgumentParser) -> None:
+    """How to reach --moe-shards servers securely and what to do when one is lost (shared by
+    every command that connects to expert servers)."""
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file holding the expert servers' API key (default: $LARQL_API_KEY; none = "
+                        "unauthenticated servers)")
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="CA certificate(s) to verify tls:// and https:// shards against (default: "
+                        "$LARQL_TLS_CA, else the system trust store)")
+    p.add_argument("--on-shard-failure", choices=["fail", "renormalize"], default="fail",
+                   help="fail: stop when a shard has no replica left (default); renormalize: drop that "
+                        "shard's experts for the token and rescale the remaining router weights, with a "
+                        "warning and a count (degraded_layers) in --json stats: changes the output")
+
+
+def remote_options(args: argparse.Namespace) -> dict:
+    """connect_shards keywords from add_remote_arguments' flags."""
+    return {"api_key_file": args.api_key_file, "tls_ca": args.tls_ca,
+            "on_shard_failure": args.on_shard_failure}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -76,7 +98,10 @@ def main(args: argparse.Namespace) -> int:
     if args.moe_shards:
         from ..client import connect_shards  # only needed (and imported) for remote experts
 
-        experts = connect_shards(args.moe_shards, vindex, timeout=args.timeout)
+        experts = connect_shards(args.moe_shards, vindex, timeout=args.timeout, **remote_options(args))
+        if args.on_shard_failure == "renormalize":
+            print("larql run: --on-shard-failure renormalize: a lost shard's experts are dropped "
+                  "(output changes; counted as degraded_layers)", file=sys.stderr)
     model = models.load(vindex, experts=experts, dispatch=args.moe_dispatch)
     stats = GenerationStats()
     stream = tok.streamer()
@@ -97,6 +122,8 @@ def main(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     finally:
         model.close()
+    if experts is not None:   # layers computed without a lost shard (renormalize; else always 0)
+        stats.extra["degraded_layers"] = experts.degraded_layers
     if args.json:
         out = {"prompt_tokens": len(ids), "prompt_ids": ids, "tokens": tokens,
                "text": tok.decode(tokens), "stats": stats.as_dict()}

@@ -1,0 +1,153 @@
+"""Remote experts: the `Experts` interface over TCP (or TLS) to one or more expert servers.
+
+    experts = connect_shards("0-63=10.0.0.5:8080,64-127=tls://10.0.0.6:8443", vindex)
+    y = experts.forward(layer, h, ids, weights)      # raw weighted sum over all shards
+
+A shard map names inclusive expert ranges; together they must cover every expert exactly once.
+A range may list replicas (`0-63=a:8080|b:8080`) that share the load and take over each other's
+work when one fails (policy.py). Each server's `hello` is checked against the local vindex
+(expert-weights fingerprint, hidden size, expert/layer counts, owned ranges) before any work is
+sent, after the API-key handshake when a key is set (core.handshake).
+
+Per layer, each shard receives only its own (expert, weight) pairs, for all tokens at once (a
+prefill is one request per shard per layer), all shards concurrently; the partial sums are added
+in shard order, in f64 and rounded once when the servers offer f64 partial sums. The caller
+applies post_feedforward_layernorm_2. `forward_multi` sends several layers in one `multi`
+request per shard (batch dispatch: one round trip per token).
+
+Modules: core.py (options, handshake, hello checks, planning and summing: no I/O), policy.py
+(replica choice, backoff, deadline: no I/O), blocking.py (the decode path: blocking sockets, no
+event loop), aio.py (the asyncio client for pipelined, concurrent use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import numpy as np
+
+from ..shardmap import parse_shards
+from .aio import AsyncExpertClient, Connection
+from .blocking import BlockingConnection, BlockingExpertClient, retryable
+from .core import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ON_SHARD_FAILURE,
+    BadReply,
+    ClientOptions,
+    ModelIdentity,
+    ShardError,
+    resolve_api_key,
+)
+
+__all__ = ["AsyncExpertClient", "BadReply", "BlockingConnection", "BlockingExpertClient", "ClientOptions",
+           "Connection", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "ModelIdentity", "ON_SHARD_FAILURE",
+           "RemoteExperts", "ShardError", "async_client", "connect_shards", "make_options", "retryable"]
+
+
+class RemoteExperts:
+    """`Experts` backed by expert servers, on the blocking decode path (no event loop per
+    layer). Connections stay open between calls; calls are serialised by a lock, so one
+    RemoteExperts may be shared by threads (asyncio programs should prefer AsyncExpertClient)."""
+
+    def __init__(self, client: BlockingExpertClient) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._closed = False
+        client.connect()
+
+    @property
+    def round_trips(self) -> int:
+        return self.client.round_trips
+
+    @property
+    def degraded_layers(self) -> int:
+        """Layer results computed without an unreachable shard (--on-shard-failure renormalize)."""
+        return self.client.degraded_layers
+
+    @property
+    def accumulator(self) -> str:
+        """'f64' when shards send f64 partial sums (rounded once here), else 'f32'."""
+        return self.client.accumulator
+
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self.client.forward(layer, h, ids, weights)
+
+    def forward_multi(self, work):
+        with self._lock:
+            return self.client.forward_multi(work)
+
+    def stats(self) -> list[dict]:
+        with self._lock:
+            return self.client.stats()
+
+    def ping(self, shard: int = 0) -> dict:
+        """One `health` round trip (benchmarks: the protocol's floor)."""
+        with self._lock:
+            return self.client.ping(shard)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self.client.close()
+
+    def __enter__(self) -> RemoteExperts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: a forgotten client must not leave sockets open
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _q8k_quantizer(vindex):
+    """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k'."""
+    from .. import kernels
+
+    eps = vindex.config.rms_norm_eps
+    norms: dict[int, np.ndarray] = {}
+
+    def quantize(layer: int, h: np.ndarray) -> np.ndarray:
+        w = norms.get(layer)
+        if w is None:
+            w = norms[layer] = vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
+        return kernels.quantize_q8k(kernels.rms_norm(h, w, eps))
+
+    return quantize
+
+
+def make_options(*, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 encoding: str = "f32", api_key: str | bytes | None = None,
+                 api_key_file: str | os.PathLike | None = None, tls_ca: str | os.PathLike | None = None,
+                 on_shard_failure: str = "fail", accumulate: str = "auto") -> ClientOptions:
+    """ClientOptions with the key resolved: `api_key_file`, else `api_key`; `api_key=None` reads
+    $LARQL_API_KEY, `api_key=""` forces no key. `tls_ca=None` reads $LARQL_TLS_CA."""
+    return ClientOptions(timeout=timeout, connect_timeout=connect_timeout, encoding=encoding,
+                         api_key=resolve_api_key(api_key, api_key_file), tls_ca=tls_ca,
+                         on_shard_failure=on_shard_failure, accumulate=accumulate)
+
+
+def async_client(spec: str, vindex, **options) -> AsyncExpertClient:
+    """An unconnected AsyncExpertClient for a shard map (await `.connect()` on your loop).
+    Keywords: those of `make_options`."""
+    opts = make_options(**options)
+    shards = parse_shards(spec, vindex.config.num_experts, vindex.config.num_layers)
+    quantize = _q8k_quantizer(vindex) if opts.encoding == "q8k" else None
+    return AsyncExpertClient(shards, ModelIdentity.from_vindex(vindex), quantize=quantize, options=opts)
+
+
+def connect_shards(spec: str, vindex, timeout: float = DEFAULT_TIMEOUT, **options) -> RemoteExperts:
+    """Parse and validate a shard map, connect to every server (auth, TLS), check each hello
+    against the local vindex; returns the synchronous Experts. All errors are raised before
+    any work. Keywords: those of `make_options`."""
+    opts = make_options(timeout=timeout, **options)
+    shards = parse_shards(spec, vindex.config.num_experts, vindex.config.num_layers)
+    quantize = _q8k_quantizer(vindex) if opts.encoding == "q8k" else None
+    return RemoteExperts(BlockingExpertClient(shards, ModelIdentity.from_vindex(vindex), opts, quantize))

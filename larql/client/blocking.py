@@ -1,0 +1,525 @@
+"""The decode path: blocking sockets, no event loop per layer (issue 10).
+
+One socket per replica (TCP_NODELAY; TLS through ssl.SSLContext.wrap_socket; the same auth +
+hello handshake as the asyncio client, from core.handshake). A frame goes out with one
+sendall (header and body in one buffer) and replies are read with recv_into into a buffer the
+connection keeps, so a layer costs two system calls per shard and no task, future or loop
+iteration. All shards of a layer are written first and read after, so they compute
+concurrently. Failover follows the shared policy (policy.py); down replicas are probed by one
+background thread while another replica carries the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import protocol as P
+from ..shardmap import Endpoint, ShardSpec, ShardSpecError
+from ..transport import AuthError
+from . import core
+from .core import BadReply, ClientOptions, ModelIdentity, Planner, ShardError
+from .policy import ReplicaState, ShardPolicy
+
+log = core.log
+
+_FATAL_CODES = {P.E_NOT_OWNED, P.E_BAD_REQUEST, P.E_VERSION, P.E_UNKNOWN_OP}
+# Error replies another replica may answer differently: it is draining, or it hit a bug.
+RETRYABLE_CODES = {P.E_SHUTDOWN, P.E_INTERNAL, P.E_NEED_HELLO}
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed request may go to another replica (the one classification both drivers use)."""
+    if isinstance(exc, (ShardSpecError, AuthError)):
+        return False
+    if isinstance(exc, P.RemoteError):
+        return exc.code in RETRYABLE_CODES
+    return isinstance(exc, (ShardError, OSError, P.ProtocolError))
+
+
+def tls_failure(where: str, e: BaseException) -> ShardError:
+    """The one-line message for a failed TLS handshake (certificate or protocol)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        reason = e.verify_message or e.reason or str(e)
+        return ShardError(f"TLS certificate of {where} not trusted: {reason} (use --tls-ca for a private CA)")
+    detail = getattr(e, "reason", None) or str(e) or type(e).__name__
+    return ShardError(f"TLS handshake with {where} failed: the server does not speak TLS? ({detail})")
+
+
+class Closed(ShardError):
+    """The peer closed the connection."""
+
+
+class BlockingConnection:
+    """One replica's socket; requests may be pipelined (replies matched by id)."""
+
+    def __init__(self, endpoint: Endpoint, sock: socket.socket) -> None:
+        self.endpoint = endpoint
+        self.where = endpoint.where
+        self.sock = sock
+        self.next_id = 1
+        self.info: dict = {}
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+        self._start = 0            # unread bytes are _buf[_start:_end]
+        self._end = 0
+        self._stash: dict[int, dict] = {}
+        self.broken = False
+        self.handshaking = True
+        self._limit = 0.0            # seconds the current recv was given (for its message)
+
+    @classmethod
+    def open(cls, endpoint: Endpoint, timeout: float,
+             tls_context: ssl.SSLContext | None) -> BlockingConnection:
+        where = endpoint.where
+        try:
+            sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        except TimeoutError:
+            raise ShardError(f"{where}: no TCP connection within {timeout:g}s") from None
+        except OSError as e:
+            raise ShardError(f"{where}: cannot connect ({e.strerror or e})") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if endpoint.tls:
+            try:
+                sock = tls_context.wrap_socket(sock, server_hostname=endpoint.host)
+            except TimeoutError:
+                sock.close()
+                raise ShardError(f"TLS handshake with {where} failed: the server does not speak TLS? "
+                                 f"(no TLS reply within {timeout:g}s)") from None
+            except (ssl.SSLError, ConnectionError) as e:
+                sock.close()
+                raise tls_failure(where, e) from None
+            except OSError as e:
+                sock.close()
+                raise ShardError(f"TLS handshake with {where} failed: {e.strerror or e}") from None
+        return cls(endpoint, sock)
+
+    # --- frames ---------------------------------------------------------------------------
+    def send(self, msg: dict) -> int:
+        rid = self.next_id
+        self.next_id += 1
+        msg["id"] = rid
+        frame = P.encode_frame(msg)
+        try:
+            self.sock.sendall(frame)
+        except OSError as e:
+            self.broken = True
+            raise ShardError(f"{self.where}: connection lost while sending ({e.strerror or e})") from None
+        return rid
+
+    def recv(self, rid: int, deadline: float, what: str = "request") -> dict:
+        """The reply to request `rid` (others that arrive first are kept for their callers)."""
+        got = self._stash.pop(rid, None)
+        self._limit = max(0.1, round(deadline - time.monotonic(), 1))
+        while got is None:
+            reply = self._read_reply(deadline, what)
+            r = P.request_id(reply)
+            if r == rid:
+                return reply
+            if r is None:
+                # an error without a usable id: the server could not parse something we sent
+                self.broken = True
+                code, message = core._error_of(reply)
+                raise P.RemoteError(code, message, self.where)
+            self._stash[r] = reply
+        return got
+
+    def _fill(self, deadline: float, what: str) -> None:
+        """Read more bytes (at least one) into the buffer, within the deadline."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):      # compact, or grow for a big frame
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start: self._end]
+            self._start, self._end = 0, n
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._timeout(what, deadline)
+        try:
+            self.sock.settimeout(left)
+            n = self.sock.recv_into(self._view[self._end:])
+        except TimeoutError:
+            raise self._timeout(what, deadline) from None
+        except ssl.SSLError as e:
+            self.broken = True
+            raise ShardError(f"{self.where}: TLS error ({e.reason or e})") from None
+        except OSError as e:
+            self.broken = True
+            raise ShardError(f"{self.where}: connection lost ({e.strerror or e})") from None
+        if n == 0:
+            self.broken = True
+            if self.handshaking and not self.endpoint.tls:
+                raise Closed(f"{self.where} closed the connection during the handshake: is it a TLS "
+                             f"server? (use tls://{self.where})")
+            raise Closed(f"{self.where}: connection closed by the server")
+        self._end += n
+
+    def _timeout(self, what: str, deadline: float) -> ShardError:
+        self.broken = True    # a late reply would arrive out of step with the next request
+        return ShardError(f"{self.where}: no reply to {what!r} within {self._limit:g}s")
+
+    def _read_reply(self, deadline: float, what: str) -> dict:
+        while self._end - self._start < 4:
+            self._fill(deadline, what)
+        head = bytes(self._view[self._start: self._start + 4])
+        if self.handshaking and not self.endpoint.tls and head[0] in (0x15, 0x16) and head[1] == 0x03:
+            self.broken = True   # a TLS alert or record where a frame should be
+            raise Closed(f"{self.where} answered with TLS: it is a TLS server (use tls://{self.where})")
+        (length,) = P.HEADER.unpack(head)
+        if length > P.MAX_FRAME:
+            self.broken = True
+            raise BadReply(f"{self.where}: reply frame of {length} bytes exceeds the "
+                           f"{P.MAX_FRAME}-byte limit")
+        need = 4 + length
+        if need > len(self._buf):
+            self._grow(need)
+        while self._end - self._start < need:
+            self._fill(deadline, what)
+        body = self._view[self._start + 4: self._start + need]
+        try:
+            msg = P.decode_body(body)
+        except P.ProtocolError as e:
+            self.broken = True
+            raise BadReply(f"{self.where}: unreadable reply ({e})") from None
+        finally:
+            body.release()
+        self._start += need
+        return msg
+
+    def _grow(self, need: int) -> None:
+        n = self._end - self._start
+        buf = bytearray(max(need, 2 * len(self._buf)))
+        buf[:n] = self._view[self._start: self._end]
+        self._view.release()
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, n
+
+    def request(self, msg: dict, deadline: float) -> dict:
+        """Send and wait for the raw reply (error replies are returned, not raised)."""
+        return self.recv(self.send(msg), deadline, str(msg.get("op")))
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def drive_handshake(conn: BlockingConnection, key: bytes | None, who: str, deadline: float) -> dict:
+    gen = core.handshake(key, who)
+    msg = next(gen)
+    while True:
+        reply = conn.request(msg, deadline)
+        try:
+            msg = gen.send(reply)
+        except StopIteration as stop:
+            conn.handshaking = False
+            return stop.value
+
+
+class _Replica:
+    def __init__(self, state: ReplicaState) -> None:
+        self.state = state
+        self.conn: BlockingConnection | None = None
+
+
+class _Shard:
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.policy = ShardPolicy(spec.label, list(spec.replicas))
+        self.replicas = [_Replica(s) for s in self.policy.replicas]
+        self._by_state = {id(r.state): r for r in self.replicas}
+
+    def replica(self, state: ReplicaState) -> _Replica:
+        return self._by_state[id(state)]
+
+
+class BlockingExpertClient:
+    """Shard-map client on blocking sockets: `forward`, `forward_multi`, `stats`, `ping`."""
+
+    def __init__(self, shards: Sequence[ShardSpec], identity: ModelIdentity, options: ClientOptions,
+                 quantize=None) -> None:
+        self.options = options
+        self.identity = identity
+        self.shards = [_Shard(s) for s in shards]
+        self.planner = Planner(shards, identity, options.encoding, quantize)
+        self.round_trips = 0
+        self.retries = 0
+        self._lock = threading.Lock()        # guards policy state and connections vs the prober
+        self._prober: threading.Thread | None = None
+        self._probe_wake = threading.Event()
+        self._closed = False
+
+    @property
+    def degraded_layers(self) -> int:
+        return self.planner.degraded_layers
+
+    @property
+    def accumulator(self) -> str:
+        return self.planner.acc
+
+    # --- connecting -----------------------------------------------------------------------
+    def connect(self) -> BlockingExpertClient:
+        """Connect every replica and check its hello; fatal if a shard has none or any replica
+        is the wrong server (even when another replica of the range is fine)."""
+        try:
+            for sh in self.shards:
+                for rep in sh.replicas:
+                    try:
+                        self._open(sh, rep)
+                    except (ShardSpecError, AuthError, P.RemoteError):
+                        raise
+                    except ShardError as e:
+                        sh.policy.failed(rep.state, str(e), time.monotonic())
+                if not sh.policy.any_up():
+                    raise ShardError(f"shard {sh.spec.label}: no replica reachable: {sh.policy.summary()}")
+            infos = [r.conn.info for sh in self.shards for r in sh.replicas if r.conn is not None]
+            self.planner.acc = core.choose_accumulator(self.options.accumulate, infos)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self, sh: _Shard, rep: _Replica, timeout: float | None = None) -> BlockingConnection:
+        opts = self.options
+        timeout = opts.connect_timeout if timeout is None else min(timeout, opts.connect_timeout)
+        deadline = time.monotonic() + timeout
+        ctx = opts.tls_context() if rep.state.endpoint.tls else None
+        conn = BlockingConnection.open(rep.state.endpoint, timeout, ctx)
+        try:
+            info = drive_handshake(conn, opts.api_key, core.endpoint_label(sh.spec, rep.state.endpoint),
+                                   deadline)
+            acc = self.planner.acc if self.planner.acc == "f64" else None
+            core.check_hello(self.identity, sh.spec, rep.state.where, info, opts.encoding, acc)
+        except BaseException:
+            conn.close()
+            raise
+        conn.info = info
+        if rep.conn is not None:
+            rep.conn.close()
+        rep.conn = conn
+        return conn
+
+    def close(self) -> None:
+        self._closed = True
+        self._probe_wake.set()
+        with self._lock:
+            for sh in self.shards:
+                for rep in sh.replicas:
+                    if rep.conn is not None:
+                        rep.conn.close()
+                        rep.conn = None
+        if self._prober is not None and self._prober is not threading.current_thread():
+            self._prober.join(self.options.connect_timeout + 2)
+
+    # --- sending --------------------------------------------------------------------------
+    def _budget(self, si: int) -> int:
+        """Bytes of vectors one request (and its reply) may carry: the smallest max_frame any
+        connected replica of the shard announced, less room for the map's keys."""
+        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in self.shards[si].replicas
+                  if r.conn is not None]
+        max_frame = min([P.MAX_FRAME, *limits])
+        return max(1024, max_frame - min(65536, max_frame // 4))
+
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return self._run([(layer, h, ids, weights)], multi=False)[0]
+
+    def forward_multi(self, work) -> list[np.ndarray]:
+        return self._run(list(work), multi=True)
+
+    def _run(self, work, multi: bool) -> list[np.ndarray]:
+        if self._closed:
+            raise ShardError("the remote experts client is closed")
+        plan = self.planner.plan(work, multi, self._budget)
+        deadline = time.monotonic() + self.options.timeout
+        results: list[list[np.ndarray] | None] = [None] * len(plan.jobs)
+        # Write every shard's request first, read after: the shards compute concurrently.
+        sent: list[tuple[_Replica, BlockingConnection, int] | None] = []
+        for job in plan.jobs:
+            sent.append(self._send_first(job))
+        for i, (job, s) in enumerate(zip(plan.jobs, sent, strict=True)):
+            results[i] = self._finish(job, s, deadline)
+        self._schedule_probes()
+        return self.planner.combine(plan, results)
+
+    def _send_first(self, job: core.Job):
+        """Send on a connected, up replica chosen by the policy (None: go through `_finish`'s
+        failover loop at once)."""
+        sh = self.shards[job.shard]
+        with self._lock:
+            state = sh.policy.choose(time.monotonic())
+            if state is None or not state.up():
+                return None
+            rep = sh.replica(state)
+            conn = rep.conn
+            if conn is None or conn.broken:
+                return None
+            state.inflight += 1
+        try:
+            rid = conn.send(dict(job.msg))
+        except ShardError as e:
+            with self._lock:
+                state.inflight -= 1
+                sh.policy.failed(state, str(e), time.monotonic())
+            return None
+        self.round_trips += 1
+        return rep, conn, rid
+
+    def _finish(self, job: core.Job, sent, deadline: float):
+        sh = self.shards[job.shard]
+        pol = sh.policy
+        degrade = self.options.on_shard_failure == "renormalize"
+        if sent is not None:
+            rep, conn, rid = sent
+            try:
+                reply = conn.recv(rid, self._attempt_deadline(sh, rep, deadline), job.msg["op"])
+                return self._take(job, sh, rep, conn, reply)
+            except Exception as e:
+                attempt = pol.attempt(deadline, wait=not degrade)
+                attempt.tried.append(rep.state)
+                attempt.tries += 1
+                self._failed(sh, rep, e, attempt)
+        else:
+            attempt = pol.attempt(deadline, wait=not degrade)
+        while True:
+            with self._lock:
+                step = attempt.next(time.monotonic())
+            if step.replica is not None:
+                rep = sh.replica(step.replica)
+                try:
+                    with self._lock:
+                        conn = rep.conn
+                    if conn is None or conn.broken:
+                        conn = self._open(sh, rep, step.budget)
+                    with self._lock:
+                        rep.state.inflight += 1
+                    self.round_trips += 1
+                    if attempt.tries > 1:
+                        self.retries += 1
+                    reply = conn.request(dict(job.msg), time.monotonic() + step.budget)
+                    return self._take(job, sh, rep, conn, reply)
+                except Exception as e:
+                    self._failed(sh, rep, e, attempt)
+            elif step.wait:
+                time.sleep(step.wait)
+            else:
+                if degrade:
+                    log.warning("%s; renormalising the other shards' router weights (--on-shard-failure "
+                                "renormalize)", step.reason)
+                    return None
+                raise ShardError(step.reason)
+
+    @staticmethod
+    def _attempt_deadline(sh: _Shard, rep: _Replica, deadline: float) -> float:
+        """Half of what is left when another replica is up to fail over to (see policy.py)."""
+        if len(sh.replicas) == 1:
+            return deadline
+        others = any(r.state.up() for r in sh.replicas if r is not rep)
+        now = time.monotonic()
+        return now + (deadline - now) / 2 if others else deadline
+
+    def _take(self, job: core.Job, sh: _Shard, rep: _Replica, conn: BlockingConnection, reply: dict):
+        state = rep.state
+        with self._lock:
+            state.inflight -= 1
+        if reply.get("ok") is not True:
+            code, message = core._error_of(reply)
+            raise P.RemoteError(code, message, core.endpoint_label(sh.spec, state.endpoint))
+        ys = self.planner.decode(job, reply, rep)
+        if state.failures:
+            with self._lock:
+                sh.policy.succeeded(state)
+        return ys
+
+    def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
+        with self._lock:
+            rep.state.inflight = max(0, rep.state.inflight - 1)
+        if not retryable(e):
+            raise e
+        with self._lock:
+            if rep.conn is not None:
+                rep.conn.close()
+                rep.conn = None
+            attempt.failed(rep.state, str(e), time.monotonic(), corrupt=isinstance(e, BadReply))
+        log.info("shard %s replica %s failed: %s", sh.spec.label, rep.state.where, e)
+
+    # --- background probes of down replicas -------------------------------------------------
+    def _schedule_probes(self) -> None:
+        down = any(r.state.failures for sh in self.shards for r in sh.replicas)
+        if not down or self._closed:
+            return
+        if self._prober is None or not self._prober.is_alive():
+            self._prober = threading.Thread(target=self._probe_loop, name="larql-probe", daemon=True)
+            self._prober.start()
+        self._probe_wake.set()
+
+    def _probe_loop(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            with self._lock:
+                due = [(sh, sh.replica(s)) for sh in self.shards for s in sh.policy.due_probes(now)]
+                down = any(not r.state.up() for sh in self.shards for r in sh.replicas)
+            for sh, rep in due:
+                error = None
+                try:
+                    conn = self._probe(sh, rep)
+                except (ShardError, OSError, P.RemoteError, AuthError, ShardSpecError) as e:
+                    error, conn = str(e), None
+                with self._lock:
+                    if conn is not None and not self._closed:
+                        if rep.conn is not None:
+                            rep.conn.close()
+                        rep.conn = conn
+                    elif conn is not None:
+                        conn.close()
+                    sh.policy.probe_done(rep.state, error, time.monotonic())
+                if error is None:
+                    log.info("shard %s replica %s is back", sh.spec.label, rep.state.where)
+            if not down:
+                return
+            self._probe_wake.wait(0.2)
+            self._probe_wake.clear()
+
+    def _probe(self, sh: _Shard, rep: _Replica) -> BlockingConnection:
+        opts = self.options
+        deadline = time.monotonic() + opts.connect_timeout
+        ctx = opts.tls_context() if rep.state.endpoint.tls else None
+        conn = BlockingConnection.open(rep.state.endpoint, opts.connect_timeout, ctx)
+        try:
+            info = drive_handshake(conn, opts.api_key, core.endpoint_label(sh.spec, rep.state.endpoint),
+                                   deadline)
+            acc = self.planner.acc if self.planner.acc == "f64" else None
+            core.check_hello(self.identity, sh.spec, rep.state.where, info, opts.encoding, acc)
+            status = conn.request({"op": "health"}, deadline)
+            if status.get("status") != "ok":
+                raise ShardError(f"{rep.state.where}: health {core.short(status.get('status'), 32)!r}")
+        except BaseException:
+            conn.close()
+            raise
+        conn.info = info
+        return conn
+
+    # --- other requests -------------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        """Each connected replica's `stats` reply, tagged with its address."""
+        out = []
+        for sh in self.shards:
+            for r in sh.replicas:
+                if r.conn is not None and not r.conn.broken:
+                    deadline = time.monotonic() + self.options.timeout
+                    rep = P.check_reply(r.conn.request({"op": "stats"}, deadline), r.state.where)
+                    out.append({"shard": sh.spec.label, "address": r.state.where, **rep})
+        return out
+
+    def ping(self, shard: int = 0) -> dict:
+        """One `health` round trip to the first connected replica of a shard."""
+        for r in self.shards[shard].replicas:
+            if r.conn is not None and not r.conn.broken:
+                deadline = time.monotonic() + self.options.timeout
+                return P.check_reply(r.conn.request({"op": "health"}, deadline), r.state.where)
+        raise ShardError(f"shard {self.shards[shard].spec.label}: no connected replica")
