@@ -9,8 +9,9 @@
  *    (K-quant down), padded with zeros to the down row length.
  * 4. Phase B, one work item per (expert, 256 output rows): a contiguous run of that expert's
  *    down bytes (long runs keep the hardware prefetchers streaming), into a per-pair buffer.
- * 5. Phase C: out[t] = sum of w * down over t's pairs in a fixed order. Every value is computed
- *    by exactly one item in a fixed order, so results do not depend on the thread count.
+ * 5. Phase C: out[t] = sum of w * down over t's pairs in a fixed order, accumulated in double
+ *    (each f32 product is exact there) and rounded to f32 once. Every value is computed by
+ *    exactly one item in a fixed order, so results do not depend on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -53,7 +54,7 @@ typedef struct {
     const float *xgf;       /* [np][hidden]: gathered f32 activations */
     float *hf;              /* [np][ipad]: gelu(gate) * up, zero tail */
     block_q8_K *hq;         /* [np][nbi] */
-    float *out;
+    double *acc;            /* [T][hidden]: phase C's double sums */
     float *dn;              /* [np][hidden]: each pair's down projection, before weighting */
     int64_t np, n_down_slices;
     float *bf16_buf;        /* [threads][max(hidden, inter)]: a BF16 row widened to f32 */
@@ -148,24 +149,30 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     }
 }
 
-/* Phase C: out[t] = sum over t's pairs of w * dn[pair], in pair order (fixed: experts ascending,
- * then slot order), one item per slice of output rows. */
+/* Phase C: acc[t] = sum over t's pairs of w * dn[pair], in pair order (fixed: experts ascending,
+ * then slot order), in double, one item per slice of output rows. */
 static void phase_c(void *p, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     moe_job *j = p;
     int64_t r0 = i0 * LQ_DOWN_ROWS, r1 = i1 * LQ_DOWN_ROWS < j->hidden ? i1 * LQ_DOWN_ROWS : j->hidden;
     for (int64_t q = 0; q < j->np; q++) {
-        float *o = j->out + (int64_t)j->pair_t[q] * j->hidden;
+        double *o = j->acc + (int64_t)j->pair_t[q] * j->hidden;
         const float *dq = j->dn + q * j->hidden;
-        const float wq = j->pair_w[q];
-        for (int64_t r = r0; r < r1; r++) o[r] += wq * dq[r];
+        const double wq = j->pair_w[q];
+        for (int64_t r = r0; r < r1; r++) o[r] += wq * (double)dq[r];
     }
 }
 
 int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
                int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out) {
+    return lq_moe_ffn64(experts, n_experts, hidden, inter, x, T, K, ids, weights, out, NULL);
+}
+
+int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
+                 int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out, double *out64) {
     if (hidden < 1 || inter < 1 || T < 1 || K < 0 || n_experts < 0) return LQ_E_SHAPE;
     memset(out, 0, (size_t)(T * hidden) * sizeof(float));
+    if (out64) memset(out64, 0, (size_t)(T * hidden) * sizeof(double));
     /* validate every slot before touching any weight */
     int any_kq_gu = 0, any_f_gu = 0, any_kq_down = 0, any_bf16 = 0;
     for (int64_t s = 0; s < T * K; s++) {
@@ -188,7 +195,6 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     j.nbh = j.hpad / QK_K;
     j.nbi = j.ipad / QK_K;
     j.n_slices = (inter + LQ_GU_ROWS - 1) / LQ_GU_ROWS;
-    j.out = out;
 
     /* group pairs by expert (counting sort keeps slot order within an expert) */
     int64_t *start = calloc((size_t)n_experts + 1, sizeof(int64_t));
@@ -214,6 +220,7 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     float *xgf = any_f_gu ? malloc((size_t)(np * hidden) * sizeof(float)) : NULL;
     float *hf = calloc((size_t)(np * j.ipad), sizeof(float));
     float *dn = malloc((size_t)(np * hidden) * sizeof(float));
+    double *acc = out64 ? out64 : calloc((size_t)(T * hidden), sizeof(double));
     block_q8_K *hq = any_kq_down ? malloc((size_t)(np * j.nbi) * sizeof(block_q8_K)) : NULL;
     float *pad = any_kq_gu && j.hpad != hidden ? calloc((size_t)j.hpad, sizeof(float)) : NULL;
     j.bf16_len = hidden > inter ? hidden : inter;
@@ -221,7 +228,7 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
      * (untouched pages cost nothing) */
     float *bf16_buf = any_bf16 ? malloc((size_t)(LQ_MAX_THREADS * j.bf16_len) * sizeof(float)) : NULL;
     int rc = LQ_OK;
-    if ((any_bf16 && !bf16_buf) || !pair_t || !pair_w || !groups || !fill || (any_kq_gu && (!xq || !xgq)) || (any_f_gu && !xgf) || !hf || !dn ||
+    if ((any_bf16 && !bf16_buf) || !pair_t || !pair_w || !groups || !fill || (any_kq_gu && (!xq || !xgq)) || (any_f_gu && !xgf) || !hf || !dn || !acc ||
         (any_kq_down && !hq) || (any_kq_gu && j.hpad != hidden && !pad)) {
         rc = LQ_E_NOMEM;
         goto done;
@@ -269,7 +276,9 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     j.np = np;
     j.n_down_slices = (hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS;
     lq_parallel_for(n_groups * j.n_down_slices, 1, phase_b, &j);
+    j.acc = acc;
     lq_parallel_for(j.n_down_slices, np * LQ_DOWN_ROWS >= 65536 ? 1 : j.n_down_slices, phase_c, &j);
+    for (int64_t i = 0; i < T * hidden; i++) out[i] = (float)acc[i];
 done:
     free(start);
     free(pair_t);
@@ -281,6 +290,7 @@ done:
     free(xgf);
     free(hf);
     free(dn);
+    if (acc != out64) free(acc);
     free(hq);
     free(pad);
     free(bf16_buf);

@@ -80,19 +80,30 @@ class LocalExperts:
                                        f"(this shard owns experts {ranges.text(self.experts)}, "
                                        f"layers {ranges.text(self.layers)})")
 
-    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                acc: str = "f32") -> np.ndarray:
+        """The raw weighted sum, accumulated in double and rounded to f32 once; acc="f64"
+        returns the double sums instead (a shard's partial sum for a client to add exactly)."""
         _, norm = self._layer(layer)
-        return self.forward_normed(layer, kernels.rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights)
+        return self.forward_normed(layer, kernels.rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights,
+                                   acc)
 
     def forward_normed(
-        self, layer: int, xe: np.ndarray, ids: np.ndarray, weights: np.ndarray
+        self, layer: int, xe: np.ndarray, ids: np.ndarray, weights: np.ndarray, acc: str = "f32"
     ) -> np.ndarray:
         """As `forward` with `pre_feedforward_layernorm_2` already applied (e.g. by a client
         that sent Q8_K activations)."""
         ids = np.asarray(ids)
         self.check(layer, ids)  # before any cast to int32 could wrap a huge id into range
         table, _ = self._layer(layer)
-        return kernels.moe_ffn(table, np.atleast_2d(xe), ids, weights)
+        xe = np.atleast_2d(xe)
+        if acc == "f32":
+            return kernels.moe_ffn(table, xe, ids, weights)
+        if acc != "f64":
+            raise ValueError(f"acc must be 'f32' or 'f64', not {acc!r}")
+        y64 = np.empty((xe.shape[0], table.hidden), dtype=np.float64)
+        kernels.moe_ffn(table, xe, ids, weights, out64=y64)
+        return y64
 
     def forward_multi(self, work):
         return [self.forward(*w) for w in work]

@@ -72,15 +72,17 @@ def routing(T, seed=0, K=TOPK):
 
 
 def sharded_local(vindex, ranges, layer, h, ids, w):
-    """The same partition computed in process, partials added in shard order."""
-    out = np.zeros_like(h)
+    """The same partition computed in process: f64 partials added in shard order, rounded once
+    (what the client does with servers that announce f64 accumulators)."""
+    out = np.zeros(h.shape, dtype=np.float64)
     for a, b in ranges:
         part = split_work(ids, w, a, b)
         if part is None:
             continue
         rows, i_s, w_s = part
-        out[rows] += LocalExperts(vindex, experts=list(range(a, b + 1))).forward(layer, h[rows], i_s, w_s)
-    return out
+        out[rows] += LocalExperts(vindex, experts=list(range(a, b + 1))).forward(layer, h[rows], i_s, w_s,
+                                                                                acc="f64")
+    return out.astype(np.float32)
 
 
 @pytest.mark.parametrize("ranges", [[(0, 7)], [(0, 3), (4, 7)], [(0, 1), (2, 3), (4, 5), (6, 7)]],
@@ -121,7 +123,12 @@ def test_encodings_f16_and_q8k(vindex):
             with connect_shards(shards.spec, vindex, timeout=20, encoding=enc) as rx:
                 got = rx.forward(1, h, ids, w)
             err = np.abs(got - ref).max() / scale
-            assert 0 < err <= tol, (enc, err)   # lossy, but close
+            if enc == "q8k" and vindex.quant == "q4k":
+                # the kernel quantises x to the same Q8_K blocks itself, and f64 partials make the
+                # shard split exact: nothing is lost at all
+                assert err == 0, (enc, err)
+            else:
+                assert 0 < err <= tol, (enc, err)   # lossy, but close
     finally:
         shards.stop()
 
