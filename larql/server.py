@@ -715,6 +715,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.refused = False                 # over --max-connections: never served
         self.first_bytes = True
+        self.refusal: tuple[str, str, str] | None = None   # to send once in-flight work is answered
         now = time.monotonic()
         self.connected_at = now
         self.last_active = now
@@ -760,7 +761,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         srv = self.srv
-        if self.closed:
+        if self.closed or self.refusal is not None:
             return
         srv.stats.bytes_in += len(data)
         if self.first_bytes:
@@ -802,10 +803,15 @@ class _Conn(asyncio.Protocol):
 
     def _stream_broken(self, e: P.ProtocolError) -> None:
         # The length prefix is garbage or hostile: we cannot find the next frame. Say why, close.
-        self.refuse(e.code, str(e), str(e))
+        self.refuse(e.code, str(e), str(e), after_inflight=True)
 
-    def refuse(self, code: str, message: str, why: str) -> None:
-        """One error reply (id nil), then close: for what ends a connection."""
+    def refuse(self, code: str, message: str, why: str, *, after_inflight: bool = False) -> None:
+        """One error reply (id nil), then close: for what ends a connection. `after_inflight`:
+        first answer the requests already accepted (frames that came before a broken one)."""
+        if after_inflight and self.inflight:
+            self.refusal = (code, message, why)
+            self.update_reading()
+            return
         log.info("close %s: %s", self.peer, why)
         self._error(None, code, message)
         self.close()
@@ -825,7 +831,7 @@ class _Conn(asyncio.Protocol):
     def update_reading(self) -> None:
         if self.transport is None or self.closed:
             return
-        want = not (self.paused or self.write_paused or self in self.srv._mem_paused)
+        want = not (self.paused or self.write_paused or self.refusal or self in self.srv._mem_paused)
         if want != self.reading:
             self.reading = want
             if want:
@@ -1046,7 +1052,12 @@ class _Conn(asyncio.Protocol):
             return rid, op if isinstance(op, str) else "", None, e
 
     def _validated(self, f: asyncio.Future, nbytes: int, t0: float) -> None:
-        self._track(-1)
+        try:
+            self._after_validation(f, nbytes, t0)
+        finally:
+            self._track(-1)    # last: a refusal waiting for in-flight work goes after this reply
+
+    def _after_validation(self, f: asyncio.Future, nbytes: int, t0: float) -> None:
         rid, op, works, exc = f.result()
         if self.closed:
             self._hold(-nbytes)
@@ -1085,23 +1096,25 @@ class _Conn(asyncio.Protocol):
             left[0] -= 1
             if left[0]:
                 return
-            self._track(-1)
             if held:
                 self._hold(-held)
-            if self.closed:
-                return
-            for j in jobs:
-                if j.exc is not None:
-                    self._compute_failed(rid, j.exc)
-                    return
-            if op == "experts":
-                self._send_y(rid, jobs[0].y, jobs[0].work.acc)
-            else:
-                self._send({"id": rid, "ok": True, "ys": [_y_bytes(j.y, j.work.acc) for j in jobs]})
-            self.srv.stats.latency(time.perf_counter() - t0)
+            if not self.closed:
+                self._reply(rid, op, jobs, t0)
+            self._track(-1)    # after the reply: a refusal waiting for in-flight work goes last
 
         for wk in works:
             jobs.append(b.submit(wk, self, done))
+
+    def _reply(self, rid: int, op: str, jobs: list[_Job], t0: float) -> None:
+        for j in jobs:
+            if j.exc is not None:
+                self._compute_failed(rid, j.exc)
+                return
+        if op == "experts":
+            self._send_y(rid, jobs[0].y, jobs[0].work.acc)
+        else:
+            self._send({"id": rid, "ok": True, "ys": [_y_bytes(j.y, j.work.acc) for j in jobs]})
+        self.srv.stats.latency(time.perf_counter() - t0)
 
     def _send_y(self, rid: int, y: np.ndarray, acc: str) -> None:
         self._send({"id": rid, "ok": True, "y": _y_bytes(y, acc)})
@@ -1119,6 +1132,9 @@ class _Conn(asyncio.Protocol):
         self.inflight += delta
         if delta < 0:
             self.last_active = time.monotonic()
+            if self.inflight == 0 and self.refusal is not None and not self.closed:
+                self.refuse(*self.refusal)
+                return
         if not self.paused and self.inflight >= MAX_INFLIGHT_PER_CONN:
             self.paused = True
             self.update_reading()
@@ -1132,12 +1148,12 @@ class _Conn(asyncio.Protocol):
         self._track(+1)
 
         def done(f: asyncio.Future) -> None:
-            self._track(-1)
             if f.exception() is not None:
                 self._error(rid, P.E_INTERNAL, f"warm-up failed: {f.exception()}")
             else:
                 nbytes, secs = f.result()
                 self._send({"id": rid, "ok": True, "bytes": nbytes, "seconds": round(secs, 6)})
+            self._track(-1)
 
         fut.add_done_callback(done)
 
