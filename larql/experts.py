@@ -46,6 +46,7 @@ class LocalExperts:
         self.experts = sorted(experts if experts is not None else vindex.experts_present)
         self._owned = np.zeros(cfg.num_experts, dtype=bool)
         self._owned[self.experts] = True
+        self._owned_set = frozenset(self.experts)
         self._layer_set = set(self.layers)
         self._tables: dict[int, kernels.ExpertTable] = {}
         self._norms: dict[int, np.ndarray] = {}
@@ -73,6 +74,10 @@ class LocalExperts:
         The one ownership check: the server runs it on every work item before computing any
         and maps the error to the protocol's `not_owned`."""
         self._check_layer(layer)
+        if ids.size <= 16:  # a decode step: plain ints (~1 us) instead of numpy masks (~6 us)
+            flat = ids.ravel().tolist()
+            if all(e < 0 or e in self._owned_set for e in flat):
+                return
         used = ids[ids >= 0]
         if used.size and (used.max() >= self.num_experts or not self._owned[used].all()):
             bad = sorted({int(e) for e in used if e >= self.num_experts or not self._owned[e]})

@@ -822,6 +822,10 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def _hold(self, delta: int) -> None:
+        if self.closed:
+            # connection_lost released everything this connection held at once; the releases
+            # of its dropped work that follow must not count twice
+            delta = max(delta, -self.held) if delta < 0 else 0
         if delta:
             self.held += delta
             self.srv.account(delta, self)

@@ -357,7 +357,38 @@ def test_work_of_a_disconnected_client_is_dropped(wide_path):
         st = h.server.stats
         assert st.dropped >= 4, st.snapshot()             # at most the running ones computed
         assert st.tokens <= 2 * 1024, st.snapshot()
+        deadline = time.monotonic() + 10
+        while h.server.buffered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h.server.buffered == 0          # released once, not twice (nor never)
         with sock(h) as s:
             assert rt(s, _big(1, 1))["ok"]
+    finally:
+        h.stop()
+
+
+def test_lone_decode_stream_is_answered_from_the_read_callback(vindex_path):
+    """Back-to-back one-token requests of one connection with nothing else queued skip the queue
+    (no submit, no future); a second connection taking turns goes through it."""
+    h = ExpertServer(open_vindex(vindex_path)).start_in_thread("127.0.0.1", 0)
+    b = h.server.batcher
+    submitted: list[int] = []
+    real = b.submit
+
+    def recording(work, conn, on_done):
+        submitted.append(work.tokens)
+        return real(work, conn, on_done)
+
+    b.submit = recording
+    try:
+        with sock(h) as s, sock(h) as t:
+            first = rt(s, work(H, T=1, ids=[[0, 1]], rid=1))
+            for i in range(10):
+                assert rt(s, work(H, T=1, ids=[[0, 1]], rid=2 + i)) == {**first, "id": 2 + i}
+            assert submitted == [1]                         # only the first one was queued
+            for i in range(4):
+                assert rt(t if i % 2 else s, work(H, T=1, ids=[[0, 1]], rid=20 + i))["y"] == first["y"]
+            # s again (direct), then t, s, t alternating: each queued
+            assert len(submitted) == 4
     finally:
         h.stop()

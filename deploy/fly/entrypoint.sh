@@ -10,6 +10,9 @@
 #   PORT         TCP port (default 8080)
 #   HF_TOKEN     read by huggingface_hub for private or gated repos
 #   THREADS      kernel threads (default: all cores); WORKERS concurrent computations (default 2)
+#   LARQL_API_KEY  the shard's API key (a fly secret); without it the server refuses to listen
+#                on 0.0.0.0 unless ALLOW_ANONYMOUS=1 (a private network only)
+#   TLS_CERT, TLS_KEY  PEM files for TLS in the server itself (not needed behind fly's tls handler)
 set -eu
 
 VINDEX_PATH="${VINDEX_PATH:-/data/vindex}"
@@ -34,6 +37,8 @@ set -- "$VINDEX_PATH" --host "${HOST:-0.0.0.0}" --port "$PORT"
 case "$WARMUP" in 1|true|yes) set -- "$@" --warmup ;; esac
 [ -n "${THREADS:-}" ] && set -- "$@" --threads "$THREADS"
 [ -n "${WORKERS:-}" ] && set -- "$@" --workers "$WORKERS"
+[ -n "${TLS_CERT:-}" ] && set -- "$@" --tls-cert "$TLS_CERT" --tls-key "${TLS_KEY:?TLS_KEY must be set with TLS_CERT}"
+case "${ALLOW_ANONYMOUS:-0}" in 1|true|yes) set -- "$@" --allow-anonymous ;; esac
 
 echo "larql-entrypoint: exec larql-server $*"
 exec larql-server "$@"
