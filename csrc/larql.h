@@ -80,6 +80,13 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
                const float *x, int64_t T, int32_t K, const int32_t *ids, const float *weights,
                float *out);
 
+/* As lq_moe_ffn; the weighted sum is accumulated in double and rounded to f32 once (lq_moe_ffn
+ * does the same). out64, if not NULL, also receives the double sums (T x hidden): shards of one
+ * layer add those and round once, so any split of the experts gives lq_moe_ffn's f32 result. */
+int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter,
+                 const float *x, int64_t T, int32_t K, const int32_t *ids, const float *weights,
+                 float *out, double *out64);
+
 /* Thread pool: size from LARQL_NUM_THREADS, default all online cores. */
 int lq_set_num_threads(int n);
 int lq_get_num_threads(void);

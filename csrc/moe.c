@@ -9,8 +9,9 @@
  *    (K-quant down), padded with zeros to the down row length.
  * 4. Phase B, one work item per (expert, 256 output rows): a contiguous run of that expert's
  *    down bytes (long runs keep the hardware prefetchers streaming), into a per-pair buffer.
- * 5. Phase C: out[t] = sum of w * down over t's pairs in a fixed order. Every value is computed
- *    by exactly one item in a fixed order, so results do not depend on the thread count.
+ * 5. Phase C: out[t] = sum of w * down over t's pairs in a fixed order, accumulated in double
+ *    (each f32 product is exact there) and rounded to f32 once. Every value is computed by
+ *    exactly one item in a fixed order, so results do not depend on the thread count.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -90,7 +91,7 @@ typedef struct {
     int64_t hidden, inter, hpad, ipad, nbh, nbi, n_slices, n_down_slices;
     const moe_scratch *s;
     int64_t n_groups, np;
-    float *out;
+    double *acc; /* [T][hidden]: phase C's double sums (each f32 product is exact there) */
 } moe_job;
 
 /* One weight row against n activation rows (n <= LQ_MAX_T) through the table's row kernel:
@@ -183,18 +184,18 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     }
 }
 
-/* Phase C: out[t] = sum over t's pairs of w * dn[pair], in pair order (fixed: experts ascending,
- * then slot order), one item per slice of output rows. */
+/* Phase C: acc[t] = sum over t's pairs of w * dn[pair], in pair order (fixed: experts ascending,
+ * then slot order), in double, one item per slice of output rows. */
 static void phase_c(void *p, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     moe_job *j = p;
     const moe_scratch *s = j->s;
     int64_t r0 = i0 * LQ_DOWN_ROWS, r1 = i1 * LQ_DOWN_ROWS < j->hidden ? i1 * LQ_DOWN_ROWS : j->hidden;
     for (int64_t q = 0; q < j->np; q++) {
-        float *o = j->out + (int64_t)s->pair_t[q] * j->hidden;
+        double *o = j->acc + (int64_t)s->pair_t[q] * j->hidden;
         const float *dq = s->dn + q * j->hidden;
-        const float wq = s->pair_w[q];
-        for (int64_t r = r0; r < r1; r++) o[r] += wq * dq[r];
+        const double wq = s->pair_w[q];
+        for (int64_t r = r0; r < r1; r++) o[r] += wq * (double)dq[r];
     }
 }
 
@@ -267,19 +268,30 @@ static void gather_inputs(moe_scratch *s, const lq_kernels *k, const moe_census 
 
 int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
                int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out) {
+    return lq_moe_ffn64(experts, n_experts, hidden, inter, x, T, K, ids, weights, out, NULL);
+}
+
+int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
+                 int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out, double *out64) {
     if (hidden < 1 || inter < 1 || T < 1 || K < 0 || n_experts < 0) return LQ_E_SHAPE;
     memset(out, 0, (size_t)(T * hidden) * sizeof(float));
+    if (out64) memset(out64, 0, (size_t)(T * hidden) * sizeof(double));
     moe_census c;
     int rc = census(experts, n_experts, ids, T * K, &c);
     if (rc != LQ_OK || c.np == 0) return rc;
     moe_job j = {.k = lq_active_kernels(), .experts = experts, .hidden = hidden, .inter = inter,
-                 .hpad = pad256(hidden), .ipad = pad256(inter), .n_groups = c.n_groups, .np = c.np, .out = out};
+                 .hpad = pad256(hidden), .ipad = pad256(inter), .n_groups = c.n_groups, .np = c.np};
     j.nbh = j.hpad / QK_K;
     j.nbi = j.ipad / QK_K;
     j.n_slices = (inter + LQ_GU_ROWS - 1) / LQ_GU_ROWS;
     j.n_down_slices = (hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS;
     moe_scratch s;
     if (scratch_alloc(&s, &c, n_experts, T, hidden, j.hpad, j.ipad) != LQ_OK) return LQ_E_NOMEM;
+    j.acc = out64 ? out64 : calloc((size_t)(T * hidden), sizeof(double));
+    if (!j.acc) {
+        scratch_free(&s);
+        return LQ_E_NOMEM;
+    }
     j.s = &s;
 
     group_pairs(&s, n_experts, ids, weights, T * K, K);
@@ -288,6 +300,8 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     if (c.any_kq_down) lq_parallel_for(c.np, 16, quantize_h, &j); /* 16 pairs or fewer: inline */
     lq_parallel_for(c.n_groups * j.n_down_slices, 1, phase_b, &j);
     lq_parallel_for(j.n_down_slices, c.np * LQ_DOWN_ROWS >= 65536 ? 1 : j.n_down_slices, phase_c, &j);
+    for (int64_t i = 0; i < T * hidden; i++) out[i] = (float)j.acc[i];
+    if (j.acc != out64) free(j.acc);
     scratch_free(&s);
     return LQ_OK;
 }

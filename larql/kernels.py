@@ -119,7 +119,8 @@ def _f32_2d(x: np.ndarray, name: str) -> np.ndarray:
 
 
 # A C pointer type -> the cffi array type whose from_buffer view passes for it.
-_VIEW_TYPES = {"void *": "char[]", "float *": "float[]", "int32_t *": "int32_t[]", "int64_t *": "int64_t[]"}
+_VIEW_TYPES = {"void *": "char[]", "float *": "float[]", "int32_t *": "int32_t[]", "int64_t *": "int64_t[]",
+               "double *": "double[]"}
 
 
 def _ptr(a: np.ndarray, ctype: str = "void *"):
@@ -280,11 +281,13 @@ class ExpertTable:
 
 
 def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-            out: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, out64: np.ndarray | None = None) -> np.ndarray:
     """sum_k weights[t,k] * down_e(gelu_tanh(gate_e x[t]) * up_e x[t]) with e = ids[t,k].
 
     x: f32 [T, hidden] (normed; a 1-D x is one token and gives a 1-D result), ids int [T, K]
-    (-1 = skip the slot), weights f32 [T, K] -> f32 [T, hidden].
+    (-1 = skip the slot), weights f32 [T, K] -> f32 [T, hidden]. The sum is accumulated in
+    double and rounded once; `out64` (f64, the result's shape) also receives the double sums,
+    which shards of one layer add before rounding once (docs/PROTOCOL.md, `acc`).
     """
     x = np.asarray(x)
     vec = x.ndim == 1
@@ -304,9 +307,18 @@ def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndar
         _raise_bad_ids(table, ids)  # before the cast to int32 could wrap a huge id into range
     ids32 = np.ascontiguousarray(ids, dtype=np.int32)
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
-    y = _out(out, (table.hidden,) if vec else (T, table.hidden), "moe_ffn")
-    rc = lib.lq_moe_ffn(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
-                        ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"))
+    shape = (table.hidden,) if vec else (T, table.hidden)
+    y = _out(out, shape, "moe_ffn")
+    if out64 is None:
+        y64 = ffi.NULL
+    elif (out64.shape != shape or out64.dtype != np.float64 or not out64.flags.c_contiguous
+          or not out64.flags.writeable):
+        raise KernelError(f"moe_ffn: out64 must be a writable contiguous f64 array of shape {shape}")
+    else:
+        y64 = _ptr(out64, "double *")
+    rc = lib.lq_moe_ffn64(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
+                          ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"),
+                          y64)
     if rc == lib.LQ_E_EXPERT:  # the C side checks every id; name the bad one only when it fails
         _raise_bad_ids(table, ids32)
     _check(rc, "moe_ffn")

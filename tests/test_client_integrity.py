@@ -38,9 +38,14 @@ def work(seed=0, T=2):
     return h, ids, rng.random((T, TOPK)).astype(np.float32)
 
 
+def reply_dtype(req) -> str:
+    """The reply's float type: f64 partial sums when the client asked for them (`acc`)."""
+    return "<f8" if req.get("acc") == "f64" else "<f4"
+
+
 def nan_y(req, rep):
     if "y" in rep:
-        y = np.frombuffer(rep["y"], dtype="<f4").copy()
+        y = np.frombuffer(rep["y"], dtype=reply_dtype(req)).copy()
         y[len(y) // 2] = np.nan
         rep["y"] = y.tobytes()
     return rep
@@ -54,7 +59,8 @@ def short_y(req, rep):
 
 def inf_ys(req, rep):
     if "ys" in rep:
-        rep["ys"] = [np.full(len(b) // 4, np.inf, dtype="<f4").tobytes() for b in rep["ys"]]
+        dt = np.dtype(reply_dtype(req))
+        rep["ys"] = [np.full(len(b) // dt.itemsize, np.inf, dtype=dt).tobytes() for b in rep["ys"]]
     return rep
 
 
@@ -100,13 +106,11 @@ def test_expert_ids_out_of_range_raise_before_sending(served):
         assert rx.round_trips == before
 
 
-def f64_standin(srv):
-    """A shard that offers f64 partial sums: the real server's f32 sums, widened (exactly)."""
+def f32_only_standin(srv):
+    """A shard that does not offer f64 partial sums (an older server): hides them from hello."""
     def mangle(req, rep):
         if req.get("op") == "hello":
-            rep["accumulators"] = ["f32", "f64"]
-        elif req.get("acc") == "f64" and "y" in rep:
-            rep["y"] = np.frombuffer(rep["y"], dtype="<f4").astype("<f8").tobytes()
+            rep["accumulators"] = ["f32"]
         return rep
 
     return StandIn((srv.host, srv.port), mangle=mangle)
@@ -117,9 +121,9 @@ def test_f64_partials_are_summed_in_f64_and_rounded_once(served):
     ranges = [(0, 1), (2, 3), (4, 5), (6, 7)]
     servers = [ExpertServer(open_vindex(vindex.path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
                for a, b in ranges]
-    proxies = [f64_standin(s) for s in servers]
+    old = f32_only_standin(servers[1])
     try:
-        spec = ",".join(f"{a}-{b}={p.address}" for (a, b), p in zip(ranges, proxies, strict=True))
+        spec = ",".join(f"{a}-{b}={s.address}" for (a, b), s in zip(ranges, servers, strict=True))
         with connect_shards(spec, vindex, timeout=5, api_key="") as rx:
             assert rx.accumulator == "f64"
             differs = 0
@@ -133,22 +137,21 @@ def test_f64_partials_are_summed_in_f64_and_rounded_once(served):
                     if part is None:
                         continue
                     rows, i_s, w_s = part
-                    y = LocalExperts(vindex, experts=list(range(a, b + 1))).forward(1, h[rows], i_s, w_s)
-                    want64[rows] += y
-                    want32[rows] += y
+                    shard = LocalExperts(vindex, experts=list(range(a, b + 1)))
+                    want64[rows] += shard.forward(1, h[rows], i_s, w_s, acc="f64")
+                    want32[rows] += shard.forward(1, h[rows], i_s, w_s)
                 np.testing.assert_array_equal(got, want64.astype(np.float32))   # rounded once
                 differs += int((want32 != want64.astype(np.float32)).sum())
-            assert differs > 0     # the f32 running sum would have been different somewhere
+            assert differs > 0     # a sum of f32 partials would have been different somewhere
         # a shard map mixing servers with and without f64 falls back to f32 sums everywhere
-        mixed = f"0-1={proxies[0].address},2-3={servers[1].address},4-5={proxies[2].address}," \
-                f"6-7={proxies[3].address}"
+        mixed = f"0-1={servers[0].address},2-3={old.address},4-5={servers[2].address}," \
+                f"6-7={servers[3].address}"
         with connect_shards(mixed, vindex, timeout=5, api_key="") as rx:
             assert rx.accumulator == "f32"
         with pytest.raises(ShardSpecError, match="f64"):
             connect_shards(mixed, vindex, timeout=5, api_key="", accumulate="f64")
     finally:
-        for p in proxies:
-            p.stop()
+        old.stop()
         for s in servers:
             s.stop()
 
@@ -169,7 +172,7 @@ def test_renormalize_drops_a_lost_shard_and_rescales_the_rest(served):
     planner = Planner(shards, ModelIdentity(H, E, L), "f32")
     h, ids, w = work(5, T=6)
     ids[0] = [4, 5, 6]          # token 0 has every expert on the lost shard
-    plan = planner.plan([(0, h, ids, w)], multi=False, budget=lambda si: 1 << 20)
+    plan = planner.plan([(0, h, ids, w)], multi=False, budget=lambda si: (1 << 20, 1 << 20, 1 << 20))
     assert [j.shard for j in plan.jobs] == [0, 1]
     local_a = LocalExperts(vindex, experts=[0, 1, 2, 3])
     rows, i_s, w_s = split_work(ids, w, 0, 3)

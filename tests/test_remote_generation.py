@@ -32,20 +32,21 @@ def tiny(request, tiny_checkpoint, tmp_path_factory):
 
 
 class ShardedLocal:
-    """In-process experts split like the servers: partials added in shard order."""
+    """In-process experts split like the servers: f64 partials added in shard order, rounded once
+    (what the client does with servers that announce f64 accumulators)."""
 
     def __init__(self, vindex, ranges):
         self.parts = [((a, b), LocalExperts(vindex, experts=list(range(a, b + 1)))) for a, b in ranges]
 
     def forward(self, layer, h, ids, weights):
         h = np.atleast_2d(h)
-        out = np.zeros(h.shape, dtype=np.float32)
+        out = np.zeros(h.shape, dtype=np.float64)
         for (a, b), le in self.parts:
             part = split_work(ids, weights, a, b)
             if part is not None:
                 rows, i_s, w_s = part
-                out[rows] += le.forward(layer, h[rows], i_s, w_s)
-        return out
+                out[rows] += le.forward(layer, h[rows], i_s, w_s, acc="f64")
+        return out.astype(np.float32)
 
     def forward_multi(self, work):
         return [self.forward(*w) for w in work]

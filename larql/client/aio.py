@@ -19,7 +19,7 @@ from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError, set_nodelay
 from . import core
 from .blocking import retryable, tls_failure
-from .core import ClientOptions, ModelIdentity, Planner, ShardError
+from .core import ClientOptions, ModelIdentity, Planner, ShardError, request_limits
 from .policy import ReplicaState, ShardPolicy
 
 
@@ -254,10 +254,8 @@ class AsyncExpertClient:
                     r.conn = None
 
     # --- sending --------------------------------------------------------------------------
-    def _budget(self, si: int) -> int:
-        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in self.shards[si].replicas if r.conn]
-        max_frame = min([P.MAX_FRAME, *limits])
-        return max(1024, max_frame - min(65536, max_frame // 4))
+    def _budget(self, si: int) -> tuple[int, int, int]:
+        return request_limits(r.conn.info for r in self.shards[si].replicas if r.conn is not None)
 
     async def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """h f32 [T, H] raw residual, ids int32 [T, K], weights f32 [T, K] -> f32 [T, H] raw sum."""

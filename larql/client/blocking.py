@@ -24,7 +24,7 @@ from .. import protocol as P
 from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError
 from . import core
-from .core import BadReply, ClientOptions, ModelIdentity, Planner, ShardError
+from .core import BadReply, ClientOptions, ModelIdentity, Planner, ShardError, request_limits
 from .policy import ReplicaState, ShardPolicy
 
 log = core.log
@@ -318,13 +318,8 @@ class BlockingExpertClient:
             self._prober.join(self.options.connect_timeout + 2)
 
     # --- sending --------------------------------------------------------------------------
-    def _budget(self, si: int) -> int:
-        """Bytes of vectors one request (and its reply) may carry: the smallest max_frame any
-        connected replica of the shard announced, less room for the map's keys."""
-        limits = [int(r.conn.info.get("max_frame", P.MAX_FRAME)) for r in self.shards[si].replicas
-                  if r.conn is not None]
-        max_frame = min([P.MAX_FRAME, *limits])
-        return max(1024, max_frame - min(65536, max_frame // 4))
+    def _budget(self, si: int) -> tuple[int, int, int]:
+        return request_limits(r.conn.info for r in self.shards[si].replicas if r.conn is not None)
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return self._run([(layer, h, ids, weights)], multi=False)[0]

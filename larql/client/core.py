@@ -14,7 +14,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,8 +301,9 @@ class Planner:
             item["acc"] = "f64"
         return item
 
-    def plan(self, work: Sequence[tuple], multi: bool, budget: Callable[[int], int]) -> Plan:
-        """`budget(shard)`: bytes of vectors one request to that shard may carry."""
+    def plan(self, work: Sequence[tuple], multi: bool, budget: Callable[[int], tuple[int, int, int]]) -> Plan:
+        """`budget(shard)`: (bytes of vectors, tokens per item, items) one request to that shard
+        may carry (request_limits)."""
         if not multi and len(work) == 1:
             lean = self._plan_token(*work[0])
             if lean is not None:
@@ -313,7 +314,7 @@ class Planner:
             items: list[dict] = []
             entries: list[Entry] = []
             size = 0
-            limit = budget(si)
+            limit, max_tokens, max_items = budget(si)
             for wi, (layer, h, ids, w) in enumerate(prepared):
                 if not sh.serves(layer):
                     continue
@@ -322,7 +323,7 @@ class Planner:
                     continue
                 rows, ids_s, w_s = part
                 per_token = self.token_bytes(ids_s.shape[1]) + (64 if multi else 0)  # + item keys
-                step = max(1, limit // per_token)
+                step = max(1, min(max_tokens, limit // per_token))
                 for a in range(0, rows.size, step):
                     r, sl = rows[a: a + step], slice(a, a + step)
                     entry = Entry(wi, r, w_s[sl])
@@ -330,7 +331,7 @@ class Planner:
                         jobs.append(Job(si, {"op": "experts", **self._item(layer, h, r, ids_s[sl], w_s[sl])},
                                         [entry]))
                         continue
-                    if items and size + r.size * per_token > limit:
+                    if items and (size + r.size * per_token > limit or len(items) >= max_items):
                         jobs.append(Job(si, self._multi(items), entries))
                         items, entries, size = [], [], 0
                     items.append(self._item(layer, h, r, ids_s[sl], w_s[sl]))
@@ -501,3 +502,18 @@ class _Who:
 
 def endpoint_label(spec: ShardSpec, endpoint: Endpoint) -> str:
     return f"shard {spec.label} at {endpoint.where}"
+
+
+def request_limits(infos: Iterable[dict]) -> tuple[int, int, int]:
+    """(bytes of vectors, tokens per item, items per `multi`) one request to a shard may carry:
+    the smallest limits its connected replicas announced in `hello` (max_frame less room for the
+    map's keys, max_tokens, max_items), so a request is never refused for its size."""
+    infos = list(infos)
+
+    def least(key: str, default: int) -> int:
+        vals = [v for i in infos if isinstance(v := i.get(key), int) and not isinstance(v, bool) and v > 0]
+        return min([default, *vals])
+
+    max_frame = least("max_frame", P.MAX_FRAME)
+    return (max(1024, max_frame - min(65536, max_frame // 4)), least("max_tokens", 1 << 20),
+            least("max_items", 1 << 20))

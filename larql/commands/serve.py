@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..protocol import ServerLimits
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -29,7 +31,64 @@ def add_parser(sub) -> None:
                    help="expert computations in flight at once, each a fused group of requests "
                         "(default 2; 0 computes on the event-loop thread: lowest latency, one at a time)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sec = p.add_argument_group("security (docs/PROTOCOL.md, docs/DEPLOY.md)")
+    sec.add_argument("--api-key-file", metavar="FILE",
+                     help="require clients to prove they hold this key (HMAC challenge-response; the "
+                          "key never crosses the wire); default: $LARQL_API_KEY, if set")
+    sec.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain")
+    sec.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    sec.add_argument("--allow-anonymous", action="store_true",
+                     help="serve a non-loopback address without an API key (a private network only)")
+    lim = p.add_argument_group("limits (defaults as in docs/PROTOCOL.md)")
+    d = ServerLimits()
+    lim.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                     help=f"open connections; past it new ones are closed at once "
+                          f"(default {d.max_connections})")
+    lim.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="S",
+                     help=f"close a connection with no request and nothing in flight "
+                          f"(default {d.idle_timeout:g} s)")
+    lim.add_argument("--frame-timeout", type=float, default=d.frame_timeout, metavar="S",
+                     help=f"a frame must be complete this long after its first byte "
+                          f"(default {d.frame_timeout:g} s)")
+    lim.add_argument("--auth-timeout", type=float, default=d.auth_timeout, metavar="S",
+                     help=f"close a connection not authenticated by then (default {d.auth_timeout:g} s)")
+    lim.add_argument("--max-buffered", type=_mib, default=d.max_buffered, metavar="MIB",
+                     help=f"MiB of unfinished frames and queued work, all connections; past it reading "
+                          f"pauses (default {d.max_buffered >> 20})")
+    lim.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="T",
+                     help=f"tokens per work item (default {d.max_tokens})")
+    lim.add_argument("--max-items", type=int, default=d.max_items, metavar="N",
+                     help=f"work items per 'multi' request (default {d.max_items})")
     p.set_defaults(func=main)
+
+
+def _mib(text: str) -> int:
+    return int(float(text) * (1 << 20))
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    checks = [("--max-connections", args.max_connections, 1), ("--max-tokens", args.max_tokens, 1),
+              ("--max-items", args.max_items, 1), ("--idle-timeout", args.idle_timeout, 0.001),
+              ("--frame-timeout", args.frame_timeout, 0.001), ("--auth-timeout", args.auth_timeout, 0.001),
+              ("--max-buffered", args.max_buffered, 1)]
+    for flag, value, least in checks:
+        if not value >= least:
+            raise ValueError(f"{flag} {value} must be positive")
+    return ServerLimits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                        frame_timeout=args.frame_timeout, auth_timeout=args.auth_timeout,
+                        max_buffered=args.max_buffered, max_tokens=args.max_tokens, max_items=args.max_items)
 
 
 def human_bytes(n: float) -> str:
@@ -65,21 +124,34 @@ def main(args: argparse.Namespace) -> int:
     import time
 
     from .. import kernels, ranges
+    from ..errors import LarqlError
     from ..server import ExpertServer
-    from ..transport import new_event_loop
+    from ..transport import load_api_key, new_event_loop, server_tls_context
     from ..vindex import open_vindex
 
     _setup_logging(args.log_level)
     log = logging.getLogger("larql.server")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} out of range")
+    limits = limits_from_args(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise LarqlError("--tls-cert and --tls-key go together: give both or neither")
+    tls = server_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    api_key = load_api_key(args.api_key_file)
     if args.threads:
         kernels.set_num_threads(args.threads)
     vindex = open_vindex(args.vindex)
     cfg = vindex.config
     experts = ranges.parse(args.experts, cfg.num_experts, "--experts") if args.experts else None
     layers = ranges.parse(args.layers, cfg.num_layers, "--layers") if args.layers else None
-    srv = ExpertServer(vindex, experts, layers, workers=args.workers)
+    srv = ExpertServer(vindex, experts, layers, workers=args.workers, limits=limits, api_key=api_key, tls=tls)
+    # after the arguments and the vindex checked out (their errors say more), before warm-up
+    if api_key is None and not is_loopback(args.host):
+        if not args.allow_anonymous:
+            raise LarqlError(f"refusing to serve on {args.host} without an API key: set LARQL_API_KEY or "
+                             "--api-key-file, or pass --allow-anonymous on a private network")
+        log.warning("serving %s without an API key (--allow-anonymous): anyone who can reach the port "
+                    "can use this shard", args.host)
     log.info("vindex %s: %s, hidden %d, %d experts x %d layers; this shard: experts %s, layers %s "
              "(%s of expert weights), kernels %s x%d threads",
              vindex.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
