@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from larql.benchmarks import server  # noqa: E402
+from larql.benchmarks import server
 
 
 def main() -> int:
