@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from larql.benchmarks.run import add_arguments, main  # noqa: E402
+from larql.benchmarks.run import add_arguments, main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="larql run (client decode) benchmark")

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 NS = "larql-netem"
 HOST_IF, NS_IF = "lqnet0", "lqnet1"
@@ -90,6 +89,7 @@ def main() -> int:
 
     from larql import models
     from larql.client import connect_shards
+    from larql.processes import child_env, larql_command
     from larql.vindex import open_vindex
 
     tmp = Path(tempfile.mkdtemp(prefix="larql-netem-"))
@@ -101,14 +101,14 @@ def main() -> int:
         cfg = vindex.config
         how = setup(args.rtt_ms / 2)
         print(f"network: {HOST_IP} <-> {NS_IP} over veth, {args.rtt_ms:g} ms RTT via {how}")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         half = cfg.num_experts // 2
         shards = []
         for i, (a, b) in enumerate([(0, half - 1), (half, cfg.num_experts - 1)]):
             port = 9100 + i
             log = open(tmp / f"server-{i}.log", "wb")
             procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", NS, sys.executable, "-m", "larql", "serve", str(path),
+                ["ip", "netns", "exec", NS, *larql_command("serve", str(path)),
                  "--experts", f"{a}-{b}", "--host", NS_IP, "--port", str(port), "--warmup", "--threads", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=env))
             if how == "tc netem":

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import numpy as np
+from stream_tokens import vindex_and_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stream_tokens import vindex_and_shards  # noqa: E402
-
-import larql.api as lq  # noqa: E402
-from larql import kernels  # noqa: E402
-from larql.experts import LocalExperts  # noqa: E402
-from larql.vindex import open_vindex  # noqa: E402
+import larql.api as lq
+from larql import kernels
+from larql.experts import LocalExperts
+from larql.vindex import open_vindex
 
 
 def route(vindex, layer: int, h: np.ndarray):

@@ -17,9 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import larql.api as lq  # noqa: E402
+import larql.api as lq
 
 
 def local_demo_servers(tmp: str):

@@ -28,7 +28,8 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(progs: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """`progs` renames commands in their usage lines: {"serve": "larql-server"}."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -39,18 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
+    for command, prog in (progs or {}).items():
+        sub.choices[command].prog = prog
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, progs: dict[str, str] | None = None) -> int:
+    try:
+        parser = build_parser(progs)  # (some command modules import the kernels to list options)
+    except LarqlError as e:
+        print(f"larql: error: {e}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False) or os.environ.get("LARQL_DEBUG"))
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         if debug:
             raise
@@ -70,14 +81,23 @@ def one_line(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "…"
 
 
+def _stdout_closed() -> int:
+    """The reader of our stdout exited (`larql run ... | head`): stop quietly, as coreutils do
+    on SIGPIPE, with the shell's 128 + SIGPIPE status."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+    os.close(devnull)
+    return 128 + 13
+
+
 def server_main() -> int:
     """`larql-server ...` is `larql serve ...`."""
-    return main(["serve", *sys.argv[1:]])
+    return main(["serve", *sys.argv[1:]], progs={"serve": "larql-server"})
 
 
 def run_main() -> int:
     """`larql-run ...` is `larql run ...`."""
-    return main(["run", *sys.argv[1:]])
+    return main(["run", *sys.argv[1:]], progs={"run": "larql-run"})
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .config import ModelConfig
-from .processes import ServerProcess, free_port
+from .errors import LarqlError
+from .processes import ServerProcess, default_server_threads, free_port
 
 
 def demo_config(num_layers: int = 4, hidden: int = 256, num_experts: int = 16, top_k: int = 4,
@@ -36,7 +38,8 @@ def demo_config(num_layers: int = 4, hidden: int = 256, num_experts: int = 16, t
 
 
 def build_demo_vindex(out: str | os.PathLike, *, quant: str = "q4k", seed: int = 0,
-                      config: ModelConfig | None = None, progress: bool = False) -> Path:
+                      config: ModelConfig | None = None, progress: bool = False,
+                      overwrite: bool = True) -> Path:
     """Write a random Gemma 4 vindex with the byte-level tokenizer (no torch, no download)."""
     from .tokenizer import byte_level_tokenizer
     from .vindex import write_vindex
@@ -45,7 +48,8 @@ def build_demo_vindex(out: str | os.PathLike, *, quant: str = "q4k", seed: int =
     cfg = config or demo_config()
     tok = byte_level_tokenizer().to_str().encode()
     return write_vindex(out, cfg, random_tensors(cfg, seed), quant=quant, tokenizer_json=tok,
-                        progress=progress, model_name=f"larql-demo-random-{quant}-seed{seed}", overwrite=True)
+                        progress=progress, model_name=f"larql-demo-random-{quant}-seed{seed}",
+                        overwrite=overwrite)
 
 
 def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
@@ -58,24 +62,28 @@ def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
 
 def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, shards: int = 2,
              dispatch: str = "exact", temperature: float = 0.8, seed: int = 0, keep: str | None = None,
-             in_process: bool = False) -> int:
+             force: bool = False, in_process: bool = False, server_threads: int = 0) -> int:
     """Build the random vindex, start `shards` expert servers on loopback, generate through
-    them, print what happened and compare with in-process experts. 0 if the tokens agree."""
+    them, print what happened and compare with in-process experts. 0 if the tokens agree.
+
+    `keep`: write the vindex there and leave it (an existing path only with `force`). Server
+    logs go to a temporary directory, removed at the end unless a server failed.
+    `server_threads`: kernel threads per server (0: the cores divided among the servers)."""
     from . import api
     from .server import ExpertServer
     from .vindex import open_vindex
 
     t_start = time.perf_counter()
-    tmp = None
-    if keep:
-        path = Path(keep)
-    else:
-        tmp = tempfile.mkdtemp(prefix="larql-demo-")
-        path = Path(tmp) / "demo.vindex"
+    if keep and Path(keep).exists() and not force:
+        raise LarqlError(f"--keep {keep}: it exists; pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix="larql-demo-"))
+    path = Path(keep) if keep else tmp / "demo.vindex"
+    threads = server_threads or default_server_threads(shards)
     servers: list = []
+    failed = True
     try:
         t0 = time.perf_counter()
-        build_demo_vindex(path)
+        build_demo_vindex(path, overwrite=force or not keep)
         vindex = open_vindex(path)
         cfg = vindex.config
         size = sum(vindex.file_sizes().values())
@@ -86,7 +94,6 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
         t0 = time.perf_counter()
         ranges = shard_ranges(cfg.num_experts, shards)
         spec_parts = []
-        logdir = Path(tmp or path.parent)
         for a, b in ranges:
             if in_process:
                 h = ExpertServer(open_vindex(path), experts=range(a, b + 1)).start_in_thread("127.0.0.1", 0)
@@ -94,14 +101,17 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
                 port = h.port
             else:
                 port = free_port()
-                servers.append(ServerProcess(path, f"{a}-{b}", port, logdir / f"server-{a}-{b}.log"))
+                servers.append(ServerProcess(path, f"{a}-{b}", port, tmp / f"server-{a}-{b}.log",
+                                             threads=threads))
             spec_parts.append(f"{a}-{b}=127.0.0.1:{port}")
         for s in servers:
             if isinstance(s, ServerProcess):
                 s.wait_ready()
         spec = ",".join(spec_parts)
         kind = "threads" if in_process else "processes"
-        print(f"[2/4] started {len(servers)} expert servers ({kind}) in {time.perf_counter() - t0:.1f}s:\n"
+        each = "" if in_process else f", {threads} kernel thread{'s' * (threads > 1)} each"
+        print(f"[2/4] started {len(servers)} expert servers ({kind}) in {time.perf_counter() - t0:.1f}s"
+              f"{each}:\n"
               f"      --moe-shards \"{spec}\"")
 
         remote = api.load(path, shards=spec, dispatch=dispatch)
@@ -152,9 +162,14 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
             print(f"      batch dispatch is approximate: {agree:.0%} of tokens equal exact in-process greedy")
             same = True
         print(f"done in {time.perf_counter() - t_start:.1f}s")
+        failed = False
         return 0 if same else 1
     finally:
         for s in servers:
             s.stop()
-        if tmp:
+        if failed and any(isinstance(s, ServerProcess) for s in servers):
+            if not keep:
+                shutil.rmtree(tmp / "demo.vindex", ignore_errors=True)
+            print(f"server logs kept in {tmp}", file=sys.stderr)
+        else:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -54,6 +54,23 @@ def _fmt_name(fmt: int) -> str:
     return FORMAT_NAMES.get(fmt, f"unknown format {fmt}")
 
 
+def _check_environment() -> None:
+    """LARQL_ISA and LARQL_NUM_THREADS are read by the C side, which silently ignores a value it
+    cannot use (a typo ran on the default): refuse them here, naming what is accepted."""
+    import os
+
+    want = os.environ.get("LARQL_ISA", "")
+    isas = ffi.string(lib.lq_available_isas()).decode().split()
+    if want and want not in isas:
+        raise KernelError(f"LARQL_ISA={want!r}: this CPU runs {', '.join(isas)}")
+    threads = os.environ.get("LARQL_NUM_THREADS", "")
+    if threads and not (threads.strip().isdigit() and int(threads) >= 1):
+        raise KernelError(f"LARQL_NUM_THREADS={threads!r}: expected a whole number of threads >= 1")
+
+
+_check_environment()
+
+
 @dataclass(frozen=True)
 class QMatrix:
     """A row-major weight matrix in one format, viewing its bytes without copying.

@@ -665,7 +665,7 @@ class ExpertServer:
         log.info("shutting down: finishing %d in-flight requests",
                  sum(c.inflight for c in self._conns))
         await self.shutdown()
-        log.info("stopped; %s", self.stats.snapshot())
+        log.info("stopped")  # `larql serve` logs the counters in words on exit
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
         """Run the server on a real socket in a background thread with its own event loop."""

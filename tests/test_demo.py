@@ -44,3 +44,25 @@ def test_embedding_examples_run():
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"\|remote - in-process\| max = ([\d.e+-]+) .* async == sync: True", out.stdout)
     assert m and float(m.group(1)) < 1e-4
+
+
+def test_demo_keep_refuses_an_existing_dir_and_writes_only_there(tmp_path):
+    parent = tmp_path / "parent"
+    keep = parent / "kept.vindex"
+    keep.mkdir(parents=True)
+    (keep / "precious.txt").write_text("mine")
+    demo = [sys.executable, "-m", "larql", "demo", "--max-tokens", "2", "--keep", str(keep)]
+    out = subprocess.run(demo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "exists; pass --force" in out.stderr, out.stderr
+    assert (keep / "precious.txt").read_text() == "mine"
+    out = subprocess.run([*demo, "--force"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (keep / "index.json").exists() and not (keep / "precious.txt").exists()
+    assert sorted(p.name for p in parent.iterdir()) == ["kept.vindex"]  # no server logs beside it
+    assert not list(keep.glob("*.log"))
+    fresh = parent / "new.vindex"
+    out = subprocess.run([*demo[:-1], str(fresh)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and (fresh / "index.json").exists(), out.stderr
+    out = subprocess.run([sys.executable, "-m", "larql", "demo", "--force"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "--force only applies with --keep" in out.stderr

@@ -30,7 +30,8 @@ def _choose(key: str, shape) -> Q:
     return Q.Q4_K
 
 
-def write_gguf(model, tokenizer, path) -> dict[str, tuple[Q, np.ndarray]]:
+def write_gguf(model, tokenizer, path,
+               rope_freqs: np.ndarray | None = None) -> dict[str, tuple[Q, np.ndarray]]:
     """The tiny model as a llama.cpp-style gemma4 GGUF; returns {vindex key: (type, raw data)}."""
     from types import SimpleNamespace
 
@@ -72,6 +73,8 @@ def write_gguf(model, tokenizer, path) -> dict[str, tuple[Q, np.ndarray]]:
     w.add_eos_token_id(1)
     w.add_chat_template("{{ messages }}")
     stored = {}
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for hf, p in model.state_dict().items():
         key = strip_prefix(hf)
         if key == "lm_head.weight":
@@ -184,3 +187,26 @@ def test_gguf_errors(gguf_model, tmp_path):
     with pytest.raises(VindexError, match="'llama', expected 'gemma4'"):
         extract(tmp_path / "llama.gguf", tmp_path / "y.vindex", progress=False)
     assert not (tmp_path / "x.vindex").exists() and not (tmp_path / "y.vindex").exists()
+
+
+@pytest.mark.parametrize("rotated", [0, 16, 64])
+def test_rope_freqs_sets_the_partial_rotary_factor(gguf_model, tmp_path, rotated):
+    """rope_freqs.weight: 1.0 for each rotated frequency, 1e30 (no rotation) for the rest."""
+    model, tok, _, _ = gguf_model
+    half = 128 // 2  # the full layers' head_dim is 128
+    path = tmp_path / "r.gguf"
+    write_gguf(model, tok, path, rope_freqs=np.array([1.0] * rotated + [1e30] * (half - rotated)))
+    vindex = open_vindex(extract(path, tmp_path / "r.vindex", quant="f32", progress=False))
+    assert vindex.config.partial_rotary_factor_global == rotated / half
+
+
+@pytest.mark.parametrize("freqs", [[1.0] * 16 + [1e30] * 47,  # not head_dim / 2 values
+                                   [1.0] * 16 + [1e30] * 40 + [1.0] * 8,  # not a prefix
+                                   [2.0] * 16 + [1e30] * 48])  # a real frequency scaling
+def test_unsupported_rope_freqs_are_refused(gguf_model, tmp_path, freqs):
+    model, tok, _, _ = gguf_model
+    path = tmp_path / "bad-rope.gguf"
+    write_gguf(model, tok, path, rope_freqs=np.array(freqs))
+    with pytest.raises(VindexError, match="rope_freqs.weight .* not supported"):
+        extract(path, tmp_path / "x.vindex", progress=False)
+    assert not (tmp_path / "x.vindex").exists()

@@ -21,7 +21,12 @@ def add_parser(sub) -> None:
     d.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature (0 = greedy; a random model's greedy text is dull)")
     d.add_argument("--seed", type=int, default=0, help="sampling seed (both runs use it)")
-    d.add_argument("--keep", default="", metavar="DIR", help="write the demo vindex here and keep it")
+    d.add_argument("--keep", default="", metavar="DIR",
+                   help="write the demo vindex to DIR and keep it (DIR must not exist unless --force)")
+    d.add_argument("--force", action="store_true", help="with --keep: replace DIR if it exists")
+    d.add_argument("--server-threads", type=int, default=0, metavar="N",
+                   help="kernel threads per expert server (default: the cores divided among the "
+                        "servers, at least 1: they share the machine with the client)")
     d.add_argument("--in-process", action="store_true",
                    help="run the servers as threads of this process instead of child processes")
     d.set_defaults(func=main)
@@ -30,6 +35,12 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
+    if args.server_threads < 0:
+        raise ValueError(f"--server-threads {args.server_threads}: must be 0 (automatic) or more")
+    if args.force and not args.keep:
+        raise ValueError("--force only applies with --keep DIR")
+
     return run_demo(prompt=args.prompt, max_tokens=args.max_tokens, shards=args.shards,
                     dispatch=args.dispatch, temperature=args.temperature, seed=args.seed,
-                    keep=args.keep or None, in_process=args.in_process)
+                    keep=args.keep or None, force=args.force, in_process=args.in_process,
+                    server_threads=args.server_threads)

@@ -77,6 +77,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--logprobs must be >= 0, not {args.logprobs}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, not {args.threads}")
+    if args.logprobs and not args.json:
+        raise ValueError("--logprobs needs --json (log-probabilities are part of the JSON output)")
+    if args.moe_shards is not None and not args.moe_shards.strip():
+        raise ValueError('--moe-shards is empty: give "A-B=HOST:PORT,..." or leave it out to run '
+                         "the experts in process")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, not {args.timeout:g}")
 
 
 def main(args: argparse.Namespace) -> int:

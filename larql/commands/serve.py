@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..protocol import ServerLimits
 
@@ -99,6 +100,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def stats_summary(snap: dict) -> str:
+    """The server's counters (server.Stats.snapshot) as one line of words."""
+    return (f"{snap['requests']} requests ({snap['errors']} errors), {snap['tokens']} token-layers, "
+            f"{snap['connections']} connections; latency p50 {snap['p50_us']:.0f} us, "
+            f"p99 {snap['p99_us']:.0f} us; compute {snap['compute_s']:.2f} s; "
+            f"{human_bytes(snap['bytes_in'])} in, {human_bytes(snap['bytes_out'])} out")
+
+
 def _rss() -> int:
     """Resident set size of this process in bytes (0 where /proc is unavailable)."""
     try:
@@ -118,6 +127,47 @@ def _setup_logging(level: str) -> None:
                         datefmt="%H:%M:%S")
 
 
+def _check_servable(vindex, layers: list[int] | None) -> None:
+    """What a server needs besides the layer files, read now: missing, it would log "serving"
+    and then fail every request."""
+    from ..vindex import VindexError
+
+    if not vindex.layers_present:
+        preset = (vindex.index.get("slice") or {}).get("preset")
+        kind = f"a slice with preset {preset!r}" if preset else "this vindex"
+        raise VindexError(f"{vindex.path}: {kind} has no expert layer files (layers/), so there is "
+                          "nothing to serve: serve the full vindex or a slice made with `larql slice "
+                          "SRC -o shard.vindex --preset experts [--experts A-B]`")
+    try:
+        for layer in layers if layers is not None else vindex.layers_present:
+            vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
+    except (VindexError, OSError, KeyError) as e:
+        raise VindexError(f"{vindex.path}: cannot be served: {e} (a server needs index.json, "
+                          "weight_manifest.json, norms.bin and layers/; `larql slice --preset "
+                          "experts` copies exactly those)") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, not after a warm-up of minutes, if (host, port) cannot be listened on. Binds
+    the way asyncio's create_server does (SO_REUSEADDR) and lets go at once."""
+    import socket
+
+    from ..errors import LarqlError
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise LarqlError(f"--host {host}: {e.strerror}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise LarqlError(f"cannot listen on {host}:{port}: {e.strerror} (another server on "
+                                 "that port? choose one with --port)") from None
+
+
 def main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -133,6 +183,10 @@ def main(args: argparse.Namespace) -> int:
     log = logging.getLogger("larql.server")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} out of range")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be 0 (compute on the event loop) or more")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: must be 0 (the kernels' choice) or more")
     limits = limits_from_args(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LarqlError("--tls-cert and --tls-key go together: give both or neither")
@@ -144,6 +198,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = vindex.config
     experts = ranges.parse(args.experts, cfg.num_experts, "--experts") if args.experts else None
     layers = ranges.parse(args.layers, cfg.num_layers, "--layers") if args.layers else None
+    _check_servable(vindex, layers)
     srv = ExpertServer(vindex, experts, layers, workers=args.workers, limits=limits, api_key=api_key, tls=tls)
     # after the arguments and the vindex checked out (their errors say more), before warm-up
     if api_key is None and not is_loopback(args.host):
@@ -157,9 +212,14 @@ def main(args: argparse.Namespace) -> int:
              vindex.path, srv.info()["model"] or "?", cfg.hidden_size, cfg.num_experts, cfg.num_layers,
              ranges.text(srv.experts), ranges.text(srv.layers), human_bytes(srv.owned_bytes()),
              kernels.isa(), kernels.num_threads())
+    _check_port(args.host, args.port)
     if args.warmup:
         disk = srv.disk_read_rate()  # read and evicted again: the warm-up below starts cold
-        nbytes, secs = srv.warmup(progress=True)
+        # A bar only on a terminal: in a log file its last frame and the next line would share one.
+        bar = sys.stderr.isatty()
+        if not bar:
+            log.info("warm-up: faulting in %s of owned expert pages", human_bytes(srv.owned_bytes()))
+        nbytes, secs = srv.warmup(progress=bar)
         rate = nbytes / max(secs, 1e-9)
         vs_disk = (f"; the disk reads sequentially at {disk / 1e9:.2f} GB/s: warm-up/disk = {rate / disk:.2f}"
                    if disk else "; disk rate not measured (the pages were already cached)")
@@ -172,5 +232,6 @@ def main(args: argparse.Namespace) -> int:
         loop.run_until_complete(srv.serve_forever(args.host, args.port))
     finally:
         loop.close()
-    log.info("exit after %.0f s (pid %d)", time.time() - t0, os.getpid())
+    log.info("exit after %.0f s (pid %d): %s", time.time() - t0, os.getpid(),
+             stats_summary(srv.stats.snapshot()))
     return 0

@@ -142,7 +142,14 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
-    p = sub.add_parser("pull", help="download a vindex (or a preset's files) from the Hugging Face Hub")
+    p = sub.add_parser(
+        "pull",
+        help="download a vindex (or a preset's files) from the Hugging Face Hub",
+        description="Download a vindex repository, or only the files a preset needs (e.g. "
+                    "--preset experts --layers 0-14 for one expert server), into OUTPUT, then open "
+                    "it to check what arrived. Private repositories need HF_TOKEN; HF_ENDPOINT "
+                    "selects another Hub.",
+    )
     p.add_argument("repo", help="OWNER/NAME on the Hub (HF_ENDPOINT selects another endpoint)")
     p.add_argument("-o", "--output", required=True, help="local directory")
     _preset_argument(p, presets, "download only this preset's files")
@@ -153,7 +160,13 @@ def add_parser(sub) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit")
     p.set_defaults(func=main)
 
-    p = sub.add_parser("publish", help="upload a vindex to the Hugging Face Hub")
+    p = sub.add_parser(
+        "publish",
+        help="upload a vindex to the Hugging Face Hub",
+        description="Upload a vindex directory to OWNER/NAME (created if absent) and, with --slices, "
+                    "each named preset's slice to OWNER/NAME-PRESET. Needs a write token in HF_TOKEN "
+                    "(or the token huggingface_hub's login saved); HF_ENDPOINT selects another Hub.",
+    )
     p.add_argument("dir", help="vindex directory")
     p.add_argument("--repo", required=True, help="OWNER/NAME (created if absent)")
     p.add_argument(

@@ -7,6 +7,7 @@ package's reference decoder and re-encoded: in particular the expert down projec
 (Q5_0/Q8_0/...); they become zero-padded Q4_K rows like the reference's (one extra
 quantisation, measured in the tests). Norms are stored unshifted (llama.cpp's gemma4 converter
 has norm_shift 0), router.scale as `ffn_gate_inp.scale`, per_expert_scale as `ffn_down_exps.scale`.
+The full layers' partial rotary factor comes from `rope_freqs.weight`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ...config import ModelConfig
+from ...config import GEMMA4_26B_A4B, ModelConfig
 from .. import format as fm
 from ..format import VindexError
 from .base import SourceInfo, bf16_to_f32
@@ -217,7 +218,8 @@ class GGUFSource:
             layer_types=layer_types,
             rope_theta_local=float(self.field("{arch}.rope.freq_base_swa") or 10_000.0),
             rope_theta_global=float(self.field("{arch}.rope.freq_base") or 1_000_000.0),
-            partial_rotary_factor_global=0.25,
+            partial_rotary_factor_global=self._partial_rotary_factor(
+                int(self.field("{arch}.attention.key_length") or 512)),
             rms_norm_eps=float(self.field("{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
             final_logit_softcapping=self.field("{arch}.final_logit_softcapping"),
             num_experts=int(need("{arch}.expert_count")),
@@ -231,6 +233,26 @@ class GGUFSource:
         )
         self.config = cfg
         return cfg
+
+    def _partial_rotary_factor(self, full_head_dim: int) -> float:
+        """The full-attention layers' rotary fraction, read from `rope_freqs.weight`.
+
+        llama.cpp's gemma4 converter writes "proportional" partial RoPE as per-frequency
+        divisors over the full head: 1.0 for the `factor * d / 2` rotated frequencies, 1e30 (a
+        frequency of zero) for the rest. Files without the tensor (older converters, our own
+        test writer) get Gemma 4's 0.25."""
+        t = self.tensors.get("rope_freqs.weight")
+        if t is None:
+            return float(GEMMA4_26B_A4B["partial_rotary_factor_global"])
+        divisors = np.asarray(self._decode(t), dtype=np.float64).reshape(-1)
+        rotated = int(np.count_nonzero(divisors < 1e20))
+        if (divisors.size != full_head_dim // 2 or not np.all(divisors[:rotated] == 1.0)
+                or not np.all(divisors[rotated:] >= 1e20)):
+            raise VindexError(
+                f"{self.path}: rope_freqs.weight ({divisors.size} values, {rotated} finite) is not "
+                f"proportional partial RoPE over a {full_head_dim}-wide head (1.0 then 1e30): "
+                "other frequency scalings are not supported")
+        return 2 * rotated / full_head_dim
 
     # Tokenizer -----------------------------------------------------------------------------
     def tokenizer_json(self) -> bytes | None:
