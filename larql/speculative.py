@@ -238,7 +238,7 @@ class AutoPolicy:
     measures = True
 
     def __init__(self, max_draft: int = AUTO_MAX_DRAFT, draft_round_trips: int = 0,
-                 decay: float = 0.85, prior_accept: float = 0.5, prior_weight: float = 2.0) -> None:
+                 decay: float = 0.9, prior_accept: float = 0.5, prior_weight: float = 1.0) -> None:
         self.max_draft = max_draft
         self.draft_round_trips = draft_round_trips
         self.decay = decay

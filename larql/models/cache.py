@@ -37,6 +37,9 @@ class LayerCache:
         self.pos = np.full(cap, -1, dtype=np.int64)
         self.used = 0  # slots [0, used) have been written at least once
         self.journal: list[_Undo] | None = None   # saved slots while a checkpoint is open
+        # A journaled chunk longer than the ring stored only its last `window` positions: a
+        # rollback below this position would need ones that were never kept.
+        self.journal_lossy_below = -1
 
     def _grow(self, need: int) -> None:
         cap = self.k.shape[1]
@@ -63,6 +66,8 @@ class LayerCache:
             self.used = max(self.used, slot + 1)
             return
         if self.window:
+            if self.journal is not None and len(positions) > self.window:
+                self.journal_lossy_below = max(self.journal_lossy_below, int(positions[-self.window]))
             keep = slice(max(0, len(positions) - self.window), None)
             positions, k, v = positions[keep], k[keep], v[keep]
             slots = positions % self.window
@@ -86,6 +91,10 @@ class LayerCache:
         """Undo the journaled writes of positions >= length (newest first); keep the journal."""
         if self.journal is None:
             raise RuntimeError("rollback without a checkpoint")
+        if length < self.journal_lossy_below:
+            raise ValueError(f"cannot roll back to length {length}: a chunk longer than the sliding "
+                             f"window ({self.window}) was written since the checkpoint, and the "
+                             f"positions it evicted are gone (write rows one by one to roll back)")
         keep: list[_Undo] = []
         used = self.journal[0].used if self.journal else self.used
         for u in self.journal:   # `used` as it was after the last kept write
@@ -111,7 +120,7 @@ class LayerCache:
         new = LayerCache.__new__(LayerCache)
         new.window, new.used = self.window, self.used
         new.k, new.v, new.pos = self.k.copy(), self.v.copy(), self.pos.copy()
-        new.journal = None
+        new.journal, new.journal_lossy_below = None, -1
         return new
 
     def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,7 +158,7 @@ class KVCache:
     def checkpoint(self) -> None:
         """Start journaling writes so that `rollback` can undo them (drops an older journal)."""
         for lc in self.layers:
-            lc.journal = []
+            lc.journal, lc.journal_lossy_below = [], -1
         self.checkpoint_length = self.length
 
     def rollback(self, length: int) -> None:
