@@ -231,15 +231,19 @@ class FixedPolicy:
 class AutoPolicy:
     """Draft length from measured acceptance and pass times (see the module docstring).
 
-    Estimates decay (each pass weighs the past by `decay`), so a change of text is followed
-    within a few passes, and an acceptance rate learned while not drafting drifts back towards
-    the prior, which makes a costly drafter probe again now and then."""
+    Estimates decay (each observation weighs the past by `decay`), so a change of text is
+    followed within a few passes. While drafts do not pay, a free drafter (lookup) keeps being
+    measured on the tokens the plain steps produce (`shadow`); a costly one (batch) is probed
+    with one draft token every `probe_every` passes."""
 
     measures = True
 
     def __init__(self, max_draft: int = AUTO_MAX_DRAFT, draft_round_trips: int = 0,
-                 decay: float = 0.9, prior_accept: float = 0.5, prior_weight: float = 1.0) -> None:
+                 decay: float = 0.9, prior_accept: float = 0.5, prior_weight: float = 1.0,
+                 probe_every: int = 16) -> None:
         self.max_draft = max_draft
+        self.probe_every = probe_every
+        self.since_observed = 0
         self.draft_round_trips = draft_round_trips
         self.decay = decay
         self.prior_accept, self.prior_weight = prior_accept, prior_weight
@@ -276,14 +280,20 @@ class AutoPolicy:
             rate = self.expected_tokens(k) / self.cost(k)
             if rate > best_rate * 1.001:
                 best, best_rate = k, rate
+        if best == 0 and cap and self.since_observed >= self.probe_every:
+            return 1
         return best
 
+    def _observe(self, accepted: float, tested: float) -> None:
+        self.accepted = self.accepted * self.decay + accepted
+        self.tested = self.tested * self.decay + tested
+        self.since_observed = 0
+
     def record(self, drafted: int, accepted: int, seconds: float, draft_seconds: float = 0.0) -> None:
-        self.accepted *= self.decay
-        self.tested *= self.decay
         if drafted:
-            self.accepted += accepted
-            self.tested += accepted + (1 if accepted < drafted else 0)
+            self._observe(accepted, accepted + (1 if accepted < drafted else 0))
+        else:
+            self.since_observed += 1
         if drafted == 0:
             self.t1 = self._ewma(self.t1, seconds)
         elif self.t1 is not None:
@@ -294,8 +304,7 @@ class AutoPolicy:
     def shadow(self, accepted: bool) -> None:
         """A free draft that was not verified, compared with the token the step produced: for
         a point-mass draft, P(equal) is exactly the probability it would have been accepted."""
-        self.accepted += float(accepted)
-        self.tested += 1.0
+        self._observe(float(accepted), 1.0)
 
     def describe(self) -> dict:
         return {"auto_acceptance": round(self.acceptance, 4),
