@@ -13,8 +13,14 @@ Exactness:
 - Sampling uses the standard accept/reject rule (Leviathan et al. 2023; Chen et al. 2023):
   accept draft d with probability min(1, p(d) / q(d)), on rejection sample from
   normalise(max(p - q, 0)); the tokens are then distributed exactly as the model's own
-  (p = the sampler's filtered distribution). A deterministic drafter's q is a point mass, so
-  d is accepted with probability p(d) and a rejection samples p with d removed.
+  (p = the sampler's filtered distribution). A deterministic drafter's q is a point mass: d
+  must be accepted with probability p(d) and a rejection must sample p without d. Drawing
+  x ~ p and accepting iff x == d does exactly that (x given x != d is that residual), and it
+  takes one sampler draw per yielded token, in order, as plain decoding does: with the same
+  seed the sampled tokens are identical to `--speculate off`, whatever N, `auto` or timing
+  decide. Both built-in drafters are deterministic; a drafter that samples its drafts
+  (`BatchDrafter(sample_drafts=True)`, a future model drafter) takes the general rule and
+  keeps the distribution, not the seed's tokens.
 
 Drafters (one small interface, `Drafter`): `PromptLookup` (n-gram match against the prompt and
 the generated text: free, strong on loops, lists, code and quoting) and `BatchDrafter` (the
@@ -120,12 +126,17 @@ class PromptLookup:
 
 class BatchDrafter:
     """Drafts with the model itself in batch dispatch (all layers' experts in one round trip
-    per token, approximate) on its own KV cache, kept in step with the accepted text."""
+    per token, approximate) on its own KV cache, kept in step with the accepted text.
+
+    Drafts are the batch model's most likely tokens (point masses, so sampled output stays
+    identical to plain decoding for a seed); sample_drafts=True draws them from its
+    distribution q instead (more acceptance when q is close to p; only the distribution kept)."""
 
     name = "batch"
     round_trips_per_token = 1
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, sample_drafts: bool = False) -> None:
+        self.sample_drafts = sample_drafts
         # A shallow copy shares the weights and the experts backend; only the dispatch differs.
         self.model = copy.copy(model)
         self.model.dispatch = "batch"
@@ -154,7 +165,7 @@ class BatchDrafter:
         self.cache.checkpoint()             # the drafts below are undone at the next call
         tokens, probs = [], []
         for i in range(n):
-            if sampler.greedy:
+            if sampler.greedy or not self.sample_drafts:
                 t = int(np.argmax(logits))
             else:   # drawn from the drafter's own distribution q, which accept_draft uses
                 q = sampler.distribution(logits)
@@ -321,29 +332,25 @@ def accept_draft(rows: np.ndarray, draft: Sequence[int], probs: Sequence[np.ndar
     """The tokens a verify pass yields: the accepted draft prefix, then one token of the model's.
 
     rows[i] are the model's logits after the i-th fed token (row 0: after the last accepted
-    token), len(rows) == len(draft) + 1. Greedy: a draft token is kept iff it is the argmax
-    (what `--speculate off` would pick). Sampling: the accept/reject rule above, so each
-    yielded token is distributed as sampler(rows[i]) would draw it.
+    token), len(rows) == len(draft) + 1. Point-mass drafts (probs None; greedy or sampling):
+    draw the model's token as plain decoding would and keep going while it equals the draft.
+    Drafts drawn from q: the accept/reject rule above. Either way each yielded token is
+    distributed as sampler(rows[i]) would draw it.
     """
     out: list[int] = []
     for i, d in enumerate(draft):
-        if sampler.greedy:
+        if probs is None or sampler.greedy:
             t = sampler(rows[i])
+            out.append(t)
             if t != d:
-                out.append(t)
                 return out
-            out.append(d)
             continue
         p = sampler.distribution(rows[i])
-        q_d = 1.0 if probs is None else float(probs[i][d])
+        q_d = float(probs[i][d])
         if q_d > 0 and sampler.rng.random() * q_d < p[d]:   # u < p(d) / q(d)
             out.append(int(d))
             continue
-        if probs is None:
-            residual = p.copy()
-            residual[d] = 0.0
-        else:
-            residual = np.maximum(p - probs[i], 0.0)
+        residual = np.maximum(p - probs[i], 0.0)
         total = residual.sum()
         residual = residual / total if total > 0 else p
         out.append(int(sampler.rng.choice(residual.size, p=residual)))
@@ -377,9 +384,10 @@ def speculative_steps(model, cache, first_logits: np.ndarray, history: list[int]
                       ) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """Yield (token, its logits row, "") per generated token, then (-1, None, reason) once.
 
-    The cache holds every token of `history` but the last (which is fed with the drafts), as
-    after `generate`'s prefill + first sample; on return it holds exactly what plain decoding
-    would leave: every yielded token but the last, or all of them after a stop.
+    On entry the cache holds all of `history` (the prefilled prompt; `first_logits` is its
+    last row). Each pass feeds the last yielded token with the drafts. On return the cache
+    holds exactly what plain decoding leaves: every yielded token but the last after
+    max_tokens, all of them after a stop.
     `on_pass(seconds)` is told each step's time (drafting and the verify pass); `history`
     grows with the tokens.
     """

@@ -103,6 +103,10 @@ class ArgmaxDrafter(sp.BatchDrafter):
         return super().propose(history, n, Sampler())     # greedy: probs None
 
 
+def sampled_batch_drafter(model):
+    return sp.BatchDrafter(model, sample_drafts=True)
+
+
 def draw(model, drafter_factory, seeds) -> tuple[Counter, dict]:
     counts: Counter = Counter()
     totals = Counter()
@@ -115,7 +119,7 @@ def draw(model, drafter_factory, seeds) -> tuple[Counter, dict]:
     return counts, dict(totals)
 
 
-@pytest.mark.parametrize("drafter,n", [(ArgmaxDrafter, 2000), (sp.BatchDrafter, 2000)],
+@pytest.mark.parametrize("drafter,n", [(ArgmaxDrafter, 2000), (sampled_batch_drafter, 2000)],
                          ids=["point-mass", "batch-q"])
 def test_speculative_sampling_matches_the_model_distribution(model, drafter, n):
     probs = exact_joint(model)
@@ -147,3 +151,20 @@ def test_the_chi_square_test_catches_a_wrong_acceptance_rule(model, monkeypatch)
     stat, threshold = chi_square(counts, probs, n)
     print(f"wrong rule: chi-square {stat:.1f} vs threshold {threshold:.1f}")
     assert stat > 3 * threshold
+
+
+@pytest.mark.parametrize("drafter", [ArgmaxDrafter, sp.BatchDrafter, lambda m: sp.PromptLookup()],
+                         ids=["argmax", "batch", "lookup"])
+def test_point_mass_drafts_sample_the_same_tokens_as_off_for_a_seed(model, drafter):
+    """One sampler draw per yielded token, in order, on bit-identical logits: the sampled text
+    is the one `--speculate off` samples, for every seed and draft length."""
+    accepted = 0
+    for seed in range(40):
+        want = [s.token for s in generate(model, PROMPT, 12, sampler(seed))]
+        for n in (1, 3, 8):
+            stats = GenerationStats()
+            got = [s.token for s in generate(model, PROMPT, 12, sampler(seed), stats=stats, speculate=n,
+                                             drafter=drafter(model))]
+            assert got == want, (seed, n)
+            accepted += stats.speculation["accepted"]
+    assert accepted > 0

@@ -15,6 +15,8 @@ BENCHES = {
     "extract": ("larql.benchmarks.extract", "extraction weights/s and peak RSS at 26B A4B shapes"),
     "run": ("larql.benchmarks.run", "per-token decode time split by component, prefill tokens/s"),
     "server": ("larql.benchmarks.server", "expert-server round trips, throughput and end-to-end tok/s"),
+    "wan": ("larql.benchmarks.wan", "tok/s behind a delay proxy (--rtt MS): exact, batch and "
+                                    "speculative dispatch"),
 }
 
 
