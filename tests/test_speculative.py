@@ -293,8 +293,10 @@ def test_remote_speculation_is_identical_and_saves_round_trips(served):
             assert tokens == ref, (speculate, drafter)
             info = stats.speculation
             decode_trips = stats.round_trips - stats.prefill_round_trips
-            draft_trips = info["draft_calls"] * 8 if drafter == "batch" else 0   # <= 1 per token/shard
-            assert decode_trips <= per_pass * info["decode_passes"] + 2 * draft_trips + 2 * 3 * STEPS
+            # a verify pass of any length: at most one request per shard per layer; the batch
+            # drafter adds one `multi` request per shard per drafted token
+            draft_trips = 2 * info["drafted"] if drafter == "batch" else 0
+            assert 0 < decode_trips <= per_pass * info["decode_passes"] + draft_trips
             if drafter is oracle and speculate == 4:
                 assert info["accepted"] > 0
                 assert stats.tokens_per_round_trip > 1.5 * off_stats.tokens_per_round_trip
