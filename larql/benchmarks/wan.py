@@ -21,6 +21,12 @@ Modes: exact (layer by layer; the baseline), batch (one round trip per token, ap
 its agreement with exact is printed), speculate N with prompt lookup, speculate auto with
 prompt lookup, speculate auto with the batch drafter. Printed per mode: decode tok/s and its
 ratio to exact, expert round trips per generated token, drafts accepted.
+
+Measured here (2 cores shared with other work, 45 ms RTT, 30 layers, 2 shards, 32 tokens,
+N = 8): repeated (damp 0.05) exact 0.61 tok/s, lookup 8.05x, auto 6.58x, auto-batch 2.94x,
+all with exact's tokens; damp 0.1 (runs that change) lookup 1.61x, auto 1.59x; varied lookup
+1.04x (1/48 drafts accepted), auto 1.08x, auto-batch 1.00x; batch dispatch 12-15x but
+approximate.
 """
 
 from __future__ import annotations
