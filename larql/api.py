@@ -103,19 +103,20 @@ class Model:
 
     def stream_ids(self, prompt: str | list[int], max_tokens: int = 64, *, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                   chat: bool = False) -> Iterator[int]:
-        """Token ids as they are generated (greedy unless temperature > 0)."""
+                   chat: bool = False, speculate: int | str = "off",
+                   draft: str = "lookup") -> Iterator[int]:
+        """Token ids as they are generated (greedy unless temperature > 0).
+
+        speculate: "off", N or "auto": draft up to N tokens ("lookup": n-gram match on the text
+        so far; "batch": batch dispatch) and verify them in one pass; greedy output is the same
+        as "off", sampled output has the same distribution (see larql.speculative)."""
         ids = self.encode(prompt, chat)
         self.last = g = Generation(prompt_ids=ids)
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        trips0 = self.expert_round_trips
         for step in generate(self.model, ids, max_tokens, sampler, stop_ids=self.tokenizer.stop_ids,
-                             stats=g.stats):
-            if not g.tokens:   # the prompt's forward pass just finished
-                g.stats.extra["prefill_round_trips"] = self.expert_round_trips - trips0
+                             stats=g.stats, speculate=speculate, drafter=draft):
             g.tokens.append(step.token)
             yield step.token
-        g.stats.extra["round_trips"] = self.expert_round_trips - trips0
         if isinstance(self.experts, RemoteExperts):
             g.stats.extra["degraded_layers"] = self.experts.degraded_layers
 

@@ -60,6 +60,20 @@ def shard_ranges(num_experts: int, shards: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(shards)]
 
 
+def speculative_line(remote, prompt: str, max_tokens: int, n: int = 8) -> tuple[str, bool]:
+    """Greedy through the servers without and with `--speculate n` (prompt lookup): the drafts,
+    the acceptance and the round trips per token; the tokens must be identical."""
+    off = remote.generate_ids(prompt, max_tokens=max_tokens)
+    s_off = remote.last.stats
+    spec = remote.generate_ids(prompt, max_tokens=max_tokens, speculate=n)
+    s = remote.last.stats
+    info = s.speculation
+    verdict = "identical" if spec == off else "DIFFERENT"
+    return (f"      speculative greedy (--speculate {n}, prompt lookup): {info['accepted']}/"
+            f"{info['drafted']} drafts accepted, {s.tokens_per_round_trip:.3f} tokens per round trip "
+            f"vs {s_off.tokens_per_round_trip:.3f} off; tokens {verdict} to --speculate off"), spec == off
+
+
 def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, shards: int = 2,
              dispatch: str = "exact", temperature: float = 0.8, seed: int = 0, keep: str | None = None,
              force: bool = False, in_process: bool = False, server_threads: int = 0) -> int:
@@ -129,9 +143,11 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
             r = remote.last
             print(f"\n      token ids {r.tokens}\n"
                   "      (a random model: its bytes are noise; ? marks invalid UTF-8)")
-            trips = r.stats.extra.get("round_trips", 0)
-            prefill_trips = r.stats.extra.get("prefill_round_trips", 0)
+            trips = r.stats.round_trips
+            prefill_trips = r.stats.prefill_round_trips
             stats = remote.server_stats()
+            spec_line, spec_same = (speculative_line(remote, prompt, max_tokens) if dispatch == "exact"
+                                    else ("", True))
         finally:
             remote.close()
         local = api.load(path)
@@ -161,6 +177,9 @@ def run_demo(*, prompt: str = "The capital of France is", max_tokens: int = 24, 
             agree = sum(a == b for a, b in zip(ref, r.tokens, strict=False)) / max(1, len(ref))
             print(f"      batch dispatch is approximate: {agree:.0%} of tokens equal exact in-process greedy")
             same = True
+        if spec_line:
+            print(spec_line)
+            same = same and spec_same
         print(f"done in {time.perf_counter() - t_start:.1f}s")
         failed = False
         return 0 if same else 1

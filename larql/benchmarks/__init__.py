@@ -16,6 +16,8 @@ BENCHES = {
     "run": ("larql.benchmarks.run", "per-token decode time split by component, prefill tokens/s"),
     "server": ("larql.benchmarks.server", "expert-server round trips, throughput and end-to-end tok/s"),
     "warmup": ("larql.benchmarks.warmup", "serve --warmup GB/s vs the disk's sequential read, shard RSS"),
+    "wan": ("larql.benchmarks.wan", "tok/s behind a delay proxy (--rtt MS): exact, batch and "
+                                    "speculative dispatch"),
 }
 
 

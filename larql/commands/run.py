@@ -40,6 +40,14 @@ def add_parser(sub) -> None:
     p.add_argument("--moe-dispatch", choices=["exact", "batch"], default="exact",
                    help="exact: experts layer by layer (default); batch: one round trip per token, "
                         "approximate")
+    p.add_argument("--speculate", default="off", metavar="N|auto|off",
+                   help="speculative decoding: draft up to N tokens and verify them in one pass "
+                        "through the experts (output identical to off when greedy, same distribution "
+                        "when sampling); auto adapts N to the acceptance rate and round-trip time and "
+                        "is off for in-process experts (default off)")
+    p.add_argument("--draft", choices=["lookup", "batch"], default="lookup",
+                   help="drafter for --speculate: lookup = n-gram match against the prompt and the "
+                        "text so far (free); batch = batch dispatch, one round trip per draft token")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
                    help="per-request timeout for --moe-shards (default 30)")
     add_remote_arguments(p)
@@ -84,6 +92,12 @@ def _check_args(args: argparse.Namespace) -> None:
                          "the experts in process")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, not {args.timeout:g}")
+    from ..speculative import parse_speculate
+
+    try:
+        parse_speculate(args.speculate)
+    except ValueError as e:
+        raise ValueError(f"--speculate: {e}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
     logprobs: list[dict] = []
     try:
         for step in generate(model, ids, args.max_tokens, sampler, stop_ids=tok.stop_ids,
-                             logprobs=args.logprobs, stats=stats):
+                             logprobs=args.logprobs, stats=stats, speculate=args.speculate,
+                             drafter=args.draft):
             tokens.append(step.token)
             if args.json:
                 if args.logprobs:

@@ -284,7 +284,7 @@ class Gemma4Model:
 
     # -- attention -------------------------------------------------------------------------
     def attention(self, lw: LayerWeights, x: np.ndarray, positions: np.ndarray,
-                  cache: LayerCache) -> np.ndarray:
+                  cache: LayerCache, rowwise: bool = False) -> np.ndarray:
         cfg = self.cfg
         T = x.shape[0]
         d = lw.head_dim
@@ -297,7 +297,17 @@ class Gemma4Model:
         v = kernels.rms_norm(v, None, self.eps)  # V norm has no weight; with k_eq_v it sees the raw K
 
         window = None if lw.full else cfg.sliding_window
-        if window and T > 1:
+        if rowwise and T > 1:
+            # Verify pass of speculative decoding: each row written and attended exactly as a
+            # one-token decode step would (same C kernel, same cache state), so the logits of
+            # row i are bit-identical to decoding the tokens one by one. Rows are few (the
+            # drafts); the projections and the experts stay batched.
+            a = np.empty((T, cfg.num_heads * d), dtype=np.float32)
+            for i in range(T):
+                cache.write(positions[i:i + 1], k[i:i + 1], v[i:i + 1])
+                a[i] = kernels.attend_one(q[i], cache.k, cache.v, cache.pos, cache.used,
+                                          positions[i], window)
+        elif window and T > 1:
             # A prompt chunk can be longer than the ring: attend over (ring + chunk), then
             # keep the chunk's last `window` entries.
             ck, cv, cpos = cache.view()
@@ -351,12 +361,14 @@ class Gemma4Model:
                                    lw.post_ffn_norm, self.eps, lw.layer_scalar)
 
     def layer(self, lw: LayerWeights, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
-              moe_sum: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, RouteResult]:
+              moe_sum: np.ndarray | None = None,
+              rowwise: bool = False) -> tuple[np.ndarray, np.ndarray, RouteResult]:
         """One decoder layer. With `moe_sum` given, use it instead of calling the experts.
 
         Returns (new h, the residual the FFNs read, its route)."""
         x = kernels.rms_norm(h, lw.input_norm, self.eps)
-        h = kernels.add_rms_norm(h, self.attention(lw, x, positions, cache), lw.post_attn_norm, self.eps)
+        att = self.attention(lw, x, positions, cache, rowwise)
+        h = kernels.add_rms_norm(h, att, lw.post_attn_norm, self.eps)
         m1 = self.dense_mlp(lw, h)
         route = self.route(lw, h)
         if moe_sum is None:
@@ -364,10 +376,14 @@ class Gemma4Model:
         return self.combine(lw, h, m1, moe_sum), h, route
 
     # -- whole model -------------------------------------------------------------------------
-    def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids, cache: KVCache, all_logits: bool = False, rowwise: bool = False) -> np.ndarray:
         """Run T new tokens (a prompt chunk, or one decode token) at the cache's next positions.
 
         Returns logits f32 [vocab] for the last token, or [T, vocab] with all_logits.
+        rowwise (exact dispatch): attention row by row as decode does it, so that row i's
+        logits equal, bit for bit, those of feeding the tokens one at a time, while each
+        layer's experts still get all T tokens in one call (speculative decoding's verify).
+        Every other step already computes each row independently of the others.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -378,7 +394,7 @@ class Gemma4Model:
             h = self._forward_batch(h, positions, cache)
         else:
             for lw in self.layers:
-                h, _, _ = self.layer(lw, h, positions, cache.layers[lw.index])
+                h, _, _ = self.layer(lw, h, positions, cache.layers[lw.index], rowwise=rowwise)
         cache.length += ids.size
         logits = self.logits(h if all_logits else h[-1:])
         return logits if all_logits else logits[0]
