@@ -17,19 +17,18 @@ Outtypes: f32, f16, bf16 and q8_0, all the converter writes without llama.cpp's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from llama_sdist import CACHE_ROOT, SDIST_NAME, SDIST_VERSION, fetch_sdist
 from tiny_models import build_model, save_checkpoint
 
 from larql.generate import generate
@@ -40,8 +39,6 @@ from larql.vindex.extract import extract
 from larql.vindex.format import strip_prefix
 from larql.vindex.sources.gguf import gguf_name
 
-SDIST_NAME, SDIST_VERSION = "llama-cpp-python", "0.3.36"
-CACHE_ROOT = Path(os.environ.get("LARQL_TEST_CACHE", Path.home() / ".cache" / "larql-tests"))
 CONVERTER = CACHE_ROOT / f"llama-cpp-converter-{SDIST_VERSION}"
 IN_SDIST = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 
@@ -58,33 +55,6 @@ MODELS = {
     "wide": dict(moe_intermediate_size=160, rope_parameters=ROPE),
     "no_keqv": dict(rope_parameters=ROPE),
 }
-
-
-def fetch_sdist() -> Path:
-    """The pinned llama-cpp-python source archive, downloaded once (sha256 from PyPI's index).
-
-    tests/test_tokenizer.py reads the same file: the download happens once for both."""
-    filename = f"{SDIST_NAME.replace('-', '_')}-{SDIST_VERSION}.tar.gz"
-    dst = CACHE_ROOT / filename
-    if dst.exists():
-        return dst
-    req = urllib.request.Request(f"https://pypi.org/simple/{SDIST_NAME}/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        files = json.load(r)["files"]
-    (entry,) = [f for f in files if f["filename"] == filename]
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(filename + ".part")
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(entry["url"], timeout=300) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            digest.update(chunk)
-            f.write(chunk)
-    if digest.hexdigest() != entry["hashes"]["sha256"]:
-        tmp.unlink()
-        raise RuntimeError(f"{entry['url']}: sha256 {digest.hexdigest()} is not the index's")
-    tmp.rename(dst)
-    return dst
 
 
 def _wanted(rel: str) -> bool:

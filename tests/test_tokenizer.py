@@ -9,52 +9,18 @@ vocabulary to a `tokenizer.json` with transformers' GGUF converter and caches th
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import pytest
+from llama_sdist import CACHE_ROOT, fetch_sdist
 
 from larql.config import GEMMA4_26B_A4B
 from larql.tokenizer import GEMMA4_CHAT_FALLBACK, TextTokenizer, TokenizerError, byte_level_tokenizer
 
-SDIST_NAME, SDIST_VERSION = "llama-cpp-python", "0.3.36"
 VOCAB = "ggml-vocab-gemma-4.gguf"
-CACHE_ROOT = Path(os.environ.get("LARQL_TEST_CACHE", Path.home() / ".cache" / "larql-tests"))
 CACHE = CACHE_ROOT / "gemma4-vocab"
-
-
-def fetch_sdist() -> Path:
-    """The pinned llama-cpp-python source archive, downloaded once into CACHE_ROOT.
-
-    Its URL and sha256 come from PyPI's simple index (the JSON form, PEP 691) and the archive
-    is fetched directly: `pip download` of an sdist prepares its metadata, which builds cmake
-    from source (minutes on a cold machine)."""
-    filename = f"{SDIST_NAME.replace('-', '_')}-{SDIST_VERSION}.tar.gz"
-    dst = CACHE_ROOT / filename
-    if dst.exists():
-        return dst
-    req = urllib.request.Request(f"https://pypi.org/simple/{SDIST_NAME}/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        files = json.load(r)["files"]
-    (entry,) = [f for f in files if f["filename"] == filename]
-    want = entry["hashes"]["sha256"]
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(filename + ".part")
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(entry["url"], timeout=300) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            digest.update(chunk)
-            f.write(chunk)
-    if digest.hexdigest() != want:
-        tmp.unlink()
-        raise RuntimeError(f"{entry['url']}: sha256 {digest.hexdigest()} is not the index's {want}")
-    tmp.rename(dst)
-    return dst
 
 
 def _fetch_vocab(dst: Path) -> None:
