@@ -20,7 +20,7 @@ from ..transport import AuthError, set_nodelay
 from . import core
 from .blocking import retryable, tls_failure
 from .core import ClientOptions, ModelIdentity, Planner, ShardError, request_limits
-from .policy import ReplicaState, ShardPolicy
+from .policy import Replica, Shard
 
 
 class Connection(asyncio.Protocol):
@@ -152,27 +152,6 @@ async def drive_handshake(conn: Connection, key: bytes | None, who: str, timeout
             return stop.value
 
 
-class _Replica:
-    def __init__(self, state: ReplicaState) -> None:
-        self.state = state
-        self.conn: Connection | None = None
-
-    @property
-    def where(self) -> str:
-        return self.state.where
-
-
-class _Shard:
-    def __init__(self, spec: ShardSpec) -> None:
-        self.spec = spec
-        self.policy = ShardPolicy(spec.label, list(spec.replicas))
-        self.replicas = [_Replica(s) for s in self.policy.replicas]
-        self._by_state = {id(r.state): r for r in self.replicas}
-
-    def replica(self, state: ReplicaState) -> _Replica:
-        return self._by_state[id(state)]
-
-
 class AsyncExpertClient:
     """The shard-map client on an asyncio loop: `await connect()`, `forward`, `forward_multi`."""
 
@@ -185,7 +164,7 @@ class AsyncExpertClient:
         self.connect_timeout = self.options.connect_timeout
         self.encoding = self.options.encoding
         self.identity = identity
-        self.shards = [_Shard(s) for s in shards]
+        self.shards = [Shard(s) for s in shards]
         self.planner = Planner(shards, identity, self.encoding, quantize)
         self.round_trips = 0            # requests sent (all shards), for prefill accounting
         self.retries = 0
@@ -223,7 +202,7 @@ class AsyncExpertClient:
             raise
         return self
 
-    async def _open(self, sh: _Shard, rep: _Replica, timeout: float | None = None) -> Connection:
+    async def _open(self, sh: Shard, rep: Replica, timeout: float | None = None) -> Connection:
         opts = self.options
         timeout = opts.connect_timeout if timeout is None else min(timeout, opts.connect_timeout)
         t0 = time.monotonic()
@@ -335,7 +314,7 @@ class AsyncExpertClient:
                     return None
                 raise ShardError(step.reason)
 
-    def _take(self, job: core.Job, sh: _Shard, rep: _Replica, reply: dict):
+    def _take(self, job: core.Job, sh: Shard, rep: Replica, reply: dict):
         if reply.get("ok") is not True:
             code, message = core._error_of(reply)
             raise P.RemoteError(code, message, core.endpoint_label(sh.spec, rep.state.endpoint))
@@ -343,7 +322,7 @@ class AsyncExpertClient:
         sh.policy.succeeded(rep.state)
         return ys
 
-    def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
+    def _failed(self, sh: Shard, rep: Replica, e: Exception, attempt) -> None:
         if not retryable(e):
             raise e
         if rep.conn is not None:
@@ -360,7 +339,7 @@ class AsyncExpertClient:
                 self._probes.add(task)
                 task.add_done_callback(self._probes.discard)
 
-    async def _probe(self, sh: _Shard, rep: _Replica) -> None:
+    async def _probe(self, sh: Shard, rep: Replica) -> None:
         error = None
         try:
             conn = await self._open(sh, rep)

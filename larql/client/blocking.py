@@ -25,7 +25,7 @@ from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError
 from . import core
 from .core import BadReply, ClientOptions, ModelIdentity, Planner, ShardError, request_limits
-from .policy import ReplicaState, ShardPolicy
+from .policy import Replica, Shard
 
 log = core.log
 
@@ -222,23 +222,6 @@ def drive_handshake(conn: BlockingConnection, key: bytes | None, who: str, deadl
             return stop.value
 
 
-class _Replica:
-    def __init__(self, state: ReplicaState) -> None:
-        self.state = state
-        self.conn: BlockingConnection | None = None
-
-
-class _Shard:
-    def __init__(self, spec: ShardSpec) -> None:
-        self.spec = spec
-        self.policy = ShardPolicy(spec.label, list(spec.replicas))
-        self.replicas = [_Replica(s) for s in self.policy.replicas]
-        self._by_state = {id(r.state): r for r in self.replicas}
-
-    def replica(self, state: ReplicaState) -> _Replica:
-        return self._by_state[id(state)]
-
-
 class BlockingExpertClient:
     """Shard-map client on blocking sockets: `forward`, `forward_multi`, `stats`, `ping`."""
 
@@ -246,7 +229,7 @@ class BlockingExpertClient:
                  quantize=None) -> None:
         self.options = options
         self.identity = identity
-        self.shards = [_Shard(s) for s in shards]
+        self.shards = [Shard(s) for s in shards]
         self.planner = Planner(shards, identity, options.encoding, quantize)
         self.round_trips = 0
         self.retries = 0
@@ -285,7 +268,7 @@ class BlockingExpertClient:
             raise
         return self
 
-    def _open(self, sh: _Shard, rep: _Replica, timeout: float | None = None) -> BlockingConnection:
+    def _open(self, sh: Shard, rep: Replica, timeout: float | None = None) -> BlockingConnection:
         opts = self.options
         timeout = opts.connect_timeout if timeout is None else min(timeout, opts.connect_timeout)
         deadline = time.monotonic() + timeout
@@ -334,7 +317,7 @@ class BlockingExpertClient:
         deadline = time.monotonic() + self.options.timeout
         results: list[list[np.ndarray] | None] = [None] * len(plan.jobs)
         # Write every shard's request first, read after: the shards compute concurrently.
-        sent: list[tuple[_Replica, BlockingConnection, int] | None] = []
+        sent: list[tuple[Replica, BlockingConnection, int] | None] = []
         for job in plan.jobs:
             sent.append(self._send_first(job))
         for i, (job, s) in enumerate(zip(plan.jobs, sent, strict=True)):
@@ -410,7 +393,7 @@ class BlockingExpertClient:
                 raise ShardError(step.reason)
 
     @staticmethod
-    def _attempt_deadline(sh: _Shard, rep: _Replica, deadline: float) -> float:
+    def _attempt_deadline(sh: Shard, rep: Replica, deadline: float) -> float:
         """Half of what is left when another replica is up to fail over to (see policy.py)."""
         if len(sh.replicas) == 1:
             return deadline
@@ -418,7 +401,7 @@ class BlockingExpertClient:
         now = time.monotonic()
         return now + (deadline - now) / 2 if others else deadline
 
-    def _take(self, job: core.Job, sh: _Shard, rep: _Replica, conn: BlockingConnection, reply: dict):
+    def _take(self, job: core.Job, sh: Shard, rep: Replica, conn: BlockingConnection, reply: dict):
         state = rep.state
         with self._lock:
             state.inflight -= 1
@@ -431,7 +414,7 @@ class BlockingExpertClient:
                 sh.policy.succeeded(state)
         return ys
 
-    def _failed(self, sh: _Shard, rep: _Replica, e: Exception, attempt) -> None:
+    def _failed(self, sh: Shard, rep: Replica, e: Exception, attempt) -> None:
         with self._lock:
             rep.state.inflight = max(0, rep.state.inflight - 1)
         if not retryable(e):
@@ -480,7 +463,7 @@ class BlockingExpertClient:
             self._probe_wake.wait(0.2)
             self._probe_wake.clear()
 
-    def _probe(self, sh: _Shard, rep: _Replica) -> BlockingConnection:
+    def _probe(self, sh: Shard, rep: Replica) -> BlockingConnection:
         opts = self.options
         deadline = time.monotonic() + opts.connect_timeout
         ctx = opts.tls_context() if rep.state.endpoint.tls else None

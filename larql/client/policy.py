@@ -181,3 +181,29 @@ class Attempt:
         pol = self.policy
         return (f"shard {pol.label}: no answer ({why}; {pol.summary()}); "
                 f"refusing to continue without experts {pol.label}")
+
+
+class Replica:
+    """One replica as a driver holds it: its policy state and its live connection (an asyncio
+    `Connection` or a `BlockingConnection`, whichever driver owns it; None while down)."""
+
+    def __init__(self, state: ReplicaState) -> None:
+        self.state = state
+        self.conn = None
+
+    @property
+    def where(self) -> str:
+        return self.state.where
+
+
+class Shard:
+    """One shard-map entry as a driver holds it: its policy and its replicas, in policy order."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.policy = ShardPolicy(spec.label, list(spec.replicas))
+        self.replicas = [Replica(s) for s in self.policy.replicas]
+        self._by_state = {id(r.state): r for r in self.replicas}
+
+    def replica(self, state: ReplicaState) -> Replica:
+        return self._by_state[id(state)]

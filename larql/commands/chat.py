@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 
+from . import add_sampling_options
+
 CHAT_HELP = """\
 commands:
   /reset          forget the conversation (the system prompt stays)
@@ -46,14 +48,7 @@ def add_parser(sub) -> None:
     )
     _model_options(p, "tokens per answer at most (default 512)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample from the K most likely (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed (replays a sampled chat)")
+    add_sampling_options(p, "random seed (replays a sampled chat)")
     p.set_defaults(func=chat_main)
 
     q = sub.add_parser(

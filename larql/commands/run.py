@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from . import add_sampling_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -24,14 +26,7 @@ def add_parser(sub) -> None:
                    help="tokens to generate at most (default 64)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the vindex's chat template as one user turn")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample from the K most likely (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed for reproducible sampling")
+    add_sampling_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--logprobs", type=int, default=0, metavar="K",
                    help="with --json: the top-K (id, logprob) pairs of every generated step")
