@@ -12,6 +12,7 @@ import struct
 import msgpack
 import numpy as np
 import pytest
+from rawwire import raw_frame, read_frame, recv_exact, rt  # noqa: F401  (the shared raw-socket helpers)
 
 from larql import protocol as P
 from larql.demo import build_demo_vindex, demo_config
@@ -42,30 +43,6 @@ def connect(h, hello=True) -> socket.socket:
         r = rt(s, {"op": "hello", "id": 1, "version": P.PROTOCOL_VERSION})
         assert r["ok"] is True
     return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-def read_frame(s: socket.socket) -> dict:
-    (n,) = struct.unpack("<I", recv_exact(s, 4))
-    return msgpack.unpackb(recv_exact(s, n), raw=False)
-
-
-def rt(s: socket.socket, msg) -> dict:
-    s.sendall(P.encode_frame(msg) if isinstance(msg, dict) else msg)
-    return read_frame(s)
-
-
-def raw_frame(body: bytes) -> bytes:
-    return struct.pack("<I", len(body)) + body
 
 
 def assert_alive(h):
