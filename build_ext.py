@@ -1,7 +1,8 @@
 """cffi (API mode) build of larql._kernels from csrc/.
 
 csrc/larql.h (the public API) is handed to cffi, and csrc/larql_bench.h (benchmark-only
-entry points, kept out of the public header) in a second cdef section. Each ISA file enables
+entry points, kept out of the public header) in a second cdef section, and csrc/larql_wire.h
+(the decode step's wire messages in C, used by larql/protocol_c.py) in a third. Each ISA file enables
 its own instruction set with a `#pragma GCC target`, so the whole library is compiled for the
 baseline and the fastest kernels are chosen at run time (csrc/dispatch.c).
 """
@@ -31,9 +32,10 @@ COMPILE_ARGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-c
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header((CSRC / "larql.h").read_text()))
 ffibuilder.cdef(_cdef_from_header((CSRC / "larql_bench.h").read_text()))
+ffibuilder.cdef(_cdef_from_header((CSRC / "larql_wire.h").read_text()))
 ffibuilder.set_source(
     "larql._kernels",
-    '#include "larql.h"\n#include "larql_bench.h"\n',
+    '#include "larql.h"\n#include "larql_bench.h"\n#include "larql_wire.h"\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[str(CSRC.relative_to(ROOT))],
     extra_compile_args=COMPILE_ARGS,

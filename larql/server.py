@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import __version__, kernels, ranges
+from . import __version__, kernels, protocol_c, ranges
 from . import protocol as P
 from .experts import ExpertOwnershipError, LocalExperts
 from .transport import (
@@ -75,6 +75,7 @@ class Stats:
         self.timeouts = 0              # connections closed by --auth/--frame/--idle-timeout
         self.auth_failures = 0
         self.dropped = 0               # work items dropped because their connection closed
+        self.c_path = 0                # one-token requests answered by the C path (protocol_c)
         self._lat_us: deque[float] = deque(maxlen=20000)
         self._compute_us: deque[float] = deque(maxlen=20000)
 
@@ -102,7 +103,7 @@ class Stats:
             "connections": self.connections, "open_connections": self.open_connections,
             "backpressure": self.backpressure, "memory_pauses": self.memory_pauses,
             "refused_connections": self.refused_connections, "timeouts": self.timeouts,
-            "auth_failures": self.auth_failures, "dropped": self.dropped,
+            "auth_failures": self.auth_failures, "dropped": self.dropped, "c_path": self.c_path,
             "p50_us": round(pct(50), 1), "p99_us": round(pct(99), 1),
             "compute_p50_us": round(pct(50, comp), 1), "compute_p99_us": round(pct(99, comp), 1),
             "latency_samples": len(self._lat_us),
@@ -464,6 +465,9 @@ class ExpertServer:
         # waiting for its own check).
         self.fingerprint = vindex.expert_fingerprint()
         self.integrity = integrity.Verifier(vindex, experts, layers)
+        # Lone one-token requests of a layer that passed its checks, answered in C (protocol_c).
+        self.token_path = protocol_c.TokenServer(self.local, vindex)
+        self._loop_thread: int | None = None
         self._info = {
             "version": P.PROTOCOL_VERSION,
             "server": f"larql {__version__}",
@@ -506,6 +510,12 @@ class ExpertServer:
         the end of a mapping is SIGBUS) and its bytes passed the integrity check."""
         self.vindex.check_intact(layer)
         self.integrity.check(layer)
+        if layer not in self.token_path.enabled and self.loop is not None:
+            # the C path's tables are changed on the loop thread only, which also reads them
+            if threading.get_ident() == self._loop_thread:
+                self.token_path.enable(layer)
+            else:
+                self.loop.call_soon_threadsafe(self.token_path.enable, layer)
 
     def owned_bytes(self) -> int:
         total = 0
@@ -615,6 +625,7 @@ class ExpertServer:
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self, host: str = "0.0.0.0", port: int = 8080) -> tuple[str, int]:
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.batcher = LayerBatcher(self.loop, self.local, self.workers, self.stats)
         self.batcher.before_compute = self._check_layer
         self.integrity.start_background()  # returns at once; layers warm-up checked are skipped
@@ -923,6 +934,12 @@ class _Conn(asyncio.Protocol):
     def _handle(self, body: bytes, lone: bool = False) -> None:
         t0 = time.perf_counter()
         srv = self.srv
+        if (lone and self.greeted and self.authed and srv._last_compute_conn is self and not srv._closing
+                and srv.batcher.idle() and (done := srv.token_path.serve(body)) is not None):
+            # One stream decoding, a layer already checked: parsed, validated, computed and
+            # answered in C (protocol_c), byte for byte what the Python path below replies.
+            self._answered_in_c(done[0], t0)
+            return
         self.requests += 1
         srv.stats.requests += 1
         if not self.greeted and len(body) > srv.limits.greeting_frame:
@@ -1001,6 +1018,19 @@ class _Conn(asyncio.Protocol):
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("request %s from %s failed", rid, self.peer)
             self._error(rid, P.E_INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _answered_in_c(self, frame: bytes, t0: float) -> None:
+        st = self.srv.stats
+        self.requests += 1
+        st.requests += 1
+        st.c_path += 1
+        st.compute(time.perf_counter() - t0)
+        st.expert_requests += 1
+        st.tokens += 1
+        if self.transport is not None and not self.transport.is_closing():
+            st.bytes_out += len(frame)
+            self.transport.write(frame)
+        st.latency(time.perf_counter() - t0)
 
     def _hello(self, rid: int, msg: dict) -> None:
         version = msg.get("version")

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import protocol as P
+from .. import protocol_c
+from .._kernels import ffi
 from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError
 from . import core
@@ -67,6 +69,8 @@ class BlockingConnection:
         self.info: dict = {}
         self._buf = bytearray(1 << 16)
         self._view = memoryview(self._buf)
+        self._buf_c = ffi.from_buffer(self._buf)      # the same bytes for the C reply check
+        self.out: bytearray | None = None             # the C path's request buffer (token_out)
         self._start = 0            # unread bytes are _buf[_start:_end]
         self._end = 0
         self._stash: dict[int, dict] = {}
@@ -105,12 +109,7 @@ class BlockingConnection:
         rid = self.next_id
         self.next_id += 1
         msg["id"] = rid
-        frame = P.encode_frame(msg)
-        try:
-            self.sock.sendall(frame)
-        except OSError as e:
-            self.broken = True
-            raise ShardError(f"{self.where}: connection lost while sending ({e.strerror or e})") from None
+        self.send_frame(P.encode_frame(msg))
         return rid
 
     def recv(self, rid: int, deadline: float, what: str = "request") -> dict:
@@ -165,6 +164,47 @@ class BlockingConnection:
         return ShardError(f"{self.where}: no reply to {what!r} within {self._limit:g}s")
 
     def _read_reply(self, deadline: float, what: str) -> dict:
+        need = self._next_frame(deadline, what)
+        body = self._view[self._start + 4: self._start + need]
+        try:
+            msg = P.decode_body(body)
+        except P.ProtocolError as e:
+            self.broken = True
+            raise BadReply(f"{self.where}: unreadable reply ({e})") from None
+        finally:
+            body.release()
+        self._start += need
+        return msg
+
+    def recv_token(self, rid: int, deadline: float, hidden: int, acc64: bool, sum_c,
+                   first: bool) -> dict | None:
+        """The reply to one-token request `rid` added into sum_c by C when it is a plain
+        success (None); otherwise the decoded reply, exactly as `recv` returns it."""
+        if rid in self._stash:
+            return self._stash.pop(rid)
+        self._limit = max(0.1, round(deadline - time.monotonic(), 1))
+        need = self._next_frame(deadline, "experts")
+        if protocol_c.add_reply(self._buf_c + self._start + 4, need - 4, rid, hidden, acc64, sum_c, first):
+            self._start += need
+            return None
+        return self.recv(rid, deadline, "experts")   # the same frame, read by protocol.py
+
+    def token_out(self, hidden: int):
+        """(bytearray, its C pointer) for one-token requests of this hidden size."""
+        if self.out is None:
+            self.out = bytearray(protocol_c.frame_capacity(hidden))
+            self._out_c = ffi.from_buffer(self.out)
+        return self.out, self._out_c
+
+    def send_frame(self, frame) -> None:
+        try:
+            self.sock.sendall(frame)
+        except OSError as e:
+            self.broken = True
+            raise ShardError(f"{self.where}: connection lost while sending ({e.strerror or e})") from None
+
+    def _next_frame(self, deadline: float, what: str) -> int:
+        """Wait until a whole frame is buffered at _start; its length with the header."""
         while self._end - self._start < 4:
             self._fill(deadline, what)
         head = bytes(self._view[self._start: self._start + 4])
@@ -181,16 +221,7 @@ class BlockingConnection:
             self._grow(need)
         while self._end - self._start < need:
             self._fill(deadline, what)
-        body = self._view[self._start + 4: self._start + need]
-        try:
-            msg = P.decode_body(body)
-        except P.ProtocolError as e:
-            self.broken = True
-            raise BadReply(f"{self.where}: unreadable reply ({e})") from None
-        finally:
-            body.release()
-        self._start += need
-        return msg
+        return need
 
     def _grow(self, need: int) -> None:
         n = self._end - self._start
@@ -198,6 +229,7 @@ class BlockingConnection:
         buf[:n] = self._view[self._start: self._end]
         self._view.release()
         self._buf, self._view = buf, memoryview(buf)
+        self._buf_c = ffi.from_buffer(buf)
         self._start, self._end = 0, n
 
     def request(self, msg: dict, deadline: float) -> dict:
@@ -233,6 +265,7 @@ class BlockingExpertClient:
         self.planner = Planner(shards, identity, options.encoding, quantize)
         self.round_trips = 0
         self.retries = 0
+        self.c_path_calls = 0                # layer calls built and summed in C (`_token`)
         self._lock = threading.Lock()        # guards policy state and connections vs the prober
         self._prober: threading.Thread | None = None
         self._probe_wake = threading.Event()
@@ -305,6 +338,9 @@ class BlockingExpertClient:
         return request_limits(r.conn.info for r in self.shards[si].replicas if r.conn is not None)
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        if (self.options.encoding == "f32" and self.options.on_shard_failure == "fail"
+                and (y := self._token(layer, h, ids, weights)) is not None):
+            return y
         return self._run([(layer, h, ids, weights)], multi=False)[0]
 
     def forward_multi(self, work) -> list[np.ndarray]:
@@ -324,6 +360,123 @@ class BlockingExpertClient:
             results[i] = self._finish(job, s, deadline)
         self._schedule_probes()
         return self.planner.combine(plan, results)
+
+    def _token(self, layer: int, h, ids, weights) -> np.ndarray | None:
+        """A decode step's layer with its requests built and its replies checked and summed in C
+        (protocol_c); None when the inputs are not one f32 token of at most 16 slots. Anything
+        off the plain path (a replica down, an error reply, a bad reply) goes through the same
+        failover as `_run`, shard by shard, and the partial sums are added in shard order."""
+        H = self.identity.hidden
+        if (self._closed or type(h) is not np.ndarray or h.dtype != np.float32 or h.size != H
+                or not h.flags.c_contiguous or type(ids) is not np.ndarray or ids.dtype.kind != "i"
+                or ids.dtype.itemsize not in (4, 8) or not ids.flags.c_contiguous
+                or type(weights) is not np.ndarray or weights.dtype != np.float32
+                or not weights.flags.c_contiguous
+                or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS or h.ndim > 2
+                or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)):
+            return None
+        E, K = self.identity.num_experts, ids.size
+        x_c, w_c = ffi.from_buffer("float[]", h), ffi.from_buffer("float[]", weights)
+        acc64 = self.planner.acc == "f64"
+        out = np.empty(H, dtype=np.float64 if acc64 else np.float32)
+        sum_c = ffi.from_buffer(out)  # void * in C
+        sent: list[tuple[int, Replica | None, BlockingConnection | None, int]] = []
+        for si, sh in enumerate(self.shards):
+            spec = sh.spec
+            if not spec.serves(layer):
+                continue
+            picked = self._pick(sh)
+            if picked is None:
+                sent.append((si, None, None, 0))
+                continue
+            rep, conn = picked
+            buf, buf_c = conn.token_out(H)
+            rid = conn.next_id
+            n = protocol_c.encode_token(buf_c, len(buf), rid, layer, x_c, H, ids, w_c, K, E, spec.first,
+                                        spec.last, acc64)
+            if n <= 0:
+                with self._lock:
+                    rep.state.inflight -= 1
+                if n == 0:
+                    continue          # no slot of this token is in the shard's range
+                if not sent:
+                    return None       # bad ids: _run raises the error in words
+                raise ShardError(f"internal: one-token request not encoded ({n})")
+            conn.next_id += 1
+            try:
+                with memoryview(buf) as view:
+                    conn.send_frame(view[:n])
+            except ShardError as e:
+                with self._lock:
+                    rep.state.inflight -= 1
+                    sh.policy.failed(rep.state, str(e), time.monotonic())
+                sent.append((si, None, None, 0))
+                continue
+            self.round_trips += 1
+            sent.append((si, rep, conn, rid))
+        deadline = time.monotonic() + self.options.timeout
+        first = True
+        jobs: dict[int, core.Job] | None = None
+        for si, rep, conn, rid in sent:
+            sh = self.shards[si]
+            if rep is not None:
+                try:
+                    reply = conn.recv_token(rid, self._attempt_deadline(sh, rep, deadline), H, acc64, sum_c,
+                                            first)
+                except Exception as e:
+                    reply, error = None, e
+                else:
+                    error = None
+                    if reply is None:       # added by C
+                        self._succeeded(sh, rep)
+                        first = False
+                        continue
+            if jobs is None:
+                jobs = {job.shard: job for job in self.planner._plan_token(layer, h, ids, weights).jobs}
+            job = jobs.get(si)
+            if job is None:
+                continue                    # a down shard with no slot of this token
+            if rep is None:
+                ys = self._finish(job, None, deadline)
+            elif error is not None:
+                ys = self._failover(job, deadline, (rep, error))
+            else:
+                try:
+                    ys = self._take(job, sh, rep, conn, reply)
+                except Exception as e:
+                    ys = self._failover(job, deadline, (rep, e))
+            y = ys[0].reshape(-1)
+            if first:
+                out[:] = y + 0.0
+                first = False
+            else:
+                out += y
+        self._schedule_probes()
+        self.c_path_calls += 1
+        if first:
+            out[:] = 0.0
+        return (out.astype(np.float32) if acc64 else out).reshape(1, H)
+
+    def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
+        """The replica the policy chooses, connected and up, with its request counted."""
+        with self._lock:
+            state = sh.policy.choose(time.monotonic())
+            if state is None or not state.up():
+                return None
+            rep = sh.replica(state)
+            conn = rep.conn
+            if conn is None or conn.broken:
+                return None
+            state.inflight += 1
+        return rep, conn
+
+    def _succeeded(self, sh: Shard, rep: Replica) -> None:
+        state = rep.state
+        with self._lock:
+            state.inflight -= 1
+        if state.failures:
+            with self._lock:
+                sh.policy.succeeded(state)
 
     def _send_first(self, job: core.Job):
         """Send on a connected, up replica chosen by the policy (None: go through `_finish`'s
@@ -350,20 +503,27 @@ class BlockingExpertClient:
 
     def _finish(self, job: core.Job, sent, deadline: float):
         sh = self.shards[job.shard]
-        pol = sh.policy
-        degrade = self.options.on_shard_failure == "renormalize"
         if sent is not None:
             rep, conn, rid = sent
             try:
                 reply = conn.recv(rid, self._attempt_deadline(sh, rep, deadline), job.msg["op"])
                 return self._take(job, sh, rep, conn, reply)
             except Exception as e:
-                attempt = pol.attempt(deadline, wait=not degrade)
-                attempt.tried.append(rep.state)
-                attempt.tries += 1
-                self._failed(sh, rep, e, attempt)
-        else:
-            attempt = pol.attempt(deadline, wait=not degrade)
+                return self._failover(job, deadline, (rep, e))
+        return self._failover(job, deadline)
+
+    def _failover(self, job: core.Job, deadline: float, failed: tuple[Replica, Exception] | None = None):
+        """The job on the replicas the policy offers, in turn, after `failed` = (replica, its
+        error) if the first attempt already failed."""
+        sh = self.shards[job.shard]
+        pol = sh.policy
+        degrade = self.options.on_shard_failure == "renormalize"
+        attempt = pol.attempt(deadline, wait=not degrade)
+        if failed is not None:
+            rep, e = failed
+            attempt.tried.append(rep.state)
+            attempt.tries += 1
+            self._failed(sh, rep, e, attempt)
         while True:
             with self._lock:
                 step = attempt.next(time.monotonic())

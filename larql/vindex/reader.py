@@ -766,6 +766,16 @@ class Vindex:
         if m is not None:
             m.check()
 
+    def mapped_files(self, layer: int) -> list[tuple[int, int]]:
+        """(descriptor, size when mapped) of the files `check_intact(layer)` checks: the layer's
+        expert file, then norms.bin if mapped (for checks made outside Python, csrc/wire.c)."""
+        ef = self.expert_file(layer)
+        out = [(ef._map.fd, ef._map.size)]
+        m = self._maps.get(fm.NORMS_BIN)
+        if m is not None:
+            out.append((m.fd, m.size))
+        return out
+
     def structure_problems(self) -> list[str]:
         """Everything checkable without hashing, each problem naming its file and why: the
         embeddings' size, every layer file's header and offset table against its size (so a

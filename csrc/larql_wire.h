@@ -1,0 +1,80 @@
+/* The decode step's wire messages in C (csrc/wire.c): the one-token `experts` request and its
+ * reply, built, parsed and validated without Python objects.
+ *
+ * Why: between two kernel calls the interpreter's code and data are evicted from the caches by
+ * the weights streaming through, so each Python step of a layer's round trip runs cold. Measured
+ * on the 2-vCPU dev VM (AMD Zen 3), cold, one shard: the server spent ~430 us per request in
+ * Python around an 1800 us kernel call (decode_work alone 110 us cold against 22 us hot), the
+ * client ~300 us; a bare loopback echo costs ~100 us.
+ *
+ * larql/protocol.py stays the definition of the protocol and of every error message: these
+ * functions accept only the common well-formed case and decline (LQ_WIRE_DECLINED) anything
+ * else, including every invalid message, which then takes the Python path and gets its error
+ * there. An accepted message is one protocol.py accepts with the same meaning (tests check
+ * this on random and mutated frames). Payload bytes are little-endian (x86-64, AArch64).
+ */
+#ifndef LARQL_WIRE_H
+#define LARQL_WIRE_H
+
+#include <stdint.h>
+
+#include "larql.h"
+
+enum { LQ_WIRE_DECLINED = 1 }; /* not the hot case: use protocol.py */
+
+/* A validated `experts` request (enc "f32"): byte offsets into the body it was parsed from. */
+typedef struct {
+    uint64_t id;
+    int32_t layer, tokens, slots;
+    int32_t acc64;                 /* 1: the reply carries f64 partial sums ("acc": "f64") */
+    int64_t x_off, ids_off, w_off; /* f32 [tokens, hidden], int32 [tokens, slots], f32 [tokens, slots] */
+} lq_wire_request;
+
+/* LQ_OK and *req filled if body is an `experts` map that protocol.decode_work accepts with enc
+ * "f32" (types, ranges, byte lengths, ids in [-1, num_experts) and distinct per token, x and w
+ * finite) and whose keys are exactly id, op, layer, T, K, x, ids, w, optional enc and acc, each
+ * once, with nothing after the map; LQ_WIRE_DECLINED otherwise. */
+int lq_wire_parse_experts(const uint8_t *body, int64_t n, int32_t hidden, int32_t num_layers,
+                          int32_t num_experts, int32_t max_tokens, lq_wire_request *req);
+
+/* What a server's hot path needs about the layers it serves (owned by the Python server). */
+typedef struct {
+    int32_t hidden, inter, num_layers, num_experts;
+    float eps;                          /* of pre_feedforward_layernorm_2 */
+    const lq_expert *const *tables;     /* [num_layers]: held experts (gate_up NULL = not held);
+                                           NULL = this layer goes through Python */
+    const float *const *norms;          /* [num_layers]: pre_feedforward_layernorm_2 weights */
+    const int32_t *fds;                 /* [num_layers]: the mapped layer file (fstat) */
+    const int64_t *sizes;               /* [num_layers]: its size when mapped */
+    int32_t norms_fd;                   /* norms.bin, or -1 */
+    int64_t norms_size;
+} lq_wire_shard;
+
+/* A one-token `experts` request answered in C: parse and validate (as lq_wire_parse_experts),
+ * check the layer is served here (tables[layer] set), every expert is held and neither file
+ * shrank since mapped (fstat; a read past the end of a mapping is SIGBUS), then
+ * rms_norm -> lq_moe_ffn64 -> the reply frame (4-byte length + {id, ok: true, y}), byte for
+ * byte what the Python server sends, in reply[0, *reply_len). LQ_WIRE_DECLINED for anything else
+ * (nothing computed, *req filled when the parse succeeded); a negative LQ_E_* code if the kernel
+ * failed. */
+int lq_wire_serve_token(const lq_wire_shard *shard, const uint8_t *body, int64_t n, uint8_t *reply,
+                        int64_t cap, int64_t *reply_len, lq_wire_request *req);
+
+/* The request frame (4-byte length + msgpack) the client sends one shard for one token: the
+ * slots whose expert is in [first, last], in order, as larql.client.core's planner builds it
+ * (keys op, layer, T, K, enc, x, ids, w, [acc], id). ids are int32, or int64 if ids64.
+ * Returns the frame's bytes; 0 if no slot falls in the range; LQ_E_SHAPE if cap is too small or
+ * the slots > 16; LQ_E_EXPERT if an id is outside [-1, num_experts). */
+int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const float *x,
+                             int32_t hidden, const void *ids, int32_t ids64, const float *weights,
+                             int32_t slots, int32_t num_experts, int32_t first, int32_t last,
+                             int32_t acc64);
+
+/* A reply body {id, ok: true, y} (keys in any order, nothing else) to request `id`, whose y is
+ * [hidden] f32 (acc64 0) or f64 (acc64 1) and all finite: LQ_OK, and y added into sum (float *
+ * or double *; `first` assigns 0 + y instead). LQ_WIRE_DECLINED (sum untouched) for anything
+ * else: an error reply, another id, a bad size, a NaN; the caller decodes it in Python. */
+int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidden, int32_t acc64,
+                      void *sum, int32_t first);
+
+#endif

@@ -1,0 +1,348 @@
+/* The decode step's wire messages (larql_wire.h): a reader for exactly the msgpack this
+ * protocol's hot messages use, their validation, and the writers. Every parse failure is a
+ * decline, never an error: protocol.py then decides, and words, what was wrong. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "larql_wire.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "wire.c reads the frames' little-endian payloads in place"
+#endif
+
+#define D LQ_WIRE_DECLINED
+#define MAX_TOKEN_SLOTS 16 /* the client planner's LEAN_MAX_K: a decode step's top-k */
+
+/* ---- reading ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *p, *end;
+} reader;
+
+static uint64_t be(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | p[i];
+    return v;
+}
+
+/* A length or value of n big-endian bytes after the type byte. */
+static int take(reader *r, int n, uint64_t *v) {
+    if (r->end - r->p < n) return 0;
+    *v = be(r->p, n);
+    r->p += n;
+    return 1;
+}
+
+/* A non-negative integer in any of msgpack's unsigned forms (what msgpack-python writes). */
+static int read_uint(reader *r, uint64_t *v) {
+    if (r->p >= r->end) return 0;
+    uint8_t t = *r->p++;
+    if (t <= 0x7f) return *v = t, 1;
+    if (t >= 0xcc && t <= 0xcf) return take(r, 1 << (t - 0xcc), v);
+    return 0;
+}
+
+/* A str (fixstr, str8, str16) or, with bin set, a bin (bin8/16/32): its bytes in place. */
+static int read_bytes(reader *r, int bin, const uint8_t **s, uint64_t *len) {
+    if (r->p >= r->end) return 0;
+    uint8_t t = *r->p++;
+    if (!bin && t >= 0xa0 && t <= 0xbf) {
+        *len = t & 0x1f;
+    } else if (!bin && (t == 0xd9 || t == 0xda)) {
+        if (!take(r, t == 0xd9 ? 1 : 2, len)) return 0;
+    } else if (bin && t >= 0xc4 && t <= 0xc6) {
+        if (!take(r, 1 << (t - 0xc4), len)) return 0;
+    } else {
+        return 0;
+    }
+    if ((uint64_t)(r->end - r->p) < *len) return 0;
+    *s = r->p;
+    r->p += *len;
+    return 1;
+}
+
+static int read_map(reader *r, uint64_t *n) {
+    if (r->p >= r->end) return 0;
+    uint8_t t = *r->p++;
+    if (t >= 0x80 && t <= 0x8f) return *n = t & 0x0f, 1;
+    if (t == 0xde) return take(r, 2, n);
+    return 0;
+}
+
+static int is(const uint8_t *s, uint64_t len, const char *word) {
+    return len == strlen(word) && memcmp(s, word, len) == 0;
+}
+
+static int all_finite_f32(const uint8_t *p, int64_t n) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, p + 4 * i, 4);
+        bad |= (u & 0x7f800000u) == 0x7f800000u; /* exponent all ones: Inf or NaN */
+    }
+    return !bad;
+}
+
+static int all_finite_f64(const uint8_t *p, int64_t n) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u;
+        memcpy(&u, p + 8 * i, 8);
+        bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    }
+    return !bad;
+}
+
+/* ids in [-1, num_experts), each token's ids >= 0 distinct (protocol._check_slots). */
+static int slots_ok(const uint8_t *idp, int64_t tokens, int64_t slots, int32_t num_experts) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint8_t *row = idp + 4 * t * slots;
+        for (int64_t k = 0; k < slots; k++) {
+            int32_t e;
+            memcpy(&e, row + 4 * k, 4);
+            if (e < -1 || e >= num_experts) return 0;
+            if (e < 0) continue;
+            for (int64_t j = 0; j < k; j++) {
+                int32_t f;
+                memcpy(&f, row + 4 * j, 4);
+                if (f == e) return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+enum { K_ID, K_OP, K_LAYER, K_T, K_K, K_ENC, K_ACC, K_X, K_IDS, K_W, N_KEYS };
+static const char *const KEY_NAMES[N_KEYS] = {"id", "op", "layer", "T", "K", "enc", "acc", "x", "ids", "w"};
+
+int lq_wire_parse_experts(const uint8_t *body, int64_t n, int32_t hidden, int32_t num_layers,
+                          int32_t num_experts, int32_t max_tokens, lq_wire_request *req) {
+    if (!body || n <= 0 || !req || hidden < 1) return D;
+    reader r = {body, body + n};
+    uint64_t entries, ints[N_KEYS] = {0}, len[N_KEYS] = {0};
+    const uint8_t *at[N_KEYS] = {0};
+    unsigned seen = 0;
+    if (!read_map(&r, &entries) || entries > N_KEYS) return D;
+    for (uint64_t i = 0; i < entries; i++) {
+        const uint8_t *k;
+        uint64_t kl;
+        if (!read_bytes(&r, 0, &k, &kl)) return D;
+        int key = -1;
+        for (int j = 0; j < N_KEYS; j++)
+            if (is(k, kl, KEY_NAMES[j])) key = j;
+        if (key < 0 || seen & (1u << key)) return D; /* unknown or repeated key */
+        seen |= 1u << key;
+        int ok;
+        switch (key) {
+        case K_ID: case K_LAYER: case K_T: case K_K:
+            ok = read_uint(&r, &ints[key]);
+            break;
+        case K_OP: case K_ENC: case K_ACC:
+            ok = read_bytes(&r, 0, &at[key], &len[key]);
+            break;
+        default: /* x, ids, w */
+            ok = read_bytes(&r, 1, &at[key], &len[key]);
+        }
+        if (!ok) return D;
+    }
+    if (r.p != r.end) return D; /* bytes after the map: msgpack's "extra data" */
+    const unsigned required = 1u << K_ID | 1u << K_OP | 1u << K_LAYER | 1u << K_T | 1u << K_K |
+                              1u << K_X | 1u << K_IDS | 1u << K_W;
+    if ((seen & required) != required || !is(at[K_OP], len[K_OP], "experts")) return D;
+    if (seen & (1u << K_ENC) && !is(at[K_ENC], len[K_ENC], "f32")) return D;
+    int acc64 = 0;
+    if (seen & (1u << K_ACC)) {
+        if (is(at[K_ACC], len[K_ACC], "f64")) acc64 = 1;
+        else if (!is(at[K_ACC], len[K_ACC], "f32")) return D;
+    }
+    uint64_t layer = ints[K_LAYER], T = ints[K_T], K = ints[K_K];
+    if (ints[K_ID] >> 63 || layer >= (uint64_t)num_layers || T < 1 || T > (uint64_t)max_tokens || K < 1 ||
+        K > (uint64_t)num_experts)
+        return D;
+    if (len[K_X] != T * (uint64_t)hidden * 4 || len[K_IDS] != T * K * 4 || len[K_W] != T * K * 4) return D;
+    if (!slots_ok(at[K_IDS], (int64_t)T, (int64_t)K, num_experts) || !all_finite_f32(at[K_W], (int64_t)(T * K)) ||
+        !all_finite_f32(at[K_X], (int64_t)(T * hidden)))
+        return D;
+    req->id = ints[K_ID];
+    req->layer = (int32_t)layer, req->tokens = (int32_t)T, req->slots = (int32_t)K, req->acc64 = acc64;
+    req->x_off = at[K_X] - body, req->ids_off = at[K_IDS] - body, req->w_off = at[K_W] - body;
+    return LQ_OK;
+}
+
+/* ---- writing: the forms msgpack-python chooses, so frames are byte-identical ---------------- */
+
+static uint8_t *put_be(uint8_t *o, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; i--) *o++ = (uint8_t)(v >> (8 * i));
+    return o;
+}
+
+static uint8_t *put_uint(uint8_t *o, uint64_t v) {
+    if (v <= 0x7f) return *o++ = (uint8_t)v, o;
+    if (v <= 0xff) return *o++ = 0xcc, put_be(o, v, 1);
+    if (v <= 0xffff) return *o++ = 0xcd, put_be(o, v, 2);
+    if (v <= 0xffffffffu) return *o++ = 0xce, put_be(o, v, 4);
+    return *o++ = 0xcf, put_be(o, v, 8);
+}
+
+static uint8_t *put_str(uint8_t *o, const char *s) { /* short ASCII names only (< 32 bytes) */
+    size_t n = strlen(s);
+    *o++ = (uint8_t)(0xa0 | n);
+    memcpy(o, s, n);
+    return o + n;
+}
+
+static uint8_t *put_bin_head(uint8_t *o, uint64_t n) {
+    if (n <= 0xff) return *o++ = 0xc4, put_be(o, n, 1);
+    if (n <= 0xffff) return *o++ = 0xc5, put_be(o, n, 2);
+    return *o++ = 0xc6, put_be(o, n, 4);
+}
+
+static uint8_t *put_bin(uint8_t *o, const void *p, uint64_t n) {
+    o = put_bin_head(o, n);
+    memcpy(o, p, n);
+    return o + n;
+}
+
+/* The 4-byte little-endian body length in front of a frame whose body ends at `end`. */
+static int64_t close_frame(uint8_t *frame, const uint8_t *end) {
+    uint32_t body = (uint32_t)(end - frame - 4);
+    for (int i = 0; i < 4; i++) frame[i] = (uint8_t)(body >> (8 * i));
+    return end - frame;
+}
+
+#define HEAD_ROOM 64 /* map, keys, ints and bin headers of either message */
+
+int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const float *x,
+                             int32_t hidden, const void *ids, int32_t ids64, const float *weights,
+                             int32_t slots, int32_t num_experts, int32_t first, int32_t last,
+                             int32_t acc64) {
+    if (slots < 0 || slots > MAX_TOKEN_SLOTS || hidden < 1 || layer < 0) return LQ_E_SHAPE;
+    int64_t k = 0;
+    for (int32_t i = 0; i < slots; i++) {
+        int64_t e = ids64 ? ((const int64_t *)ids)[i] : ((const int32_t *)ids)[i];
+        if (e < -1 || e >= num_experts) return LQ_E_EXPERT;
+        k += e >= first && e <= last;
+    }
+    if (k == 0) return 0;
+    if (cap < HEAD_ROOM + 4 * (int64_t)hidden + 8 * k + 4) return LQ_E_SHAPE;
+    uint8_t *o = out + 4;
+    *o++ = (uint8_t)(0x80 | (acc64 ? 10 : 9));
+    o = put_str(o, "op"), o = put_str(o, "experts");
+    o = put_str(o, "layer"), o = put_uint(o, (uint64_t)layer);
+    o = put_str(o, "T"), o = put_uint(o, 1);
+    o = put_str(o, "K"), o = put_uint(o, (uint64_t)k);
+    o = put_str(o, "enc"), o = put_str(o, "f32");
+    o = put_str(o, "x"), o = put_bin(o, x, 4 * (uint64_t)hidden);
+    /* the slots in the range, in order: their ids, then their weights */
+    uint8_t *ids_at = put_bin_head(put_str(o, "ids"), 4 * (uint64_t)k);
+    uint8_t *w_at = put_bin_head(put_str(ids_at + 4 * k, "w"), 4 * (uint64_t)k);
+    for (int32_t i = 0, j = 0; i < slots; i++) {
+        int32_t e = (int32_t)(ids64 ? ((const int64_t *)ids)[i] : ((const int32_t *)ids)[i]);
+        if (e >= first && e <= last) {
+            memcpy(ids_at + 4 * j, &e, 4);
+            memcpy(w_at + 4 * j, &weights[i], 4);
+            j++;
+        }
+    }
+    o = w_at + 4 * k;
+    if (acc64) o = put_str(o, "acc"), o = put_str(o, "f64");
+    o = put_str(o, "id"), o = put_uint(o, id);
+    return close_frame(out, o);
+}
+
+/* ---- the server's one-token request --------------------------------------------------------- */
+
+static int shrank(int32_t fd, int64_t size) {
+    struct stat st;
+    return fd >= 0 && (fstat(fd, &st) != 0 || (int64_t)st.st_size < size);
+}
+
+int lq_wire_serve_token(const lq_wire_shard *s, const uint8_t *body, int64_t n, uint8_t *reply,
+                        int64_t cap, int64_t *reply_len, lq_wire_request *req) {
+    if (!s || !reply || !reply_len) return D;
+    int rc = lq_wire_parse_experts(body, n, s->hidden, s->num_layers, s->num_experts, 1, req);
+    if (rc != LQ_OK) return rc;
+    const int64_t H = s->hidden;
+    const lq_expert *table = s->tables[req->layer];
+    if (!table) return D; /* not served here, or not yet checked: the Python path says which */
+    int32_t ids[MAX_TOKEN_SLOTS];
+    float w[MAX_TOKEN_SLOTS];
+    if (req->slots > MAX_TOKEN_SLOTS) return D;
+    memcpy(ids, body + req->ids_off, 4 * (size_t)req->slots);
+    memcpy(w, body + req->w_off, 4 * (size_t)req->slots);
+    for (int k = 0; k < req->slots; k++)
+        if (ids[k] >= 0 && !table[ids[k]].gate_up) return D; /* not held: `not_owned` in Python */
+    if (shrank(s->fds[req->layer], s->sizes[req->layer]) || shrank(s->norms_fd, s->norms_size)) return D;
+    const int64_t width = req->acc64 ? 8 : 4;
+    if (cap < HEAD_ROOM + width * H) return D;
+    float *x = malloc((size_t)H * sizeof(float)), *y = malloc((size_t)H * sizeof(float));
+    double *y64 = req->acc64 ? malloc((size_t)H * sizeof(double)) : NULL;
+    if (!x || !y || (req->acc64 && !y64)) {
+        free(x), free(y), free(y64);
+        return LQ_E_NOMEM;
+    }
+    memcpy(x, body + req->x_off, (size_t)H * sizeof(float));
+    rc = lq_rms_norm(x, s->norms[req->layer], s->eps, 1, H, x);
+    if (rc == LQ_OK) rc = lq_moe_ffn64(table, s->num_experts, H, s->inter, x, 1, req->slots, ids, w, y, y64);
+    if (rc == LQ_OK) {
+        uint8_t *o = reply + 4;
+        *o++ = 0x83;
+        o = put_str(o, "id"), o = put_uint(o, req->id);
+        o = put_str(o, "ok"), *o++ = 0xc3;
+        o = put_str(o, "y"), o = put_bin(o, req->acc64 ? (const void *)y64 : (const void *)y, (uint64_t)(width * H));
+        *reply_len = close_frame(reply, o);
+    }
+    free(x), free(y), free(y64);
+    return rc;
+}
+
+/* ---- the client's reply --------------------------------------------------------------------- */
+
+int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidden, int32_t acc64,
+                      void *sum, int32_t first) {
+    if (!body || n <= 0 || !sum || hidden < 1) return D;
+    reader r = {body, body + n};
+    uint64_t entries, got_id = 0, ylen = 0;
+    const uint8_t *y = NULL;
+    int seen = 0, ok = 0;
+    if (!read_map(&r, &entries) || entries != 3) return D;
+    for (int i = 0; i < 3; i++) {
+        const uint8_t *k;
+        uint64_t kl;
+        if (!read_bytes(&r, 0, &k, &kl)) return D;
+        if (is(k, kl, "id") && !(seen & 1)) {
+            if (!read_uint(&r, &got_id)) return D;
+            seen |= 1;
+        } else if (is(k, kl, "ok") && !(seen & 2)) {
+            if (r.p >= r.end) return D;
+            ok = *r.p++ == 0xc3;
+            seen |= 2;
+        } else if (is(k, kl, "y") && !(seen & 4)) {
+            if (!read_bytes(&r, 1, &y, &ylen)) return D;
+            seen |= 4;
+        } else {
+            return D;
+        }
+    }
+    const int64_t width = acc64 ? 8 : 4;
+    if (r.p != r.end || !ok || got_id != id || ylen != (uint64_t)(width * hidden)) return D;
+    if (acc64 ? !all_finite_f64(y, hidden) : !all_finite_f32(y, hidden)) return D;
+    if (acc64) {
+        double *s = sum;
+        for (int32_t i = 0; i < hidden; i++) {
+            double v;
+            memcpy(&v, y + 8 * i, 8);
+            s[i] = (first ? 0.0 : s[i]) + v;
+        }
+    } else {
+        float *s = sum;
+        for (int32_t i = 0; i < hidden; i++) {
+            float v;
+            memcpy(&v, y + 4 * i, 4);
+            s[i] = (first ? 0.0f : s[i]) + v;
+        }
+    }
+    return LQ_OK;
+}

@@ -1,0 +1,350 @@
+"""The decode step's wire messages in C (larql/protocol_c.py, csrc/wire.c) against protocol.py.
+
+The C side may decline anything; what it accepts, protocol.py must accept with the same
+meaning, and what it writes must be byte for byte what the Python side writes. Then the real
+server and the real client on loopback: the C path is taken, its replies are the Python path's
+bytes, and everything off the plain path still gets protocol.py's errors.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rawwire import connect, read_frame, recv_exact, rt
+
+from larql import protocol as P
+from larql import protocol_c as C
+from larql.client import connect_shards
+from larql.client.core import ModelIdentity, Planner
+from larql.demo import build_demo_vindex, demo_config
+from larql.experts import LocalExperts
+from larql.server import ExpertServer
+from larql.shardmap import parse_shards
+from larql.vindex import open_vindex
+
+H, E, L = 64, 8, 2
+ffi = C.ffi
+LIMITS = dict(hidden=H, num_layers=L, num_experts=E, max_tokens=4096)
+
+
+def request(T=1, K=2, ids=None, layer=1, acc=None, rid=5, seed=0, over=None, **fields) -> dict:
+    """A valid request (T tokens, K slots), then `fields` and `over` written over it as they are."""
+    rng = np.random.default_rng(seed)
+    ids = np.array(ids if ids is not None else [list(range(K))] * T, dtype=np.int32)
+    msg = {"op": "experts", **P.encode_work(layer, rng.standard_normal((T, H)).astype(np.float32), ids,
+                                            rng.random(ids.shape).astype(np.float32)), "id": rid}
+    if acc is not None:
+        msg["acc"] = acc
+    msg.update(fields)
+    msg.update(over or {})
+    return msg
+
+
+def body(msg: dict) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def python_reading(b: bytes):
+    """protocol.py's reading of a body as the server does it, or the ProtocolError."""
+    try:
+        msg = P.decode_body(b)
+        if msg.get("op") != "experts" or P.request_id(msg) is None:
+            raise P.ProtocolError("not an experts request with an id")
+        return msg, P.decode_work(msg, **LIMITS)
+    except P.ProtocolError as e:
+        return e
+
+
+def assert_same_meaning(b: bytes) -> bool:
+    """C accepts only what Python accepts, with the same fields; True if C accepted."""
+    got = C.parse_experts(b, **LIMITS)
+    py = python_reading(b)
+    if got is None:
+        return False
+    assert not isinstance(py, Exception), f"C accepted what protocol.py refuses: {py}"
+    msg, wk = py
+    assert (got.id, got.layer, got.tokens, got.slots, got.acc) == (msg["id"], wk.layer, wk.tokens,
+                                                                   wk.ids.shape[1], wk.acc)
+    assert wk.enc == "f32"
+    T, K = got.tokens, got.slots
+    assert b[got.x_off: got.x_off + 4 * T * H] == wk.x.tobytes()
+    assert b[got.ids_off: got.ids_off + 4 * T * K] == wk.ids.tobytes()
+    assert b[got.w_off: got.w_off + 4 * T * K] == wk.weights.tobytes()
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# Parsing requests
+
+
+@pytest.mark.parametrize("msg", [
+    request(), request(T=3, K=4), request(acc="f64"), request(acc="f32"), request(enc="f32"),
+    request(K=3, ids=[[2, -1, 5]]), request(rid=0), request(rid=2**63 - 1), request(rid=300),
+    request(rid=70000), request(rid=2**40), request(layer=0), request(K=E, ids=[list(range(E))]),
+])
+def test_valid_requests_are_read_as_protocol_py_reads_them(msg):
+    assert assert_same_meaning(body(msg))
+
+
+@pytest.mark.parametrize("msg, why", [
+    (request(enc="f16"), "another encoding (the Python path converts it)"),
+    (request(acc="f16"), "an unknown accumulator"),
+    (request(op="multi"), "another op"),
+    (request(extra=1), "a key the C path does not know"),
+    (request(over={"T": 0}), "T below 1"),
+    (request(over={"K": 0}), "K below 1"),
+    (request(over={"K": E + 1}), "K above the experts"),
+    (request(over={"layer": L}), "a layer out of range"),
+    (request(ids=[[0, E]]), "an id out of range"),
+    (request(ids=[[0, -2]]), "an id below -1"),
+    (request(ids=[[3, 3]]), "a duplicate id"),
+    (request(rid=-1), "a negative id"),
+    (request(over={"T": True}), "a bool for an int"),
+    (request(over={"layer": 1.0}), "a float for an int"),
+    (request(x=b"\0" * 8), "x of the wrong length"),
+    (request(w=b"\0" * 4), "w of the wrong length"),
+    (request(x="text"), "a str where bin belongs"),
+    (request(w=struct.pack("<2f", 0.5, float("nan"))), "a NaN weight"),
+    (request(x=struct.pack(f"<{H}f", *([0.0] * (H - 1) + [float("inf")]))), "an infinite x"),
+])
+def test_what_the_c_path_declines(msg, why):
+    assert C.parse_experts(body(msg), **LIMITS) is None, why
+
+
+def test_declines_framing_the_python_side_refuses():
+    b = body(request())
+    assert C.parse_experts(b + b"\0", **LIMITS) is None                  # extra data after the map
+    assert C.parse_experts(b[:-1], **LIMITS) is None                     # truncated
+    assert C.parse_experts(b"\x80", **LIMITS) is None                    # an empty map
+    # a repeated key: msgpack-python keeps the last one, C does not guess
+    rep = b"\x8a" + b[1:] + msgpack.packb("layer") + msgpack.packb(0)
+    assert C.parse_experts(rep, **LIMITS) is None
+    assert C.parse_experts(b"", **LIMITS) is None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_frames_never_mean_something_else(data):
+    """Random byte edits of valid frames: whenever C accepts, protocol.py agrees field by field."""
+    msg = request(T=data.draw(st.integers(1, 2)), K=2, acc=data.draw(st.sampled_from([None, "f32", "f64"])),
+                  rid=data.draw(st.integers(0, 2**63 - 1)))
+    b = bytearray(body(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        i = data.draw(st.integers(0, len(b) - 1))
+        if op == "flip":
+            b[i] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del b[i:]
+        elif op == "insert":
+            b.insert(i, data.draw(st.integers(0, 255)))
+        elif len(b) > 1:
+            del b[i]
+        if not b:
+            b = bytearray(b"\x80")
+    assert_same_meaning(bytes(b))
+
+
+# ------------------------------------------------------------------------------------------
+# Building requests, reading replies
+
+
+def shards(ranges):
+    return parse_shards(",".join(f"{a}-{b}=127.0.0.1:{9000 + i}" for i, (a, b) in enumerate(ranges)), E)
+
+
+@pytest.mark.parametrize("acc64", [False, True])
+@pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("ranges", [[(0, 7)], [(0, 3), (4, 7)], [(0, 0), (1, 6), (7, 7)]])
+def test_requests_are_the_python_planners_bytes(acc64, ids_dtype, ranges):
+    rng = np.random.default_rng(1)
+    specs = shards(ranges)
+    planner = Planner(specs, ModelIdentity(H, E, L), "f32")
+    planner.acc = "f64" if acc64 else "f32"
+    out = bytearray(C.frame_capacity(H))
+    out_c = ffi.from_buffer(out)
+    for trial in range(20):
+        K = int(rng.integers(1, 9))
+        ids = rng.choice(np.arange(-1, E), K, replace=False).astype(ids_dtype)[None]
+        w = rng.random((1, K)).astype(np.float32)
+        h = rng.standard_normal((1, H)).astype(np.float32)
+        rid = int(rng.choice([1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**62]))
+        jobs = {j.shard: j for j in planner._plan_token(trial % L, h, ids, w).jobs}
+        for si, spec in enumerate(specs):
+            n = C.encode_token(out_c, len(out), rid, trial % L, ffi.from_buffer("float[]", h), H, ids,
+                               ffi.from_buffer("float[]", w), K, E, spec.first, spec.last, acc64)
+            if si not in jobs:
+                assert n == 0
+                continue
+            assert bytes(out[:n]) == P.encode_frame({**jobs[si].msg, "id": rid})
+
+
+def test_encode_refuses_bad_ids_and_short_buffers():
+    out = bytearray(C.frame_capacity(H))
+    h = ffi.from_buffer("float[]", np.zeros(H, np.float32))
+    w = ffi.from_buffer("float[]", np.ones(2, np.float32))
+    out_c = ffi.from_buffer(out)
+    for bad in ([0, E], [-2, 0]):
+        ids = np.array(bad, np.int32)
+        assert C.encode_token(out_c, len(out), 1, 0, h, H, ids, w, 2, E, 0, E - 1, False) < 0
+    assert C.encode_token(out_c, 100, 1, 0, h, H, np.array([0, 1], np.int32), w, 2, E, 0, E - 1, False) < 0
+
+
+def add(reply: dict | bytes, rid=7, acc64=False, first=False, start=None):
+    dtype = np.float64 if acc64 else np.float32
+    total = np.full(H, 0.25, dtype) if start is None else start.copy()
+    b = reply if isinstance(reply, bytes) else body(reply)
+    ok = C.add_reply(ffi.from_buffer(b), len(b), rid, H, acc64, ffi.from_buffer(total), first)
+    return ok, total
+
+
+@pytest.mark.parametrize("acc64", [False, True])
+def test_replies_are_added_exactly(acc64):
+    dtype = np.float64 if acc64 else np.float32
+    y = np.random.default_rng(2).standard_normal(H).astype(dtype)
+    y[0] = -0.0
+    ok, total = add({"id": 7, "ok": True, "y": y.tobytes()}, acc64=acc64)
+    assert ok and np.array_equal(total, np.full(H, 0.25, dtype) + y)
+    ok, total = add({"y": y.tobytes(), "ok": True, "id": 7}, acc64=acc64, first=True)   # any key order
+    assert ok and total.tobytes() == (y + 0.0).tobytes()          # 0 + y, as the Python combine
+
+
+@pytest.mark.parametrize("reply, why", [
+    ({"id": 8, "ok": True, "y": np.zeros(H, np.float32).tobytes()}, "another request's reply"),
+    ({"id": 7, "ok": False, "error": {"code": "internal", "message": "x"}}, "an error reply"),
+    ({"id": 7, "ok": True, "y": np.zeros(H - 1, np.float32).tobytes()}, "a short y"),
+    ({"id": 7, "ok": True, "y": np.full(H, np.nan, np.float32).tobytes()}, "NaN"),
+    ({"id": 7, "ok": True, "y": np.full(H, np.inf, np.float32).tobytes()}, "infinity"),
+    ({"id": 7, "ok": 1, "y": np.zeros(H, np.float32).tobytes()}, "ok not true"),
+    ({"id": 7, "ok": True, "y": np.zeros(H, np.float32).tobytes(), "more": 1}, "an extra key"),
+    ({"id": 7, "ok": True, "y": "text"}, "a str y"),
+])
+def test_replies_off_the_plain_path_are_declined_untouched(reply, why):
+    ok, total = add(reply)
+    assert not ok, why
+    assert np.array_equal(total, np.full(H, 0.25, np.float32))
+    b = body({"id": 7, "ok": True, "y": np.zeros(H, np.float32).tobytes()})
+    for cut in (b[:-1], b + b"\0"):
+        assert not add(cut)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# The real server and client on loopback
+
+
+@pytest.fixture(scope="module")
+def vindex_path(tmp_path_factory):
+    cfg = demo_config(num_layers=L, hidden=H, num_experts=E, top_k=2)
+    return build_demo_vindex(tmp_path_factory.mktemp("protoc") / "v", quant="q4k", config=cfg)
+
+
+@pytest.fixture()
+def server(vindex_path):
+    srv = ExpertServer(open_vindex(vindex_path), experts=range(0, 4))
+    h = srv.start_in_thread("127.0.0.1", 0)
+    yield h
+    h.stop()
+
+
+def stats(s) -> dict:
+    return rt(s, {"op": "stats", "id": 1000})
+
+
+@pytest.mark.parametrize("acc", ["f32", "f64"])
+def test_server_answers_in_c_with_the_python_paths_bytes(server, acc):
+    s = connect(server.host, server.port)
+    frame = P.encode_frame(request(ids=[[1, 3]], acc=acc, rid=41))
+    replies = []
+    for _ in range(3):       # the first takes the Python path (and checks the layer), then C
+        s.sendall(frame)
+        (n,) = struct.unpack("<I", recv_exact(s, 4))
+        replies.append(recv_exact(s, n))
+    assert replies[0] == replies[1] == replies[2]
+    assert stats(s)["c_path"] == 2
+    y = np.frombuffer(msgpack.unpackb(replies[0])["y"], dtype="<f8" if acc == "f64" else "<f4")
+    msg = request(ids=[[1, 3]])
+    wk = P.decode_work(msg, **LIMITS)
+    local = LocalExperts(server.server.vindex, experts=range(0, 4))
+    assert np.array_equal(y, local.forward(1, wk.x, wk.ids, wk.weights, acc)[0])
+
+
+def test_server_c_path_leaves_errors_to_protocol_py(server):
+    s = connect(server.host, server.port)
+    for _ in range(2):
+        assert rt(s, request(ids=[[1, 3]]))["ok"] is True
+    r = rt(s, request(ids=[[1, 5]]))          # expert 5 is not held: C declines, Python names it
+    assert r["ok"] is False and r["error"]["code"] == P.E_NOT_OWNED
+    r = rt(s, request(ids=[[2, 2]]))
+    assert r["ok"] is False and "more than once" in r["error"]["message"]
+    r = rt(s, request(x=struct.pack(f"<{H}f", *([float("nan")] * H))))
+    assert r["ok"] is False and "non-finite" in r["error"]["message"]
+    assert rt(s, request(ids=[[1, 3]]))["ok"] is True
+    assert stats(s)["c_path"] == 2
+
+
+def test_server_c_path_checks_the_file_before_reading_it(vindex_path, tmp_path):
+    """A layer file truncated in place after the C path took the layer: an error reply naming
+    the file, not a SIGBUS (the C path's fstat declines and the Python path reports)."""
+    import shutil
+
+    copy = tmp_path / "v"
+    shutil.copytree(vindex_path, copy)
+    srv = ExpertServer(open_vindex(copy), experts=range(0, 4))
+    h = srv.start_in_thread("127.0.0.1", 0)
+    try:
+        s = connect(h.host, h.port)
+        for _ in range(3):
+            assert rt(s, request(ids=[[1, 3]]))["ok"] is True
+        assert stats(s)["c_path"] == 2
+        layer_file = next(p for p in (copy / "layers").iterdir() if p.name.startswith("layer_01"))
+        os.truncate(layer_file, 4096)
+        r = rt(s, request(ids=[[1, 3]]))
+        assert r["ok"] is False and r["error"]["code"] == P.E_INTERNAL and "shrank" in r["error"]["message"]
+        assert stats(s)["c_path"] == 2
+    finally:
+        h.stop()
+
+
+def test_pipelined_frames_take_the_python_path(server):
+    """Two frames in one read are not a lone request: the batcher fuses them, as before."""
+    s = connect(server.host, server.port)
+    for _ in range(2):
+        assert rt(s, request(ids=[[1, 3]]))["ok"] is True
+    before = stats(s)["c_path"]
+    s.sendall(P.encode_frame(request(ids=[[1, 3]], rid=50)) + P.encode_frame(request(ids=[[0, 2]], rid=51)))
+    got = {read_frame(s)["id"], read_frame(s)["id"]}
+    assert got == {50, 51}
+    assert stats(s)["c_path"] == before
+
+
+@pytest.mark.parametrize("acc", ["f32", "f64"])
+def test_client_c_path_equals_the_python_path(vindex_path, acc):
+    """Two shards: the C-built requests and C-summed replies give exactly the general path's
+    result (which `forward_multi` still takes), for int32 and int64 ids."""
+    v = open_vindex(vindex_path)
+    a = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    try:
+        rx = connect_shards(f"0-3={a.address},4-7={b.address}", v, api_key="", accumulate=acc)
+        rng = np.random.default_rng(5)
+        for _ in range(12):
+            h = rng.standard_normal((1, H)).astype(np.float32)
+            ids = rng.choice(E, 2, replace=False)[None]
+            w = rng.random((1, 2)).astype(np.float32)
+            for dt in (np.int32, np.int64):
+                fast = rx.forward(1, h, ids.astype(dt), w)
+                (general,) = rx.forward_multi([(1, h, ids.astype(dt), w)])
+                assert fast.dtype == np.float32 and fast.shape == (1, H)
+                assert fast.tobytes() == general.tobytes()
+        assert rx.client.c_path_calls == 24
+        assert a.server.stats.c_path > 0 and b.server.stats.c_path > 0
+        rx.close()
+    finally:
+        a.stop()
+        b.stop()
