@@ -63,8 +63,9 @@ int lq_wire_serve_token(const lq_wire_shard *shard, const uint8_t *body, int64_t
 /* The request frame (4-byte length + msgpack) the client sends one shard for one token: the
  * slots whose expert is in [first, last], in order, as larql.client.core's planner builds it
  * (keys op, layer, T, K, enc, x, ids, w, [acc], id). ids are int32, or int64 if ids64.
- * Returns the frame's bytes; 0 if no slot falls in the range; LQ_E_SHAPE if cap is too small or
- * the slots > 16; LQ_E_EXPERT if an id is outside [-1, num_experts). */
+ * Returns the frame's bytes; 0 if no slot falls in the range (nothing written: out may be NULL
+ * to check the ids alone); LQ_E_SHAPE if cap is too small or the slots > 16; LQ_E_EXPERT if an
+ * id is outside [-1, num_experts). */
 int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const float *x,
                              int32_t hidden, const void *ids, int32_t ids64, const float *weights,
                              int32_t slots, int32_t num_experts, int32_t first, int32_t last,
@@ -72,9 +73,10 @@ int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t lay
 
 /* A reply body {id, ok: true, y} (keys in any order, nothing else) to request `id`, whose y is
  * [hidden] f32 (acc64 0) or f64 (acc64 1) and all finite: LQ_OK, and y added into sum (float *
- * or double *; `first` assigns 0 + y instead). LQ_WIRE_DECLINED (sum untouched) for anything
- * else: an error reply, another id, a bad size, a NaN; the caller decodes it in Python. */
+ * or double *; `first` assigns 0 + y instead), the f64 sum then rounded into out32 unless NULL.
+ * LQ_WIRE_DECLINED (nothing written) for anything else: an error reply, another id, a bad size,
+ * a NaN; the caller decodes it in Python. */
 int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidden, int32_t acc64,
-                      void *sum, int32_t first);
+                      void *sum, int32_t first, float *out32);
 
 #endif

@@ -301,7 +301,7 @@ int lq_wire_serve_token(const lq_wire_shard *s, const uint8_t *body, int64_t n, 
 /* ---- the client's reply --------------------------------------------------------------------- */
 
 int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidden, int32_t acc64,
-                      void *sum, int32_t first) {
+                      void *sum, int32_t first, float *out32) {
     if (!body || n <= 0 || !sum || hidden < 1) return D;
     reader r = {body, body + n};
     uint64_t entries, got_id = 0, ylen = 0;
@@ -336,6 +336,8 @@ int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidde
             memcpy(&v, y + 8 * i, 8);
             s[i] = (first ? 0.0 : s[i]) + v;
         }
+        if (out32)
+            for (int32_t i = 0; i < hidden; i++) out32[i] = (float)s[i];
     } else {
         float *s = sum;
         for (int32_t i = 0; i < hidden; i++) {

@@ -16,6 +16,30 @@ from . import kernels, ranges
 from .errors import LarqlError
 
 
+class Pending:
+    """A layer's expert call under way: `result()` waits for it and returns the raw weighted
+    sum (the same array on every call; an error is raised on every call). Call it exactly
+    once it is needed: a remote backend keeps its connections reserved until then."""
+
+    __slots__ = ("_collect", "_value", "_error")
+
+    def __init__(self, collect) -> None:
+        self._collect = collect
+        self._value: np.ndarray | None = None
+        self._error: BaseException | None = None
+
+    def result(self) -> np.ndarray:
+        if self._collect is not None:
+            collect, self._collect = self._collect, None
+            try:
+                self._value = collect()
+            except BaseException as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Experts(Protocol):
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """h: f32 [T, H] residual; ids: int32 [T, K]; weights: f32 [T, K] -> f32 [T, H]."""
@@ -28,6 +52,10 @@ class Experts(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: `start(layer, h, ids, weights) -> Pending` begins `forward` and returns at once
+    # (remote backends send the requests), so the model computes its dense MLP while the
+    # experts run. Backends without it are called with `forward` after the dense MLP.
 
 
 class LocalExperts:

@@ -126,6 +126,7 @@ def encode_token(out_c, cap: int, rid: int, layer: int, x_c, hidden: int, ids: n
                                     ids.dtype.itemsize == 8, w_c, slots, num_experts, first, last, acc64)
 
 
-def add_reply(body_c, n: int, rid: int, hidden: int, acc64: bool, sum_c, first: bool) -> bool:
-    """lq_wire_add_reply: True if the reply was {id: rid, ok: true, y: finite} and y was added."""
-    return lib.lq_wire_add_reply(body_c, n, rid, hidden, acc64, sum_c, first) == lib.LQ_OK
+def add_reply(body_c, n: int, rid: int, hidden: int, acc64: bool, sum_c, first: bool, out_c=ffi.NULL) -> bool:
+    """lq_wire_add_reply: True if the reply was {id: rid, ok: true, y: finite} and y was added
+    (and, for f64 sums, the sum rounded into out_c unless NULL)."""
+    return lib.lq_wire_add_reply(body_c, n, rid, hidden, acc64, sum_c, first, out_c) == lib.LQ_OK

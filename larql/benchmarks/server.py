@@ -369,6 +369,22 @@ def bench_throughput(args, path: Path, vindex) -> dict:
     return out
 
 
+def time_layers(model) -> list[float]:
+    """Wrap model.layer (this instance only) to record each call's seconds, in call order."""
+    times: list[float] = []
+    layer = model.layer
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return layer(*a, **kw)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    model.layer = timed
+    return times
+
+
 def bench_e2e(args, path: Path, vindex) -> dict:
     from .. import models
     from ..client import connect_shards
@@ -398,6 +414,7 @@ def bench_e2e(args, path: Path, vindex) -> dict:
                 tok[k] = int(np.argmax(logits))
                 tok[k] = int(np.argmax(m.forward([tok[k]], caches[k])))   # untimed first step
             spent = dict.fromkeys(runs, 0.0)
+            layer_s = {k: time_layers(m) for k, m in runs.items()}
             batch_trips = 0
             for i in range(args.tokens):   # interleaved token by token: shared noise
                 keys = list(runs) if i % 2 == 0 else list(reversed(runs))
@@ -422,9 +439,13 @@ def bench_e2e(args, path: Path, vindex) -> dict:
         for s in servers:
             s.stop()
     tps = {k: args.tokens / v for k, v in spent.items()}
-    # A 30-layer (26B A4B) token: the head once plus 30 of this model's per-layer time.
+    # A 30-layer (26B A4B) token: the head once plus 30 of this model's per-layer time. The
+    # layers are timed call by call (median), not as the token time less the head: with a
+    # 40 ms head and two layers that difference was mostly noise (3-12 ms per layer, run to run).
     t_head = float(np.median(head))
-    per_layer = {k: max(0.0, v / args.tokens - t_head) / cfg.num_layers for k, v in spent.items()}
+    per_layer = {k: float(np.median(layer_s[k][cfg.num_layers:])) for k in runs}   # not the prefill's
+    if "batch" in per_layer:   # batch dispatch sends at the end of the token, outside the layers
+        per_layer["batch"] = max(0.0, spent["batch"] / args.tokens - t_head) / cfg.num_layers
     proj = {k: 1.0 / (t_head + 30 * per_layer[k]) for k in spent}
     out = {"tok_s": tps, "prefill_ms": {k: v * 1e3 for k, v in prefill.items()},
            "prefill_round_trips": trips["exact"], "batch_round_trips_per_token": batch_trips / args.tokens,

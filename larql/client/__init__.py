@@ -28,6 +28,7 @@ import threading
 
 import numpy as np
 
+from ..experts import Pending
 from ..shardmap import parse_shards
 from .aio import AsyncExpertClient, Connection
 from .blocking import BlockingConnection, BlockingExpertClient, retryable
@@ -75,6 +76,23 @@ class RemoteExperts:
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         with self._lock:
             return self.client.forward(layer, h, ids, weights)
+
+    def start(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Pending:
+        """Send now, sum at `result()` (which must be called: the client is reserved until then)."""
+        self._lock.acquire()
+        try:
+            pending = self.client.start(layer, h, ids, weights)
+        except BaseException:
+            self._lock.release()
+            raise
+
+        def collect() -> np.ndarray:
+            try:
+                return pending.result()
+            finally:
+                self._lock.release()
+
+        return Pending(collect)
 
     def forward_multi(self, work):
         with self._lock:

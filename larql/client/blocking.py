@@ -23,6 +23,7 @@ import numpy as np
 from .. import protocol as P
 from .. import protocol_c
 from .._kernels import ffi
+from ..experts import Pending
 from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError
 from . import core
@@ -176,15 +177,17 @@ class BlockingConnection:
         self._start += need
         return msg
 
-    def recv_token(self, rid: int, deadline: float, hidden: int, acc64: bool, sum_c,
-                   first: bool) -> dict | None:
+    def recv_token(self, rid: int, deadline: float, hidden: int, acc64: bool, sum_c, first: bool,
+                   out_c) -> dict | None:
         """The reply to one-token request `rid` added into sum_c by C when it is a plain
-        success (None); otherwise the decoded reply, exactly as `recv` returns it."""
+        success (None; the f64 sum also rounded into out_c); otherwise the decoded reply,
+        exactly as `recv` returns it."""
         if rid in self._stash:
             return self._stash.pop(rid)
         self._limit = max(0.1, round(deadline - time.monotonic(), 1))
         need = self._next_frame(deadline, "experts")
-        if protocol_c.add_reply(self._buf_c + self._start + 4, need - 4, rid, hidden, acc64, sum_c, first):
+        body_c = self._buf_c + self._start + 4
+        if protocol_c.add_reply(body_c, need - 4, rid, hidden, acc64, sum_c, first, out_c):
             self._start += need
             return None
         return self.recv(rid, deadline, "experts")   # the same frame, read by protocol.py
@@ -254,6 +257,41 @@ def drive_handshake(conn: BlockingConnection, key: bytes | None, who: str, deadl
             return stop.value
 
 
+class _TokenCall:
+    """One decode step's layer between `_token_send` and `_token_collect`: its inputs, the
+    sum the replies are added into (f64 scratch for f64 partial sums, else the output
+    itself) and the f32 output."""
+
+    def __init__(self, layer: int, h, ids, weights, acc64: bool, hidden: int, scratch64: np.ndarray) -> None:
+        self.layer, self.h, self.ids, self.weights = layer, h, ids, weights
+        self.acc64, self.hidden = acc64, hidden
+        self.x_c, self.w_c = ffi.from_buffer("float[]", h), ffi.from_buffer("float[]", weights)
+        self.out = np.empty((1, hidden), dtype=np.float32)
+        self.out_c = ffi.from_buffer("float[]", self.out)
+        self.total = scratch64 if acc64 else self.out
+        self.sum_c = ffi.from_buffer(self.total) if acc64 else self.out_c
+        self.first = True
+        self.python_sums = False        # a partial sum added here, not by C: round at the end
+        self.sent: list[tuple[int, Replica | None, BlockingConnection | None, int]] = []
+        self.deadline = 0.0
+
+    def add(self, y: np.ndarray) -> None:
+        t = self.total.reshape(-1)
+        if self.first:
+            t[:] = y + 0.0
+            self.first = False
+        else:
+            t += y
+        self.python_sums = True
+
+    def finish(self) -> np.ndarray:
+        if self.first:
+            self.out[:] = 0.0
+        elif self.acc64 and self.python_sums:
+            self.out[:] = self.total.astype(np.float32).reshape(1, -1)
+        return self.out
+
+
 class BlockingExpertClient:
     """Shard-map client on blocking sockets: `forward`, `forward_multi`, `stats`, `ping`."""
 
@@ -265,7 +303,8 @@ class BlockingExpertClient:
         self.planner = Planner(shards, identity, options.encoding, quantize)
         self.round_trips = 0
         self.retries = 0
-        self.c_path_calls = 0                # layer calls built and summed in C (`_token`)
+        self.c_path_calls = 0                # layer calls built and summed in C (`_token_send`)
+        self._scratch64 = np.empty(identity.hidden, dtype=np.float64)
         self._lock = threading.Lock()        # guards policy state and connections vs the prober
         self._prober: threading.Thread | None = None
         self._probe_wake = threading.Event()
@@ -338,36 +377,44 @@ class BlockingExpertClient:
         return request_limits(r.conn.info for r in self.shards[si].replicas if r.conn is not None)
 
     def forward(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        if (self.options.encoding == "f32" and self.options.on_shard_failure == "fail"
-                and (y := self._token(layer, h, ids, weights)) is not None):
-            return y
-        return self._run([(layer, h, ids, weights)], multi=False)[0]
+        return self.start(layer, h, ids, weights).result()
 
-    def forward_multi(self, work) -> list[np.ndarray]:
-        return self._run(list(work), multi=True)
-
-    def _run(self, work, multi: bool) -> list[np.ndarray]:
+    def start(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Pending:
+        """Send the layer's requests now; `result()` reads and sums the replies. The caller
+        computes meanwhile (the model: its dense MLP while the servers run the experts)."""
         if self._closed:
             raise ShardError("the remote experts client is closed")
+        if self.options.encoding == "f32" and self.options.on_shard_failure == "fail":
+            call = self._token_send(layer, h, ids, weights)
+            if call is not None:
+                return Pending(lambda: self._token_collect(call))
+        run = self._run_send([(layer, h, ids, weights)], multi=False)
+        return Pending(lambda: self._run_collect(run)[0])
+
+    def forward_multi(self, work) -> list[np.ndarray]:
+        if self._closed:
+            raise ShardError("the remote experts client is closed")
+        return self._run_collect(self._run_send(list(work), multi=True))
+
+    def _run_send(self, work, multi: bool):
         plan = self.planner.plan(work, multi, self._budget)
         deadline = time.monotonic() + self.options.timeout
-        results: list[list[np.ndarray] | None] = [None] * len(plan.jobs)
         # Write every shard's request first, read after: the shards compute concurrently.
-        sent: list[tuple[Replica, BlockingConnection, int] | None] = []
-        for job in plan.jobs:
-            sent.append(self._send_first(job))
-        for i, (job, s) in enumerate(zip(plan.jobs, sent, strict=True)):
-            results[i] = self._finish(job, s, deadline)
+        sent = [self._send_first(job) for job in plan.jobs]
+        return plan, sent, deadline
+
+    def _run_collect(self, run) -> list[np.ndarray]:
+        plan, sent, deadline = run
+        results = [self._finish(job, s, deadline) for job, s in zip(plan.jobs, sent, strict=True)]
         self._schedule_probes()
         return self.planner.combine(plan, results)
 
-    def _token(self, layer: int, h, ids, weights) -> np.ndarray | None:
-        """A decode step's layer with its requests built and its replies checked and summed in C
-        (protocol_c); None when the inputs are not one f32 token of at most 16 slots. Anything
-        off the plain path (a replica down, an error reply, a bad reply) goes through the same
-        failover as `_run`, shard by shard, and the partial sums are added in shard order."""
+    def _token_send(self, layer: int, h, ids, weights) -> _TokenCall | None:
+        """A decode step's layer with its requests built in C (protocol_c), sent to every shard
+        that has a slot of it; None when the inputs are not one f32 token of at most 16 slots
+        with valid ids (the general path then takes them, and words any error)."""
         H = self.identity.hidden
-        if (self._closed or type(h) is not np.ndarray or h.dtype != np.float32 or h.size != H
+        if (type(h) is not np.ndarray or h.dtype != np.float32 or h.size != H
                 or not h.flags.c_contiguous or type(ids) is not np.ndarray or ids.dtype.kind != "i"
                 or ids.dtype.itemsize not in (4, 8) or not ids.flags.c_contiguous
                 or type(weights) is not np.ndarray or weights.dtype != np.float32
@@ -375,33 +422,29 @@ class BlockingExpertClient:
                 or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS or h.ndim > 2
                 or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)):
             return None
+        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64)
         E, K = self.identity.num_experts, ids.size
-        x_c, w_c = ffi.from_buffer("float[]", h), ffi.from_buffer("float[]", weights)
-        acc64 = self.planner.acc == "f64"
-        out = np.empty(H, dtype=np.float64 if acc64 else np.float32)
-        sum_c = ffi.from_buffer(out)  # void * in C
-        sent: list[tuple[int, Replica | None, BlockingConnection | None, int]] = []
+        if protocol_c.encode_token(ffi.NULL, 0, 0, layer, call.x_c, H, ids, call.w_c, K, E, 0, -1, False) < 0:
+            return None               # an id out of range (only checked: no slot in [0, -1])
         for si, sh in enumerate(self.shards):
             spec = sh.spec
             if not spec.serves(layer):
                 continue
             picked = self._pick(sh)
             if picked is None:
-                sent.append((si, None, None, 0))
+                call.sent.append((si, None, None, 0))
                 continue
             rep, conn = picked
             buf, buf_c = conn.token_out(H)
             rid = conn.next_id
-            n = protocol_c.encode_token(buf_c, len(buf), rid, layer, x_c, H, ids, w_c, K, E, spec.first,
-                                        spec.last, acc64)
+            n = protocol_c.encode_token(buf_c, len(buf), rid, layer, call.x_c, H, ids, call.w_c, K, E,
+                                        spec.first, spec.last, call.acc64)
             if n <= 0:
                 with self._lock:
                     rep.state.inflight -= 1
                 if n == 0:
                     continue          # no slot of this token is in the shard's range
-                if not sent:
-                    return None       # bad ids: _run raises the error in words
-                raise ShardError(f"internal: one-token request not encoded ({n})")
+                raise ShardError(f"internal: a one-token request was not encoded ({n})")
             conn.next_id += 1
             try:
                 with memoryview(buf) as view:
@@ -410,29 +453,36 @@ class BlockingExpertClient:
                 with self._lock:
                     rep.state.inflight -= 1
                     sh.policy.failed(rep.state, str(e), time.monotonic())
-                sent.append((si, None, None, 0))
+                call.sent.append((si, None, None, 0))
                 continue
             self.round_trips += 1
-            sent.append((si, rep, conn, rid))
-        deadline = time.monotonic() + self.options.timeout
-        first = True
+            call.sent.append((si, rep, conn, rid))
+        call.deadline = time.monotonic() + self.options.timeout
+        return call
+
+    def _token_collect(self, call: _TokenCall) -> np.ndarray:
+        """The replies of `_token_send`, checked and summed by C in shard order. Anything off
+        the plain path (a replica down, an error reply, a bad reply) goes through the same
+        failover as the general path, shard by shard, its partial sum added at its turn."""
+        H, deadline = call.hidden, call.deadline
         jobs: dict[int, core.Job] | None = None
-        for si, rep, conn, rid in sent:
+        for si, rep, conn, rid in call.sent:
             sh = self.shards[si]
+            reply = error = None
             if rep is not None:
                 try:
-                    reply = conn.recv_token(rid, self._attempt_deadline(sh, rep, deadline), H, acc64, sum_c,
-                                            first)
+                    reply = conn.recv_token(rid, self._attempt_deadline(sh, rep, deadline), H, call.acc64,
+                                            call.sum_c, call.first, call.out_c)
                 except Exception as e:
-                    reply, error = None, e
+                    error = e
                 else:
-                    error = None
                     if reply is None:       # added by C
                         self._succeeded(sh, rep)
-                        first = False
+                        call.first = False
                         continue
             if jobs is None:
-                jobs = {job.shard: job for job in self.planner._plan_token(layer, h, ids, weights).jobs}
+                jobs = {j.shard: j for j in self.planner._plan_token(call.layer, call.h, call.ids,
+                                                                     call.weights).jobs}
             job = jobs.get(si)
             if job is None:
                 continue                    # a down shard with no slot of this token
@@ -445,17 +495,10 @@ class BlockingExpertClient:
                     ys = self._take(job, sh, rep, conn, reply)
                 except Exception as e:
                     ys = self._failover(job, deadline, (rep, e))
-            y = ys[0].reshape(-1)
-            if first:
-                out[:] = y + 0.0
-                first = False
-            else:
-                out += y
+            call.add(ys[0].reshape(-1))
         self._schedule_probes()
         self.c_path_calls += 1
-        if first:
-            out[:] = 0.0
-        return (out.astype(np.float32) if acc64 else out).reshape(1, H)
+        return call.finish()
 
     def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
         """The replica the policy chooses, connected and up, with its request counted."""

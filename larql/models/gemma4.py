@@ -20,7 +20,8 @@ router's top-k, a decode token's attention over the cache) are fused C helpers i
 its arithmetic. numpy keeps prefill attention and the remaining bookkeeping. Experts
 sit behind `larql.experts.Experts` (in process or remote); the backend applies
 `pre_feedforward_layernorm_2` and returns the raw weighted sum, and this module applies
-`post_feedforward_layernorm_2` to it.
+`post_feedforward_layernorm_2` to it. A remote backend's requests go out before the dense MLP
+runs, which then overlaps the servers' work and the wire (the two FFNs are independent).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
-from ..experts import Experts
+from ..experts import Experts, Pending
 from ..kernels import QMatrix
 from .cache import KVCache, LayerCache
 
@@ -355,6 +356,14 @@ class Gemma4Model:
     def run_experts(self, lw: LayerWeights, h: np.ndarray, route: RouteResult) -> np.ndarray:
         return self.experts.forward(lw.index, h, route.ids, route.weights)
 
+    def start_experts(self, lw: LayerWeights, h: np.ndarray, route: RouteResult) -> Pending:
+        """The layer's expert call, begun: a backend with `start` (remote) sends now, so the
+        dense MLP overlaps the servers' work and the wire; others run at `result()`."""
+        start = getattr(self.experts, "start", None)
+        if start is None:
+            return Pending(lambda: self.run_experts(lw, h, route))
+        return start(lw.index, h, route.ids, route.weights)
+
     def combine(self, lw: LayerWeights, h: np.ndarray, m1: np.ndarray, moe_sum: np.ndarray) -> np.ndarray:
         # (h + post_ffn_norm(post_ffn_norm_1(m1) + post_ffn_norm_2(moe_sum))) * layer_scalar
         return kernels.ffn_combine(h, m1, moe_sum, lw.post_ffn_norm_1, lw.post_ffn_norm_2,
@@ -369,10 +378,13 @@ class Gemma4Model:
         x = kernels.rms_norm(h, lw.input_norm, self.eps)
         att = self.attention(lw, x, positions, cache, rowwise)
         h = kernels.add_rms_norm(h, att, lw.post_attn_norm, self.eps)
-        m1 = self.dense_mlp(lw, h)
         route = self.route(lw, h)
-        if moe_sum is None:
-            moe_sum = self.run_experts(lw, h, route)
+        pending = self.start_experts(lw, h, route) if moe_sum is None else None
+        try:
+            m1 = self.dense_mlp(lw, h)      # while remote experts compute (both read h)
+        finally:
+            if pending is not None:
+                moe_sum = pending.result()
         return self.combine(lw, h, m1, moe_sum), h, route
 
     # -- whole model -------------------------------------------------------------------------
