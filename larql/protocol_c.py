@@ -105,13 +105,18 @@ class TokenServer:
         self._tables[layer] = table._c
         self.enabled.add(layer)
 
-    def serve(self, body: bytes) -> tuple[bytes, int] | None:
-        """(reply frame, layer) for a request the C path answered; None: use the Python path."""
-        rc = lib.lq_wire_serve_token(self._shard, ffi.from_buffer(body), len(body), self._reply_c,
-                                     len(self._reply), self._len, self._req)
-        if rc != lib.LQ_OK:
-            return None
-        return bytes(self._reply[: self._len[0]]), self._req.layer
+    def serve(self, body: bytes) -> bytes | None:
+        """The reply frame to a request body the C path answered; None: use the Python path."""
+        return self._serve(ffi.from_buffer(body), len(body))
+
+    def serve_frame(self, frame: bytes) -> bytes | None:
+        """As `serve` for a whole frame (its 4-byte length already checked by the caller)."""
+        return self._serve(ffi.from_buffer(frame) + 4, len(frame) - 4)
+
+    def _serve(self, body_c, n: int) -> bytes | None:
+        rc = lib.lq_wire_serve_token(self._shard, body_c, n, self._reply_c, len(self._reply), self._len,
+                                     self._req)
+        return bytes(self._reply[: self._len[0]]) if rc == lib.LQ_OK else None
 
 
 # ------------------------------------------------------------------------------------------

@@ -784,6 +784,7 @@ class _Conn(asyncio.Protocol):
         self.connected_at = now
         self.last_active = now
         self.frame_started: float | None = None
+        self.c_ready = False                 # greeted and authenticated: compute may take the C path
 
     # asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -827,6 +828,18 @@ class _Conn(asyncio.Protocol):
         srv = self.srv
         if self.closed or self.refusal is not None:
             return
+        if (self.c_ready and len(data) > 4 and self.reader.pending == 0
+                and P.HEADER.unpack_from(data)[0] == len(data) - 4 and srv._last_compute_conn is self
+                and srv.batcher.idle() and not srv._closing):
+            # One whole frame in this read and nothing else pending: offer it to the C path
+            # before copying it through the frame reader (one stream decoding).
+            t0 = time.perf_counter()
+            frame = srv.token_path.serve_frame(data)
+            if frame is not None:
+                srv.stats.bytes_in += len(data)
+                self.last_active = time.monotonic()
+                self._answered_in_c(frame, t0)
+                return
         srv.stats.bytes_in += len(data)
         if self.first_bytes:
             self.first_bytes = False
@@ -934,11 +947,11 @@ class _Conn(asyncio.Protocol):
     def _handle(self, body: bytes, lone: bool = False) -> None:
         t0 = time.perf_counter()
         srv = self.srv
-        if (lone and self.greeted and self.authed and srv._last_compute_conn is self and not srv._closing
-                and srv.batcher.idle() and (done := srv.token_path.serve(body)) is not None):
+        if (lone and self.c_ready and srv._last_compute_conn is self and not srv._closing
+                and srv.batcher.idle() and (frame := srv.token_path.serve(body)) is not None):
             # One stream decoding, a layer already checked: parsed, validated, computed and
             # answered in C (protocol_c), byte for byte what the Python path below replies.
-            self._answered_in_c(done[0], t0)
+            self._answered_in_c(frame, t0)
             return
         self.requests += 1
         srv.stats.requests += 1
@@ -1043,6 +1056,7 @@ class _Conn(asyncio.Protocol):
             log.info("hello %s (%s)", self.peer,
                      client[:64] if isinstance(client, str) else P.preview(client))
         self.greeted = True
+        self.c_ready = self.authed
         self._send({"id": rid, "ok": True, **self.srv._info})
 
     def _auth(self, rid: int, msg: dict) -> None:
@@ -1072,6 +1086,7 @@ class _Conn(asyncio.Protocol):
                 self._auth_failed(rid, "wrong API key (the client's proof did not verify)")
                 return
             self.authed = True
+            self.c_ready = self.greeted
             log.info("auth %s: ok", self.peer)
             self._send({"id": rid, "ok": True})
         else:

@@ -274,6 +274,21 @@ def test_server_answers_in_c_with_the_python_paths_bytes(server, acc):
     assert np.array_equal(y, local.forward(1, wk.x, wk.ids, wk.weights, acc)[0])
 
 
+def test_server_c_path_takes_frames_split_across_reads(server):
+    """A frame that arrives in pieces is assembled by the frame reader, then offered to C."""
+    import time
+
+    s = connect(server.host, server.port)
+    frame = P.encode_frame(request(ids=[[0, 2]], rid=60))
+    whole = rt(s, frame)
+    for cut in (3, 100, len(frame) - 1):
+        s.sendall(frame[:cut])
+        time.sleep(0.05)
+        s.sendall(frame[cut:])
+        assert read_frame(s) == whole
+    assert stats(s)["c_path"] == 3
+
+
 def test_server_c_path_leaves_errors_to_protocol_py(server):
     s = connect(server.host, server.port)
     for _ in range(2):
