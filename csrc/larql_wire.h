@@ -20,7 +20,13 @@
 
 #include "larql.h"
 
-enum { LQ_WIRE_DECLINED = 1 }; /* not the hot case: use protocol.py */
+enum {
+    LQ_WIRE_DECLINED = 1, /* not the hot case: use protocol.py */
+    LQ_WIRE_CLOSED = 2,   /* the peer closed the connection */
+    LQ_WIRE_TIMEOUT = 3,  /* nothing (more) within the time given */
+    LQ_WIRE_IO = 4,       /* a socket error: errno in *err */
+    LQ_WIRE_GROW = 5      /* the frame does not fit the buffer: the caller makes room */
+};
 
 /* A validated `experts` request (enc "f32"): byte offsets into the body it was parsed from. */
 typedef struct {
@@ -78,5 +84,19 @@ int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t lay
  * a NaN; the caller decodes it in Python. */
 int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidden, int32_t acc64,
                       void *sum, int32_t first, float *out32);
+
+/* Plain-TCP I/O for the client's decode step, without the interpreter (TLS sockets stay in
+ * Python). fd may be non-blocking (a Python socket with a timeout): waits use poll(2). */
+
+/* Write all n bytes within timeout_ms: LQ_OK, LQ_WIRE_TIMEOUT or LQ_WIRE_IO. */
+int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, int32_t *err);
+
+/* Read into buf[*end, cap) until buf[start, *end) begins with a whole frame (4-byte length +
+ * body): LQ_OK and *frame_len = 4 + body length. LQ_WIRE_DECLINED if the announced length is
+ * above max_frame, LQ_WIRE_GROW if the frame cannot end before cap (the caller compacts or
+ * grows the buffer and reads on), LQ_WIRE_CLOSED, LQ_WIRE_TIMEOUT or LQ_WIRE_IO. *end always
+ * counts every byte read. */
+int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int64_t *end, int32_t timeout_ms,
+                       int64_t max_frame, int64_t *frame_len, int32_t *err);
 
 #endif

@@ -1,10 +1,14 @@
 /* The decode step's wire messages (larql_wire.h): a reader for exactly the msgpack this
  * protocol's hot messages use, their validation, and the writers. Every parse failure is a
  * decline, never an error: protocol.py then decides, and words, what was wrong. */
+#include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "larql_wire.h"
 
@@ -347,4 +351,78 @@ int lq_wire_add_reply(const uint8_t *body, int64_t n, uint64_t id, int32_t hidde
         }
     }
     return LQ_OK;
+}
+
+/* ---- plain-TCP I/O ---------------------------------------------------------------------------- */
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait until fd is ready for `events` or the deadline passes. */
+static int wait_fd(int32_t fd, short events, int64_t deadline, int32_t *err) {
+    for (;;) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) return LQ_WIRE_TIMEOUT;
+        struct pollfd p = {.fd = fd, .events = events};
+        int r = poll(&p, 1, left > 1000000 ? 1000000 : (int)left);
+        if (r > 0) return LQ_OK; /* ready, or an error the next call reports */
+        if (r == 0) continue;    /* the loop rechecks the deadline */
+        if (errno != EINTR) return *err = errno, LQ_WIRE_IO;
+    }
+}
+
+int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, int32_t *err) {
+    int64_t deadline = now_ms() + timeout_ms;
+    *err = 0;
+    while (n > 0) {
+        ssize_t w = send(fd, p, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            p += w, n -= w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int rc = wait_fd(fd, POLLOUT, deadline, err);
+            if (rc != LQ_OK) return rc;
+            continue;
+        }
+        *err = w < 0 ? errno : EPIPE;
+        return LQ_WIRE_IO;
+    }
+    return LQ_OK;
+}
+
+int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int64_t *end, int32_t timeout_ms,
+                       int64_t max_frame, int64_t *frame_len, int32_t *err) {
+    int64_t deadline = now_ms() + timeout_ms;
+    *err = 0;
+    for (;;) {
+        int64_t have = *end - start;
+        if (have >= 4) {
+            int64_t body = (int64_t)buf[start] | (int64_t)buf[start + 1] << 8 | (int64_t)buf[start + 2] << 16 |
+                           (int64_t)buf[start + 3] << 24;
+            if (body > max_frame) return LQ_WIRE_DECLINED;
+            if (have >= 4 + body) return *frame_len = 4 + body, LQ_OK;
+            if (start + 4 + body > cap) return LQ_WIRE_GROW;
+        } else if (start + 4 > cap) {
+            return LQ_WIRE_GROW;
+        }
+        ssize_t r = recv(fd, buf + *end, (size_t)(cap - *end), MSG_DONTWAIT);
+        if (r > 0) {
+            *end += r;
+            continue;
+        }
+        if (r == 0) return LQ_WIRE_CLOSED;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            int rc = wait_fd(fd, POLLIN, deadline, err);
+            if (rc != LQ_OK) return rc;
+            continue;
+        }
+        *err = errno;
+        return LQ_WIRE_IO;
+    }
 }

@@ -363,3 +363,26 @@ def test_client_c_path_equals_the_python_path(vindex_path, acc):
     finally:
         a.stop()
         b.stop()
+
+
+def test_client_c_reads_hand_big_frames_to_python(vindex_path, server):
+    """A reply that does not fit the connection's buffer: C says so (LQ_WIRE_GROW) and the
+    Python reader grows the buffer and finishes the frame; the result is unchanged."""
+    v = open_vindex(vindex_path)
+    b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    try:
+        rx = connect_shards(f"0-3={server.address},4-7={b.address}", v, api_key="")
+        h = np.random.default_rng(9).standard_normal((1, H)).astype(np.float32)
+        ids, w = np.array([[1, 6]]), np.array([[0.3, 0.7]], np.float32)
+        want = rx.forward(1, h, ids, w)
+        for sh in rx.client.shards:
+            conn = sh.replicas[0].conn
+            assert conn.fd >= 0
+            conn._view.release()
+            conn._buf = bytearray(40)              # smaller than one reply frame
+            conn._view, conn._buf_c = memoryview(conn._buf), ffi.from_buffer(conn._buf)
+        assert rx.forward(1, h, ids, w).tobytes() == want.tobytes()
+        assert all(len(sh.replicas[0].conn._buf) > 40 for sh in rx.client.shards)
+        rx.close()
+    finally:
+        b.stop()

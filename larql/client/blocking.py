@@ -12,6 +12,7 @@ background thread while another replica carries the work.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -22,7 +23,7 @@ import numpy as np
 
 from .. import protocol as P
 from .. import protocol_c
-from .._kernels import ffi
+from .._kernels import ffi, lib
 from ..experts import Pending
 from ..shardmap import Endpoint, ShardSpec, ShardSpecError
 from ..transport import AuthError
@@ -72,6 +73,11 @@ class BlockingConnection:
         self._view = memoryview(self._buf)
         self._buf_c = ffi.from_buffer(self._buf)      # the same bytes for the C reply check
         self.out: bytearray | None = None             # the C path's request buffer (token_out)
+        # Plain TCP: the decode step's frames are written and read by C (protocol_c); TLS
+        # records need Python's ssl module.
+        self.fd = -1 if endpoint.tls else sock.fileno()
+        self._io = ffi.new("int64_t[2]")              # read_frame's end and frame length
+        self._err = ffi.new("int32_t *")
         self._start = 0            # unread bytes are _buf[_start:_end]
         self._end = 0
         self._stash: dict[int, dict] = {}
@@ -150,15 +156,21 @@ class BlockingConnection:
             self.broken = True
             raise ShardError(f"{self.where}: TLS error ({e.reason or e})") from None
         except OSError as e:
-            self.broken = True
-            raise ShardError(f"{self.where}: connection lost ({e.strerror or e})") from None
+            raise self._lost(e) from None
         if n == 0:
-            self.broken = True
-            if self.handshaking and not self.endpoint.tls:
-                raise Closed(f"{self.where} closed the connection during the handshake: is it a TLS "
-                             f"server? (use tls://{self.where})")
-            raise Closed(f"{self.where}: connection closed by the server")
+            raise self._closed()
         self._end += n
+
+    def _lost(self, e: OSError) -> ShardError:
+        self.broken = True
+        return ShardError(f"{self.where}: connection lost ({e.strerror or e})")
+
+    def _closed(self) -> ShardError:
+        self.broken = True
+        if self.handshaking and not self.endpoint.tls:
+            return Closed(f"{self.where} closed the connection during the handshake: is it a TLS "
+                          f"server? (use tls://{self.where})")
+        return Closed(f"{self.where}: connection closed by the server")
 
     def _timeout(self, what: str, deadline: float) -> ShardError:
         self.broken = True    # a late reply would arrive out of step with the next request
@@ -185,12 +197,49 @@ class BlockingConnection:
         if rid in self._stash:
             return self._stash.pop(rid)
         self._limit = max(0.1, round(deadline - time.monotonic(), 1))
-        need = self._next_frame(deadline, "experts")
+        need = self._read_frame_c(deadline) if self.fd >= 0 else 0
+        if not need:
+            need = self._next_frame(deadline, "experts")
         body_c = self._buf_c + self._start + 4
         if protocol_c.add_reply(body_c, need - 4, rid, hidden, acc64, sum_c, first, out_c):
             self._start += need
             return None
         return self.recv(rid, deadline, "experts")   # the same frame, read by protocol.py
+
+    def _read_frame_c(self, deadline: float) -> int:
+        """C's read of the next whole frame (plain TCP): its length with the header, or 0 when
+        it needs Python's reader (a frame bigger than the buffer, or an oversized length)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._timeout("experts", deadline)
+        io = self._io
+        io[0] = self._end
+        rc = lib.lq_wire_read_frame(self.fd, self._buf_c, len(self._buf), self._start, io,
+                                    max(1, int(left * 1000)), P.MAX_FRAME, io + 1, self._err)
+        self._end = io[0]
+        if rc == lib.LQ_OK:
+            return io[1]
+        if rc == lib.LQ_WIRE_TIMEOUT:
+            raise self._timeout("experts", deadline)
+        if rc == lib.LQ_WIRE_CLOSED:
+            raise self._closed()
+        if rc == lib.LQ_WIRE_IO:
+            raise self._lost(OSError(self._err[0], os.strerror(self._err[0])))
+        return 0
+
+    def send_token(self, buf_c, buf: bytearray, n: int, timeout: float) -> None:
+        """The first n bytes of a C-built request frame, written by C on plain TCP."""
+        if self.fd < 0:
+            with memoryview(buf) as view:
+                self.send_frame(view[:n])
+            return
+        rc = lib.lq_wire_write(self.fd, buf_c, n, max(1, int(timeout * 1000)), self._err)
+        if rc != lib.LQ_OK:
+            self.broken = True
+            why = "timed out" if rc == lib.LQ_WIRE_TIMEOUT else os.strerror(self._err[0])
+            raise ShardError(f"{self.where}: connection lost while sending ({why})")
 
     def token_out(self, hidden: int):
         """(bytearray, its C pointer) for one-token requests of this hidden size."""
@@ -447,8 +496,7 @@ class BlockingExpertClient:
                 raise ShardError(f"internal: a one-token request was not encoded ({n})")
             conn.next_id += 1
             try:
-                with memoryview(buf) as view:
-                    conn.send_frame(view[:n])
+                conn.send_token(buf_c, buf, n, self.options.timeout)
             except ShardError as e:
                 with self._lock:
                     rep.state.inflight -= 1
