@@ -99,4 +99,35 @@ int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, i
 int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int64_t *end, int32_t timeout_ms,
                        int64_t max_frame, int64_t *frame_len, int32_t *err);
 
+/* One shard's part of a decode step's layer call on plain TCP, for lq_wire_token_send/_collect. */
+typedef struct {
+    int32_t fd;                /* in: the replica's socket */
+    int32_t first, last;       /* in: the shard's expert range */
+    uint64_t id;               /* in: the request id */
+    uint8_t *out;              /* in: request buffer (frame_capacity bytes) */
+    int64_t out_cap;
+    uint8_t *input;            /* in: the connection's read buffer, unread bytes [in_start, in_end) */
+    int64_t in_cap, in_start, in_end;
+    int32_t sent;              /* out (send): 1 request written, 0 no slot in range, < 0 write failed */
+    int32_t status;            /* out (collect): LQ_OK added, else the lq_wire_read_frame code or
+                                  LQ_WIRE_DECLINED (a whole frame of frame_len bytes at in_start) */
+    int32_t err;               /* errno of a failed write or read */
+    int64_t frame_len;
+} lq_wire_leg;
+
+/* legs: one pointer per shard of the call, in shard order (each connection keeps its leg). */
+
+/* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write); every leg
+ * gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). */
+int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const float *x, int32_t hidden,
+                       const void *ids, int32_t ids64, const float *weights, int32_t slots, int32_t num_experts,
+                       int32_t acc64, int32_t timeout_ms);
+
+/* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;
+ * `first`: no partial sum added yet), rounding an f64 sum into out32. Stops at the first leg that
+ * is not a plain success (a failed write included) and returns its index (its status says why; later legs untouched, so the
+ * caller keeps the shard order); n if every leg was added. timeout_ms covers all the legs. */
+int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidden, int32_t acc64, int32_t timeout_ms,
+                              int64_t max_frame, void *sum, int32_t first, float *out32);
+
 #endif

@@ -426,3 +426,51 @@ int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int
         return LQ_WIRE_IO;
     }
 }
+
+/* ---- a decode step's layer call, all legs ----------------------------------------------------- */
+
+int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const float *x, int32_t hidden,
+                       const void *ids, int32_t ids64, const float *weights, int32_t slots, int32_t num_experts,
+                       int32_t acc64, int32_t timeout_ms) {
+    /* the ids are checked once (no slot in [0, -1]) before anything is written */
+    int64_t rc = lq_wire_encode_token(NULL, 0, 0, layer, x, hidden, ids, ids64, weights, slots, num_experts, 0,
+                                      -1, 0);
+    if (rc < 0) return (int)rc;
+    for (int32_t i = 0; i < n; i++) {
+        lq_wire_leg *g = legs[i];
+        int64_t len = lq_wire_encode_token(g->out, g->out_cap, g->id, layer, x, hidden, ids, ids64, weights,
+                                           slots, num_experts, g->first, g->last, acc64);
+        g->err = 0;
+        if (len <= 0) {
+            g->sent = len == 0 ? 0 : -1;
+            continue;
+        }
+        int w = lq_wire_write(g->fd, g->out, len, timeout_ms, &g->err);
+        g->sent = w == LQ_OK ? 1 : -w;
+    }
+    return LQ_OK;
+}
+
+int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidden, int32_t acc64, int32_t timeout_ms,
+                              int64_t max_frame, void *sum, int32_t first, float *out32) {
+    int64_t deadline = now_ms() + timeout_ms;
+    for (int32_t i = 0; i < n; i++) {
+        lq_wire_leg *g = legs[i];
+        if (g->sent == 0) continue;
+        if (g->sent < 0) return i; /* its failover goes first: the sums stay in shard order */
+        if (g->in_start == g->in_end) g->in_start = g->in_end = 0;
+        int64_t left = deadline - now_ms();
+        g->status = left <= 0 ? LQ_WIRE_TIMEOUT
+                              : lq_wire_read_frame(g->fd, g->input, g->in_cap, g->in_start, &g->in_end, (int32_t)left,
+                                                   max_frame, &g->frame_len, &g->err);
+        if (g->status != LQ_OK) return i;
+        if (lq_wire_add_reply(g->input + g->in_start + 4, g->frame_len - 4, g->id, hidden, acc64, sum, first,
+                              out32) != LQ_OK) {
+            g->status = LQ_WIRE_DECLINED;
+            return i;
+        }
+        g->in_start += g->frame_len;
+        first = 0;
+    }
+    return n;
+}

@@ -378,9 +378,8 @@ def test_client_c_reads_hand_big_frames_to_python(vindex_path, server):
         for sh in rx.client.shards:
             conn = sh.replicas[0].conn
             assert conn.fd >= 0
-            conn._view.release()
-            conn._buf = bytearray(40)              # smaller than one reply frame
-            conn._view, conn._buf_c = memoryview(conn._buf), ffi.from_buffer(conn._buf)
+            assert conn._start == conn._end
+            conn._set_buffer(bytearray(40))        # smaller than one reply frame
         assert rx.forward(1, h, ids, w).tobytes() == want.tobytes()
         assert all(len(sh.replicas[0].conn._buf) > 40 for sh in rx.client.shards)
         rx.close()

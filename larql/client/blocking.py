@@ -78,6 +78,7 @@ class BlockingConnection:
         self.fd = -1 if endpoint.tls else sock.fileno()
         self._io = ffi.new("int64_t[2]")              # read_frame's end and frame length
         self._err = ffi.new("int32_t *")
+        self._leg = None                              # this connection's lq_wire_leg (`leg`)
         self._start = 0            # unread bytes are _buf[_start:_end]
         self._end = 0
         self._stash: dict[int, dict] = {}
@@ -237,9 +238,44 @@ class BlockingConnection:
             return
         rc = lib.lq_wire_write(self.fd, buf_c, n, max(1, int(timeout * 1000)), self._err)
         if rc != lib.LQ_OK:
-            self.broken = True
-            why = "timed out" if rc == lib.LQ_WIRE_TIMEOUT else os.strerror(self._err[0])
-            raise ShardError(f"{self.where}: connection lost while sending ({why})")
+            raise self.write_failed(-rc, self._err[0])
+
+    def leg(self, hidden: int, spec: ShardSpec):
+        """This connection's lq_wire_leg for a shard's one-token calls (plain TCP), made once."""
+        if self._leg is None:
+            buf, buf_c = self.token_out(hidden)
+            g = self._leg = ffi.new("lq_wire_leg *")
+            g.fd, g.first, g.last = self.fd, spec.first, spec.last
+            g.out, g.out_cap = buf_c, len(buf)
+            g.input, g.in_cap = self._buf_c, len(self._buf)
+        return self._leg
+
+    def sync_leg(self) -> None:
+        """Before C writes and reads: the next request id and the unread bytes."""
+        g = self._leg
+        g.id, g.in_start, g.in_end = self.next_id, self._start, self._end
+
+    def unsync_leg(self) -> None:
+        """After C read: the unread bytes it left."""
+        g = self._leg
+        self._start, self._end = g.in_start, g.in_end
+
+    def write_failed(self, code: int, err: int) -> ShardError:
+        self.broken = True
+        why = "timed out" if -code == lib.LQ_WIRE_TIMEOUT else os.strerror(err)
+        return ShardError(f"{self.where}: connection lost while sending ({why})")
+
+    def read_failed(self, status: int, err: int, deadline: float, given: float) -> ShardError | None:
+        """The error a C read ended with (None: the frame is buffered, or too big for the buffer:
+        the Python reader takes it)."""
+        if status == lib.LQ_WIRE_TIMEOUT:
+            self._limit = max(0.1, round(given, 1))
+            return self._timeout("experts", deadline)
+        if status == lib.LQ_WIRE_CLOSED:
+            return self._closed()
+        if status == lib.LQ_WIRE_IO:
+            return self._lost(OSError(err, os.strerror(err)))
+        return None
 
     def token_out(self, hidden: int):
         """(bytearray, its C pointer) for one-token requests of this hidden size."""
@@ -279,10 +315,16 @@ class BlockingConnection:
         n = self._end - self._start
         buf = bytearray(max(need, 2 * len(self._buf)))
         buf[:n] = self._view[self._start: self._end]
+        self._set_buffer(buf)
+        self._start, self._end = 0, n
+
+    def _set_buffer(self, buf: bytearray) -> None:
+        """Read into `buf` from now on (the caller moved the unread bytes); C's leg follows."""
         self._view.release()
         self._buf, self._view = buf, memoryview(buf)
         self._buf_c = ffi.from_buffer(buf)
-        self._start, self._end = 0, n
+        if self._leg is not None:
+            self._leg.input, self._leg.in_cap = self._buf_c, len(buf)
 
     def request(self, msg: dict, deadline: float) -> dict:
         """Send and wait for the raw reply (error replies are returned, not raised)."""
@@ -306,6 +348,10 @@ def drive_handshake(conn: BlockingConnection, key: bytes | None, who: str, deadl
             return stop.value
 
 
+_F32 = np.dtype(np.float32)
+_INT_IDS = (np.dtype(np.int64), np.dtype(np.int32))
+
+
 class _TokenCall:
     """One decode step's layer between `_token_send` and `_token_collect`: its inputs, the
     sum the replies are added into (f64 scratch for f64 partial sums, else the output
@@ -315,7 +361,7 @@ class _TokenCall:
         self.layer, self.h, self.ids, self.weights = layer, h, ids, weights
         self.acc64, self.hidden = acc64, hidden
         self.x_c, self.w_c = ffi.from_buffer("float[]", h), ffi.from_buffer("float[]", weights)
-        self.out = np.empty((1, hidden), dtype=np.float32)
+        self.out = np.empty((1, hidden), dtype=_F32)
         self.out_c = ffi.from_buffer("float[]", self.out)
         self.total = scratch64 if acc64 else self.out
         self.sum_c = ffi.from_buffer(self.total) if acc64 else self.out_c
@@ -323,6 +369,7 @@ class _TokenCall:
         self.python_sums = False        # a partial sum added here, not by C: round at the end
         self.sent: list[tuple[int, Replica | None, BlockingConnection | None, int]] = []
         self.deadline = 0.0
+        self.legs = None                # (leg pointers, count) when C wrote every request
 
     def add(self, y: np.ndarray) -> None:
         t = self.total.reshape(-1)
@@ -354,6 +401,7 @@ class BlockingExpertClient:
         self.retries = 0
         self.c_path_calls = 0                # layer calls built and summed in C (`_token_send`)
         self._scratch64 = np.empty(identity.hidden, dtype=np.float64)
+        self._legs: dict[tuple[int, ...], tuple] = {}   # connections -> (them, their C leg pointers)
         self._lock = threading.Lock()        # guards policy state and connections vs the prober
         self._prober: threading.Thread | None = None
         self._probe_wake = threading.Event()
@@ -463,61 +511,112 @@ class BlockingExpertClient:
         that has a slot of it; None when the inputs are not one f32 token of at most 16 slots
         with valid ids (the general path then takes them, and words any error)."""
         H = self.identity.hidden
-        if (type(h) is not np.ndarray or h.dtype != np.float32 or h.size != H
-                or not h.flags.c_contiguous or type(ids) is not np.ndarray or ids.dtype.kind != "i"
-                or ids.dtype.itemsize not in (4, 8) or not ids.flags.c_contiguous
-                or type(weights) is not np.ndarray or weights.dtype != np.float32
-                or not weights.flags.c_contiguous
-                or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS or h.ndim > 2
-                or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)):
+        if (type(h) is not np.ndarray or type(ids) is not np.ndarray or type(weights) is not np.ndarray
+                or h.dtype is not _F32 or weights.dtype is not _F32 or ids.dtype not in _INT_IDS
+                or h.size != H or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS
+                or h.ndim > 2 or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)
+                or not (h.flags.c_contiguous and ids.flags.c_contiguous and weights.flags.c_contiguous)):
             return None
-        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64)
-        E, K = self.identity.num_experts, ids.size
-        if protocol_c.encode_token(ffi.NULL, 0, 0, layer, call.x_c, H, ids, call.w_c, K, E, 0, -1, False) < 0:
-            return None               # an id out of range (only checked: no slot in [0, -1])
+        picks = []
+        plain = True
         for si, sh in enumerate(self.shards):
-            spec = sh.spec
-            if not spec.serves(layer):
-                continue
-            picked = self._pick(sh)
+            if sh.spec.serves(layer):
+                picked = self._pick(sh)
+                picks.append((si, sh, picked))
+                plain = plain and picked is not None and picked[1].fd >= 0
+        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64)
+        sent = self._send_legs(call, picks) if plain and picks else self._send_each(call, picks)
+        if not sent:
+            for _, _, picked in picks:       # an id out of range: nothing went out
+                if picked is not None:
+                    self._unpick(picked[0])
+            return None
+        call.deadline = time.monotonic() + self.options.timeout
+        return call
+
+    def _send_legs(self, call: _TokenCall, picks) -> bool:
+        """Every shard's request encoded and written by one C call (plain TCP)."""
+        conns = [picked[1] for _, _, picked in picks]
+        key = tuple(map(id, conns))
+        hit = self._legs.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], conns, strict=True)):
+            ptrs = hit[1]
+        else:   # the entry keeps its connections alive, so their ids (and legs) cannot be reused
+            if len(self._legs) > 64:
+                self._legs.clear()
+            legs = [c.leg(call.hidden, sh.spec) for c, (_, sh, _) in zip(conns, picks, strict=True)]
+            ptrs = ffi.new("lq_wire_leg *[]", legs)
+            self._legs[key] = (conns, ptrs)
+        for c in conns:
+            c.sync_leg()
+        ids = call.ids
+        rc = lib.lq_wire_token_send(ptrs, len(conns), call.layer, call.x_c, call.hidden, ffi.from_buffer(ids),
+                                    ids.dtype.itemsize == 8, call.w_c, ids.size, self.identity.num_experts,
+                                    call.acc64, max(1, int(self.options.timeout * 1000)))
+        if rc < 0:
+            return False
+        for (si, sh, (rep, conn)) in picks:
+            leg = conn._leg
+            if leg.sent == 1:
+                self.round_trips += 1
+                call.sent.append((si, rep, conn, conn.next_id))
+                conn.next_id += 1
+            elif leg.sent == 0:
+                self._unpick(rep)           # no slot of this token is in the shard's range
+            else:
+                e = conn.write_failed(leg.sent, leg.err)
+                self._unpick(rep)
+                with self._lock:
+                    sh.policy.failed(rep.state, str(e), time.monotonic())
+                call.sent.append((si, None, None, 0))
+        call.legs = ptrs, len(conns)
+        return True
+
+    def _send_each(self, call: _TokenCall, picks) -> bool:
+        """Each shard's request encoded by C and written by Python (TLS, or a replica down)."""
+        H, E, K = call.hidden, self.identity.num_experts, call.ids.size
+        for si, sh, picked in picks:
             if picked is None:
                 call.sent.append((si, None, None, 0))
                 continue
             rep, conn = picked
             buf, buf_c = conn.token_out(H)
             rid = conn.next_id
-            n = protocol_c.encode_token(buf_c, len(buf), rid, layer, call.x_c, H, ids, call.w_c, K, E,
-                                        spec.first, spec.last, call.acc64)
-            if n <= 0:
-                with self._lock:
-                    rep.state.inflight -= 1
-                if n == 0:
-                    continue          # no slot of this token is in the shard's range
-                raise ShardError(f"internal: a one-token request was not encoded ({n})")
+            n = protocol_c.encode_token(buf_c, len(buf), rid, call.layer, call.x_c, H, call.ids, call.w_c, K,
+                                        E, sh.spec.first, sh.spec.last, call.acc64)
+            if n < 0:
+                if call.sent:                # ids are checked by the first encode, before any send
+                    raise ShardError(f"internal: a one-token request was not encoded ({n})")
+                return False
+            if n == 0:
+                self._unpick(rep)            # no slot of this token is in the shard's range
+                continue
             conn.next_id += 1
             try:
                 conn.send_token(buf_c, buf, n, self.options.timeout)
             except ShardError as e:
+                self._unpick(rep)
                 with self._lock:
-                    rep.state.inflight -= 1
                     sh.policy.failed(rep.state, str(e), time.monotonic())
                 call.sent.append((si, None, None, 0))
                 continue
             self.round_trips += 1
             call.sent.append((si, rep, conn, rid))
-        call.deadline = time.monotonic() + self.options.timeout
-        return call
+        return True
 
     def _token_collect(self, call: _TokenCall) -> np.ndarray:
         """The replies of `_token_send`, checked and summed by C in shard order. Anything off
         the plain path (a replica down, an error reply, a bad reply) goes through the same
         failover as the general path, shard by shard, its partial sum added at its turn."""
         H, deadline = call.hidden, call.deadline
+        start, error = 0, None
+        if call.legs is not None:
+            start, error = self._collect_legs(call)
         jobs: dict[int, core.Job] | None = None
-        for si, rep, conn, rid in call.sent:
+        for si, rep, conn, rid in call.sent[start:]:
             sh = self.shards[si]
-            reply = error = None
-            if rep is not None:
+            reply = None
+            if rep is not None and error is None:
                 try:
                     reply = conn.recv_token(rid, self._attempt_deadline(sh, rep, deadline), H, call.acc64,
                                             call.sum_c, call.first, call.out_c)
@@ -532,21 +631,54 @@ class BlockingExpertClient:
                 jobs = {j.shard: j for j in self.planner._plan_token(call.layer, call.h, call.ids,
                                                                      call.weights).jobs}
             job = jobs.get(si)
-            if job is None:
-                continue                    # a down shard with no slot of this token
-            if rep is None:
-                ys = self._finish(job, None, deadline)
-            elif error is not None:
-                ys = self._failover(job, deadline, (rep, error))
-            else:
-                try:
-                    ys = self._take(job, sh, rep, conn, reply)
-                except Exception as e:
-                    ys = self._failover(job, deadline, (rep, e))
-            call.add(ys[0].reshape(-1))
+            if job is not None:             # None: a down shard with no slot of this token
+                if rep is None:
+                    ys = self._finish(job, None, deadline)
+                elif error is not None:
+                    ys = self._failover(job, deadline, (rep, error))
+                else:
+                    try:
+                        ys = self._take(job, sh, rep, conn, reply)
+                    except Exception as e:
+                        ys = self._failover(job, deadline, (rep, e))
+                call.add(ys[0].reshape(-1))
+            error = None
         self._schedule_probes()
         self.c_path_calls += 1
         return call.finish()
+
+    def _collect_legs(self, call: _TokenCall) -> tuple[int, Exception | None]:
+        """C reads and adds the replies in shard order until one is not a plain success; that
+        one's position in call.sent and its transport error (None: its frame is buffered, or
+        it is a shard that was down, for the Python path to take)."""
+        ptrs, n = call.legs
+        deadline = min((self._attempt_deadline(self.shards[si], rep, call.deadline)
+                        for si, rep, _, _ in call.sent if rep is not None), default=call.deadline)
+        left = deadline - time.monotonic()
+        stop = 0
+        if left > 0:
+            stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
+                                             P.MAX_FRAME, call.sum_c, call.first, call.out_c)
+        k = 0                               # position in call.sent
+        for i in range(n):
+            leg = ptrs[i]
+            if leg.sent == 0:
+                continue
+            si, rep, conn, _ = call.sent[k]
+            if rep is None or i == stop:
+                break
+            conn.unsync_leg()
+            self._succeeded(self.shards[si], rep)
+            call.first = False
+            k += 1
+        else:
+            return k, None
+        if rep is None:
+            return k, None
+        conn.unsync_leg()
+        if left <= 0:
+            return k, conn.read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
+        return k, conn.read_failed(leg.status, leg.err, deadline, left)
 
     def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
         """The replica the policy chooses, connected and up, with its request counted."""
@@ -560,6 +692,10 @@ class BlockingExpertClient:
                 return None
             state.inflight += 1
         return rep, conn
+
+    def _unpick(self, rep: Replica) -> None:
+        with self._lock:
+            rep.state.inflight -= 1
 
     def _succeeded(self, sh: Shard, rep: Replica) -> None:
         state = rep.state
