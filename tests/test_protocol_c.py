@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawwire import connect, read_frame, recv_exact, rt
+from standin import StandIn
 
 from larql import protocol as P
 from larql import protocol_c as C
@@ -385,3 +386,38 @@ def test_client_c_reads_hand_big_frames_to_python(vindex_path, server):
         rx.close()
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("acc", ["f32", "f64"])
+def test_client_c_path_keeps_shard_order_through_a_failover(vindex_path, acc):
+    """Three shards, the middle one's first replica hostile (a NaN in y): C adds shard 0, stops
+    at shard 1, Python fails it over to the honest replica, then shard 2 is added: the sum is
+    in shard order, bit for bit the general path's over honest servers."""
+    def nan_y(req, rep):
+        if "y" in rep:
+            y = np.frombuffer(rep["y"], dtype="<f8" if req.get("acc") == "f64" else "<f4").copy()
+            y[3] = np.nan
+            rep["y"] = y.tobytes()
+        return rep
+
+    v = open_vindex(vindex_path)
+    honest = ExpertServer(v).start_in_thread("127.0.0.1", 0)
+    bad = StandIn((honest.host, honest.port), mangle=nan_y)
+    try:
+        a = honest.address
+        rx = connect_shards(f"0-2={a},3-5={bad.address}|{a},6-7={a}", v, api_key="", accumulate=acc)
+        ref = connect_shards(f"0-2={a},3-5={a},6-7={a}", v, api_key="", accumulate=acc)
+        rng = np.random.default_rng(11)
+        for _ in range(8):
+            h = rng.standard_normal((1, H)).astype(np.float32) * 3
+            ids = np.array([[1, 4, 7]])
+            w = rng.random((1, 3)).astype(np.float32)
+            (want,) = ref.forward_multi([(0, h, ids, w)])
+            assert rx.forward(0, h, ids, w).tobytes() == want.tobytes()
+        assert rx.client.retries >= 1 and bad.forwarded >= 1
+        assert rx.client.c_path_calls == 8
+        rx.close()
+        ref.close()
+    finally:
+        bad.stop()
+        honest.stop()
