@@ -655,10 +655,13 @@ class BlockingExpertClient:
         deadline = min((self._attempt_deadline(self.shards[si], rep, call.deadline)
                         for si, rep, _, _ in call.sent if rep is not None), default=call.deadline)
         left = deadline - time.monotonic()
-        stop = 0
-        if left > 0:
-            stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
-                                             P.MAX_FRAME, call.sum_c, call.first, call.out_c)
+        if left <= 0 or not call.sent:      # the first shard goes to the Python path as it is
+            first = call.sent[0] if call.sent else None
+            if first is None or first[1] is None:
+                return 0, None
+            return 0, first[2].read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
+        stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
+                                         P.MAX_FRAME, call.sum_c, call.first, call.out_c)
         k = 0                               # position in call.sent
         for i in range(n):
             leg = ptrs[i]
@@ -676,8 +679,6 @@ class BlockingExpertClient:
         if rep is None:
             return k, None
         conn.unsync_leg()
-        if left <= 0:
-            return k, conn.read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
         return k, conn.read_failed(leg.status, leg.err, deadline, left)
 
     def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
@@ -709,21 +710,16 @@ class BlockingExpertClient:
         """Send on a connected, up replica chosen by the policy (None: go through `_finish`'s
         failover loop at once)."""
         sh = self.shards[job.shard]
-        with self._lock:
-            state = sh.policy.choose(time.monotonic())
-            if state is None or not state.up():
-                return None
-            rep = sh.replica(state)
-            conn = rep.conn
-            if conn is None or conn.broken:
-                return None
-            state.inflight += 1
+        picked = self._pick(sh)
+        if picked is None:
+            return None
+        rep, conn = picked
         try:
             rid = conn.send(dict(job.msg))
         except ShardError as e:
             with self._lock:
-                state.inflight -= 1
-                sh.policy.failed(state, str(e), time.monotonic())
+                rep.state.inflight -= 1
+                sh.policy.failed(rep.state, str(e), time.monotonic())
             return None
         self.round_trips += 1
         return rep, conn, rid
