@@ -828,7 +828,7 @@ class _Conn(asyncio.Protocol):
         srv = self.srv
         if self.closed or self.refusal is not None:
             return
-        if (self.c_ready and len(data) > 4 and self.reader.pending == 0
+        if (self.c_ready and 4 < len(data) <= srv.max_frame + 4 and self.reader.pending == 0
                 and P.HEADER.unpack_from(data)[0] == len(data) - 4 and srv._last_compute_conn is self
                 and srv.batcher.idle() and not srv._closing):
             # One whole frame in this read and nothing else pending: offer it to the C path
