@@ -184,6 +184,11 @@ static inline int lq_is_weight_fmt(int fmt) { return lq_row_kernel(&lq_kernels_s
 typedef void (*lq_range_fn)(void *ctx, int64_t begin, int64_t end, int thread_id);
 #define LQ_MAX_THREADS 256 /* thread_id < LQ_MAX_THREADS always */
 void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
+/* The same with guided chunks: each claim takes (what is left) / (2 threads), rounded up to whole
+ * grains, at least one grain, so each thread first streams long contiguous runs (a hardware
+ * prefetcher's best case) and the last chunks are small enough to balance. Ranges start at
+ * multiples of grain. */
+void lq_parallel_for_guided(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
 
 /* Scalar block quantisers / dequantisers (quant.c); n is a multiple of QK_K. */
 void lq_quantize_row_q4k(const float *x, block_q4_K *y, int64_t n);
