@@ -38,8 +38,9 @@ static void mm_range(void *p, int64_t r0, int64_t r1, int tid) {
  * out guided (lq_parallel_for_guided): each thread first takes a long contiguous run of rows,
  * which its hardware prefetcher streams best, and the small last items balance the threads.
  * Measured against fixed 16 KiB items (which alternated between the threads), interleaved in one
- * process, cold bank, 2 threads: gate_up matvec 1.17-1.18x (0.73 -> 0.85-0.88 of the C read),
- * down 1.07-1.08x (IQR 0.92-1.31: within the noise); one thread unchanged. */
+ * process (each build on its own experts, so neither finds the other's bytes in cache), cold
+ * bank, 2 threads: gate_up matvec 1.11-1.15x (0.79-0.81 -> 0.93 of the C read), down 1.02-1.04x
+ * (within the noise); one thread unchanged. */
 static int64_t row_grain(size_t row_bytes, int64_t rows) {
     int64_t g = (int64_t)(16384 / (row_bytes ? row_bytes : 1));
     g = (g + 15) / 16 * 16;
