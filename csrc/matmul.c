@@ -38,9 +38,12 @@ static void mm_range(void *p, int64_t r0, int64_t r1, int tid) {
  * out guided (lq_parallel_for_guided): each thread first takes a long contiguous run of rows,
  * which its hardware prefetcher streams best, and the small last items balance the threads.
  * Measured against fixed 16 KiB items (which alternated between the threads), interleaved in one
- * process (each build on its own experts, so neither finds the other's bytes in cache), cold
- * bank, 2 threads: gate_up matvec 1.11-1.15x (0.79-0.81 -> 0.93 of the C read), down 1.02-1.04x
- * (within the noise); one thread unchanged. */
+ * process (each build on its own experts, so neither finds the other's bytes in cache, and
+ * LARQL_SPIN_US=0 so one build's spinning workers do not steal the other's cores), cold bank,
+ * 2 threads: gate_up and down matvec 1.17-1.18x (IQR 1.08-1.26); one thread unchanged. In
+ * `larql bench kernels` (one pool, spinning as in use) the 2-thread matvecs went from 0.47-0.55
+ * (gate_up) / 0.40-0.50 (down) of the C read bandwidth to 0.81-1.00 / 0.72-0.93 with this and
+ * the kernel changes together. */
 static int64_t row_grain(size_t row_bytes, int64_t rows) {
     int64_t g = (int64_t)(16384 / (row_bytes ? row_bytes : 1));
     g = (g + 15) / 16 * 16;
