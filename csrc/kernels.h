@@ -6,6 +6,7 @@
 #define LARQL_KERNELS_H
 
 #include <math.h>
+#include <string.h>
 
 #include "larql.h"
 
@@ -46,6 +47,8 @@ typedef struct {
     const char *name;
     lq_row_fn dot[LQ_N_ROW_FORMATS]; /* by format id; NULL = no kernel (id 3, Q4_0) */
     void (*quantize_q8k)(const float *x, block_q8_K *y, int64_t n); /* n multiple of 256 */
+    /* out = gelu_tanh(gate) * up: lq_gelu_mul_f32 compiled for this ISA (same bits in every table) */
+    void (*gelu_mul)(const float *gate, const float *up, int64_t n, float *out);
 } lq_kernels;
 
 /* The row kernel of weight format fmt in table k; NULL if fmt is not a weight format. */
@@ -67,6 +70,7 @@ void lq_avx2_dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T,
 void lq_avx2_dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 void lq_avx2_dot_bf16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 void lq_avx2_quantize_q8k(const float *x, block_q8_K *y, int64_t n);
+void lq_avx2_gelu_mul(const float *gate, const float *up, int64_t n, float *out);
 /* XCR0 (the register state the OS saves) has all of `mask`: 0x06 = xmm+ymm, 0xe6 = + zmm and
  * opmask. cpuid alone is not enough: an OS (or hypervisor) may not save the wider registers. */
 int lq_os_saves_state(uint64_t mask);
@@ -77,14 +81,76 @@ extern const lq_kernels lq_kernels_neon; /* int8 products with smull (every ARMv
 const lq_kernels *lq_neon_sdot_table(void);
 #endif
 
+/* tanh of four f32, computed in double and rounded once: (1 - e) / (1 + e) with e = exp(-2|x|)
+ * (|x| clamped at 20, where tanh is 1 in f32 by far), or |x| - |x|^3/3 below 2^-13 (there the
+ * quotient loses digits to cancellation; the series' next term is below 2^-53 relative).
+ * exp: k = round(y / ln 2) by the 1.5 * 2^52 trick (no float-to-int conversion), r = y - k ln 2
+ * with ln 2 in two parts (|r| <= 0.35), Taylor to r^12 (error < 2^-50), times 2^k built from
+ * bits. The double result is within ~2^-45 relative, so the f32 result is the correctly rounded
+ * tanh but within that distance of a rounding tie (csrc/tests/test_lib.c checks it on 2^26
+ * values against libm's double tanh: every one equal; glibc's tanhf differs on ~3%).
+ * GCC's portable vector extension: element-wise IEEE operations whatever the ISA or vector
+ * width the compiler picks (the library is built with -ffp-contract=off), so every build gives
+ * the same bits, and no branch or libm call stops vectorisation: glibc's scalar tanhf was ~10%
+ * of a T=8 expert FFN. */
+typedef float lq_v4f __attribute__((vector_size(16)));
+typedef int32_t lq_v4i __attribute__((vector_size(16)));
+typedef double lq_v4d __attribute__((vector_size(32)));
+typedef int64_t lq_v4l __attribute__((vector_size(32)));
+
+/* m ? a : b per lane (m: a comparison's all-ones / zero lanes), by bits: C has no vector ?:.
+ * Macros, and pointers below: a function taking or returning a 32-byte vector by value would
+ * change the ABI without AVX (GCC warns), even inlined. */
+#define LQ_SEL(m, a, b, T, I) ((T)(((I)(a) & (m)) | ((I)(b) & ~(m))))
+
+/* out[0..3] = tanh(in[0..3]) */
+static inline __attribute__((always_inline)) void lq_tanh4(const lq_v4f *in, lq_v4f *out) {
+    const lq_v4f xf = *in;
+    const lq_v4d x = __builtin_convertvector(xf, lq_v4d), zero = {0, 0, 0, 0};
+    const lq_v4d a = (lq_v4d)((lq_v4l)x & 0x7fffffffffffffff);     /* |x| */
+    const lq_v4d ac = LQ_SEL(a < 20.0, a, zero + 20.0, lq_v4d, lq_v4l); /* NaN -> 20: put back at the end */
+    const lq_v4d y = -2.0 * ac, shifter = zero + 0x1.8p52;
+    const lq_v4d kd = y * 1.4426950408889634 + shifter; /* 1 / ln 2: the low bits hold round(y / ln 2) */
+    const lq_v4d k = kd - shifter;
+    const lq_v4d r = (y - k * 0x1.62e42fee00000p-1) - k * 0x1.a39ef35793c76p-33; /* ln 2 = hi + lo */
+    lq_v4d p = r * (1.0 / 479001600.0) + 1.0 / 39916800.0;                   /* 1/12!, 1/11! */
+    p = p * r + 1.0 / 3628800.0, p = p * r + 1.0 / 362880.0, p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0, p = p * r + 1.0 / 720.0, p = p * r + 1.0 / 120.0, p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0, p = p * r + 0.5, p = p * r + 1.0, p = p * r + 1.0;
+    const lq_v4l two_k_bits = ((lq_v4l)kd - (lq_v4l)shifter + 1023) << 52; /* 2^k, k in [-58, 0] */
+    const lq_v4d e = p * (lq_v4d)two_k_bits;
+    const lq_v4d quotient = (1.0 - e) / (1.0 + e), series = a - a * a * a * (1.0 / 3.0);
+    const lq_v4d t = LQ_SEL(a < 0x1p-13, series, quotient, lq_v4d, lq_v4l);
+    const lq_v4d signed_t = (lq_v4d)((lq_v4l)t | ((lq_v4l)x & (-0x7fffffffffffffff - 1))); /* x's sign */
+    const lq_v4f tf = __builtin_convertvector(signed_t, lq_v4f);
+    *out = LQ_SEL(xf == xf, tf, xf, lq_v4f, lq_v4i);
+}
+
 /* gelu with the tanh approximation as torch's gelu(approximate="tanh") computes it in f32 (the
- * cube grouped first). The one definition: the dense MLP (lq_gelu_mul) and the experts
- * (lq_moe_ffn) must round alike, bit for bit. */
-static inline float lq_gelu_tanh(float x) {
+ * cube grouped first; torch's vectorised tanh is within 1 ulp, lq_tanh4 correctly rounded):
+ * out[i] = gelu_tanh(gate[i]) * up[i]. The one definition: the dense MLP (lq_gelu_mul) and the
+ * experts (lq_moe_ffn) must round alike, bit for bit. Four at a time, the tail through the same
+ * vector code, so a value's result does not depend on its position. */
+static inline void lq_gelu_mul_f32(const float *gate, const float *up, int64_t n, float *out) {
     const float beta = 0.7978845608028654f; /* sqrt(2 / pi) */
     const float kappa = 0.044715f;
-    float inner = beta * (x + kappa * (x * x * x));
-    return 0.5f * x * (1.f + tanhf(inner));
+    for (int64_t i = 0; i < n; i += 4) {
+        lq_v4f g = {0, 0, 0, 0}, u = {0, 0, 0, 0}, t;
+        int64_t m = n - i < 4 ? n - i : 4;
+        if (m == 4) {
+            memcpy(&g, gate + i, sizeof g), memcpy(&u, up + i, sizeof u);
+        } else {
+            for (int64_t j = 0; j < m; j++) g[j] = gate[i + j], u[j] = up[i + j];
+        }
+        lq_v4f inner = beta * (g + kappa * (g * g * g));
+        lq_tanh4(&inner, &t);
+        lq_v4f h = 0.5f * g * (1.f + t) * u;
+        if (m == 4) {
+            memcpy(out + i, &h, sizeof h);
+        } else {
+            for (int64_t j = 0; j < m; j++) out[i + j] = h[j];
+        }
+    }
 }
 
 /* Software prefetch of weight bytes LQ_PREFETCH_AHEAD past the block a row kernel is reading
@@ -118,6 +184,11 @@ static inline int lq_is_weight_fmt(int fmt) { return lq_row_kernel(&lq_kernels_s
 typedef void (*lq_range_fn)(void *ctx, int64_t begin, int64_t end, int thread_id);
 #define LQ_MAX_THREADS 256 /* thread_id < LQ_MAX_THREADS always */
 void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
+/* The same with guided chunks: each claim takes (what is left) / (2 threads), rounded up to whole
+ * grains, at least one grain, so each thread first streams long contiguous runs (a hardware
+ * prefetcher's best case) and the last chunks are small enough to balance. Ranges start at
+ * multiples of grain. */
+void lq_parallel_for_guided(int64_t n, int64_t grain, lq_range_fn fn, void *ctx);
 
 /* Scalar block quantisers / dequantisers (quant.c); n is a multiple of QK_K. */
 void lq_quantize_row_q4k(const float *x, block_q4_K *y, int64_t n);

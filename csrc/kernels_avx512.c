@@ -123,6 +123,7 @@ const lq_kernels lq_kernels_avx512 = {
     .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
             [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
     .quantize_q8k = lq_avx2_quantize_q8k,
+    .gelu_mul = lq_avx2_gelu_mul,
 };
 
 #endif

@@ -321,11 +321,16 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     }
 }
 
+static void gelu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    lq_gelu_mul_f32(gate, up, n, out);
+}
+
 const lq_kernels lq_kernels_neon = {
     .name = "neon",
     .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = q4k_smull,
             [LQ_Q6_K] = q6k_smull},
     .quantize_q8k = quantize_q8k,
+    .gelu_mul = gelu_mul,
 };
 
 #if LQ_HAVE_SDOT
@@ -334,6 +339,7 @@ static const lq_kernels neon_sdot = {
     .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = q4k_sdot,
             [LQ_Q6_K] = q6k_sdot},
     .quantize_q8k = quantize_q8k,
+    .gelu_mul = gelu_mul,
 };
 #endif
 

@@ -208,8 +208,13 @@ static void quantize_q8k(const float *x, block_q8_K *y, int64_t n) {
     }
 }
 
+static void gelu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    lq_gelu_mul_f32(gate, up, n, out);
+}
+
 const lq_kernels lq_kernels_scalar = {
     .name = "scalar",
     .dot = {[LQ_F32] = dot_f32, [LQ_F16] = dot_f16, [LQ_BF16] = dot_bf16, [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
     .quantize_q8k = quantize_q8k,
+    .gelu_mul = gelu_mul,
 };

@@ -13,12 +13,12 @@
  * bytes 0-3 scales 0-3, bytes 4-7 mins 0-3, bytes 8-11 the low nibbles of scales/mins 4-7 whose
  * top two bits sit in the spare bits 6-7 of bytes 0-3 / 4-7). sc and mn: 8 bytes each. */
 static inline void q4k_unpack_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
-    uint32_t u[3];
-    memcpy(u, s, 12);
-    sc[0] = u[0] & 0x3f3f3f3f;
-    mn[0] = u[1] & 0x3f3f3f3f;
-    sc[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    uint32_t u0, u1, u2; /* three loads: one 12-byte memcpy went through the stack */
+    memcpy(&u0, s, 4), memcpy(&u1, s + 4, 4), memcpy(&u2, s + 8, 4);
+    sc[0] = u0 & 0x3f3f3f3f;
+    mn[0] = u1 & 0x3f3f3f3f;
+    sc[1] = (u2 & 0x0f0f0f0f) | (((u0 >> 6) & 0x03030303) << 4);
+    mn[1] = ((u2 >> 4) & 0x0f0f0f0f) | (((u1 >> 6) & 0x03030303) << 4);
 }
 
 /* sum of the 4 int32 lanes (exact: callers' bounds keep it inside int32) */

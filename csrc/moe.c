@@ -97,11 +97,12 @@ typedef struct {
 /* One weight row against n activation rows (n <= LQ_MAX_T) through the table's row kernel:
  * Q8_K activations (xq, blocks of the padded row) for K-quant rows, f32 (xf) otherwise. */
 static void row_dot(const lq_kernels *k, int fmt, const uint8_t *w, int64_t n_values, int64_t nb,
-                    const block_q8_K *xq, const float *xf, int64_t xf_stride, int n, float *out) {
+                    const block_q8_K *xq, const float *xf, int64_t xf_stride, int n, float *out,
+                    int64_t out_stride) {
     if (lq_is_kquant(fmt))
-        lq_row_kernel(k, fmt)(nb, w, xq, nb, n, out, 1);
+        lq_row_kernel(k, fmt)(nb, w, xq, nb, n, out, out_stride);
     else
-        lq_row_kernel(k, fmt)(n_values, w, xf, xf_stride, n, out, 1);
+        lq_row_kernel(k, fmt)(n_values, w, xf, xf_stride, n, out, out_stride);
 }
 
 /* What one phase-A or phase-B work item reads: rows [r0, r1) of one expert's gate_up (down = 0)
@@ -130,7 +131,8 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     moe_job *j = p;
     const moe_scratch *s = j->s;
-    float g[LQ_MAX_T], u[LQ_MAX_T];
+    /* [column][row of the slice]: a column's gate and up values contiguous for the gelu loop */
+    float g[LQ_MAX_T * LQ_GU_ROWS], u[LQ_MAX_T * LQ_GU_ROWS];
     for (int64_t item = i0; item < i1; item++) {
         moe_slice sl = slice_of(j, item, j->n_slices, LQ_GU_ROWS, j->inter, 0);
         for (int64_t c0 = 0; c0 < sl.gr->np; c0 += LQ_MAX_T) {
@@ -140,10 +142,11 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
             const float *xf = sl.kq ? NULL : s->xgf + pc * j->hidden;
             for (int64_t r = sl.r0; r < sl.r1; r++) {
                 const uint8_t *wg = sl.w + (size_t)r * sl.rb, *wu = sl.w + (size_t)(r + j->inter) * sl.rb;
-                row_dot(j->k, sl.fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g);
-                row_dot(j->k, sl.fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u);
-                for (int q = 0; q < n; q++) s->hf[(pc + q) * j->ipad + r] = lq_gelu_tanh(g[q]) * u[q];
+                row_dot(j->k, sl.fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g + (r - sl.r0), LQ_GU_ROWS);
+                row_dot(j->k, sl.fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u + (r - sl.r0), LQ_GU_ROWS);
             }
+            for (int q = 0; q < n; q++)
+                j->k->gelu_mul(g + q * LQ_GU_ROWS, u + q * LQ_GU_ROWS, sl.r1 - sl.r0, s->hf + (pc + q) * j->ipad + sl.r0);
         }
     }
 }
@@ -177,7 +180,7 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
             const block_q8_K *xq = sl.kq ? s->hq + pc * j->nbi : NULL;
             const float *xf = sl.kq ? NULL : s->hf + pc * j->ipad;
             for (int64_t r = sl.r0; r < sl.r1; r++) {
-                row_dot(j->k, sl.fmt, sl.w + (size_t)r * sl.rb, j->inter, j->nbi, xq, xf, j->ipad, n, d);
+                row_dot(j->k, sl.fmt, sl.w + (size_t)r * sl.rb, j->inter, j->nbi, xq, xf, j->ipad, n, d, 1);
                 for (int q = 0; q < n; q++) s->dn[(pc + q) * j->hidden + r] = d[q];
             }
         }

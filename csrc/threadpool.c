@@ -41,6 +41,7 @@ typedef struct {
     lq_range_fn fn;
     void *ctx;
     int64_t n, grain;
+    int guided;                  /* chunks shrink from n / (2 threads) down to grain */
 } lq_pool;
 
 static lq_pool pool = {
@@ -75,9 +76,13 @@ static void run_job(unsigned long long gen, int tid) {
         /* read the job before claiming: a successful claim proves it was still this job */
         lq_range_fn fn = pool.fn;
         void *ctx = pool.ctx;
-        int64_t n = pool.n, grain = pool.grain;
+        int64_t n = pool.n, grain = pool.grain, len = grain;
         if (b >= n) return;
-        int64_t e = b + grain < n ? b + grain : n;
+        if (pool.guided) { /* a share of what is left, in whole grains */
+            int64_t share = (n - b) / (2 * (int64_t)pool.n_threads);
+            len = share > grain ? (share + grain - 1) / grain * grain : grain;
+        }
+        int64_t e = b + len < n ? b + len : n;
         if (!atomic_compare_exchange_weak_explicit(&pool.next, &v, v + (unsigned long long)(e - b),
                                                    memory_order_acq_rel, memory_order_acquire))
             continue;
@@ -201,7 +206,7 @@ int lq_get_num_threads(void) {
     return pool.n_threads;
 }
 
-void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) {
+static void parallel_for(int64_t n, int64_t grain, int guided, lq_range_fn fn, void *ctx) {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     pthread_once(&pool_once, pool_init);
@@ -223,6 +228,7 @@ void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) {
     pool.ctx = ctx;
     pool.n = n;
     pool.grain = grain;
+    pool.guided = guided;
     atomic_store_explicit(&pool.done_items, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.next, (g & ((1ull << (64 - GEN_SHIFT)) - 1)) << GEN_SHIFT, memory_order_release);
     pthread_mutex_lock(&pool.m);
@@ -249,3 +255,7 @@ void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) {
     }
     pthread_mutex_unlock(&pool.submit);
 }
+
+void lq_parallel_for(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) { parallel_for(n, grain, 0, fn, ctx); }
+
+void lq_parallel_for_guided(int64_t n, int64_t grain, lq_range_fn fn, void *ctx) { parallel_for(n, grain, 1, fn, ctx); }

@@ -63,7 +63,7 @@ int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, 
 int lq_gelu_mul(const float *gate, const float *up, int64_t n, float *out) {
     if (n < 0) return LQ_E_SHAPE;
     /* the experts' gelu (kernels.h), so a dense MLP and an expert round alike */
-    for (int64_t i = 0; i < n; i++) out[i] = lq_gelu_tanh(gate[i]) * up[i];
+    lq_active_kernels()->gelu_mul(gate, up, n, out);
     return LQ_OK;
 }
 

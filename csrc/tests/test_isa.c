@@ -19,6 +19,12 @@
  *   value, so two implementations differ by at most 2 (nb + 8) eps mag (eps = FLT_EPSILON).
  *   "exact" trials (d = dmin = xd = 1, small quants) make every float an integer below 2^24 and
  *   require bit equality, which pins down the integer paths on their own.
+ * - gelu_mul: bit-exact. Every table runs the same C (lq_gelu_mul_f32: GCC vector extension,
+ *   element-wise IEEE operations, no contraction), so any difference is a miscompiled or
+ *   mis-dispatched kernel; a tail of 1-3 values goes through the same vector code. The scalar
+ *   table's tanh is also checked against libm's double tanh rounded to f32 on 2^20 bit
+ *   patterns spread over all f32: at most 1 ulp apart (lq_tanh4 is within ~2^-45 of tanh,
+ *   so it can differ only next to a rounding tie, and libm's double tanh is itself within 1 ulp).
  * - f32 / f16 dots: the same products summed in different orders. The classic bound for a sum
  *   of n terms is (n - 1) eps sum|w x| for any order, so the tolerance is 2 (n + 8) eps mag with
  *   mag = sum |w x| (in double); small-integer trials again require bit equality.
@@ -218,6 +224,61 @@ static void check_quantize(int64_t nb, int kind) {
     free(x), free(a), free(b);
 }
 
+/* gelu_mul on n values of a few kinds (tiny, ordinary, large, tails of gelu and tanh, zeros
+ * of both signs, infinities, NaN), both tables, bit for bit */
+static void check_gelu(int64_t n) {
+    float *g = malloc(n * sizeof *g), *u = malloc(n * sizeof *u), *a = malloc(n * sizeof *a),
+          *b = malloc(n * sizeof *b);
+    static const float special[] = {0.f, -0.f, INFINITY, -INFINITY, NAN, 1e-30f, -1e-30f, 1e-4f, -3e-4f,
+                                    9.f, -9.f, 20.f, -20.f, 1e30f, -1e30f, 0.5f, -0.5f};
+    for (int64_t i = 0; i < n; i++) {
+        int kind = rnd_int(0, 4);
+        g[i] = kind == 0 ? special[rnd_below(sizeof special / sizeof *special)]
+                         : (float)(pow(10.0, rnd_unif() * 6 - 4 - (kind == 1 ? 20 : 0)) * rnd_normal());
+        u[i] = (float)rnd_normal();
+    }
+    memset(a, 0xab, n * sizeof *a), memset(b, 0xab, n * sizeof *b);
+    ref->gelu_mul(g, u, n, a);
+    isa->gelu_mul(g, u, n, b);
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4)) {
+            fail("gelu_mul n=%lld [%lld]: gate %a up %a: scalar %a, %s %a", (long long)n, (long long)i, g[i], u[i],
+                 a[i], isa->name, b[i]);
+            free(g), free(u), free(a), free(b);
+            return;
+        }
+    n_pass++;
+    free(g), free(u), free(a), free(b);
+}
+
+/* lq_tanh4 itself (gelu_mul's tanh cannot be recovered exactly from its output) against libm's
+ * double tanh rounded to f32, on 2^20 bit patterns spread over all f32. */
+static void check_tanh_accuracy(void) {
+    long worst = 0, exact = 0, n = 0;
+    for (uint64_t bits = 0; bits < 0x100000000ULL; bits += 4 * 4093) {
+        lq_v4f x, t;
+        for (int j = 0; j < 4; j++) {
+            uint32_t bj = (uint32_t)(bits + (uint64_t)j * 4093);
+            memcpy(&x[j], &bj, 4);
+        }
+        lq_tanh4(&x, &t);
+        for (int j = 0; j < 4; j++) {
+            float xj = x[j], tj = t[j], r = (float)tanh((double)xj);
+            if (xj != xj) {
+                if (tj == tj) fail("tanh(NaN) = %a", tj);
+                continue;
+            }
+            int32_t it, ir;
+            memcpy(&it, &tj, 4), memcpy(&ir, &r, 4);
+            long d = labs((long)it - (long)ir);
+            n++, exact += d == 0, worst = d > worst ? d : worst;
+            if (d > 1) fail("tanh(%a) = %a, libm's double tanh rounds to %a", xj, tj, r);
+        }
+    }
+    printf("tanh: %ld of %ld values equal to libm's double tanh rounded, the rest within %ld ulp\n", exact, n, worst);
+    n_pass++;
+}
+
 enum { K_Q4K, K_Q6K, K_F32, K_F16, K_BF16 };
 static const char *kname[] = {"dot_q4k", "dot_q6k", "dot_f32", "dot_f16", "dot_bf16"};
 static const int kfmt[] = {LQ_Q4_K, LQ_Q6_K, LQ_F32, LQ_F16, LQ_BF16};
@@ -386,6 +447,11 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 3; k++) check_quantize(nbs[k], -1);
     for (int r = 0; r < 2 * trials; r++) /* each special row kind: ties, halves, zeros, ... */
         for (int kind = 0; kind < X_KINDS; kind++) check_quantize(1, kind);
+
+    check_tanh_accuracy();
+    static const int64_t gelu_n[] = {1, 2, 3, 4, 5, 7, 64, 1001, 4096};
+    for (int r = 0; r < trials; r++)
+        for (int k = 0; k < 9; k++) check_gelu(gelu_n[k]);
 
     for (int i = 0; i < 5; i++) {
         for (int k = 0; k < 3; k++) {

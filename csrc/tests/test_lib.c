@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "blocks_ref.h"
+#include "kernels.h" /* lq_parallel_for_guided: internal, but every csrc file is linked here */
 #include "larql.h"
 
 static int n_pass, n_fail;
@@ -150,6 +151,42 @@ static void check_moe(const char *best) {
     free(gq), free(dq);
 }
 
+/* lq_parallel_for_guided: every index in exactly one range, every range starting at a multiple
+ * of grain and (but the last) at least one grain long, whatever the thread count. */
+typedef struct {
+    int64_t grain, n;
+    _Atomic int *hits;
+    _Atomic int bad;
+} guided_job;
+
+static void guided_range(void *p, int64_t b, int64_t e, int tid) {
+    guided_job *j = p;
+    (void)tid;
+    if (b % j->grain || e <= b || e > j->n || (e - b < j->grain && e != j->n)) j->bad = 1;
+    for (int64_t i = b; i < e; i++) j->hits[i]++;
+}
+
+static void check_guided(void) {
+    static const int64_t ns[] = {1, 15, 16, 17, 1000, 4097};
+    static const int64_t grains[] = {1, 16, 48};
+    for (int threads = 1; threads <= 3; threads++) {
+        lq_set_num_threads(threads);
+        for (int a = 0; a < 6; a++)
+            for (int g = 0; g < 3; g++) {
+                guided_job j = {grains[g], ns[a], calloc((size_t)ns[a], sizeof(int)), 0};
+                lq_parallel_for_guided(j.n, j.grain, guided_range, &j);
+                int ok = !j.bad;
+                for (int64_t i = 0; i < j.n; i++) ok = ok && j.hits[i] == 1;
+                char msg[128];
+                snprintf(msg, sizeof msg, "parallel_for_guided n=%lld grain=%lld threads=%d", (long long)j.n,
+                         (long long)j.grain, threads);
+                check(ok, msg);
+                free((void *)j.hits);
+            }
+    }
+    lq_set_num_threads(0);
+}
+
 int main(int argc, char **argv) {
     const char *avail = lq_available_isas();
     const char *best = strrchr(avail, ' ') ? strrchr(avail, ' ') + 1 : avail;
@@ -174,6 +211,7 @@ int main(int argc, char **argv) {
         check_moe(isa);
     }
     lq_force_isa(NULL);
+    check_guided();
 
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
