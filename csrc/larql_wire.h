@@ -25,7 +25,9 @@ enum {
     LQ_WIRE_CLOSED = 2,   /* the peer closed the connection */
     LQ_WIRE_TIMEOUT = 3,  /* nothing (more) within the time given */
     LQ_WIRE_IO = 4,       /* a socket error: errno in *err */
-    LQ_WIRE_GROW = 5      /* the frame does not fit the buffer: the caller makes room */
+    LQ_WIRE_GROW = 5,     /* the frame does not fit the buffer: the caller makes room */
+    LQ_WIRE_INTERRUPTED = 6 /* a signal arrived while waiting: the caller runs its handlers
+                               (Ctrl-C) and calls again; nothing read is lost */
 };
 
 /* A validated `experts` request (enc "f32"): byte offsets into the body it was parsed from. */
@@ -94,8 +96,8 @@ int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, i
 /* Read into buf[*end, cap) until buf[start, *end) begins with a whole frame (4-byte length +
  * body): LQ_OK and *frame_len = 4 + body length. LQ_WIRE_DECLINED if the announced length is
  * above max_frame, LQ_WIRE_GROW if the frame cannot end before cap (the caller compacts or
- * grows the buffer and reads on), LQ_WIRE_CLOSED, LQ_WIRE_TIMEOUT or LQ_WIRE_IO. *end always
- * counts every byte read. */
+ * grows the buffer and reads on), LQ_WIRE_CLOSED, LQ_WIRE_TIMEOUT, LQ_WIRE_IO or
+ * LQ_WIRE_INTERRUPTED. *end always counts every byte read. */
 int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int64_t *end, int32_t timeout_ms,
                        int64_t max_frame, int64_t *frame_len, int32_t *err);
 
@@ -108,7 +110,8 @@ typedef struct {
     int64_t out_cap;
     uint8_t *input;            /* in: the connection's read buffer, unread bytes [in_start, in_end) */
     int64_t in_cap, in_start, in_end;
-    int32_t sent;              /* out (send): 1 request written, 0 no slot in range, < 0 write failed */
+    int32_t sent;              /* out (send): 1 request written, 0 no slot in range, < 0 write failed;
+                                  (collect) 2 once its reply was added */
     int32_t status;            /* out (collect): LQ_OK added, else the lq_wire_read_frame code or
                                   LQ_WIRE_DECLINED (a whole frame of frame_len bytes at in_start) */
     int32_t err;               /* errno of a failed write or read */
@@ -124,9 +127,11 @@ int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const
                        int32_t acc64, int32_t timeout_ms);
 
 /* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;
- * `first`: no partial sum added yet), rounding an f64 sum into out32. Stops at the first leg that
- * is not a plain success (a failed write included) and returns its index (its status says why; later legs untouched, so the
- * caller keeps the shard order); n if every leg was added. timeout_ms covers all the legs. */
+ * `first`: no partial sum added before this call), rounding an f64 sum into out32; an added leg's
+ * sent becomes 2 and a later call skips it. Stops at the first leg that is not a plain success (a
+ * failed write included) and returns its index: its status says why, later legs are untouched,
+ * so the caller keeps the shard order (after LQ_WIRE_INTERRUPTED it calls again). Returns n once
+ * every leg was added. timeout_ms covers all the legs. */
 int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidden, int32_t acc64, int32_t timeout_ms,
                               int64_t max_frame, void *sum, int32_t first, float *out32);
 

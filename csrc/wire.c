@@ -361,8 +361,10 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Wait until fd is ready for `events` or the deadline passes. */
-static int wait_fd(int32_t fd, short events, int64_t deadline, int32_t *err) {
+/* Wait until fd is ready for `events` or the deadline passes. A signal ends the wait of a read
+ * (`interruptible`): Python runs its handlers only once the C call returns, so a Ctrl-C would
+ * otherwise wait for the reply or the timeout. A write keeps waiting: it may be half done. */
+static int wait_fd(int32_t fd, short events, int64_t deadline, int interruptible, int32_t *err) {
     for (;;) {
         int64_t left = deadline - now_ms();
         if (left <= 0) return LQ_WIRE_TIMEOUT;
@@ -371,6 +373,7 @@ static int wait_fd(int32_t fd, short events, int64_t deadline, int32_t *err) {
         if (r > 0) return LQ_OK; /* ready, or an error the next call reports */
         if (r == 0) continue;    /* the loop rechecks the deadline */
         if (errno != EINTR) return *err = errno, LQ_WIRE_IO;
+        if (interruptible) return LQ_WIRE_INTERRUPTED;
     }
 }
 
@@ -385,7 +388,7 @@ int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, i
         }
         if (w < 0 && errno == EINTR) continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            int rc = wait_fd(fd, POLLOUT, deadline, err);
+            int rc = wait_fd(fd, POLLOUT, deadline, 0, err);
             if (rc != LQ_OK) return rc;
             continue;
         }
@@ -418,7 +421,7 @@ int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int
         if (r == 0) return LQ_WIRE_CLOSED;
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            int rc = wait_fd(fd, POLLIN, deadline, err);
+            int rc = wait_fd(fd, POLLIN, deadline, 1, err);
             if (rc != LQ_OK) return rc;
             continue;
         }
@@ -456,7 +459,8 @@ int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidde
     int64_t deadline = now_ms() + timeout_ms;
     for (int32_t i = 0; i < n; i++) {
         lq_wire_leg *g = legs[i];
-        if (g->sent == 0) continue;
+        if (g->sent == 2) first = 0; /* added by an earlier call */
+        if (g->sent == 0 || g->sent == 2) continue;
         if (g->sent < 0) return i; /* its failover goes first: the sums stay in shard order */
         if (g->in_start == g->in_end) g->in_start = g->in_end = 0;
         int64_t left = deadline - now_ms();
@@ -470,6 +474,7 @@ int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidde
             return i;
         }
         g->in_start += g->frame_len;
+        g->sent = 2;
         first = 0;
     }
     return n;

@@ -126,6 +126,8 @@ class StandIn:
                 req = requests.pop(rep.get("id"), {})
                 if self.mangle is not None:
                     rep = self.mangle(req, rep)
+                    if rep is None:          # dropped: a server that never answers
+                        continue
                 writer.write(P.encode_frame(rep))
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

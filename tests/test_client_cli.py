@@ -84,3 +84,38 @@ def test_ctrl_c_during_a_remote_run_is_one_line(served):
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == "larql run: interrupted"
     assert "Traceback" not in err and "Task exception" not in err
+
+
+def test_ctrl_c_while_a_shard_is_silent_is_prompt(served):
+    """Ctrl-C while the client waits inside C for a reply that never comes: it returns to
+    Python at once (LQ_WIRE_INTERRUPTED), not after the 60 s timeout."""
+    path, srv = served
+    seen = [0]
+
+    def go_silent(req, rep):
+        if req.get("op") == "experts":
+            seen[0] += 1
+            if seen[0] > 30:
+                return None
+        return rep
+
+    proxy = StandIn((srv.host, srv.port), mangle=go_silent)
+    proc = subprocess.Popen([sys.executable, "-m", "larql", "run", str(path), "Hi", "-n", "100000",
+                             "--moe-shards", f"0-7={proxy.address}", "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while seen[0] <= 30 and time.monotonic() < deadline:   # until the first dropped one
+            time.sleep(0.05)
+        time.sleep(0.3)                       # waiting for the reply that will not come
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.stop()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "larql run: interrupted"

@@ -119,3 +119,26 @@ def test_backends_without_start_still_run(vindex):
 
     a, b = models.load(vindex, experts=ForwardOnly()), models.load(vindex)
     assert a.forward([2, 3], a.new_cache()).tobytes() == b.forward([2, 3], b.new_cache()).tobytes()
+
+
+def test_an_uncollected_call_does_not_lock_the_client(vindex, servers):
+    """A Ctrl-C between `start` and `result` (the call is never collected): the same thread
+    can still compute and close (the old plain lock deadlocked `larql run`'s cleanup)."""
+    import threading
+
+    rx = connect_shards(servers, vindex, api_key="")
+    h = np.random.default_rng(3).standard_normal((1, H)).astype(np.float32)
+    ids, w = np.array([[1, 6]]), np.array([[0.5, 0.5]], np.float32)
+    want = rx.forward(0, h, ids, w)
+    done = threading.Event()
+
+    def run():
+        rx.start(0, h, ids, w)                        # dropped: never collected
+        assert rx.forward(0, h, ids, w).tobytes() == want.tobytes()
+        rx.close()
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    assert done.is_set()

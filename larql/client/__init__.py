@@ -55,7 +55,9 @@ class RemoteExperts:
 
     def __init__(self, client: BlockingExpertClient) -> None:
         self.client = client
-        self._lock = threading.Lock()
+        # Re-entrant: a Ctrl-C between `start` and `result` can leave a layer call uncollected
+        # (its lock count held); the same thread must still be able to go on and to close.
+        self._lock = threading.RLock()
         self._closed = False
         client.connect()
 
@@ -111,8 +113,13 @@ class RemoteExperts:
         if self._closed:
             return
         self._closed = True
-        with self._lock:
+        # another thread stuck with an uncollected call must not keep the sockets open forever
+        held = self._lock.acquire(timeout=self.client.options.timeout)
+        try:
             self.client.close()
+        finally:
+            if held:
+                self._lock.release()
 
     def __enter__(self) -> RemoteExperts:
         return self

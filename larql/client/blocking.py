@@ -216,10 +216,16 @@ class BlockingConnection:
         if left <= 0:
             raise self._timeout("experts", deadline)
         io = self._io
-        io[0] = self._end
-        rc = lib.lq_wire_read_frame(self.fd, self._buf_c, len(self._buf), self._start, io,
-                                    max(1, int(left * 1000)), P.MAX_FRAME, io + 1, self._err)
-        self._end = io[0]
+        while True:   # a signal (Ctrl-C) returns to Python, whose handlers run here, then on
+            io[0] = self._end
+            rc = lib.lq_wire_read_frame(self.fd, self._buf_c, len(self._buf), self._start, io,
+                                        max(1, int(left * 1000)), P.MAX_FRAME, io + 1, self._err)
+            self._end = io[0]
+            left = deadline - time.monotonic()
+            if rc != lib.LQ_WIRE_INTERRUPTED:
+                break
+            if left <= 0:
+                raise self._timeout("experts", deadline)
         if rc == lib.LQ_OK:
             return io[1]
         if rc == lib.LQ_WIRE_TIMEOUT:
@@ -660,8 +666,14 @@ class BlockingExpertClient:
             if first is None or first[1] is None:
                 return 0, None
             return 0, first[2].read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
-        stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
-                                         P.MAX_FRAME, call.sum_c, call.first, call.out_c)
+        while True:   # a signal (Ctrl-C) returns to Python, whose handlers run here, then on
+            stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
+                                             P.MAX_FRAME, call.sum_c, call.first, call.out_c)
+            if stop == n or ptrs[stop].status != lib.LQ_WIRE_INTERRUPTED:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
         k = 0                               # position in call.sent
         for i in range(n):
             leg = ptrs[i]
