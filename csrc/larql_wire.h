@@ -26,8 +26,9 @@ enum {
     LQ_WIRE_TIMEOUT = 3,  /* nothing (more) within the time given */
     LQ_WIRE_IO = 4,       /* a socket error: errno in *err */
     LQ_WIRE_GROW = 5,     /* the frame does not fit the buffer: the caller makes room */
-    LQ_WIRE_INTERRUPTED = 6 /* a signal arrived while waiting: the caller runs its handlers
-                               (Ctrl-C) and calls again; nothing read is lost */
+    LQ_WIRE_INTERRUPTED = 6 /* a signal arrived, or 50 ms passed, while waiting: the caller
+                               runs its signal handlers (Ctrl-C) and calls again; nothing read
+                               is lost */
 };
 
 /* A validated `experts` request (enc "f32"): byte offsets into the body it was parsed from. */

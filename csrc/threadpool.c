@@ -14,7 +14,9 @@
  * on a condition variable: back-to-back calls (a layer's gate_up then down, the next layer's
  * experts) then start without a futex wake-up each.
  */
+#define _GNU_SOURCE /* pthread_setname_np */
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
@@ -105,6 +107,9 @@ typedef struct {
 static worker_arg worker_args[LQ_MAX_THREADS];
 
 static void *worker_main(void *p) {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "larql-kernel"); /* in ps -L, top -H, /proc/.../comm */
+#endif
     int tid = ((worker_arg *)p)->tid;
     unsigned long long seen = ((worker_arg *)p)->gen0;
     for (;;) {
@@ -140,15 +145,21 @@ static int default_threads(void) {
 }
 
 /* start workers 1..n-1 (caller holds pool.submit, no workers running) */
+/* Workers are born with every signal blocked, so a process-directed signal (Ctrl-C) goes to a
+ * thread of the host program, whose interpreter handles it, never to a kernel worker. */
 static int start_workers(int n) {
     pool.stop = 0;
     pool.n_threads = 1;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (int i = 1; i < n; i++) {
         worker_args[i].tid = i;
         worker_args[i].gen0 = atomic_load(&pool.gen);
         if (pthread_create(&pool.threads[i], NULL, worker_main, &worker_args[i]) != 0) break;
         pool.n_threads = i + 1;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return pool.n_threads == n ? 0 : LQ_E_NOMEM;
 }
 

@@ -364,14 +364,22 @@ static int64_t now_ms(void) {
 /* Wait until fd is ready for `events` or the deadline passes. A signal ends the wait of a read
  * (`interruptible`): Python runs its handlers only once the C call returns, so a Ctrl-C would
  * otherwise wait for the reply or the timeout. A write keeps waiting: it may be half done. */
+#define SIGNAL_SLICE_MS 50 /* a read returns to Python this often while waiting */
+
 static int wait_fd(int32_t fd, short events, int64_t deadline, int interruptible, int32_t *err) {
     for (;;) {
         int64_t left = deadline - now_ms();
         if (left <= 0) return LQ_WIRE_TIMEOUT;
+        /* A signal may have been taken by another thread, whose EINTR this poll never sees:
+         * a read also returns every SIGNAL_SLICE_MS so that Python checks for pending signals. */
+        int64_t wait = interruptible && left > SIGNAL_SLICE_MS ? SIGNAL_SLICE_MS : left;
         struct pollfd p = {.fd = fd, .events = events};
-        int r = poll(&p, 1, left > 1000000 ? 1000000 : (int)left);
+        int r = poll(&p, 1, wait > 1000000 ? 1000000 : (int)wait);
         if (r > 0) return LQ_OK; /* ready, or an error the next call reports */
-        if (r == 0) continue;    /* the loop rechecks the deadline */
+        if (r == 0) {
+            if (interruptible && wait < left) return LQ_WIRE_INTERRUPTED;
+            continue;            /* the loop rechecks the deadline */
+        }
         if (errno != EINTR) return *err = errno, LQ_WIRE_IO;
         if (interruptible) return LQ_WIRE_INTERRUPTED;
     }

@@ -576,3 +576,26 @@ def test_dense_mlp_and_expert_agree_bit_for_bit(fmt: int, inter: int) -> None:
     table = K.ExpertTable(hidden, inter, [(buf, 0, fmt, gate_up.data.size, fmt)])
     expert = K.moe_ffn(table, x, np.zeros((3, 1), np.int32), np.ones((3, 1), np.float32))
     assert np.array_equal(dense, expert)
+
+
+def test_pool_workers_block_signals():
+    """Kernel workers are born with signals blocked: Ctrl-C goes to the interpreter's thread
+    (a worker taking it would leave the main thread waiting in C)."""
+    import subprocess
+    import sys
+
+    code = ("import os, numpy as np; from larql import kernels as k; k.set_num_threads(3); "
+            "k.quantize(np.ones((64, 256), np.float32), k.Q4_K); "
+            "tasks = [open(f'/proc/self/task/{t}/status').read() for t in os.listdir('/proc/self/task')]; "
+            "print([t.split('SigBlk:')[1].split()[0] for t in tasks if 'Name:\\tlarql-kernel' in t])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    masks = eval(out.stdout)
+    assert len(masks) == 2
+    assert all(int(m, 16) >> (signal_number("SIGINT") - 1) & 1 for m in masks), masks
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name))
