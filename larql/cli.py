@@ -45,7 +45,17 @@ def build_parser(progs: dict[str, str] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+def _accept_stop_signals() -> None:
+    """Unblock Ctrl-C and SIGTERM in this thread: a parent that had them blocked when it started
+    us (a signal mask is inherited through exec) would otherwise leave us deaf to both."""
+    import signal
+
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def main(argv: list[str] | None = None, *, progs: dict[str, str] | None = None) -> int:
+    _accept_stop_signals()
     try:
         parser = build_parser(progs)  # (some command modules import the kernels to list options)
     except LarqlError as e:

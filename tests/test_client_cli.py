@@ -77,7 +77,10 @@ def test_ctrl_c_during_a_remote_run_is_one_line(served):
             time.sleep(0.05)
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit after SIGINT: {signal_state(proc.pid)}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -111,7 +114,10 @@ def test_ctrl_c_while_a_shard_is_silent_is_prompt(served):
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit after SIGINT: {signal_state(proc.pid)}") from None
         assert time.monotonic() - t0 < 10
     finally:
         if proc.poll() is None:
@@ -119,3 +125,14 @@ def test_ctrl_c_while_a_shard_is_silent_is_prompt(served):
         proxy.stop()
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == "larql run: interrupted"
+
+
+def signal_state(pid: int) -> str:
+    """The signal lines of each thread of a process (why it did not react), for messages."""
+    import os
+
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        status = open(f"/proc/{pid}/task/{t}/status").read().splitlines()
+        out.append(" ".join(ln for ln in status if ln.startswith(("Name", "SigPnd", "SigBlk", "SigIgn"))))
+    return "; ".join(out)
