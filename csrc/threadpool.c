@@ -107,9 +107,6 @@ typedef struct {
 static worker_arg worker_args[LQ_MAX_THREADS];
 
 static void *worker_main(void *p) {
-#if defined(__linux__)
-    pthread_setname_np(pthread_self(), "larql-kernel"); /* in ps -L, top -H, /proc/.../comm */
-#endif
     int tid = ((worker_arg *)p)->tid;
     unsigned long long seen = ((worker_arg *)p)->gen0;
     for (;;) {
@@ -157,6 +154,10 @@ static int start_workers(int n) {
         worker_args[i].tid = i;
         worker_args[i].gen0 = atomic_load(&pool.gen);
         if (pthread_create(&pool.threads[i], NULL, worker_main, &worker_args[i]) != 0) break;
+#if defined(__linux__)
+        /* named by the creator, so the name is there before the worker first runs */
+        pthread_setname_np(pool.threads[i], "larql-kernel"); /* ps -L, top -H, /proc/.../comm */
+#endif
         pool.n_threads = i + 1;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
