@@ -828,9 +828,8 @@ class _Conn(asyncio.Protocol):
         srv = self.srv
         if self.closed or self.refusal is not None:
             return
-        if (self.c_ready and 4 < len(data) <= srv.max_frame + 4 and self.reader.pending == 0
-                and P.HEADER.unpack_from(data)[0] == len(data) - 4 and srv._last_compute_conn is self
-                and srv.batcher.idle() and not srv._closing):
+        if (4 < len(data) <= srv.max_frame + 4 and self.reader.pending == 0
+                and P.HEADER.unpack_from(data)[0] == len(data) - 4 and self._c_path_open()):
             # One whole frame in this read and nothing else pending: offer it to the C path
             # before copying it through the frame reader (one stream decoding).
             t0 = time.perf_counter()
@@ -947,8 +946,7 @@ class _Conn(asyncio.Protocol):
     def _handle(self, body: bytes, lone: bool = False) -> None:
         t0 = time.perf_counter()
         srv = self.srv
-        if (lone and self.c_ready and srv._last_compute_conn is self and not srv._closing
-                and srv.batcher.idle() and (frame := srv.token_path.serve(body)) is not None):
+        if lone and self._c_path_open() and (frame := srv.token_path.serve(body)) is not None:
             # One stream decoding, a layer already checked: parsed, validated, computed and
             # answered in C (protocol_c), byte for byte what the Python path below replies.
             self._answered_in_c(frame, t0)
@@ -1031,6 +1029,12 @@ class _Conn(asyncio.Protocol):
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("request %s from %s failed", rid, self.peer)
             self._error(rid, P.E_INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _c_path_open(self) -> bool:
+        """Whether a one-token request may take the C path: greeted and authenticated, one
+        stream decoding (this connection computed last, nothing queued or running), not draining."""
+        srv = self.srv
+        return self.c_ready and srv._last_compute_conn is self and not srv._closing and srv.batcher.idle()
 
     def _answered_in_c(self, frame: bytes, t0: float) -> None:
         st = self.srv.stats
