@@ -69,6 +69,31 @@ static inline __m256 q4k_min_lanes(const block_q8_K *xb, __m256i mn_dup) {
 
 #define LQ_COLS_MAX 8
 
+/* Activation columns [0, T) in groups of at most MAX (<= 8), as even as possible (a group of 1
+ * pays a whole unpack per column): COLS(k, x of the group, out of the group) with k a constant,
+ * so each group size runs its own unrolled kernel. The row's bytes stay in L1 for later groups. */
+#define LQ_EACH_COL_GROUP(MAX, T, x, x_stride, out, out_stride, COLS)                                \
+    do {                                                                                         \
+        int groups_ = ((T) + (MAX) - 1) / (MAX);                                                 \
+        for (int t_ = 0, g_ = 0; g_ < groups_; g_++) {                                           \
+            int n_ = ((T) - t_) / (groups_ - g_);                                                \
+            const block_q8_K *xg_ = (x) + t_ * (x_stride);                                       \
+            float *og_ = (out) + t_ * (out_stride);                                              \
+            switch (n_) {                                                                        \
+            case 1: COLS(1, xg_, og_); break;                                                    \
+            case 2: COLS(2, xg_, og_); break;                                                    \
+            case 3: COLS(3, xg_, og_); break;                                                    \
+            case 4: COLS(4, xg_, og_); break;                                                    \
+            case 5: COLS(5, xg_, og_); break;                                                    \
+            case 6: COLS(6, xg_, og_); break;                                                    \
+            case 7: COLS(7, xg_, og_); break;                                                    \
+            case 8: COLS(8, xg_, og_); break;                                                    \
+            default: break;                                                                      \
+            }                                                                                    \
+            t_ += n_;                                                                            \
+        }                                                                                        \
+    } while (0)
+
 /* NC activation columns (1..LQ_COLS_MAX) against one weight row, 64 values at a time: each
  * 64-value chunk (one byte register: sub-block 2c in the low nibbles, 2c+1 in the high) is
  * unpacked once, with its two scale vectors, and dotted with every column while in registers.
@@ -155,8 +180,7 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     return q4k_finish(acc, acc_m);
 }
 
-/* T = 1: q4k_row1. Otherwise groups of at most LQ_COLS_MAX columns, as even as possible (a group
- * of 1 pays a whole unpack per column); the row's bytes stay in L1 for the later groups. */
+/* T = 1: q4k_row1. Otherwise column groups (LQ_EACH_COL_GROUP). */
 static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T,
                     float *out, int64_t out_stride) {
     const block_q4_K *w = w_row;
@@ -165,19 +189,9 @@ static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
         out[0] = q4k_row1(nb, w, x);
         return;
     }
-    int groups = (T + LQ_COLS_MAX - 1) / LQ_COLS_MAX;
-    for (int t = 0, g = 0; g < groups; g++) {
-        int n = (T - t) / (groups - g);
-        const block_q8_K *xg = x + t * x_stride;
-        float *og = out + t * out_stride;
-        switch (n) {
-#define COLS_CASE(k) case k: q4k_cols(nb, w, xg, x_stride, k, og, out_stride); break;
-        COLS_CASE(1) COLS_CASE(2) COLS_CASE(3) COLS_CASE(4) COLS_CASE(5) COLS_CASE(6) COLS_CASE(7) COLS_CASE(8)
-#undef COLS_CASE
-        default: break;
-        }
-        t += n;
-    }
+#define Q4K_COLS(k, xg, og) q4k_cols(nb, w, xg, x_stride, k, og, out_stride)
+    LQ_EACH_COL_GROUP(LQ_COLS_MAX, T, x, x_stride, out, out_stride, Q4K_COLS);
+#undef Q4K_COLS
 }
 
 /* int16 lanes [scale 2m x 8, scale 2m+1 x 8]: register m of a Q6_K block holds values
@@ -313,23 +327,13 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     return _mm_cvtss_f32(acc);
 }
 
-/* T >= 2: groups of at most LQ_Q6K_COLS_MAX columns, as even as possible. Out of line, so the
- * T = 1 path keeps a small function (inlined, the switch cost q6k_row1 ~7%). */
+/* T >= 2: column groups (LQ_EACH_COL_GROUP). Out of line, so the T = 1 path keeps a small
+ * function (inlined, the switch cost q6k_row1 ~7%). */
 static __attribute__((noinline)) void q6k_groups(int64_t nb, const block_q6_K *w, const block_q8_K *x,
                                                  int64_t x_stride, int T, float *out, int64_t out_stride) {
-    int groups = (T + LQ_Q6K_COLS_MAX - 1) / LQ_Q6K_COLS_MAX;
-    for (int t = 0, g = 0; g < groups; g++) {
-        int n = (T - t) / (groups - g);
-        const block_q8_K *xg = x + t * x_stride;
-        float *og = out + t * out_stride;
-        switch (n) {
-#define COLS_CASE(k) case k: q6k_cols(nb, w, xg, x_stride, k, og, out_stride); break;
-        COLS_CASE(1) COLS_CASE(2) COLS_CASE(3) COLS_CASE(4) COLS_CASE(5) COLS_CASE(6) COLS_CASE(7) COLS_CASE(8)
-#undef COLS_CASE
-        default: break;
-        }
-        t += n;
-    }
+#define Q6K_COLS(k, xg, og) q6k_cols(nb, w, xg, x_stride, k, og, out_stride)
+    LQ_EACH_COL_GROUP(LQ_Q6K_COLS_MAX, T, x, x_stride, out, out_stride, Q6K_COLS);
+#undef Q6K_COLS
 }
 
 static void dot_q6k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
