@@ -570,10 +570,7 @@ class BlockingExpertClient:
             elif leg.sent == 0:
                 self._unpick(rep)           # no slot of this token is in the shard's range
             else:
-                e = conn.write_failed(leg.sent, leg.err)
-                self._unpick(rep)
-                with self._lock:
-                    sh.policy.failed(rep.state, str(e), time.monotonic())
+                self._send_failed(sh, rep, conn.write_failed(leg.sent, leg.err))
                 call.sent.append((si, None, None, 0))
         call.legs = ptrs, len(conns)
         return True
@@ -601,9 +598,7 @@ class BlockingExpertClient:
             try:
                 conn.send_token(buf_c, buf, n, self.options.timeout)
             except ShardError as e:
-                self._unpick(rep)
-                with self._lock:
-                    sh.policy.failed(rep.state, str(e), time.monotonic())
+                self._send_failed(sh, rep, e)
                 call.sent.append((si, None, None, 0))
                 continue
             self.round_trips += 1
@@ -714,9 +709,14 @@ class BlockingExpertClient:
         state = rep.state
         with self._lock:
             state.inflight -= 1
-        if state.failures:
-            with self._lock:
+            if state.failures:
                 sh.policy.succeeded(state)
+
+    def _send_failed(self, sh: Shard, rep: Replica, e: Exception) -> None:
+        """A request that never went out: uncounted, and the replica marked failed."""
+        with self._lock:
+            rep.state.inflight -= 1
+            sh.policy.failed(rep.state, str(e), time.monotonic())
 
     def _send_first(self, job: core.Job):
         """Send on a connected, up replica chosen by the policy (None: go through `_finish`'s
@@ -729,9 +729,7 @@ class BlockingExpertClient:
         try:
             rid = conn.send(dict(job.msg))
         except ShardError as e:
-            with self._lock:
-                rep.state.inflight -= 1
-                sh.policy.failed(rep.state, str(e), time.monotonic())
+            self._send_failed(sh, rep, e)
             return None
         self.round_trips += 1
         return rep, conn, rid
@@ -798,8 +796,7 @@ class BlockingExpertClient:
 
     def _take(self, job: core.Job, sh: Shard, rep: Replica, conn: BlockingConnection, reply: dict):
         state = rep.state
-        with self._lock:
-            state.inflight -= 1
+        self._unpick(rep)
         if reply.get("ok") is not True:
             code, message = core._error_of(reply)
             raise P.RemoteError(code, message, core.endpoint_label(sh.spec, state.endpoint))
