@@ -87,6 +87,15 @@ int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, in
                  const float *x, int64_t T, int32_t K, const int32_t *ids, const float *weights,
                  float *out, double *out64);
 
+/* As lq_moe_ffn64 with x already normed and in Q8_K: T rows of ceil(hidden / 256) blocks, as
+ * lq_quantize(LQ_Q8_K) makes them from the row padded with zeros. The blocks are used as they
+ * are (not dequantised and quantised again, which can move a scale by one ulp), so activations
+ * quantised by this library give lq_moe_ffn64's result bit for bit. Every expert named must
+ * have a K-quant gate_up: LQ_E_FORMAT otherwise. */
+int lq_moe_ffn64_q8k(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter,
+                     const void *xq, int64_t T, int32_t K, const int32_t *ids, const float *weights,
+                     float *out, double *out64);
+
 /* Thread pool: size from LARQL_NUM_THREADS, default all online cores. */
 int lq_set_num_threads(int n);
 int lq_get_num_threads(void);

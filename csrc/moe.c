@@ -247,12 +247,12 @@ static void group_pairs(moe_scratch *s, int32_t n_experts, const int32_t *ids, c
     }
 }
 
-/* Activations in pair order: Q8_K once per token then gathered (K-quant gate_up), and f32
- * (float gate_up). */
-static void gather_inputs(moe_scratch *s, const lq_kernels *k, const moe_census *c, const float *x, int64_t T,
-                          int64_t hidden, int64_t hpad) {
+/* Activations in pair order: Q8_K once per token (or the caller's Q8_K rows) then gathered
+ * (K-quant gate_up), and f32 (float gate_up). */
+static void gather_inputs(moe_scratch *s, const lq_kernels *k, const moe_census *c, const float *x,
+                          const void *xq_in, int64_t T, int64_t hidden, int64_t hpad) {
     int64_t nbh = hpad / QK_K;
-    if (c->any_kq_gu) {
+    if (c->any_kq_gu && !xq_in) {
         for (int64_t t = 0; t < T; t++) {
             const float *xt = x + t * hidden;
             if (s->pad) {
@@ -261,9 +261,13 @@ static void gather_inputs(moe_scratch *s, const lq_kernels *k, const moe_census 
             }
             k->quantize_q8k(xt, s->xq + t * nbh, hpad);
         }
-        for (int64_t q = 0; q < c->np; q++)
-            memcpy(s->xgq + q * nbh, s->xq + (int64_t)s->pair_t[q] * nbh, (size_t)nbh * sizeof(block_q8_K));
     }
+    /* the caller's blocks are used as they are; read as bytes: they may lie at any address in a
+     * frame received from the wire */
+    const uint8_t *xq = xq_in ? (const uint8_t *)xq_in : (const uint8_t *)s->xq;
+    const size_t row = (size_t)nbh * sizeof(block_q8_K);
+    if (c->any_kq_gu)
+        for (int64_t q = 0; q < c->np; q++) memcpy(s->xgq + q * nbh, xq + (size_t)s->pair_t[q] * row, row);
     if (c->any_f_gu)
         for (int64_t q = 0; q < c->np; q++)
             memcpy(s->xgf + q * hidden, x + (int64_t)s->pair_t[q] * hidden, (size_t)hidden * sizeof(float));
@@ -274,14 +278,18 @@ int lq_moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int6
     return lq_moe_ffn64(experts, n_experts, hidden, inter, x, T, K, ids, weights, out, NULL);
 }
 
-int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
-                 int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out, double *out64) {
+/* x (f32) or xq (Q8_K, K-quant gate_up only): the two entry points below. */
+static int moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
+                   const void *xq, int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out,
+                   double *out64) {
     if (hidden < 1 || inter < 1 || T < 1 || K < 0 || n_experts < 0) return LQ_E_SHAPE;
     memset(out, 0, (size_t)(T * hidden) * sizeof(float));
     if (out64) memset(out64, 0, (size_t)(T * hidden) * sizeof(double));
     moe_census c;
     int rc = census(experts, n_experts, ids, T * K, &c);
-    if (rc != LQ_OK || c.np == 0) return rc;
+    if (rc != LQ_OK) return rc;
+    if (xq && c.any_f_gu) return LQ_E_FORMAT; /* a float gate_up needs the f32 activations */
+    if (c.np == 0) return LQ_OK;
     moe_job j = {.k = lq_active_kernels(), .experts = experts, .hidden = hidden, .inter = inter,
                  .hpad = pad256(hidden), .ipad = pad256(inter), .n_groups = c.n_groups, .np = c.np};
     j.nbh = j.hpad / QK_K;
@@ -298,7 +306,7 @@ int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, in
     j.s = &s;
 
     group_pairs(&s, n_experts, ids, weights, T * K, K);
-    gather_inputs(&s, j.k, &c, x, T, hidden, j.hpad);
+    gather_inputs(&s, j.k, &c, x, xq, T, hidden, j.hpad);
     lq_parallel_for(c.n_groups * j.n_slices, 1, phase_a, &j);
     if (c.any_kq_down) lq_parallel_for(c.np, 16, quantize_h, &j); /* 16 pairs or fewer: inline */
     lq_parallel_for(c.n_groups * j.n_down_slices, 1, phase_b, &j);
@@ -307,4 +315,15 @@ int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, in
     if (j.acc != out64) free(j.acc);
     scratch_free(&s);
     return LQ_OK;
+}
+
+int lq_moe_ffn64(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const float *x,
+                 int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out, double *out64) {
+    return moe_ffn(experts, n_experts, hidden, inter, x, NULL, T, K, ids, weights, out, out64);
+}
+
+int lq_moe_ffn64_q8k(const lq_expert *experts, int32_t n_experts, int64_t hidden, int64_t inter, const void *xq,
+                     int64_t T, int32_t K, const int32_t *ids, const float *weights, float *out, double *out64) {
+    if (!xq) return LQ_E_SHAPE;
+    return moe_ffn(experts, n_experts, hidden, inter, NULL, xq, T, K, ids, weights, out, out64);
 }

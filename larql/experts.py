@@ -138,6 +138,29 @@ class LocalExperts:
         kernels.moe_ffn(table, xe, ids, weights, out64=y64)
         return y64
 
+    def forward_q8k(self, layer: int, xq: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                    acc: str = "f32") -> np.ndarray:
+        """As `forward_normed` with the normed input already in Q8_K (uint8 [T, row bytes], a
+        client's `q8k` encoding). K-quant experts use the blocks as they are, so a client that
+        quantised with kernels.quantize_q8k gets `forward`'s result bit for bit; float experts
+        take the dequantised values."""
+        ids = np.asarray(ids)
+        self.check(layer, ids)
+        table, _ = self._layer(layer)
+        xq = np.ascontiguousarray(xq)
+        T = xq.shape[0]
+        if acc not in ("f32", "f64"):
+            raise ValueError(f"acc must be 'f32' or 'f64', not {acc!r}")
+        if not table.q8k_input:
+            cols = xq.shape[1] // kernels.row_bytes(kernels.Q8_K, 256) * 256
+            xe = kernels.dequantize(xq.reshape(-1), kernels.Q8_K, T, cols)
+            return self.forward_normed(layer, xe[:, : table.hidden], ids, weights, acc)
+        if acc == "f32":
+            return kernels.moe_ffn_q8k(table, xq, T, np.atleast_2d(ids), np.atleast_2d(weights))
+        y64 = np.empty((T, table.hidden), dtype=np.float64)
+        kernels.moe_ffn_q8k(table, xq, T, np.atleast_2d(ids), np.atleast_2d(weights), out64=y64)
+        return y64
+
     def forward_multi(self, work):
         return [self.forward(*w) for w in work]
 

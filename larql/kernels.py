@@ -261,6 +261,8 @@ class ExpertTable:
         self._c = ffi.new("lq_expert[]", max(1, self.n_experts))
         self._keep: list = []  # cffi buffers: keep the memory mapped and alive
         self.held = np.zeros(self.n_experts, dtype=bool)
+        # every held expert's gate_up is K-quant: moe_ffn_q8k can take Q8_K activations as they are
+        self.q8k_input = True
         views: dict[int, object] = {}
         for e, spec in enumerate(experts):
             if spec is None:
@@ -293,6 +295,7 @@ class ExpertTable:
             c.gate_up = base + int(gu_off)
             c.down = base + int(d_off)
             c.gate_up_fmt = int(gu_fmt)
+            self.q8k_input = self.q8k_input and gu_fmt in (Q4_K, Q6_K)
             c.down_fmt = int(d_fmt)
             self.held[e] = True
 
@@ -312,33 +315,55 @@ def moe_ffn(table: ExpertTable, x: np.ndarray, ids: np.ndarray, weights: np.ndar
     T = x2.shape[0]
     if x2.shape[1] != table.hidden or T < 1:
         raise KernelError(f"moe_ffn: x has shape {x.shape}, expected [T, {table.hidden}] with T >= 1")
+    return _moe_call(lib.lq_moe_ffn64, "moe_ffn", table, _ptr(x2, "float *"), T, vec, ids, weights, out,
+                     out64)
+
+
+def moe_ffn_q8k(table: ExpertTable, xq, T: int, ids: np.ndarray, weights: np.ndarray,
+                out: np.ndarray | None = None, out64: np.ndarray | None = None) -> np.ndarray:
+    """moe_ffn with x already normed and in Q8_K (T rows of row_bytes(Q8_K, hidden padded to
+    256), as quantize_q8k makes them): the blocks are used as they are, so quantize_q8k(x) here
+    gives moe_ffn(x) bit for bit. Every expert named needs a K-quant gate_up -> f32 [T, hidden]."""
+    buf = _as_bytes(xq, "moe_ffn_q8k")
+    need = T * row_bytes(Q8_K, (table.hidden + 255) // 256 * 256)
+    if T < 1 or buf.size != need:
+        raise KernelError(f"moe_ffn_q8k: {buf.size} activation bytes for T={T}, expected {need}")
+    return _moe_call(lib.lq_moe_ffn64_q8k, "moe_ffn_q8k", table, _ptr(buf), T, False, ids, weights, out,
+                     out64)
+
+
+def _moe_call(fn, name: str, table: ExpertTable, x_c, T: int, vec: bool, ids, weights, out,
+              out64) -> np.ndarray:
+    """The checks shared by moe_ffn and moe_ffn_q8k, then the C call fn(..., x_c, ...)."""
     ids = np.asarray(ids)
     weights = np.asarray(weights)
     if vec and ids.ndim == 1:
         ids, weights = ids[None, :], weights[None, :]
     if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
-        raise KernelError(f"moe_ffn: ids {ids.shape} and weights {weights.shape} must both be [T={T}, K]")
+        raise KernelError(f"{name}: ids {ids.shape} and weights {weights.shape} must both be [T={T}, K]")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise KernelError(f"moe_ffn: ids must be integers, got {ids.dtype}")
+        raise KernelError(f"{name}: ids must be integers, got {ids.dtype}")
     if ids.dtype != np.int32 and ids.size and ids.max() >= table.n_experts:
         _raise_bad_ids(table, ids)  # before the cast to int32 could wrap a huge id into range
     ids32 = np.ascontiguousarray(ids, dtype=np.int32)
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
     shape = (table.hidden,) if vec else (T, table.hidden)
-    y = _out(out, shape, "moe_ffn")
+    y = _out(out, shape, name)
     if out64 is None:
         y64 = ffi.NULL
     elif (out64.shape != shape or out64.dtype != np.float64 or not out64.flags.c_contiguous
           or not out64.flags.writeable):
-        raise KernelError(f"moe_ffn: out64 must be a writable contiguous f64 array of shape {shape}")
+        raise KernelError(f"{name}: out64 must be a writable contiguous f64 array of shape {shape}")
     else:
         y64 = _ptr(out64, "double *")
-    rc = lib.lq_moe_ffn64(table._c, table.n_experts, table.hidden, table.inter, _ptr(x2, "float *"), T,
-                          ids32.shape[1], _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"),
-                          y64)
+    rc = fn(table._c, table.n_experts, table.hidden, table.inter, x_c, T, ids32.shape[1],
+            _ptr(ids32, "int32_t *"), _ptr(w32, "float *"), _ptr(y, "float *"), y64)
     if rc == lib.LQ_E_EXPERT:  # the C side checks every id; name the bad one only when it fails
         _raise_bad_ids(table, ids32)
-    _check(rc, "moe_ffn")
+    if rc == lib.LQ_E_FORMAT and fn is lib.lq_moe_ffn64_q8k:
+        raise KernelError(f"{name}: Q8_K activations need K-quant gate_up weights; an expert named "
+                          "has a float gate_up (use moe_ffn with f32 activations)")
+    _check(rc, name)
     return y
 
 

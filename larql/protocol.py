@@ -376,6 +376,14 @@ def decode_work(item: Any, *, hidden: int, num_layers: int, num_experts: int,
         scales = np.ndarray((len(xb) // Q8K_BLOCK_BYTES,), dtype="<f4", buffer=xb, strides=(Q8K_BLOCK_BYTES,))
         if not np.isfinite(scales).all():
             raise ProtocolError("field 'x' holds Q8_K blocks with non-finite scales")
+        # the kernel uses the blocks as they are, sums of 16 included (its min term): they must
+        # be the sums of the quants, or the result would be silently wrong
+        blocks = x.reshape(-1, Q8K_BLOCK_BYTES)
+        sums = blocks[:, 4:4 + Q8K_BLOCK].view(np.int8).reshape(-1, Q8K_BLOCK // 16, 16).sum(axis=2)
+        if not np.array_equal(sums, blocks[:, 4 + Q8K_BLOCK:].view("<i2")):
+            bad = int(np.nonzero((sums != blocks[:, 4 + Q8K_BLOCK:].view("<i2")).any(axis=1))[0][0])
+            raise ProtocolError(f"field 'x' holds a Q8_K block (block {bad}) whose group sums are not "
+                                "the sums of its quants")
     if enc != "q8k" and not np.isfinite(x).all():
         raise ProtocolError("field 'x' holds non-finite values (NaN or Inf)")
     return Work(layer, x, ids, w, enc, acc)

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import __version__, kernels, protocol_c, ranges
+from . import __version__, protocol_c, ranges
 from . import protocol as P
 from .experts import ExpertOwnershipError, LocalExperts
 from .transport import (
@@ -338,12 +338,8 @@ class LayerBatcher:
             w = np.concatenate([_pad(wk.weights, K, 0.0) for wk in works])
         acc = "f64" if f64 else "f32"
         if normed:
-            # q8k input is already pre_feedforward_layernorm_2(h): dequantise and go straight
-            # to the kernel (which re-quantises it to the same Q8_K blocks).
-            T = x.shape[0]
-            cols = x.shape[1] // P.Q8K_BLOCK_BYTES * P.Q8K_BLOCK
-            xe = kernels.dequantize(np.ascontiguousarray(x).reshape(-1), kernels.Q8_K, T, cols)
-            y = self.local.forward_normed(layer, xe[:, : self.hidden], ids, w, acc)
+            # q8k input is already pre_feedforward_layernorm_2(h) in the kernel's own blocks
+            y = self.local.forward_q8k(layer, x, ids, w, acc)
         else:
             y = self.local.forward(layer, x, ids, w, acc)
         return y, time.perf_counter() - t0
