@@ -31,17 +31,26 @@ enum {
                                is lost */
 };
 
-/* A validated `experts` request (enc "f32"): byte offsets into the body it was parsed from. */
+/* The input encodings the C path takes (protocol.ENCODINGS; "f16" goes through Python). */
+enum {
+    LQ_WIRE_F32 = 0, /* the raw residual h, f32 [tokens, hidden] */
+    LQ_WIRE_Q8K = 2  /* pre_feedforward_layernorm_2(h) in Q8_K: [tokens] rows of ceil(hidden / 256)
+                        292-byte blocks (4 fewer bytes per value: 3.2 KB instead of 11 KB a token) */
+};
+
+/* A validated `experts` request: byte offsets into the body it was parsed from. */
 typedef struct {
     uint64_t id;
     int32_t layer, tokens, slots;
     int32_t acc64;                 /* 1: the reply carries f64 partial sums ("acc": "f64") */
-    int64_t x_off, ids_off, w_off; /* f32 [tokens, hidden], int32 [tokens, slots], f32 [tokens, slots] */
+    int32_t enc;                   /* LQ_WIRE_F32 or LQ_WIRE_Q8K */
+    int64_t x_off, ids_off, w_off; /* x [tokens] rows, int32 [tokens, slots], f32 [tokens, slots] */
 } lq_wire_request;
 
 /* LQ_OK and *req filled if body is an `experts` map that protocol.decode_work accepts with enc
- * "f32" (types, ranges, byte lengths, ids in [-1, num_experts) and distinct per token, x and w
- * finite) and whose keys are exactly id, op, layer, T, K, x, ids, w, optional enc and acc, each
+ * "f32" or "q8k" (types, ranges, byte lengths, ids in [-1, num_experts) and distinct per token,
+ * w finite; x finite, or for q8k every block's scale finite and its group sums those of its
+ * quants) and whose keys are exactly id, op, layer, T, K, x, ids, w, optional enc and acc, each
  * once, with nothing after the map; LQ_WIRE_DECLINED otherwise. */
 int lq_wire_parse_experts(const uint8_t *body, int64_t n, int32_t hidden, int32_t num_layers,
                           int32_t num_experts, int32_t max_tokens, lq_wire_request *req);
@@ -62,7 +71,8 @@ typedef struct {
 /* A one-token `experts` request answered in C: parse and validate (as lq_wire_parse_experts),
  * check the layer is served here (tables[layer] set), every expert is held and neither file
  * shrank since mapped (fstat; a read past the end of a mapping is SIGBUS), then
- * rms_norm -> lq_moe_ffn64 -> the reply frame (4-byte length + {id, ok: true, y}), byte for
+ * rms_norm -> lq_moe_ffn64 (f32), or lq_moe_ffn64_q8k on the blocks as sent (q8k; declined if an
+ * expert has a float gate_up) -> the reply frame (4-byte length + {id, ok: true, y}), byte for
  * byte what the Python server sends, in reply[0, *reply_len). LQ_WIRE_DECLINED for anything else
  * (nothing computed, *req filled when the parse succeeded); a negative LQ_E_* code if the kernel
  * failed. */
@@ -71,12 +81,13 @@ int lq_wire_serve_token(const lq_wire_shard *shard, const uint8_t *body, int64_t
 
 /* The request frame (4-byte length + msgpack) the client sends one shard for one token: the
  * slots whose expert is in [first, last], in order, as larql.client.core's planner builds it
- * (keys op, layer, T, K, enc, x, ids, w, [acc], id). ids are int32, or int64 if ids64.
+ * (keys op, layer, T, K, enc, x, ids, w, [acc], id). x is one row in encoding enc (f32 h, or
+ * its normed Q8_K blocks). ids are int32, or int64 if ids64.
  * Returns the frame's bytes; 0 if no slot falls in the range (nothing written: out may be NULL
  * to check the ids alone); LQ_E_SHAPE if cap is too small or the slots > 16; LQ_E_EXPERT if an
  * id is outside [-1, num_experts). */
-int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const float *x,
-                             int32_t hidden, const void *ids, int32_t ids64, const float *weights,
+int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const void *x,
+                             int32_t enc, int32_t hidden, const void *ids, int32_t ids64, const float *weights,
                              int32_t slots, int32_t num_experts, int32_t first, int32_t last,
                              int32_t acc64);
 
@@ -123,9 +134,9 @@ typedef struct {
 
 /* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write); every leg
  * gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). */
-int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const float *x, int32_t hidden,
-                       const void *ids, int32_t ids64, const float *weights, int32_t slots, int32_t num_experts,
-                       int32_t acc64, int32_t timeout_ms);
+int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const void *x, int32_t enc,
+                       int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
+                       int32_t num_experts, int32_t acc64, int32_t timeout_ms);
 
 /* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;
  * `first`: no partial sum added before this call), rounding an f64 sum into out32; an added leg's

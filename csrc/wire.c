@@ -99,6 +99,30 @@ static int all_finite_f64(const uint8_t *p, int64_t n) {
     return !bad;
 }
 
+#define Q8K_VALUES 256
+#define Q8K_BYTES 292 /* f32 d, 256 int8 quants, 16 int16 sums of 16 quants (block_q8_K) */
+
+static int64_t x_row_bytes(int32_t enc, int64_t hidden) {
+    return enc == LQ_WIRE_Q8K ? (hidden + Q8K_VALUES - 1) / Q8K_VALUES * Q8K_BYTES : 4 * hidden;
+}
+
+/* Q8_K blocks as protocol.decode_work accepts them: each scale finite, each group sum the sum
+ * of its 16 quants (the kernel uses the sums as they are: its min term). */
+static int q8k_blocks_ok(const uint8_t *p, int64_t blocks) {
+    for (int64_t b = 0; b < blocks; b++, p += Q8K_BYTES) {
+        if (!all_finite_f32(p, 1)) return 0;
+        const int8_t *q = (const int8_t *)(p + 4);
+        for (int g = 0; g < Q8K_VALUES / 16; g++) {
+            int sum = 0;
+            for (int l = 0; l < 16; l++) sum += q[16 * g + l];
+            int16_t want;
+            memcpy(&want, p + 4 + Q8K_VALUES + 2 * g, 2);
+            if (sum != want) return 0;
+        }
+    }
+    return 1;
+}
+
 /* ids in [-1, num_experts), each token's ids >= 0 distinct (protocol._check_slots). */
 static int slots_ok(const uint8_t *idp, int64_t tokens, int64_t slots, int32_t num_experts) {
     for (int64_t t = 0; t < tokens; t++) {
@@ -155,7 +179,11 @@ int lq_wire_parse_experts(const uint8_t *body, int64_t n, int32_t hidden, int32_
     const unsigned required = 1u << K_ID | 1u << K_OP | 1u << K_LAYER | 1u << K_T | 1u << K_K |
                               1u << K_X | 1u << K_IDS | 1u << K_W;
     if ((seen & required) != required || !is(at[K_OP], len[K_OP], "experts")) return D;
-    if (seen & (1u << K_ENC) && !is(at[K_ENC], len[K_ENC], "f32")) return D;
+    int enc = LQ_WIRE_F32;
+    if (seen & (1u << K_ENC)) {
+        if (is(at[K_ENC], len[K_ENC], "q8k")) enc = LQ_WIRE_Q8K;
+        else if (!is(at[K_ENC], len[K_ENC], "f32")) return D;
+    }
     int acc64 = 0;
     if (seen & (1u << K_ACC)) {
         if (is(at[K_ACC], len[K_ACC], "f64")) acc64 = 1;
@@ -165,12 +193,16 @@ int lq_wire_parse_experts(const uint8_t *body, int64_t n, int32_t hidden, int32_
     if (ints[K_ID] >> 63 || layer >= (uint64_t)num_layers || T < 1 || T > (uint64_t)max_tokens || K < 1 ||
         K > (uint64_t)num_experts)
         return D;
-    if (len[K_X] != T * (uint64_t)hidden * 4 || len[K_IDS] != T * K * 4 || len[K_W] != T * K * 4) return D;
-    if (!slots_ok(at[K_IDS], (int64_t)T, (int64_t)K, num_experts) || !all_finite_f32(at[K_W], (int64_t)(T * K)) ||
-        !all_finite_f32(at[K_X], (int64_t)(T * hidden)))
+    const uint64_t row = (uint64_t)x_row_bytes(enc, hidden);
+    if (len[K_X] != T * row || len[K_IDS] != T * K * 4 || len[K_W] != T * K * 4) return D;
+    if (!slots_ok(at[K_IDS], (int64_t)T, (int64_t)K, num_experts) || !all_finite_f32(at[K_W], (int64_t)(T * K)))
+        return D;
+    if (enc == LQ_WIRE_Q8K ? !q8k_blocks_ok(at[K_X], (int64_t)(len[K_X] / Q8K_BYTES))
+                           : !all_finite_f32(at[K_X], (int64_t)(T * hidden)))
         return D;
     req->id = ints[K_ID];
     req->layer = (int32_t)layer, req->tokens = (int32_t)T, req->slots = (int32_t)K, req->acc64 = acc64;
+    req->enc = enc;
     req->x_off = at[K_X] - body, req->ids_off = at[K_IDS] - body, req->w_off = at[K_W] - body;
     return LQ_OK;
 }
@@ -218,11 +250,13 @@ static int64_t close_frame(uint8_t *frame, const uint8_t *end) {
 
 #define HEAD_ROOM 64 /* map, keys, ints and bin headers of either message */
 
-int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const float *x,
-                             int32_t hidden, const void *ids, int32_t ids64, const float *weights,
+int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t layer, const void *x,
+                             int32_t enc, int32_t hidden, const void *ids, int32_t ids64, const float *weights,
                              int32_t slots, int32_t num_experts, int32_t first, int32_t last,
                              int32_t acc64) {
     if (slots < 0 || slots > MAX_TOKEN_SLOTS || hidden < 1 || layer < 0) return LQ_E_SHAPE;
+    if (enc != LQ_WIRE_F32 && enc != LQ_WIRE_Q8K) return LQ_E_FORMAT;
+    const int64_t xb = x_row_bytes(enc, hidden);
     int64_t k = 0;
     for (int32_t i = 0; i < slots; i++) {
         int64_t e = ids64 ? ((const int64_t *)ids)[i] : ((const int32_t *)ids)[i];
@@ -230,15 +264,15 @@ int64_t lq_wire_encode_token(uint8_t *out, int64_t cap, uint64_t id, int32_t lay
         k += e >= first && e <= last;
     }
     if (k == 0) return 0;
-    if (cap < HEAD_ROOM + 4 * (int64_t)hidden + 8 * k + 4) return LQ_E_SHAPE;
+    if (cap < HEAD_ROOM + xb + 8 * k + 4) return LQ_E_SHAPE;
     uint8_t *o = out + 4;
     *o++ = (uint8_t)(0x80 | (acc64 ? 10 : 9));
     o = put_str(o, "op"), o = put_str(o, "experts");
     o = put_str(o, "layer"), o = put_uint(o, (uint64_t)layer);
     o = put_str(o, "T"), o = put_uint(o, 1);
     o = put_str(o, "K"), o = put_uint(o, (uint64_t)k);
-    o = put_str(o, "enc"), o = put_str(o, "f32");
-    o = put_str(o, "x"), o = put_bin(o, x, 4 * (uint64_t)hidden);
+    o = put_str(o, "enc"), o = put_str(o, enc == LQ_WIRE_Q8K ? "q8k" : "f32");
+    o = put_str(o, "x"), o = put_bin(o, x, (uint64_t)xb);
     /* the slots in the range, in order: their ids, then their weights */
     uint8_t *ids_at = put_bin_head(put_str(o, "ids"), 4 * (uint64_t)k);
     uint8_t *w_at = put_bin_head(put_str(ids_at + 4 * k, "w"), 4 * (uint64_t)k);
@@ -281,15 +315,22 @@ int lq_wire_serve_token(const lq_wire_shard *s, const uint8_t *body, int64_t n, 
     if (shrank(s->fds[req->layer], s->sizes[req->layer]) || shrank(s->norms_fd, s->norms_size)) return D;
     const int64_t width = req->acc64 ? 8 : 4;
     if (cap < HEAD_ROOM + width * H) return D;
-    float *x = malloc((size_t)H * sizeof(float)), *y = malloc((size_t)H * sizeof(float));
+    const int q8k = req->enc == LQ_WIRE_Q8K;
+    float *x = q8k ? NULL : malloc((size_t)H * sizeof(float)), *y = malloc((size_t)H * sizeof(float));
     double *y64 = req->acc64 ? malloc((size_t)H * sizeof(double)) : NULL;
-    if (!x || !y || (req->acc64 && !y64)) {
+    if ((!q8k && !x) || !y || (req->acc64 && !y64)) {
         free(x), free(y), free(y64);
         return LQ_E_NOMEM;
     }
-    memcpy(x, body + req->x_off, (size_t)H * sizeof(float));
-    rc = lq_rms_norm(x, s->norms[req->layer], s->eps, 1, H, x);
-    if (rc == LQ_OK) rc = lq_moe_ffn64(table, s->num_experts, H, s->inter, x, 1, req->slots, ids, w, y, y64);
+    if (q8k) {
+        /* the blocks as sent: protocol.py's path does the same (LocalExperts.forward_q8k) */
+        rc = lq_moe_ffn64_q8k(table, s->num_experts, H, s->inter, body + req->x_off, 1, req->slots, ids, w, y, y64);
+        if (rc == LQ_E_FORMAT) rc = D; /* a float gate_up: the Python path dequantises */
+    } else {
+        memcpy(x, body + req->x_off, (size_t)H * sizeof(float));
+        rc = lq_rms_norm(x, s->norms[req->layer], s->eps, 1, H, x);
+        if (rc == LQ_OK) rc = lq_moe_ffn64(table, s->num_experts, H, s->inter, x, 1, req->slots, ids, w, y, y64);
+    }
     if (rc == LQ_OK) {
         uint8_t *o = reply + 4;
         *o++ = 0x83;
@@ -440,16 +481,16 @@ int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int
 
 /* ---- a decode step's layer call, all legs ----------------------------------------------------- */
 
-int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const float *x, int32_t hidden,
-                       const void *ids, int32_t ids64, const float *weights, int32_t slots, int32_t num_experts,
-                       int32_t acc64, int32_t timeout_ms) {
+int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const void *x, int32_t enc,
+                       int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
+                       int32_t num_experts, int32_t acc64, int32_t timeout_ms) {
     /* the ids are checked once (no slot in [0, -1]) before anything is written */
-    int64_t rc = lq_wire_encode_token(NULL, 0, 0, layer, x, hidden, ids, ids64, weights, slots, num_experts, 0,
-                                      -1, 0);
+    int64_t rc = lq_wire_encode_token(NULL, 0, 0, layer, x, enc, hidden, ids, ids64, weights, slots, num_experts,
+                                      0, -1, 0);
     if (rc < 0) return (int)rc;
     for (int32_t i = 0; i < n; i++) {
         lq_wire_leg *g = legs[i];
-        int64_t len = lq_wire_encode_token(g->out, g->out_cap, g->id, layer, x, hidden, ids, ids64, weights,
+        int64_t len = lq_wire_encode_token(g->out, g->out_cap, g->id, layer, x, enc, hidden, ids, ids64, weights,
                                            slots, num_experts, g->first, g->last, acc64);
         g->err = 0;
         if (len <= 0) {

@@ -24,7 +24,8 @@ Connection keywords (load, expert_client, async_expert_client): `api_key` / `api
 (default: $LARQL_API_KEY; `api_key=""` forces none), `tls_ca` (default: $LARQL_TLS_CA, else the
 system trust store), `connect_timeout`, `on_shard_failure` ("fail", or "renormalize": drop a
 lost shard's experts and rescale the router weights, counted in stats as degraded_layers),
-`accumulate` ("auto": f64 partial sums when the servers offer them).
+`accumulate` ("auto": f64 partial sums when the servers offer them), `encoding` ("auto": the
+experts' own Q8_K input blocks for a Q4_K vindex, same result in 3.5x fewer bytes; f32 otherwise).
 
 See examples/ for runnable programs.
 """
@@ -197,7 +198,7 @@ class Model:
 
 
 def load(vindex, shards: str | None = None, *, dispatch: str = "exact", timeout: float = DEFAULT_TIMEOUT,
-         encoding: str = "f32", **connection) -> Model:
+         encoding: str = "auto", **connection) -> Model:
     """A Model over a vindex (path or opened). shards: a `--moe-shards` map ("0-63=host:port,...");
     None runs the experts in process. dispatch: "exact" (per layer) or "batch" (one round trip
     per token, approximate). `connection`: the keywords listed at the top of this module."""
@@ -213,14 +214,14 @@ def load(vindex, shards: str | None = None, *, dispatch: str = "exact", timeout:
 
 
 def expert_client(shards: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
-                  encoding: str = "f32", **connection) -> RemoteExperts:
+                  encoding: str = "auto", **connection) -> RemoteExperts:
     """Synchronous low-level client: `.forward(layer, h, ids, weights)` -> summed raw expert output,
     `.forward_multi([...])`, `.stats()`, `.close()`."""
     return connect_shards(shards, _open(vindex), timeout=timeout, encoding=encoding, **connection)
 
 
 async def async_expert_client(shards: str, vindex, *, timeout: float = DEFAULT_TIMEOUT,
-                              encoding: str = "f32", **connection) -> AsyncExpertClient:
+                              encoding: str = "auto", **connection) -> AsyncExpertClient:
     """Connected asyncio low-level client on the running loop (await `.forward(...)`, `.close()`)."""
     client = async_client(shards, _open(vindex), timeout=timeout, encoding=encoding, **connection)
     return await client.connect()

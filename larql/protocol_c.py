@@ -37,6 +37,7 @@ class Request:
     tokens: int
     slots: int
     acc: str
+    enc: str
     x_off: int
     ids_off: int
     w_off: int
@@ -44,14 +45,14 @@ class Request:
 
 def parse_experts(body: bytes, *, hidden: int, num_layers: int, num_experts: int,
                   max_tokens: int) -> Request | None:
-    """The C reading of an `experts` body (enc f32), or None where it declines."""
+    """The C reading of an `experts` body (enc f32 or q8k), or None where it declines."""
     req = ffi.new("lq_wire_request *")
     rc = lib.lq_wire_parse_experts(ffi.from_buffer(body), len(body), hidden, num_layers, num_experts,
                                    max_tokens, req)
     if rc != lib.LQ_OK:
         return None
     return Request(req.id, req.layer, req.tokens, req.slots, "f64" if req.acc64 else "f32",
-                   req.x_off, req.ids_off, req.w_off)
+                   "q8k" if req.enc == lib.LQ_WIRE_Q8K else "f32", req.x_off, req.ids_off, req.w_off)
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,11 +124,16 @@ class TokenServer:
 # Client
 
 
-def encode_token(out_c, cap: int, rid: int, layer: int, x_c, hidden: int, ids: np.ndarray, w_c, slots: int,
-                 num_experts: int, first: int, last: int, acc64: bool) -> int:
+# The encodings the C path builds and parses (protocol.ENCODINGS; f16 stays in Python).
+ENCODINGS = {"f32": lib.LQ_WIRE_F32, "q8k": lib.LQ_WIRE_Q8K}
+
+
+def encode_token(out_c, cap: int, rid: int, layer: int, x_c, enc: str, hidden: int, ids: np.ndarray, w_c,
+                 slots: int, num_experts: int, first: int, last: int, acc64: bool) -> int:
     """lq_wire_encode_token: the frame's bytes in out_c, 0 if no slot is in [first, last],
-    negative for bad ids (LQ_E_EXPERT) or a short buffer (LQ_E_SHAPE)."""
-    return lib.lq_wire_encode_token(out_c, cap, rid, layer, x_c, hidden, ffi.from_buffer(ids),
+    negative for bad ids (LQ_E_EXPERT) or a short buffer (LQ_E_SHAPE). x_c is one row in `enc`
+    (f32 h, or its normed Q8_K blocks)."""
+    return lib.lq_wire_encode_token(out_c, cap, rid, layer, x_c, ENCODINGS[enc], hidden, ffi.from_buffer(ids),
                                     ids.dtype.itemsize == 8, w_c, slots, num_experts, first, last, acc64)
 
 

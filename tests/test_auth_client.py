@@ -215,6 +215,10 @@ def test_larql_run_with_key_and_tls_and_its_refusals(setup, tmp_path):
         assert remote.returncode == 0, remote.stderr
         assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
         assert json.loads(remote.stdout)["stats"]["degraded_layers"] == 0
+        forced = run_cli(vindex.path, "Hello", "-n", "5", "--json", "--moe-shards", spec,
+                         "--api-key-file", keyfile, "--tls-ca", certs["ca"], "--encoding", "f32")
+        assert forced.returncode == 0, forced.stderr       # the raw residual instead of auto's choice
+        assert json.loads(forced.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
         wrong = tmp_path / "wrong"
         wrong.write_text(OTHER_KEY.decode())
         for extra, needle in (((), "requires an API key"),

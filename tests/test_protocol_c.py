@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from rawwire import connect, read_frame, recv_exact, rt
 from standin import StandIn
 
+from larql import kernels
 from larql import protocol as P
 from larql import protocol_c as C
 from larql.client import connect_shards
@@ -34,12 +35,15 @@ ffi = C.ffi
 LIMITS = dict(hidden=H, num_layers=L, num_experts=E, max_tokens=4096)
 
 
-def request(T=1, K=2, ids=None, layer=1, acc=None, rid=5, seed=0, over=None, **fields) -> dict:
-    """A valid request (T tokens, K slots), then `fields` and `over` written over it as they are."""
+def request(T=1, K=2, ids=None, layer=1, acc=None, rid=5, seed=0, over=None, q8k=False, **fields) -> dict:
+    """A valid request (T tokens, K slots; x in Q8_K if q8k), then `fields` and `over` written
+    over it as they are."""
     rng = np.random.default_rng(seed)
     ids = np.array(ids if ids is not None else [list(range(K))] * T, dtype=np.int32)
-    msg = {"op": "experts", **P.encode_work(layer, rng.standard_normal((T, H)).astype(np.float32), ids,
-                                            rng.random(ids.shape).astype(np.float32)), "id": rid}
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    msg = {"op": "experts", **P.encode_work(layer, kernels.quantize_q8k(x) if q8k else x, ids,
+                                            rng.random(ids.shape).astype(np.float32),
+                                            "q8k" if q8k else "f32"), "id": rid}
     if acc is not None:
         msg["acc"] = acc
     msg.update(fields)
@@ -72,9 +76,9 @@ def assert_same_meaning(b: bytes) -> bool:
     msg, wk = py
     assert (got.id, got.layer, got.tokens, got.slots, got.acc) == (msg["id"], wk.layer, wk.tokens,
                                                                    wk.ids.shape[1], wk.acc)
-    assert wk.enc == "f32"
+    assert got.enc == wk.enc in ("f32", "q8k")
     T, K = got.tokens, got.slots
-    assert b[got.x_off: got.x_off + 4 * T * H] == wk.x.tobytes()
+    assert b[got.x_off: got.x_off + wk.x.nbytes] == wk.x.tobytes()
     assert b[got.ids_off: got.ids_off + 4 * T * K] == wk.ids.tobytes()
     assert b[got.w_off: got.w_off + 4 * T * K] == wk.weights.tobytes()
     return True
@@ -84,10 +88,21 @@ def assert_same_meaning(b: bytes) -> bool:
 # Parsing requests
 
 
+def q8k_block(d: float = 0.5, sums_off: int = 0) -> bytes:
+    """One Q8_K block (the row of H = 64 values padded to 256) with scale d; sums_off added to
+    its first group sum."""
+    q = np.random.default_rng(3).integers(-127, 128, 256).astype(np.int8)
+    sums = q.reshape(16, 16).astype(np.int16).sum(axis=1).astype("<i2")
+    sums[0] += sums_off
+    return struct.pack("<f", d) + q.tobytes() + sums.tobytes()
+
+
+
 @pytest.mark.parametrize("msg", [
     request(), request(T=3, K=4), request(acc="f64"), request(acc="f32"), request(enc="f32"),
     request(K=3, ids=[[2, -1, 5]]), request(rid=0), request(rid=2**63 - 1), request(rid=300),
     request(rid=70000), request(rid=2**40), request(layer=0), request(K=E, ids=[list(range(E))]),
+    request(q8k=True), request(q8k=True, T=2, acc="f64"), request(q8k=True, x=b"\0" * 292),
 ])
 def test_valid_requests_are_read_as_protocol_py_reads_them(msg):
     assert assert_same_meaning(body(msg))
@@ -113,9 +128,23 @@ def test_valid_requests_are_read_as_protocol_py_reads_them(msg):
     (request(x="text"), "a str where bin belongs"),
     (request(w=struct.pack("<2f", 0.5, float("nan"))), "a NaN weight"),
     (request(x=struct.pack(f"<{H}f", *([0.0] * (H - 1) + [float("inf")]))), "an infinite x"),
+    (request(q8k=True, x=b"\0" * 291), "Q8_K x of the wrong length"),
+    (request(q8k=True, x=b"\0" * 4 * H), "f32 bytes sent as Q8_K"),
+    (request(q8k=True, x=q8k_block(d=float("nan"))), "a NaN Q8_K scale"),
+    (request(q8k=True, x=q8k_block(sums_off=1)), "Q8_K group sums that are not the quants' sums"),
+    (request(x=bytes(kernels.quantize_q8k(np.ones((1, H), np.float32)))), "Q8_K bytes sent as f32"),
 ])
 def test_what_the_c_path_declines(msg, why):
     assert C.parse_experts(body(msg), **LIMITS) is None, why
+
+
+def test_protocol_py_refuses_the_bad_q8k_blocks_too():
+    """What C declines for its Q8_K blocks, protocol.py refuses with a message that says why."""
+    for x, words in ((q8k_block(d=float("inf")), "non-finite scales"),
+                     (q8k_block(sums_off=-3), "group sums")):
+        err = python_reading(body(request(q8k=True, x=x)))
+        assert isinstance(err, P.ProtocolError) and words in str(err)
+    assert not isinstance(python_reading(body(request(q8k=True, x=q8k_block()))), Exception)
 
 
 def test_declines_framing_the_python_side_refuses():
@@ -134,7 +163,7 @@ def test_declines_framing_the_python_side_refuses():
 def test_mutated_frames_never_mean_something_else(data):
     """Random byte edits of valid frames: whenever C accepts, protocol.py agrees field by field."""
     msg = request(T=data.draw(st.integers(1, 2)), K=2, acc=data.draw(st.sampled_from([None, "f32", "f64"])),
-                  rid=data.draw(st.integers(0, 2**63 - 1)))
+                  rid=data.draw(st.integers(0, 2**63 - 1)), q8k=data.draw(st.booleans()))
     b = bytearray(body(msg))
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
@@ -160,13 +189,15 @@ def shards(ranges):
     return parse_shards(",".join(f"{a}-{b}=127.0.0.1:{9000 + i}" for i, (a, b) in enumerate(ranges)), E)
 
 
+@pytest.mark.parametrize("enc", ["f32", "q8k"])
 @pytest.mark.parametrize("acc64", [False, True])
 @pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("ranges", [[(0, 7)], [(0, 3), (4, 7)], [(0, 0), (1, 6), (7, 7)]])
-def test_requests_are_the_python_planners_bytes(acc64, ids_dtype, ranges):
+def test_requests_are_the_python_planners_bytes(enc, acc64, ids_dtype, ranges):
     rng = np.random.default_rng(1)
     specs = shards(ranges)
-    planner = Planner(specs, ModelIdentity(H, E, L), "f32")
+    planner = Planner(specs, ModelIdentity(H, E, L), enc,
+                      lambda layer, h: kernels.quantize_q8k(h * (layer + 1)))
     planner.acc = "f64" if acc64 else "f32"
     out = bytearray(C.frame_capacity(H))
     out_c = ffi.from_buffer(out)
@@ -176,9 +207,12 @@ def test_requests_are_the_python_planners_bytes(acc64, ids_dtype, ranges):
         w = rng.random((1, K)).astype(np.float32)
         h = rng.standard_normal((1, H)).astype(np.float32)
         rid = int(rng.choice([1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**62]))
-        jobs = {j.shard: j for j in planner._plan_token(trial % L, h, ids, w).jobs}
+        plan = planner.plan([(trial % L, h, ids, w)], False, lambda si: (1 << 30, 1 << 20, 1 << 20))
+        jobs = {j.shard: j for j in plan.jobs}
+        x, x_enc = planner.token_input(trial % L, h)
+        assert x_enc == enc
         for si, spec in enumerate(specs):
-            n = C.encode_token(out_c, len(out), rid, trial % L, ffi.from_buffer("float[]", h), H, ids,
+            n = C.encode_token(out_c, len(out), rid, trial % L, ffi.from_buffer(x), enc, H, ids,
                                ffi.from_buffer("float[]", w), K, E, spec.first, spec.last, acc64)
             if si not in jobs:
                 assert n == 0
@@ -193,8 +227,9 @@ def test_encode_refuses_bad_ids_and_short_buffers():
     out_c = ffi.from_buffer(out)
     for bad in ([0, E], [-2, 0]):
         ids = np.array(bad, np.int32)
-        assert C.encode_token(out_c, len(out), 1, 0, h, H, ids, w, 2, E, 0, E - 1, False) < 0
-    assert C.encode_token(out_c, 100, 1, 0, h, H, np.array([0, 1], np.int32), w, 2, E, 0, E - 1, False) < 0
+        assert C.encode_token(out_c, len(out), 1, 0, h, "f32", H, ids, w, 2, E, 0, E - 1, False) < 0
+    ids = np.array([0, 1], np.int32)
+    assert C.encode_token(out_c, 100, 1, 0, h, "f32", H, ids, w, 2, E, 0, E - 1, False) < 0
 
 
 def add(reply: dict | bytes, rid=7, acc64=False, first=False, start=None):
@@ -275,6 +310,34 @@ def test_server_answers_in_c_with_the_python_paths_bytes(server, acc):
     assert np.array_equal(y, local.forward(1, wk.x, wk.ids, wk.weights, acc)[0])
 
 
+@pytest.mark.parametrize("acc", ["f32", "f64"])
+def test_server_answers_q8k_in_c_exactly(server, acc):
+    """A q8k request (the normed input in the kernel's own Q8_K blocks) is answered in C with
+    the Python path's bytes, and equals the in-process experts on the raw residual bit for bit."""
+    v = server.server.vindex
+    local = LocalExperts(v, experts=range(0, 4))
+    rng = np.random.default_rng(12)
+    h = rng.standard_normal((1, H)).astype(np.float32) * 2
+    norm = v.norm("layers.1.pre_feedforward_layernorm_2.weight")
+    xq = kernels.quantize_q8k(kernels.rms_norm(h, norm, v.config.rms_norm_eps))
+    ids, w = np.array([[0, 3]], np.int32), np.array([[0.4, 0.6]], np.float32)
+    msg = {"op": "experts", **P.encode_work(1, xq, ids, w, "q8k"), "acc": acc, "id": 77}
+    s = connect(server.host, server.port)
+    replies = []
+    for _ in range(3):       # the first takes the Python path (and checks the layer), then C
+        s.sendall(P.encode_frame(msg))
+        (n,) = struct.unpack("<I", recv_exact(s, 4))
+        replies.append(recv_exact(s, n))
+    assert replies[0] == replies[1] == replies[2]
+    assert stats(s)["c_path"] == 2
+    y = np.frombuffer(msgpack.unpackb(replies[0])["y"], dtype="<f8" if acc == "f64" else "<f4")
+    assert np.array_equal(y, local.forward(1, h, ids, w, acc)[0])
+    bad = {**msg, "x": q8k_block(sums_off=2)}
+    r = rt(s, bad)
+    assert r["ok"] is False and r["error"]["code"] == P.E_BAD_REQUEST
+    assert "group sums" in r["error"]["message"]
+
+
 def test_server_c_path_takes_frames_split_across_reads(server):
     """A frame that arrives in pieces is assembled by the frame reader, then offered to C."""
     import time
@@ -339,15 +402,18 @@ def test_pipelined_frames_take_the_python_path(server):
     assert stats(s)["c_path"] == before
 
 
+@pytest.mark.parametrize("enc", ["f32", "q8k"])
 @pytest.mark.parametrize("acc", ["f32", "f64"])
-def test_client_c_path_equals_the_python_path(vindex_path, acc):
+def test_client_c_path_equals_the_python_path(vindex_path, acc, enc):
     """Two shards: the C-built requests and C-summed replies give exactly the general path's
-    result (which `forward_multi` still takes), for int32 and int64 ids."""
+    result (which `forward_multi` still takes), for int32 and int64 ids, in either encoding;
+    with f64 partial sums both equal the in-process experts bit for bit."""
     v = open_vindex(vindex_path)
     a = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
     b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    local = LocalExperts(v)
     try:
-        rx = connect_shards(f"0-3={a.address},4-7={b.address}", v, api_key="", accumulate=acc)
+        rx = connect_shards(f"0-3={a.address},4-7={b.address}", v, api_key="", accumulate=acc, encoding=enc)
         rng = np.random.default_rng(5)
         for _ in range(12):
             h = rng.standard_normal((1, H)).astype(np.float32)
@@ -358,6 +424,8 @@ def test_client_c_path_equals_the_python_path(vindex_path, acc):
                 (general,) = rx.forward_multi([(1, h, ids.astype(dt), w)])
                 assert fast.dtype == np.float32 and fast.shape == (1, H)
                 assert fast.tobytes() == general.tobytes()
+                if acc == "f64":
+                    assert fast.tobytes() == local.forward(1, h, ids, w).tobytes()
         assert rx.client.c_path_calls == 24
         assert a.server.stats.c_path > 0 and b.server.stats.c_path > 0
         rx.close()

@@ -557,3 +557,39 @@ def test_a_failing_request_does_not_fail_the_requests_fused_with_it(vindex, monk
                 np.testing.assert_array_equal(y, local.forward(0, h, ids, w))
     finally:
         h_.stop()
+
+
+def test_default_encoding_is_q8k_for_kquant_experts_and_exact(vindex):
+    """`encoding="auto"` (the default): Q8_K blocks for a Q4_K vindex, whose servers compute on
+    them as sent, so the result is the f32 encoding's bit for bit in under a third of the bytes;
+    f32 for float experts, where Q8_K would round."""
+    shards = Shards(vindex, [(0, 3), (4, 7)])
+
+    def bytes_in() -> int:
+        return sum(s.server.stats.bytes_in for s in shards.handles)
+
+    try:
+        h, ids, w = routing(1, 21)
+        L = vindex.config.num_layers
+        got = {}
+        for enc in ("auto", "f32"):
+            with connect_shards(shards.spec, vindex, timeout=20, encoding=enc) as rx:
+                before = bytes_in()
+                got[enc] = [rx.forward(layer, h, ids, w).tobytes() for layer in range(L)]
+                got[enc + " bytes"] = bytes_in() - before
+                got[enc + " encoding"] = rx.client.options.encoding
+                got[enc + " requests"] = rx.round_trips
+                assert rx.client.c_path_calls == L
+        assert got["auto"] == got["f32"]
+        if vindex.quant == "q4k":
+            assert got["auto encoding"] == "q8k"
+            # each request's x is 292 bytes per 256 values instead of 1024 (at H = 64: one padded
+            # block against 256 bytes; at 2816, 3212 against 11264); nothing else differs
+            n = got["auto requests"]
+            assert n == got["f32 requests"] and n >= L
+            saved = P.x_bytes("f32", 1, H) - P.x_bytes("q8k", 1, H)
+            assert got["f32 bytes"] - got["auto bytes"] == n * saved
+        else:
+            assert got["auto encoding"] == "f32" and got["auto bytes"] == got["f32 bytes"]
+    finally:
+        shards.stop()

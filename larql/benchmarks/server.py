@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import protocol as P
 from . import add_lm_head_argument, add_synthetic_vindex_arguments, synthetic_vindex
 
 
@@ -211,9 +212,13 @@ def bench_rtt(args, path: Path, vindex) -> dict:
         clients.append(rx1)
         rx2 = connect_shards(spec2, vindex, api_key="")
         clients.append(rx2)
-        names = ["in process", "1 shard", "2 shards", "ping", "echo"]
-        fns = [local.forward, rx1.forward, rx2.forward, lambda *_: rx1.ping(), None]
-        fns[4], stop = raw_echo()
+        enc = rx2.client.options.encoding       # the default ("auto"): q8k for a Q4_K vindex
+        other = "f32" if enc != "f32" else "q8k"
+        rx2o = connect_shards(spec2, vindex, api_key="", encoding=other)
+        clients.append(rx2o)
+        names = ["in process", "1 shard", "2 shards", f"2 shards {other}", "ping", "echo"]
+        fns = [local.forward, rx1.forward, rx2.forward, rx2o.forward, lambda *_: rx1.ping(), None]
+        fns[5], stop = raw_echo()
         stops.append(stop)
         if tls is not None:
             echo_tls, stop = raw_echo(tls)
@@ -253,6 +258,14 @@ def bench_rtt(args, path: Path, vindex) -> dict:
            "ping_over_echo": p50["ping"] / echo, "server_p50_us": server["p50_us"],
            "server_compute_p50_us": server["compute_p50_us"]}
     out["client_cpu_us"] = cpu
+    out["encoding"] = enc
+    out[f"overhead_2shards_{other}_us"] = p50[f"2 shards {other}"] - p50["in process"]
+    # what one token's input costs on the wire per shard and layer, and per 30-layer token
+    # through 2 shards: the bytes that bound a thin uplink, whatever the loopback says
+    H = cfg.hidden_size
+    out["request_x_bytes"] = {e: P.x_bytes(e, 1, H) for e in ("f32", "q8k")}
+    out["upload_kb_per_30_layer_token_2_shards"] = {e: 2 * 30 * (P.x_bytes(e, 1, H) + 8 * cfg.top_k) / 1e3
+                                                    for e in ("f32", "q8k")}
     if "echo TLS" in p50:
         out["tls_echo_cost_us"] = p50["echo TLS"] - echo
     if "1 shard TLS" in p50:
@@ -265,12 +278,16 @@ def bench_rtt(args, path: Path, vindex) -> dict:
     labels = {"in process": "in process (baseline)", "1 shard": "1 loopback shard",
               "2 shards": "2 loopback shards", "ping": "protocol ping (health)",
               "echo": "bare Python echo (floor)", "echo TLS": "bare echo over TLS",
-              "1 shard TLS": "1 loopback shard over TLS"}
+              "1 shard TLS": "1 loopback shard over TLS", f"2 shards {other}": f"2 loopback shards, {other}"}
     for k in names:
         print(f"{labels[k]:30}{p50[k]:10.0f}{p99[k]:10.0f}")
     print(f"per-layer overhead over in-process compute, p50: 1 shard {over1:.0f} us = {over1 / echo:.1f}x "
           f"the bare echo (target <= 3x); 2 shards {over2:.0f} us = {over2 / echo:.1f}x; ping = "
           f"{p50['ping'] / echo:.1f}x the echo")
+    up = out["upload_kb_per_30_layer_token_2_shards"]
+    print(f"input encoding {enc} (default; {other} beside it): x is {out['request_x_bytes'][enc]} bytes per "
+          f"shard and layer; a 30-layer token through 2 shards uploads {up[enc]:.0f} KB ({other}: "
+          f"{up[other]:.0f} KB)")
     print(f"server side: p50 {server['p50_us']:.0f} us per request, of which compute p50 "
           f"{server['compute_p50_us']:.0f} us")
     print(f"client CPU per layer call (thread time, p50; independent of the machine's load): blocking "

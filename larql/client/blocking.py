@@ -363,10 +363,13 @@ class _TokenCall:
     sum the replies are added into (f64 scratch for f64 partial sums, else the output
     itself) and the f32 output."""
 
-    def __init__(self, layer: int, h, ids, weights, acc64: bool, hidden: int, scratch64: np.ndarray) -> None:
+    def __init__(self, layer: int, h, ids, weights, acc64: bool, hidden: int, scratch64: np.ndarray,
+                 x: tuple[np.ndarray, str]) -> None:
         self.layer, self.h, self.ids, self.weights = layer, h, ids, weights
         self.acc64, self.hidden = acc64, hidden
-        self.x_c, self.w_c = ffi.from_buffer("float[]", h), ffi.from_buffer("float[]", weights)
+        self.x, enc = x                 # what goes on the wire: h, or its normed Q8_K blocks
+        self.enc = protocol_c.ENCODINGS[enc]
+        self.x_c, self.w_c = ffi.from_buffer(self.x), ffi.from_buffer("float[]", weights)
         self.out = np.empty((1, hidden), dtype=_F32)
         self.out_c = ffi.from_buffer("float[]", self.out)
         self.total = scratch64 if acc64 else self.out
@@ -487,7 +490,7 @@ class BlockingExpertClient:
         computes meanwhile (the model: its dense MLP while the servers run the experts)."""
         if self._closed:
             raise ShardError("the remote experts client is closed")
-        if self.options.encoding == "f32" and self.options.on_shard_failure == "fail":
+        if self.options.encoding in protocol_c.ENCODINGS and self.options.on_shard_failure == "fail":
             call = self._token_send(layer, h, ids, weights)
             if call is not None:
                 return Pending(lambda: self._token_collect(call))
@@ -530,7 +533,8 @@ class BlockingExpertClient:
                 picked = self._pick(sh)
                 picks.append((si, sh, picked))
                 plain = plain and picked is not None and picked[1].fd >= 0
-        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64)
+        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64,
+                          self.planner.token_input(layer, h))
         sent = self._send_legs(call, picks) if plain and picks else self._send_each(call, picks)
         if not sent:
             for _, _, picked in picks:       # an id out of range: nothing went out
@@ -556,7 +560,8 @@ class BlockingExpertClient:
         for c in conns:
             c.sync_leg()
         ids = call.ids
-        rc = lib.lq_wire_token_send(ptrs, len(conns), call.layer, call.x_c, call.hidden, ffi.from_buffer(ids),
+        rc = lib.lq_wire_token_send(ptrs, len(conns), call.layer, call.x_c, call.enc, call.hidden,
+                                    ffi.from_buffer(ids),
                                     ids.dtype.itemsize == 8, call.w_c, ids.size, self.identity.num_experts,
                                     call.acc64, max(1, int(self.options.timeout * 1000)))
         if rc < 0:
@@ -585,8 +590,8 @@ class BlockingExpertClient:
             rep, conn = picked
             buf, buf_c = conn.token_out(H)
             rid = conn.next_id
-            n = protocol_c.encode_token(buf_c, len(buf), rid, call.layer, call.x_c, H, call.ids, call.w_c, K,
-                                        E, sh.spec.first, sh.spec.last, call.acc64)
+            n = protocol_c.encode_token(buf_c, len(buf), rid, call.layer, call.x_c, self.planner.encoding, H,
+                                        call.ids, call.w_c, K, E, sh.spec.first, sh.spec.last, call.acc64)
             if n < 0:
                 if call.sent:                # ids are checked by the first encode, before any send
                     raise ShardError(f"internal: a one-token request was not encoded ({n})")
@@ -629,8 +634,8 @@ class BlockingExpertClient:
                         call.first = False
                         continue
             if jobs is None:
-                jobs = {j.shard: j for j in self.planner._plan_token(call.layer, call.h, call.ids,
-                                                                     call.weights).jobs}
+                plan = self.planner.plan([(call.layer, call.h, call.ids, call.weights)], False, self._budget)
+                jobs = {j.shard: j for j in plan.jobs}
             job = jobs.get(si)
             if job is not None:             # None: a down shard with no slot of this token
                 if rep is None:

@@ -291,6 +291,11 @@ class Planner:
         H = self.identity.hidden
         return max(P.x_bytes(self.encoding, 1, H), (8 if self.acc == "f64" else 4) * H) + 8 * K
 
+    def token_input(self, layer: int, h: np.ndarray) -> tuple[np.ndarray, str]:
+        """One token's x as the wire carries it, and its encoding: h itself (f32), or
+        pre_feedforward_layernorm_2(h) in Q8_K (q8k)."""
+        return (self.quantize(layer, h.reshape(1, -1)) if self.encoding == "q8k" else h), self.encoding
+
     def _payload(self, layer: int, h: np.ndarray, rows: np.ndarray):
         x = h[rows] if rows.size != h.shape[0] else h
         return self.quantize(layer, x) if self.encoding == "q8k" else x
