@@ -110,6 +110,10 @@ const char *lq_available_isas(void);
  * Rows of n floats.
  * y = x / sqrt(mean(x^2) + eps) * w (w NULL: no weight); y may equal x. */
 int lq_rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t n, float *y);
+/* out = Q8_K of rms_norm(x, w) per row (n padded with zeros to whole blocks): the same bytes as
+ * lq_rms_norm then lq_quantize(LQ_Q8_K), in one call on this thread (a client's q8k input:
+ * two Python calls and their arrays cost ~10 us warm, several times that cold). */
+int lq_rms_norm_q8k(const float *x, const float *w, float eps, int64_t rows, int64_t n, void *out);
 /* In place on x [T, heads, d]: RMSNorm each head (weight w, may be NULL), then neox
  * rotate-half RoPE with cos/sin [T, d/2]. */
 int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, int64_t d,

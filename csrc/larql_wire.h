@@ -133,9 +133,12 @@ typedef struct {
 /* legs: one pointer per shard of the call, in shard order (each connection keeps its leg). */
 
 /* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write); every leg
- * gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). */
+ * gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). With enc
+ * LQ_WIRE_Q8K and a norm weight, x is the raw f32 h and the blocks sent are
+ * lq_rms_norm_q8k(h, norm, eps): in Python that step cost ~60 us a layer, run cold between two
+ * kernel calls (7 us warm), on the 2-vCPU dev VM. */
 int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const void *x, int32_t enc,
-                       int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
+                       const float *norm, float eps, int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
                        int32_t num_experts, int32_t acc64, int32_t timeout_ms);
 
 /* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;

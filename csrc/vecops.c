@@ -41,6 +41,20 @@ int lq_rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t
     return LQ_OK;
 }
 
+int lq_rms_norm_q8k(const float *x, const float *w, float eps, int64_t rows, int64_t n, void *out) {
+    if (rows < 0 || n < 1) return LQ_E_SHAPE;
+    const int64_t padded = (n + QK_K - 1) / QK_K * QK_K;
+    float *row = calloc((size_t)padded, sizeof(float)); /* the zero tail stays zero */
+    if (!row) return LQ_E_NOMEM;
+    const lq_kernels *k = lq_active_kernels();
+    for (int64_t r = 0; r < rows; r++) {
+        norm_row(x + r * n, w, eps, n, row);
+        k->quantize_q8k(row, (block_q8_K *)out + r * (padded / QK_K), padded);
+    }
+    free(row);
+    return LQ_OK;
+}
+
 int lq_norm_rope(float *x, const float *w, float eps, int64_t T, int64_t heads, int64_t d,
                  const float *cos_t, const float *sin_t) {
     if (T < 0 || heads < 1 || d < 2 || d % 2) return LQ_E_SHAPE;

@@ -482,12 +482,24 @@ int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int
 /* ---- a decode step's layer call, all legs ----------------------------------------------------- */
 
 int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const void *x, int32_t enc,
-                       int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
-                       int32_t num_experts, int32_t acc64, int32_t timeout_ms) {
+                       const float *norm, float eps, int32_t hidden, const void *ids, int32_t ids64,
+                       const float *weights, int32_t slots, int32_t num_experts, int32_t acc64,
+                       int32_t timeout_ms) {
     /* the ids are checked once (no slot in [0, -1]) before anything is written */
     int64_t rc = lq_wire_encode_token(NULL, 0, 0, layer, x, enc, hidden, ids, ids64, weights, slots, num_experts,
                                       0, -1, 0);
     if (rc < 0) return (int)rc;
+    uint8_t *blocks = NULL;
+    if (enc == LQ_WIRE_Q8K && norm) {
+        blocks = malloc((size_t)x_row_bytes(LQ_WIRE_Q8K, hidden));
+        if (!blocks) return LQ_E_NOMEM;
+        int nrc = lq_rms_norm_q8k(x, norm, eps, 1, hidden, blocks);
+        if (nrc != LQ_OK) {
+            free(blocks);
+            return nrc;
+        }
+        x = blocks;
+    }
     for (int32_t i = 0; i < n; i++) {
         lq_wire_leg *g = legs[i];
         int64_t len = lq_wire_encode_token(g->out, g->out_cap, g->id, layer, x, enc, hidden, ids, ids64, weights,
@@ -500,6 +512,7 @@ int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const
         int w = lq_wire_write(g->fd, g->out, len, timeout_ms, &g->err);
         g->sent = w == LQ_OK ? 1 : -w;
     }
+    free(blocks);
     return LQ_OK;
 }
 

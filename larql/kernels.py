@@ -439,6 +439,19 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float,
     return y
 
 
+def rms_norm_q8k(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """quantize_q8k(rms_norm(x, weight, eps)) in one C call, the same bytes: f32 [T, n] ->
+    uint8 [T, ceil(n/256)*292] (a client's q8k input)."""
+    x = _f32_2d(x, "rms_norm_q8k")
+    n = x.shape[1]
+    if n < 1:
+        raise KernelError(f"rms_norm_q8k: x has shape {x.shape}, needs a non-empty last axis")
+    y = np.empty((x.shape[0], row_bytes(Q8_K, (n + 255) // 256 * 256)), dtype=np.uint8)
+    wp, _keep = _weight(weight, n, "rms_norm_q8k")
+    _check(lib.lq_rms_norm_q8k(_fbuf(x), wp, float(eps), x.shape[0], n, _ptr(y)), "rms_norm_q8k")
+    return y
+
+
 def norm_rope(x: np.ndarray, weight: np.ndarray | None, eps: float, cos: np.ndarray,
               sin: np.ndarray) -> np.ndarray:
     """RMSNorm each head of x [T, heads, d], then rotate-half RoPE (cos, sin [T, d/2]); a new array."""

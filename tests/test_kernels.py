@@ -599,3 +599,17 @@ def signal_number(name: str) -> int:
     import signal
 
     return int(getattr(signal, name))
+
+
+@pytest.mark.parametrize("n", [64, 256, 300, 2816])
+def test_rms_norm_q8k_is_rms_norm_then_quantize_q8k(n):
+    """The client's q8k input in one C call: byte for byte the two-step result, weight or none."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((3, n)) * 4).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    for weight in (w, None):
+        want = K.quantize_q8k(K.rms_norm(x, weight, 1e-6))
+        got = K.rms_norm_q8k(x, weight, 1e-6)
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    with pytest.raises(K.KernelError, match="rms_norm_q8k"):
+        K.rms_norm_q8k(x, w[:-1], 1e-6)

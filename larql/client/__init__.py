@@ -132,20 +132,33 @@ class RemoteExperts:
             self.close()
 
 
-def _q8k_quantizer(vindex):
-    """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k'."""
-    from .. import kernels
+class _Q8KInput:
+    """quantize(layer, h) -> Q8_K bytes of pre_feedforward_layernorm_2(h), for encoding 'q8k';
+    `norm_c(layer)` and `eps` let the C decode path do the same step itself."""
 
-    eps = vindex.config.rms_norm_eps
-    norms: dict[int, np.ndarray] = {}
+    def __init__(self, vindex) -> None:
+        self.vindex = vindex
+        self.eps = vindex.config.rms_norm_eps
+        self._norms: dict[int, tuple[np.ndarray, object]] = {}
 
-    def quantize(layer: int, h: np.ndarray) -> np.ndarray:
-        w = norms.get(layer)
-        if w is None:
-            w = norms[layer] = vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")
-        return kernels.quantize_q8k(kernels.rms_norm(h, w, eps))
+    def _norm(self, layer: int) -> tuple[np.ndarray, object]:
+        got = self._norms.get(layer)
+        if got is None:
+            from .._kernels import ffi
 
-    return quantize
+            w = np.ascontiguousarray(self.vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight"),
+                                     dtype=np.float32)
+            got = self._norms[layer] = (w, ffi.from_buffer("float[]", w))
+        return got
+
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
+        from .. import kernels
+
+        return kernels.rms_norm_q8k(h, self._norm(layer)[0], self.eps)
+
+    def norm_c(self, layer: int):
+        """The layer's norm weight as a C float pointer (kept alive here)."""
+        return self._norm(layer)[1]
 
 
 def resolve_encoding(encoding: str, vindex) -> str:
@@ -175,7 +188,7 @@ def async_client(spec: str, vindex, **options) -> AsyncExpertClient:
     options["encoding"] = resolve_encoding(options.get("encoding", "auto"), vindex)
     opts = make_options(**options)
     shards = parse_shards(spec, vindex.config.num_experts, vindex.config.num_layers)
-    quantize = _q8k_quantizer(vindex) if opts.encoding == "q8k" else None
+    quantize = _Q8KInput(vindex) if opts.encoding == "q8k" else None
     return AsyncExpertClient(shards, ModelIdentity.from_vindex(vindex), quantize=quantize, options=opts)
 
 
@@ -186,5 +199,5 @@ def connect_shards(spec: str, vindex, timeout: float = DEFAULT_TIMEOUT, **option
     options["encoding"] = resolve_encoding(options.get("encoding", "auto"), vindex)
     opts = make_options(timeout=timeout, **options)
     shards = parse_shards(spec, vindex.config.num_experts, vindex.config.num_layers)
-    quantize = _q8k_quantizer(vindex) if opts.encoding == "q8k" else None
+    quantize = _Q8KInput(vindex) if opts.encoding == "q8k" else None
     return RemoteExperts(BlockingExpertClient(shards, ModelIdentity.from_vindex(vindex), opts, quantize))

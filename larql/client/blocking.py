@@ -370,6 +370,7 @@ class _TokenCall:
         self.x, enc = x                 # what goes on the wire: h, or its normed Q8_K blocks
         self.enc = protocol_c.ENCODINGS[enc]
         self.x_c, self.w_c = ffi.from_buffer(self.x), ffi.from_buffer("float[]", weights)
+        self.norm_c, self.eps = ffi.NULL, 0.0    # set: x is h, and C makes its Q8_K blocks
         self.out = np.empty((1, hidden), dtype=_F32)
         self.out_c = ffi.from_buffer("float[]", self.out)
         self.total = scratch64 if acc64 else self.out
@@ -533,8 +534,13 @@ class BlockingExpertClient:
                 picked = self._pick(sh)
                 picks.append((si, sh, picked))
                 plain = plain and picked is not None and picked[1].fd >= 0
-        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64,
-                          self.planner.token_input(layer, h))
+        quantize = self.planner.quantize
+        in_c = plain and bool(picks) and self.planner.encoding == "q8k" and hasattr(quantize, "norm_c")
+        # on the all-C path the norm and Q8_K step runs in C too (lq_wire_token_send)
+        x = (h, "q8k") if in_c else self.planner.token_input(layer, h)
+        call = _TokenCall(layer, h, ids, weights, self.planner.acc == "f64", H, self._scratch64, x)
+        if in_c:
+            call.norm_c, call.eps = quantize.norm_c(layer), quantize.eps
         sent = self._send_legs(call, picks) if plain and picks else self._send_each(call, picks)
         if not sent:
             for _, _, picked in picks:       # an id out of range: nothing went out
@@ -560,8 +566,8 @@ class BlockingExpertClient:
         for c in conns:
             c.sync_leg()
         ids = call.ids
-        rc = lib.lq_wire_token_send(ptrs, len(conns), call.layer, call.x_c, call.enc, call.hidden,
-                                    ffi.from_buffer(ids),
+        rc = lib.lq_wire_token_send(ptrs, len(conns), call.layer, call.x_c, call.enc, call.norm_c, call.eps,
+                                    call.hidden, ffi.from_buffer(ids),
                                     ids.dtype.itemsize == 8, call.w_c, ids.size, self.identity.num_experts,
                                     call.acc64, max(1, int(self.options.timeout * 1000)))
         if rc < 0:
