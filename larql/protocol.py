@@ -78,6 +78,8 @@ E_VERSION = "version"            # hello with an unsupported protocol version
 E_NEED_HELLO = "hello_required"  # compute before the handshake
 E_NOT_OWNED = "not_owned"        # an expert or layer this shard does not hold
 E_INTERNAL = "internal"          # the server failed (a bug); the request did nothing
+E_INTEGRITY = "integrity"        # the shard's own files failed a check (changed on disk, digest
+                                 # mismatch, truncated): nothing computed; another replica may serve it
 E_SHUTDOWN = "shutting_down"
 E_UNAUTHORIZED = "unauthorized"  # no or wrong API key: the connection is closed after this reply
 

@@ -501,6 +501,18 @@ class ExpertServer:
     def info(self) -> dict:
         return dict(self._info)
 
+    def health(self) -> dict:
+        """The `health` reply's fields: "failed" once a served layer failed its integrity check
+        (every token needs every layer, so the shard cannot serve the model: a container's
+        health check should say so), "draining" while shutting down, else "ok"."""
+        failed = self.integrity.failed_layers()
+        status = "draining" if self._closing else "failed" if failed else "ok"
+        out = {"status": status, "inflight": self.batcher.inflight if self.batcher else 0,
+               "integrity": self.integrity.status()}
+        if failed:
+            out["failed_layers"] = failed
+        return out
+
     def _check_layer(self, layer: int) -> None:
         """Before a kernel reads `layer`: its files have not shrunk under us (fstat; a read past
         the end of a mapping is SIGBUS) and its bytes passed the integrity check."""
@@ -1007,9 +1019,7 @@ class _Conn(asyncio.Protocol):
             elif op == "info":
                 self._send({"id": rid, "ok": True, **srv._info})
             elif op == "health":
-                b = srv.batcher
-                self._send({"id": rid, "ok": True, "status": "draining" if srv._closing else "ok",
-                            "inflight": b.inflight if b else 0})
+                self._send({"id": rid, "ok": True, **srv.health()})
             elif op == "stats":
                 self._send({"id": rid, "ok": True, **srv.stats.snapshot()})
             elif op == "warmup":
@@ -1022,6 +1032,9 @@ class _Conn(asyncio.Protocol):
             self._error(rid, e.code, str(e))
         except ExpertOwnershipError as e:
             self._error(rid, P.E_NOT_OWNED, str(e))
+        except VindexError as e:  # our files changed on disk or failed their check
+            log.error("request %s from %s: %s", rid, self.peer, e)
+            self._error(rid, P.E_INTEGRITY, str(e))
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("request %s from %s failed", rid, self.peer)
             self._error(rid, P.E_INTERNAL, f"{type(e).__name__}: {e}")
@@ -1179,6 +1192,11 @@ class _Conn(asyncio.Protocol):
             self._hold(-nbytes)
             self._error(rid, P.E_NOT_OWNED, str(e))
             return
+        except VindexError as e:  # our files changed on disk or failed their check
+            self._hold(-nbytes)
+            log.error("request %s from %s: %s", rid, self.peer, e)
+            self._error(rid, P.E_INTEGRITY, str(e))
+            return
         except Exception as e:
             self._hold(-nbytes)
             log.error("validating request %s from %s failed: %r", rid, self.peer, e)
@@ -1226,7 +1244,7 @@ class _Conn(asyncio.Protocol):
             self._error(rid, P.E_NOT_OWNED, str(exc))
         elif isinstance(exc, VindexError):  # our files (changed on disk, failed their check)
             log.error("request %s from %s: %s", rid, self.peer, exc)
-            self._error(rid, P.E_INTERNAL, str(exc))
+            self._error(rid, P.E_INTEGRITY, str(exc))
         elif isinstance(exc, ValueError):  # KernelError and friends: the input was bad
             self._error(rid, P.E_BAD_REQUEST, str(exc))
         else:

@@ -137,12 +137,36 @@ def test_server_without_warmup_fails_requests_on_swapped_layer(extractions, tmp_
     srv = ExpertServer(open_vindex(victim))
     with srv.start_in_thread() as h, hello(h.port) as s:
         r = compute(s, 1)
-        assert r["ok"] is False and r["error"]["code"] == P.E_INTERNAL
+        assert r["ok"] is False and r["error"]["code"] == P.E_INTEGRITY
         assert "layer_01.weights" in r["error"]["message"] and "differ" in r["error"]["message"]
         ok = compute(s, 0, rid=6)  # the intact layer is still served
         assert ok["ok"] is True and len(ok["y"]) == 4 * H
         srv.integrity.close()  # the background check has finished
         assert srv.integrity.status().startswith("failed: ") and "layer_01" in srv.integrity.status()
+        # health says so (and `larql health`, a container's check, exits 1 on it)
+        got = rt(s, {"op": "health", "id": 9})
+        assert got["status"] == "failed" and got["failed_layers"] == [1]
+        assert got["integrity"].startswith("failed: ") and "layer_01" in got["integrity"]
+
+
+def test_client_fails_over_from_a_replica_whose_layer_failed_its_check(extractions, tmp_path):
+    """`integrity` is retryable: another replica's intact copy answers, and the result is the
+    intact shard's alone."""
+    orig, other = extractions
+    victim = shard(orig, tmp_path / "victim", "0-7")
+    shutil.copyfile(shard(other, tmp_path / "donor", "0-7") / fm.layer_file(1), victim / fm.layer_file(1))
+    good = ExpertServer(open_vindex(shard(orig, tmp_path / "good", "0-7")))
+    bad = ExpertServer(open_vindex(victim))
+    client_vindex = open_vindex(orig)
+    with good.start_in_thread() as g, bad.start_in_thread() as b:
+        rng = np.random.default_rng(4)
+        h = rng.standard_normal((1, H)).astype(np.float32)
+        ids, w = np.array([[1, 6]]), np.array([[0.3, 0.7]], np.float32)
+        with connect_shards(f"0-7={g.address}", client_vindex, api_key="") as ref, \
+                connect_shards(f"0-7={b.address}|{g.address}", client_vindex, api_key="") as rx:
+            for _ in range(4):    # replicas take turns: the failed one is asked at least once
+                assert rx.forward(1, h, ids, w).tobytes() == ref.forward(1, h, ids, w).tobytes()
+            assert rx.client.retries >= 1
 
 
 def test_norms_replaced_under_copied_index_are_refused(extractions, tmp_path):

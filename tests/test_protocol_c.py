@@ -384,7 +384,7 @@ def test_server_c_path_checks_the_file_before_reading_it(vindex_path, tmp_path):
         layer_file = next(p for p in (copy / "layers").iterdir() if p.name.startswith("layer_01"))
         os.truncate(layer_file, 4096)
         r = rt(s, request(ids=[[1, 3]]))
-        assert r["ok"] is False and r["error"]["code"] == P.E_INTERNAL and "shrank" in r["error"]["message"]
+        assert r["ok"] is False and r["error"]["code"] == P.E_INTEGRITY and "shrank" in r["error"]["message"]
         assert stats(s)["c_path"] == 2
     finally:
         h.stop()

@@ -34,8 +34,9 @@ from .policy import Replica, Shard
 log = core.log
 
 _FATAL_CODES = {P.E_NOT_OWNED, P.E_BAD_REQUEST, P.E_VERSION, P.E_UNKNOWN_OP}
-# Error replies another replica may answer differently: it is draining, or it hit a bug.
-RETRYABLE_CODES = {P.E_SHUTDOWN, P.E_INTERNAL, P.E_NEED_HELLO}
+# Error replies another replica may answer differently: it is draining, it hit a bug, or its own
+# copy of the files failed a check.
+RETRYABLE_CODES = {P.E_SHUTDOWN, P.E_INTERNAL, P.E_NEED_HELLO, P.E_INTEGRITY}
 
 
 def retryable(exc: BaseException) -> bool:

@@ -301,6 +301,10 @@ class Verifier:
         self._thread = threading.Thread(target=run, name="larql-verify", daemon=True)
         self._thread.start()
 
+    def failed_layers(self) -> list[int]:
+        """The layers whose check failed so far, ascending."""
+        return sorted(la for la, r in list(self._done.items()) if isinstance(r, VindexError))
+
     def status(self) -> str:
         """"verified", "verifying", "unverified" (nothing recorded) or "failed: <first error>"."""
         for layer in self.layers:
