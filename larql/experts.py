@@ -79,7 +79,7 @@ class LocalExperts:
         self._tables: dict[int, kernels.ExpertTable] = {}
         self._norms: dict[int, np.ndarray] = {}
 
-    def _layer(self, layer: int) -> tuple[kernels.ExpertTable, np.ndarray]:
+    def layer(self, layer: int) -> tuple[kernels.ExpertTable, np.ndarray]:
         """The layer's expert table and pre_feedforward_layernorm_2 weight, loaded once."""
         table = self._tables.get(layer)
         if table is None:
@@ -117,7 +117,7 @@ class LocalExperts:
                 acc: str = "f32") -> np.ndarray:
         """The raw weighted sum, accumulated in double and rounded to f32 once; acc="f64"
         returns the double sums instead (a shard's partial sum for a client to add exactly)."""
-        _, norm = self._layer(layer)
+        _, norm = self.layer(layer)
         return self.forward_normed(layer, kernels.rms_norm(np.atleast_2d(h), norm, self.eps), ids, weights,
                                    acc)
 
@@ -128,7 +128,7 @@ class LocalExperts:
         that sent Q8_K activations)."""
         ids = np.asarray(ids)
         self.check(layer, ids)  # before any cast to int32 could wrap a huge id into range
-        table, _ = self._layer(layer)
+        table, _ = self.layer(layer)
         xe = np.atleast_2d(xe)
         if acc == "f32":
             return kernels.moe_ffn(table, xe, ids, weights)
@@ -146,7 +146,7 @@ class LocalExperts:
         take the dequantised values."""
         ids = np.asarray(ids)
         self.check(layer, ids)
-        table, _ = self._layer(layer)
+        table, _ = self.layer(layer)
         xq = np.ascontiguousarray(xq)
         T = xq.shape[0]
         if acc not in ("f32", "f64"):

@@ -90,7 +90,7 @@ class TokenServer:
         """Let `layer` take the C path (call after its files and bytes passed their checks)."""
         if layer in self.enabled:
             return
-        table, norm = self.local._layer(layer)
+        table, norm = self.local.layer(layer)
         files = self.vindex.mapped_files(layer)
         if (table.n_experts != self._shard.num_experts or table.inter != self._shard.inter
                 or table.hidden != self._shard.hidden or norm.dtype != np.float32
