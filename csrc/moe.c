@@ -94,15 +94,16 @@ typedef struct {
     double *acc; /* [T][hidden]: phase C's double sums (each f32 product is exact there) */
 } moe_job;
 
-/* One weight row against n activation rows (n <= LQ_MAX_T) through the table's row kernel:
- * Q8_K activations (xq, blocks of the padded row) for K-quant rows, f32 (xf) otherwise. */
-static void row_dot(const lq_kernels *k, int fmt, const uint8_t *w, int64_t n_values, int64_t nb,
-                    const block_q8_K *xq, const float *xf, int64_t xf_stride, int n, float *out,
-                    int64_t out_stride) {
+/* n_rows consecutive weight rows against n activation rows (n <= LQ_MAX_T) through the table's
+ * kernels (lq_dot_rows): Q8_K activations (xq, blocks of the padded row) for K-quant rows, f32
+ * (xf) otherwise. Row r, column q goes to out[r * out_row_stride + q * out_stride]. */
+static void rows_dot(const lq_kernels *k, int fmt, const uint8_t *w, size_t row_bytes, int64_t n_rows,
+                     int64_t n_values, int64_t nb, const block_q8_K *xq, const float *xf, int64_t xf_stride, int n,
+                     float *out, int64_t out_row_stride, int64_t out_stride) {
     if (lq_is_kquant(fmt))
-        lq_row_kernel(k, fmt)(nb, w, xq, nb, n, out, out_stride);
+        lq_dot_rows(k, fmt, nb, w, row_bytes, n_rows, xq, nb, n, out, out_row_stride, out_stride);
     else
-        lq_row_kernel(k, fmt)(n_values, w, xf, xf_stride, n, out, out_stride);
+        lq_dot_rows(k, fmt, n_values, w, row_bytes, n_rows, xf, xf_stride, n, out, out_row_stride, out_stride);
 }
 
 /* What one phase-A or phase-B work item reads: rows [r0, r1) of one expert's gate_up (down = 0)
@@ -140,11 +141,9 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
             int64_t pc = sl.gr->p0 + c0;
             const block_q8_K *xq = sl.kq ? s->xgq + pc * j->nbh : NULL;
             const float *xf = sl.kq ? NULL : s->xgf + pc * j->hidden;
-            for (int64_t r = sl.r0; r < sl.r1; r++) {
-                const uint8_t *wg = sl.w + (size_t)r * sl.rb, *wu = sl.w + (size_t)(r + j->inter) * sl.rb;
-                row_dot(j->k, sl.fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g + (r - sl.r0), LQ_GU_ROWS);
-                row_dot(j->k, sl.fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u + (r - sl.r0), LQ_GU_ROWS);
-            }
+            const uint8_t *wg = sl.w + (size_t)sl.r0 * sl.rb, *wu = sl.w + (size_t)(sl.r0 + j->inter) * sl.rb;
+            rows_dot(j->k, sl.fmt, wg, sl.rb, sl.r1 - sl.r0, j->hidden, j->nbh, xq, xf, j->hidden, n, g, 1, LQ_GU_ROWS);
+            rows_dot(j->k, sl.fmt, wu, sl.rb, sl.r1 - sl.r0, j->hidden, j->nbh, xq, xf, j->hidden, n, u, 1, LQ_GU_ROWS);
             for (int q = 0; q < n; q++)
                 j->k->gelu_mul(g + q * LQ_GU_ROWS, u + q * LQ_GU_ROWS, sl.r1 - sl.r0, s->hf + (pc + q) * j->ipad + sl.r0);
         }
@@ -171,7 +170,6 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     moe_job *j = p;
     const moe_scratch *s = j->s;
-    float d[LQ_MAX_T];
     for (int64_t item = i0; item < i1; item++) {
         moe_slice sl = slice_of(j, item, j->n_down_slices, LQ_DOWN_ROWS, j->hidden, 1);
         for (int64_t c0 = 0; c0 < sl.gr->np; c0 += LQ_MAX_T) {
@@ -179,10 +177,8 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
             int64_t pc = sl.gr->p0 + c0;
             const block_q8_K *xq = sl.kq ? s->hq + pc * j->nbi : NULL;
             const float *xf = sl.kq ? NULL : s->hf + pc * j->ipad;
-            for (int64_t r = sl.r0; r < sl.r1; r++) {
-                row_dot(j->k, sl.fmt, sl.w + (size_t)r * sl.rb, j->inter, j->nbi, xq, xf, j->ipad, n, d, 1);
-                for (int q = 0; q < n; q++) s->dn[(pc + q) * j->hidden + r] = d[q];
-            }
+            rows_dot(j->k, sl.fmt, sl.w + (size_t)sl.r0 * sl.rb, sl.rb, sl.r1 - sl.r0, j->inter, j->nbi, xq, xf,
+                     j->ipad, n, s->dn + pc * j->hidden + sl.r0, 1, j->hidden);
         }
     }
 }
