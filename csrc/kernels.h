@@ -43,17 +43,41 @@ typedef void (*lq_row_fn)(int64_t n, const void *w_row, const void *x, int64_t x
 
 #define LQ_N_ROW_FORMATS 6 /* row kernels are indexed by format id: F32..Q6_K */
 
+/* Several consecutive weight rows (row_bytes apart) against the same T activation rows: row r's
+ * dot with activation row t goes to out[r * out_row_stride + t * out_stride]; n, x and x_stride as
+ * for lq_row_fn. It must give exactly the bits of n_rows calls of the table's lq_row_fn (drivers
+ * call lq_dot_rows, which falls back to those calls when a table has none). It exists for the
+ * per-row fixed cost: a down row of the expert FFN is only 3 Q4_K blocks, and one call per row
+ * (function pointer, T and column-group dispatch) was a large share of phase B at T = 8. */
+typedef void (*lq_rows_fn)(int64_t n, const void *w, size_t row_bytes, int64_t n_rows, const void *x,
+                           int64_t x_stride, int T, float *out, int64_t out_row_stride, int64_t out_stride);
+
 typedef struct {
     const char *name;
     lq_row_fn dot[LQ_N_ROW_FORMATS]; /* by format id; NULL = no kernel (id 3, Q4_0) */
     void (*quantize_q8k)(const float *x, block_q8_K *y, int64_t n); /* n multiple of 256 */
     /* out = gelu_tanh(gate) * up: lq_gelu_mul_f32 compiled for this ISA (same bits in every table) */
     void (*gelu_mul)(const float *gate, const float *up, int64_t n, float *out);
+    lq_rows_fn rows[LQ_N_ROW_FORMATS]; /* optional, by format id; NULL = one dot call per row */
 } lq_kernels;
 
 /* The row kernel of weight format fmt in table k; NULL if fmt is not a weight format. */
 static inline lq_row_fn lq_row_kernel(const lq_kernels *k, int fmt) {
     return fmt >= 0 && fmt < LQ_N_ROW_FORMATS ? k->dot[fmt] : NULL;
+}
+
+/* n_rows rows through the table's rows kernel for fmt, or row by row through its dot (the
+ * reference: the scalar table has no rows kernels). fmt must be a weight format of the table. */
+static inline void lq_dot_rows(const lq_kernels *k, int fmt, int64_t n, const void *w, size_t row_bytes,
+                               int64_t n_rows, const void *x, int64_t x_stride, int T, float *out,
+                               int64_t out_row_stride, int64_t out_stride) {
+    if (k->rows[fmt]) {
+        k->rows[fmt](n, w, row_bytes, n_rows, x, x_stride, T, out, out_row_stride, out_stride);
+        return;
+    }
+    const lq_row_fn dot = k->dot[fmt];
+    for (int64_t r = 0; r < n_rows; r++)
+        dot(n, (const uint8_t *)w + (size_t)r * row_bytes, x, x_stride, T, out + r * out_row_stride, out_stride);
 }
 
 extern const lq_kernels lq_kernels_scalar;

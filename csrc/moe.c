@@ -13,6 +13,7 @@
  *    (each f32 product is exact there) and rounded to f32 once. Every value is computed by
  *    exactly one item in a fixed order, so results do not depend on the thread count.
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,7 +36,7 @@ typedef struct {
     int any_kq_gu, any_f_gu, any_kq_down;
 } moe_census;
 
-/* Every buffer of one lq_moe_ffn call: allocated together, freed together. */
+/* Every buffer of one lq_moe_ffn call: carved from one block, allocated together, freed together. */
 typedef struct {
     int64_t *start;        /* [n_experts + 1]: counting-sort offsets of each expert's pairs */
     int64_t *fill;         /* [n_experts] */
@@ -49,38 +50,97 @@ typedef struct {
     float *hf;             /* [np][ipad]: gelu(gate) * up, zero tail */
     block_q8_K *hq;        /* [np][nbi]: hf in Q8_K (K-quant down only) */
     float *dn;             /* [np][hidden]: each pair's down projection, before weighting */
+    double *acc;           /* [T][hidden]: phase C's sums when the caller gives no out64 */
+    void *block;           /* what the buffers are carved from */
+    int kept;              /* block is kept_block (this call holds kept_busy) */
 } moe_scratch;
 
+/* One block kept from call to call (up to LQ_SCRATCH_KEEP bytes) for whichever call finds it
+ * free; a concurrent call allocates its own. Allocated per call (malloc / calloc, ~1.4 MiB at
+ * T = 8), glibc handed the pages back and every call took ~330 page faults (perf stat), on
+ * the single-threaded path before and after the parallel phases: the T = 8 expert FFN spent
+ * ~0.3-0.5 ms of ~6-8 ms in allocation, gathering into fresh pages and phase C's first touch of
+ * acc. The kept block is never freed (at most LQ_SCRATCH_KEEP bytes for the process). */
+#define LQ_SCRATCH_KEEP ((size_t)16 << 20)
+static void *kept_block;
+static size_t kept_size;
+static atomic_flag kept_busy = ATOMIC_FLAG_INIT;
+
 static void scratch_free(moe_scratch *s) {
-    free(s->start), free(s->fill), free(s->groups), free(s->pair_t), free(s->pair_w), free(s->xq);
-    free(s->xgq), free(s->xgf), free(s->pad), free(s->hf), free(s->hq), free(s->dn);
+    if (s->kept)
+        atomic_flag_clear_explicit(&kept_busy, memory_order_release);
+    else
+        free(s->block);
     memset(s, 0, sizeof *s);
 }
 
-/* All or nothing: LQ_OK with every buffer the census asks for, or LQ_E_NOMEM with none. */
+static size_t carve(size_t *off, size_t bytes) { /* 64-byte aligned offsets */
+    size_t o = *off;
+    *off = o + (bytes + 63) / 64 * 64;
+    return o;
+}
+
+/* All or nothing: LQ_OK with every buffer the census asks for, or LQ_E_NOMEM with none.
+ * Zeroed where a phase relies on zeros: start, pad, hf's tail and acc. */
 static int scratch_alloc(moe_scratch *s, const moe_census *c, int32_t n_experts, int64_t T, int64_t hidden,
-                         int64_t hpad, int64_t ipad) {
+                         int64_t hpad, int64_t inter, int64_t ipad, int want_acc) {
     int64_t nbh = hpad / QK_K, nbi = ipad / QK_K, np = c->np;
-    memset(s, 0, sizeof *s);
-    s->start = calloc((size_t)n_experts + 1, sizeof(int64_t));
-    s->fill = malloc(((size_t)n_experts + 1) * sizeof(int64_t));
-    s->groups = malloc((size_t)c->n_groups * sizeof(group));
-    s->pair_t = malloc((size_t)np * sizeof(int32_t));
-    s->pair_w = malloc((size_t)np * sizeof(float));
-    s->hf = calloc((size_t)(np * ipad), sizeof(float));
-    s->dn = malloc((size_t)(np * hidden) * sizeof(float));
-    int ok = s->start && s->fill && s->groups && s->pair_t && s->pair_w && s->hf && s->dn;
+    size_t off = 0, o_xq = 0, o_xgq = 0, o_pad = 0, o_xgf = 0, o_hq = 0, o_acc = 0;
+    size_t o_start = carve(&off, ((size_t)n_experts + 1) * sizeof(int64_t));
+    size_t o_fill = carve(&off, ((size_t)n_experts + 1) * sizeof(int64_t));
+    size_t o_groups = carve(&off, (size_t)c->n_groups * sizeof(group));
+    size_t o_pair_t = carve(&off, (size_t)np * sizeof(int32_t));
+    size_t o_pair_w = carve(&off, (size_t)np * sizeof(float));
+    size_t o_hf = carve(&off, (size_t)(np * ipad) * sizeof(float));
+    size_t o_dn = carve(&off, (size_t)(np * hidden) * sizeof(float));
     if (c->any_kq_gu) {
-        s->xq = malloc((size_t)(T * nbh) * sizeof(block_q8_K));
-        s->xgq = malloc((size_t)(np * nbh) * sizeof(block_q8_K));
-        ok = ok && s->xq && s->xgq;
-        if (hpad != hidden) ok = ok && (s->pad = calloc((size_t)hpad, sizeof(float)));
+        o_xq = carve(&off, (size_t)(T * nbh) * sizeof(block_q8_K));
+        o_xgq = carve(&off, (size_t)(np * nbh) * sizeof(block_q8_K));
+        if (hpad != hidden) o_pad = carve(&off, (size_t)hpad * sizeof(float));
     }
-    if (c->any_f_gu) ok = ok && (s->xgf = malloc((size_t)(np * hidden) * sizeof(float)));
-    if (c->any_kq_down) ok = ok && (s->hq = malloc((size_t)(np * nbi) * sizeof(block_q8_K)));
-    if (!ok) {
-        scratch_free(s);
-        return LQ_E_NOMEM;
+    if (c->any_f_gu) o_xgf = carve(&off, (size_t)(np * hidden) * sizeof(float));
+    if (c->any_kq_down) o_hq = carve(&off, (size_t)(np * nbi) * sizeof(block_q8_K));
+    if (want_acc) o_acc = carve(&off, (size_t)(T * hidden) * sizeof(double));
+
+    memset(s, 0, sizeof *s);
+    uint8_t *m = NULL;
+    int kept = 0;
+    if (off <= LQ_SCRATCH_KEEP && !atomic_flag_test_and_set_explicit(&kept_busy, memory_order_acquire)) {
+        if (kept_size < off) {
+            void *grown = NULL;
+            if (posix_memalign(&grown, 64, off) == 0) {
+                free(kept_block);
+                kept_block = grown, kept_size = off;
+            }
+        }
+        if (kept_size >= off) m = kept_block, kept = 1;
+        else atomic_flag_clear_explicit(&kept_busy, memory_order_release);
+    }
+    if (!m) {
+        void *fresh = NULL;
+        if (posix_memalign(&fresh, 64, off ? off : 64) != 0) return LQ_E_NOMEM;
+        m = fresh;
+    }
+    s->block = m;
+    s->kept = kept;
+    s->start = (int64_t *)(m + o_start), s->fill = (int64_t *)(m + o_fill), s->groups = (group *)(m + o_groups);
+    s->pair_t = (int32_t *)(m + o_pair_t), s->pair_w = (float *)(m + o_pair_w);
+    s->hf = (float *)(m + o_hf), s->dn = (float *)(m + o_dn);
+    memset(s->start, 0, ((size_t)n_experts + 1) * sizeof(int64_t));
+    if (ipad != inter) /* phase A writes [0, inter) of every row; the tail must be 0 */
+        for (int64_t q = 0; q < np; q++) memset(s->hf + q * ipad + inter, 0, (size_t)(ipad - inter) * sizeof(float));
+    if (c->any_kq_gu) {
+        s->xq = (block_q8_K *)(m + o_xq), s->xgq = (block_q8_K *)(m + o_xgq);
+        if (hpad != hidden) {
+            s->pad = (float *)(m + o_pad);
+            memset(s->pad, 0, (size_t)hpad * sizeof(float));
+        }
+    }
+    if (c->any_f_gu) s->xgf = (float *)(m + o_xgf);
+    if (c->any_kq_down) s->hq = (block_q8_K *)(m + o_hq);
+    if (want_acc) {
+        s->acc = (double *)(m + o_acc);
+        memset(s->acc, 0, (size_t)(T * hidden) * sizeof(double));
     }
     return LQ_OK;
 }
@@ -94,15 +154,16 @@ typedef struct {
     double *acc; /* [T][hidden]: phase C's double sums (each f32 product is exact there) */
 } moe_job;
 
-/* One weight row against n activation rows (n <= LQ_MAX_T) through the table's row kernel:
- * Q8_K activations (xq, blocks of the padded row) for K-quant rows, f32 (xf) otherwise. */
-static void row_dot(const lq_kernels *k, int fmt, const uint8_t *w, int64_t n_values, int64_t nb,
-                    const block_q8_K *xq, const float *xf, int64_t xf_stride, int n, float *out,
-                    int64_t out_stride) {
+/* n_rows consecutive weight rows against n activation rows (n <= LQ_MAX_T) through the table's
+ * kernels (lq_dot_rows): Q8_K activations (xq, blocks of the padded row) for K-quant rows, f32
+ * (xf) otherwise. Row r, column q goes to out[r * out_row_stride + q * out_stride]. */
+static void rows_dot(const lq_kernels *k, int fmt, const uint8_t *w, size_t row_bytes, int64_t n_rows,
+                     int64_t n_values, int64_t nb, const block_q8_K *xq, const float *xf, int64_t xf_stride, int n,
+                     float *out, int64_t out_row_stride, int64_t out_stride) {
     if (lq_is_kquant(fmt))
-        lq_row_kernel(k, fmt)(nb, w, xq, nb, n, out, out_stride);
+        lq_dot_rows(k, fmt, nb, w, row_bytes, n_rows, xq, nb, n, out, out_row_stride, out_stride);
     else
-        lq_row_kernel(k, fmt)(n_values, w, xf, xf_stride, n, out, out_stride);
+        lq_dot_rows(k, fmt, n_values, w, row_bytes, n_rows, xf, xf_stride, n, out, out_row_stride, out_stride);
 }
 
 /* What one phase-A or phase-B work item reads: rows [r0, r1) of one expert's gate_up (down = 0)
@@ -140,11 +201,9 @@ static void phase_a(void *p, int64_t i0, int64_t i1, int tid) {
             int64_t pc = sl.gr->p0 + c0;
             const block_q8_K *xq = sl.kq ? s->xgq + pc * j->nbh : NULL;
             const float *xf = sl.kq ? NULL : s->xgf + pc * j->hidden;
-            for (int64_t r = sl.r0; r < sl.r1; r++) {
-                const uint8_t *wg = sl.w + (size_t)r * sl.rb, *wu = sl.w + (size_t)(r + j->inter) * sl.rb;
-                row_dot(j->k, sl.fmt, wg, j->hidden, j->nbh, xq, xf, j->hidden, n, g + (r - sl.r0), LQ_GU_ROWS);
-                row_dot(j->k, sl.fmt, wu, j->hidden, j->nbh, xq, xf, j->hidden, n, u + (r - sl.r0), LQ_GU_ROWS);
-            }
+            const uint8_t *wg = sl.w + (size_t)sl.r0 * sl.rb, *wu = sl.w + (size_t)(sl.r0 + j->inter) * sl.rb;
+            rows_dot(j->k, sl.fmt, wg, sl.rb, sl.r1 - sl.r0, j->hidden, j->nbh, xq, xf, j->hidden, n, g, 1, LQ_GU_ROWS);
+            rows_dot(j->k, sl.fmt, wu, sl.rb, sl.r1 - sl.r0, j->hidden, j->nbh, xq, xf, j->hidden, n, u, 1, LQ_GU_ROWS);
             for (int q = 0; q < n; q++)
                 j->k->gelu_mul(g + q * LQ_GU_ROWS, u + q * LQ_GU_ROWS, sl.r1 - sl.r0, s->hf + (pc + q) * j->ipad + sl.r0);
         }
@@ -171,7 +230,6 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     moe_job *j = p;
     const moe_scratch *s = j->s;
-    float d[LQ_MAX_T];
     for (int64_t item = i0; item < i1; item++) {
         moe_slice sl = slice_of(j, item, j->n_down_slices, LQ_DOWN_ROWS, j->hidden, 1);
         for (int64_t c0 = 0; c0 < sl.gr->np; c0 += LQ_MAX_T) {
@@ -179,10 +237,8 @@ static void phase_b(void *p, int64_t i0, int64_t i1, int tid) {
             int64_t pc = sl.gr->p0 + c0;
             const block_q8_K *xq = sl.kq ? s->hq + pc * j->nbi : NULL;
             const float *xf = sl.kq ? NULL : s->hf + pc * j->ipad;
-            for (int64_t r = sl.r0; r < sl.r1; r++) {
-                row_dot(j->k, sl.fmt, sl.w + (size_t)r * sl.rb, j->inter, j->nbi, xq, xf, j->ipad, n, d, 1);
-                for (int q = 0; q < n; q++) s->dn[(pc + q) * j->hidden + r] = d[q];
-            }
+            rows_dot(j->k, sl.fmt, sl.w + (size_t)sl.r0 * sl.rb, sl.rb, sl.r1 - sl.r0, j->inter, j->nbi, xq, xf,
+                     j->ipad, n, s->dn + pc * j->hidden + sl.r0, 1, j->hidden);
         }
     }
 }
@@ -297,12 +353,8 @@ static int moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, 
     j.n_slices = (inter + LQ_GU_ROWS - 1) / LQ_GU_ROWS;
     j.n_down_slices = (hidden + LQ_DOWN_ROWS - 1) / LQ_DOWN_ROWS;
     moe_scratch s;
-    if (scratch_alloc(&s, &c, n_experts, T, hidden, j.hpad, j.ipad) != LQ_OK) return LQ_E_NOMEM;
-    j.acc = out64 ? out64 : calloc((size_t)(T * hidden), sizeof(double));
-    if (!j.acc) {
-        scratch_free(&s);
-        return LQ_E_NOMEM;
-    }
+    if (scratch_alloc(&s, &c, n_experts, T, hidden, j.hpad, inter, j.ipad, !out64) != LQ_OK) return LQ_E_NOMEM;
+    j.acc = out64 ? out64 : s.acc;
     j.s = &s;
 
     group_pairs(&s, n_experts, ids, weights, T * K, K);
@@ -312,7 +364,6 @@ static int moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, 
     lq_parallel_for(c.n_groups * j.n_down_slices, 1, phase_b, &j);
     lq_parallel_for(j.n_down_slices, c.np * LQ_DOWN_ROWS >= 65536 ? 1 : j.n_down_slices, phase_c, &j);
     for (int64_t i = 0; i < T * hidden; i++) out[i] = (float)j.acc[i];
-    if (j.acc != out64) free(j.acc);
     scratch_free(&s);
     return LQ_OK;
 }

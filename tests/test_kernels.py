@@ -487,6 +487,44 @@ def test_concurrent_calls_from_python_threads():
     assert not errors
 
 
+def test_moe_ffn_scratch_reuse_across_shapes_and_threads():
+    """lq_moe_ffn keeps one scratch block across calls (the first caller to find it free takes
+    it; a concurrent call allocates its own): a call after larger, dirtier calls (other shapes,
+    NaN activations, more pairs) and calls racing from several threads must give the same bits.
+    inter = 200 leaves a padded tail in every h row that must read as zeros."""
+    import threading
+
+    rng = np.random.default_rng(16)
+    small, _ = make_experts(rng, 5, 512, 200, K.Q4_K, K.Q6_K)
+    large, _ = make_experts(rng, 6, 768, 300, K.Q4_K, K.Q4_K)
+    cases = []
+    for table, hidden, T in ((small, 512, 3), (small, 512, 9), (large, 768, 12), (large, 768, 1)):
+        x = rng.standard_normal((T, hidden)).astype(np.float32)
+        ids = np.stack([rng.permutation(table.n_experts)[:3] for _ in range(T)]).astype(np.int32)
+        w = rng.random((T, 3)).astype(np.float32)
+        cases.append((table, x, ids, w))
+    expect = [K.moe_ffn(*c) for c in cases]
+    dirty_x = np.full((16, 768), np.nan, np.float32)
+    dirty_ids = np.stack([rng.permutation(6) for _ in range(16)]).astype(np.int32)
+    K.moe_ffn(large, dirty_x, dirty_ids, np.ones((16, 6), np.float32))  # fills the kept block with NaN
+    for c, e in zip(cases, expect, strict=True):
+        assert np.array_equal(K.moe_ffn(*c), e)
+    errors = []
+
+    def work(i):
+        for k in range(20):
+            j = (i + k) % len(cases)
+            if not np.array_equal(K.moe_ffn(*cases[j]), expect[j]):
+                errors.append((i, j))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_pool_works_in_a_forked_child():
     """A server may fork after the pool started: the child must get fresh workers, not hang."""
     import os

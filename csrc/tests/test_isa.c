@@ -377,6 +377,58 @@ static void check_kquant(int kernel, int64_t nb, int T, int exact) {
     free(w), free(x), free(xf), free(mag), free(val), free(x_desc);
 }
 
+/* The rows kernels (lq_dot_rows: the table's rows entry, or its per-row fallback) against the
+ * same table's dot called row by row, bit for bit: the contract says a driver may use either.
+ * With KQUANT_BIT_EXACT that is also the scalar reference's dot. Rows sit a padded row_bytes
+ * apart and the outputs at both strides, with sentinels in every gap. */
+static void check_rows(int kernel, int64_t nb, int T, int n_rows) {
+    size_t bsize = kernel == K_Q4K ? sizeof(block_q4_K) : sizeof(block_q6_K);
+    size_t row_bytes = nb * bsize + bsize * rnd_below(2);
+    int fmt = kfmt[kernel];
+    uint8_t *w = malloc(row_bytes * n_rows);
+    rnd_bytes(w, row_bytes * n_rows);
+    for (int r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < nb; i++) {
+            uint8_t *b = w + r * row_bytes + i * bsize;
+            if (kernel == K_Q4K) make_q4k((block_q4_K *)b, pick_flavor());
+            else make_q6k((block_q6_K *)b, pick_flavor());
+        }
+    int64_t xs = nb + rnd_below(3);
+    block_q8_K *x = calloc(T * xs, sizeof *x);
+    float *xf = malloc(nb * QK_K * sizeof *xf);
+    for (int t = 0; t < T; t++) {
+        make_floats(xf, nb * QK_K, -1);
+        ref->quantize_q8k(xf, &x[t * xs], nb * QK_K);
+    }
+    /* row-major (row stride 1 .. 2 past T * os) or column-major (column stride past n_rows) */
+    int64_t os, ors;
+    if (rnd_below(2)) os = 1 + rnd_below(2), ors = T * os + rnd_below(2);
+    else ors = 1 + rnd_below(2), os = n_rows * ors + rnd_below(2);
+    int64_t n_out = (n_rows - 1) * ors + (T - 1) * os + 1;
+    float *oa = malloc(n_out * sizeof(float)), *ob = malloc(n_out * sizeof(float)), *oc = malloc(n_out * sizeof(float));
+    const float sentinel = -12345.678f;
+    for (int64_t i = 0; i < n_out; i++) oa[i] = ob[i] = oc[i] = sentinel;
+    for (int r = 0; r < n_rows; r++) {
+        isa->dot[fmt](nb, w + r * row_bytes, x, xs, T, oa + r * ors, os);
+        ref->dot[fmt](nb, w + r * row_bytes, x, xs, T, oc + r * ors, os);
+    }
+    lq_dot_rows(isa, fmt, nb, w, row_bytes, n_rows, x, xs, T, ob, ors, os);
+    int ok = 1;
+    for (int64_t i = 0; i < n_out && ok; i++) {
+        if (memcmp(&oa[i], &ob[i], 4)) {
+            fail("rows %s nb=%lld T=%d n_rows=%d out[%lld] (strides %lld, %lld): dot row by row %a, rows %a",
+                 kname[kernel], (long long)nb, T, n_rows, (long long)i, (long long)ors, (long long)os, oa[i], ob[i]);
+            ok = 0;
+        } else if (KQUANT_BIT_EXACT && memcmp(&oc[i], &ob[i], 4)) {
+            fail("rows %s nb=%lld T=%d n_rows=%d out[%lld]: scalar %a, %s rows %a", kname[kernel], (long long)nb, T,
+                 n_rows, (long long)i, oc[i], isa->name, ob[i]);
+            ok = 0;
+        }
+    }
+    if (ok) n_pass++;
+    free(w), free(x), free(xf), free(oa), free(ob), free(oc);
+}
+
 /* bf16 by truncation (any finite f32 gives a finite bf16 here: the values stay below 1e5) */
 static uint16_t bf16_bits(float f) {
     uint32_t u;
@@ -477,6 +529,14 @@ int main(int argc, char **argv) {
             check_float(K_BF16, odd_n[k], Ts[i], 1);
         }
     }
+    static const int rows_T[] = {1, 2, 3, 5, 8, 9, 17, 64};
+    for (int r = 0; r < trials; r++)
+        for (int i = 0; i < 8; i++)
+            for (int k = 0; k < 3; k++) {
+                check_rows(K_Q4K, nbs[k], rows_T[i], 1 + rnd_below(6));
+                check_rows(K_Q6K, nbs[k], rows_T[i], 1 + rnd_below(6));
+            }
+    printf("rows kernels: %s\n", isa->rows[LQ_Q4_K] ? "the table's own" : "none (the per-row fallback)");
     printf("worst |diff|/(eps*mag): q4k %.2f, q6k %.2f, f32 %.2f, f16 %.2f, bf16 %.2f (tolerance is 2*(n+8))\n",
            worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3], worst_ratio[4]);
     printf("%d passed, %d failed\n", n_pass, n_fail);
