@@ -156,9 +156,33 @@ def test_f64_partials_are_summed_in_f64_and_rounded_once(served):
             s.stop()
 
 
+def test_one_shard_per_layer_takes_f32_replies_and_stays_exact(served):
+    """No layer's experts split: each server's f32 reply is already the in-process result (it
+    rounds its double sum once), so "auto" asks for f32 and half the bytes; an explicit "f64"
+    still gets f64."""
+    vindex, _ = served
+    whole = ExpertServer(open_vindex(vindex.path)).start_in_thread("127.0.0.1", 0)
+    try:
+        local = LocalExperts(vindex)
+        by_layers = f"0-7@0-0={whole.address},0-7@1-{L - 1}={whole.address}"
+        for spec, acc, want in ((f"0-7={whole.address}", "auto", "f32"), (by_layers, "auto", "f32"),
+                                (f"0-7={whole.address}", "f64", "f64")):
+            with connect_shards(spec, vindex, timeout=5, api_key="", accumulate=acc) as rx:
+                assert rx.accumulator == want, spec
+                for seed in range(3):
+                    h, ids, w = work(30 + seed, T=1 + 7 * seed)
+                    for layer in range(L):
+                        got = rx.forward(layer, h, ids, w)
+                        assert got.tobytes() == local.forward(layer, h, ids, w).tobytes()
+    finally:
+        whole.stop()
+
+
 def test_choose_accumulator():
     f64 = {"accumulators": ["f32", "f64"]}
     assert choose_accumulator("auto", [f64, f64]) == "f64"
+    assert choose_accumulator("auto", [f64, f64], split=False) == "f32"    # one shard per layer: exact
+    assert choose_accumulator("f64", [f64, f64], split=False) == "f64"     # asked for
     assert choose_accumulator("auto", [f64, {}]) == "f32"
     assert choose_accumulator("f32", [f64]) == "f32"
     with pytest.raises(ShardSpecError):

@@ -196,7 +196,8 @@ class AsyncExpertClient:
                 raise ShardError(f"shard {sh.spec.label}: no replica reachable: {sh.policy.summary()}")
         try:
             self.planner.acc = core.choose_accumulator(
-                self.options.accumulate, [r.conn.info for sh in self.shards for r in sh.replicas if r.conn])
+                self.options.accumulate, [r.conn.info for sh in self.shards for r in sh.replicas if r.conn],
+                core.splits_a_layer([sh.spec for sh in self.shards], self.identity.num_layers))
         except BaseException:
             await self.close()
             raise

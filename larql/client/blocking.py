@@ -442,7 +442,8 @@ class BlockingExpertClient:
                 if not sh.policy.any_up():
                     raise ShardError(f"shard {sh.spec.label}: no replica reachable: {sh.policy.summary()}")
             infos = [r.conn.info for sh in self.shards for r in sh.replicas if r.conn is not None]
-            self.planner.acc = core.choose_accumulator(self.options.accumulate, infos)
+            split = core.splits_a_layer([sh.spec for sh in self.shards], self.identity.num_layers)
+            self.planner.acc = core.choose_accumulator(self.options.accumulate, infos, split)
         except BaseException:
             self.close()
             raise

@@ -218,14 +218,22 @@ def check_hello(identity: ModelIdentity, spec: ShardSpec, where: str, info: dict
                              f"(upgrade it, or pass accumulate='f32')")
 
 
-def choose_accumulator(setting: str, infos: list[dict]) -> str:
-    """f64 partial sums when asked for, or ("auto") when every connected replica offers them."""
+def choose_accumulator(setting: str, infos: list[dict], split: bool = True) -> str:
+    """f64 partial sums when asked for, or ("auto") when a layer's experts are split over
+    several shards (`split`) and every connected replica offers them. With one shard per layer
+    its f32 reply is already the in-process result (the server rounds its double sum once), so
+    f64 would double the reply's bytes (11 -> 22.5 KB a layer at hidden 2816) for nothing."""
     if setting == "f32":
         return "f32"
     every = bool(infos) and all(offers_f64(i) for i in infos)
     if setting == "f64" and not every:
         raise ShardSpecError("accumulate='f64' needs servers that offer f64 partial sums; some do not")
-    return "f64" if every else "f32"
+    return "f64" if every and (split or setting == "f64") else "f32"
+
+
+def splits_a_layer(shards: Sequence[ShardSpec], num_layers: int) -> bool:
+    """Whether some layer's experts are served by more than one shard (their partial sums added)."""
+    return any(sum(s.serves(layer) for s in shards) > 1 for layer in range(num_layers))
 
 
 # ------------------------------------------------------------------------------------------
