@@ -11,7 +11,8 @@
 #include "kernels.h"
 
 typedef struct {
-    lq_row_fn dot;         /* the table's row kernel for this format */
+    const lq_kernels *k;
+    int fmt;               /* through the table's rows kernel (lq_dot_rows) */
     const uint8_t *w;
     size_t row_bytes;
     int64_t rows, n;       /* n: blocks per row (K-quants) or values per row used (floats) */
@@ -28,8 +29,9 @@ static void mm_range(void *p, int64_t r0, int64_t r1, int tid) {
     for (int64_t t0 = 0; t0 < j->T; t0 += LQ_MAX_T) {
         int T = (int)(j->T - t0 < LQ_MAX_T ? j->T - t0 : LQ_MAX_T);
         const uint8_t *x = j->x + t0 * j->x_row_bytes;
-        for (int64_t r = r0; r < r1; r++)
-            j->dot(j->n, j->w + (size_t)r * j->row_bytes, x, j->x_stride, T, j->y + t0 * j->rows + r, j->rows);
+        /* one call per range: the T and column-group split is made once, not once per row */
+        lq_dot_rows(j->k, j->fmt, j->n, j->w + (size_t)r0 * j->row_bytes, j->row_bytes, r1 - r0, x, j->x_stride, T,
+                    j->y + t0 * j->rows + r0, 1, j->rows);
     }
 }
 
@@ -57,7 +59,7 @@ static int64_t row_grain(size_t row_bytes, int64_t rows) {
 static void run_matmul(const lq_kernels *k, int fmt, const void *w, int64_t rows, int64_t cols, int64_t n,
                        const void *x, int64_t x_stride, int64_t T, float *y) {
     size_t x_row_bytes = (size_t)x_stride * (lq_is_kquant(fmt) ? sizeof(block_q8_K) : sizeof(float));
-    mm_job j = {lq_row_kernel(k, fmt), w, lq_row_bytes(fmt, cols), rows, n, x, x_stride, x_row_bytes, T, y};
+    mm_job j = {k, fmt, w, lq_row_bytes(fmt, cols), rows, n, x, x_stride, x_row_bytes, T, y};
     lq_parallel_for_guided(rows, row_grain(j.row_bytes, rows), mm_range, &j);
 }
 
