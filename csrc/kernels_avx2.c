@@ -180,22 +180,8 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     return q4k_finish(acc, acc_m);
 }
 
-/* T = 1: q4k_row1. Otherwise column groups (LQ_EACH_COL_GROUP). */
-static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T,
-                    float *out, int64_t out_stride) {
-    const block_q4_K *w = w_row;
-    const block_q8_K *x = x_rows;
-    if (T == 1) {
-        out[0] = q4k_row1(nb, w, x);
-        return;
-    }
-#define Q4K_COLS(k, xg, og) q4k_cols(nb, w, xg, x_stride, k, og, out_stride)
-    LQ_EACH_COL_GROUP(LQ_COLS_MAX, T, x, x_stride, out, out_stride, Q4K_COLS);
-#undef Q4K_COLS
-}
-
-/* lq_rows_fn for Q4_K: dot_q4k's kernels for each row, with the T and column-group dispatch done
- * once per call instead of once per row, and each result stored straight to its place. Expert
+/* lq_rows_fn for Q4_K: q4k_row1 (T = 1) or column groups of q4k_cols (LQ_EACH_COL_GROUP) for each
+ * row, with the T and column-group dispatch done once per call instead of once per row, and each result stored straight to its place. Expert
  * FFN T = 8 (8 tokens x top-8 of 24 experts), hot weights, 1 thread, a C harness alternating the
  * builds 4 times: phase B (down rows of 3 blocks) 4.3-4.5 -> 3.8-4.1 ms per call, the call's
  * best time 10.6-10.75 -> 9.84-10.05 ms; phase A (rows of 11 blocks) within the noise. */
@@ -348,15 +334,6 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     return _mm_cvtss_f32(acc);
 }
 
-/* T >= 2: column groups (LQ_EACH_COL_GROUP). Out of line, so the T = 1 path keeps a small
- * function (inlined, the switch cost q6k_row1 ~7%). */
-static __attribute__((noinline)) void q6k_groups(int64_t nb, const block_q6_K *w, const block_q8_K *x,
-                                                 int64_t x_stride, int T, float *out, int64_t out_stride) {
-#define Q6K_COLS(k, xg, og) q6k_cols(nb, w, xg, x_stride, k, og, out_stride)
-    LQ_EACH_COL_GROUP(LQ_Q6K_COLS_MAX, T, x, x_stride, out, out_stride, Q6K_COLS);
-#undef Q6K_COLS
-}
-
 /* lq_rows_fn for Q6_K, as rows_q4k */
 static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
                      int64_t x_stride, int T, float *out, int64_t out_row_stride, int64_t out_stride) {
@@ -374,12 +351,16 @@ static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows
 #undef Q6K_ROWS
 }
 
-static void dot_q6k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T,
-                    float *out, int64_t out_stride) {
-    if (T == 1)
-        out[0] = q6k_row1(nb, (const block_q6_K *)w_row, x);
-    else
-        q6k_groups(nb, (const block_q6_K *)w_row, x, x_stride, T, out, out_stride);
+/* The table's lq_row_fn for the K-quants: one row of the rows kernel (one copy of each column
+ * group's code, not two; the drivers call the rows kernels, so dot is the fallback's shape). */
+static void dot_q4k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T, float *out,
+                    int64_t out_stride) {
+    rows_q4k(nb, w_row, 0, 1, x, x_stride, T, out, 0, out_stride);
+}
+
+static void dot_q6k(int64_t nb, const void *w_row, const void *x, int64_t x_stride, int T, float *out,
+                    int64_t out_stride) {
+    rows_q6k(nb, w_row, 0, 1, x, x_stride, T, out, 0, out_stride);
 }
 
 /* Float rows: four activation rows at a time share each weight load (and f16 conversion); the
