@@ -463,9 +463,18 @@ def test_thread_counts_give_identical_results():
             assert np.array_equal(a, b)
 
 
-def test_concurrent_calls_from_python_threads():
+def in_threads(fn, n: int) -> None:
+    """fn(i) on n threads at once, i = 0..n-1; returns when all have finished."""
     import threading
 
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_concurrent_calls_from_python_threads():
     rng = np.random.default_rng(14)
     table, _ = make_experts(rng, 4, 512, 256, K.Q4_K, K.Q4_K)
     xs = [rng.standard_normal((2, 512)).astype(np.float32) for _ in range(4)]
@@ -479,11 +488,7 @@ def test_concurrent_calls_from_python_threads():
             if not np.array_equal(K.moe_ffn(table, xs[i], ids, w), expect[i]):
                 errors.append(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, 4)
     assert not errors
 
 
@@ -492,8 +497,6 @@ def test_moe_ffn_scratch_reuse_across_shapes_and_threads():
     it; a concurrent call allocates its own): a call after larger, dirtier calls (other shapes,
     NaN activations, more pairs) and calls racing from several threads must give the same bits.
     inter = 200 leaves a padded tail in every h row that must read as zeros."""
-    import threading
-
     rng = np.random.default_rng(16)
     small, _ = make_experts(rng, 5, 512, 200, K.Q4_K, K.Q6_K)
     large, _ = make_experts(rng, 6, 768, 300, K.Q4_K, K.Q4_K)
@@ -517,11 +520,7 @@ def test_moe_ffn_scratch_reuse_across_shapes_and_threads():
             if not np.array_equal(K.moe_ffn(*cases[j]), expect[j]):
                 errors.append((i, j))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, 4)
     assert not errors
 
 
