@@ -382,8 +382,9 @@ def decode_work(item: Any, *, hidden: int, num_layers: int, num_experts: int,
         # be the sums of the quants, or the result would be silently wrong
         blocks = x.reshape(-1, Q8K_BLOCK_BYTES)
         sums = blocks[:, 4:4 + Q8K_BLOCK].view(np.int8).reshape(-1, Q8K_BLOCK // 16, 16).sum(axis=2)
-        if not np.array_equal(sums, blocks[:, 4 + Q8K_BLOCK:].view("<i2")):
-            bad = int(np.nonzero((sums != blocks[:, 4 + Q8K_BLOCK:].view("<i2")).any(axis=1))[0][0])
+        wrong = (sums != blocks[:, 4 + Q8K_BLOCK:].view("<i2")).any(axis=1)
+        if wrong.any():
+            bad = int(np.argmax(wrong))
             raise ProtocolError(f"field 'x' holds a Q8_K block (block {bad}) whose group sums are not "
                                 "the sums of its quants")
     if enc != "q8k" and not np.isfinite(x).all():
