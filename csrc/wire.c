@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "kernels.h" /* block_q8_K */
 #include "larql_wire.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -99,8 +100,8 @@ static int all_finite_f64(const uint8_t *p, int64_t n) {
     return !bad;
 }
 
-#define Q8K_VALUES 256
-#define Q8K_BYTES 292 /* f32 d, 256 int8 quants, 16 int16 sums of 16 quants (block_q8_K) */
+#define Q8K_VALUES QK_K
+#define Q8K_BYTES ((int64_t)sizeof(block_q8_K)) /* f32 d, 256 int8 quants, 16 int16 sums of 16 quants */
 
 static int64_t x_row_bytes(int32_t enc, int64_t hidden) {
     return enc == LQ_WIRE_Q8K ? (hidden + Q8K_VALUES - 1) / Q8K_VALUES * Q8K_BYTES : 4 * hidden;
