@@ -28,10 +28,11 @@ static const lq_kernels *find(const char *name) {
 static void init(void) {
     add(&lq_kernels_scalar);
 #if defined(__x86_64__) || defined(_M_X64)
-    /* best last: AVX-512 VNNI, then AVX-VNNI, over AVX2 */
+    /* best last: AMX (AVX-512 VNNI plus tiles), AVX-512 VNNI, AVX-VNNI, AVX2 */
     if (lq_avx2_usable()) add(&lq_kernels_avx2);
     if (lq_avxvnni_usable()) add(&lq_kernels_avxvnni);
     if (lq_avx512_usable()) add(&lq_kernels_avx512);
+    if (lq_amx_usable()) add(&lq_kernels_amx);
 #endif
 #if defined(__aarch64__)
     add(&lq_kernels_neon); /* Advanced SIMD is part of the aarch64 baseline */

@@ -89,6 +89,11 @@ extern const lq_kernels lq_kernels_avxvnni; /* AVX-VNNI: 256-bit vpdpbusd (Alder
 int lq_avxvnni_usable(void);
 extern const lq_kernels lq_kernels_avx512; /* AVX-512 F/BW/VL + VNNI: 512-bit vpdpbusd */
 int lq_avx512_usable(void);
+extern const lq_kernels lq_kernels_amx; /* AVX-512 VNNI + AMX int8 tiles for rows kernels at T >= 4 */
+int lq_amx_usable(void);                 /* also asks the OS for the tile state (once) */
+/* The AVX-512 VNNI K-quant row kernels, shared by the AMX table below its tile threshold. */
+void lq_avx512_dot_q4k(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
+void lq_avx512_dot_q6k(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 /* The AVX2 float-row kernels and Q8_K quantiser, shared by the wider x86 tables. */
 void lq_avx2_dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 void lq_avx2_dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);

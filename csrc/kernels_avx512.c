@@ -24,7 +24,7 @@ static inline __m512i halves_epi32(int32_t a, int32_t b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b), 1);
 }
 
-static void dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
+void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
                     int64_t out_stride) {
     const block_q4_K *w = w_row;
     const block_q8_K *x = x_rows;
@@ -72,7 +72,7 @@ static const int32_t q6k_group_idx[4][16] __attribute__((aligned(64))) = {
     {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
     {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
 
-static void dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
+void lq_avx512_dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
                     int64_t out_stride) {
     const block_q6_K *w = w_row;
     const block_q8_K *x = x_rows;
@@ -121,7 +121,7 @@ static void dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x
 const lq_kernels lq_kernels_avx512 = {
     .name = "avx512",
     .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
-            [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
+            [LQ_Q4_K] = lq_avx512_dot_q4k, [LQ_Q6_K] = lq_avx512_dot_q6k},
     .quantize_q8k = lq_avx2_quantize_q8k,
     .gelu_mul = lq_avx2_gelu_mul,
 };

@@ -64,6 +64,7 @@ TABLE_SOURCES = {
     "avx2": ["kernels_avx2.c", "cpu_x86.c"],
     "avx512": ["kernels_avx512.c", "kernels_avx2.c", "cpu_x86.c"],
     "avxvnni": ["kernels_avxvnni.c", "kernels_avx2.c", "cpu_x86.c"],
+    "amx": ["kernels_amx.c", "kernels_avx512.c", "kernels_avx2.c", "cpu_x86.c"],
     "neon": ["kernels_neon.c"],
     "neon_sdot": ["kernels_neon.c"],
 }

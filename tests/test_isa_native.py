@@ -1,6 +1,6 @@
 """This machine's SIMD kernel table against the scalar reference, built natively.
 
-On x86-64 every table: AVX2, AVX-VNNI and AVX-512 VNNI, each skipped (the harness exits 77,
+On x86-64 every table: AVX2, AVX-VNNI, AVX-512 VNNI and AMX, each skipped (the harness exits 77,
 and the reason is shown) only where this CPU or its OS cannot run it; NEON on aarch64 (both of
 its tables are covered under qemu by test_neon.py). The same C harness as test_neon.py; native
 runs are fast, so several seeds. Then the whole library through its public API
@@ -18,7 +18,7 @@ from isa_harness import build, build_lib_test, run, run_lib_test
 
 ISA = {"x86_64": "avx2", "amd64": "avx2", "aarch64": "neon", "arm64": "neon"}.get(platform.machine().lower())
 # the tables past the baseline SIMD one that this architecture may have
-WIDER = {"avx2": ["avxvnni", "avx512"]}.get(ISA or "", [])
+WIDER = {"avx2": ["avxvnni", "avx512", "amx"]}.get(ISA or "", [])
 
 
 def _compiler() -> str:
@@ -67,3 +67,16 @@ def test_avxvnni_table_with_emulated_vpdpbusd(seed: int, tmp_path: Path) -> None
     exe = build(_compiler(), "avxvnni", tmp_path / "test_isa_avxvnni_emulated", ["-DLQ_TEST_EMULATE_VNNI"])
     result = run([str(exe)], seed=seed, trials=6)
     assert result.table == "avxvnni", result.output
+
+
+@pytest.mark.skipif(ISA != "avx2", reason="the emulated-AMX build is x86-64 only")
+@pytest.mark.parametrize("seed", [9, 10])
+def test_amx_table_with_emulated_tiles(seed: int, tmp_path: Path) -> None:
+    """The AMX table with its tile instructions (ldtilecfg, tileloadd, tdpbusd, tilestored) done
+    by C functions with the ISA's semantics: runs on any AVX2 CPU, so the repacked weight and
+    activation layouts, the 16-row / 16-token tails, the block chunks and the fold are checked
+    against scalar bit for bit, including the rows kernels' T >= 4 tile path."""
+    exe = build(_compiler(), "amx", tmp_path / "test_isa_amx_emulated", ["-DLQ_TEST_EMULATE_AMX"])
+    result = run([str(exe)], seed=seed, trials=6)
+    assert result.table == "amx", result.output
+    assert "rows kernels: the table's own" in result.output, result.output

@@ -43,7 +43,7 @@
 #include "kernels.h"
 
 #ifndef ISA
-#error "compile with -DISA=<table>: avx2, avx512, avxvnni, neon or neon_sdot"
+#error "compile with -DISA=<table>: avx2, avx512, avxvnni, amx, neon or neon_sdot"
 #endif
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -56,6 +56,7 @@
 #define ISA_avx2 3
 #define ISA_avx512 4
 #define ISA_avxvnni 5
+#define ISA_amx 6
 #define ISA_ID CAT(ISA_, ISA)
 static const lq_kernels *table_under_test(const char **why) {
 #if ISA_ID == ISA_neon_sdot
@@ -64,7 +65,10 @@ static const lq_kernels *table_under_test(const char **why) {
 #elif ISA_ID == ISA_avxvnni && defined(LQ_TEST_EMULATE_VNNI)
     *why = "this CPU lacks AVX2 (the AVX-VNNI table built with vpdpbusd emulated needs it)";
     return lq_avx2_usable() ? &lq_kernels_avxvnni : NULL;
-#elif ISA_ID == ISA_avx2 || ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
+#elif ISA_ID == ISA_amx && defined(LQ_TEST_EMULATE_AMX)
+    *why = "this CPU lacks AVX2 (the AMX table built with its tiles emulated needs it)";
+    return lq_avx2_usable() ? &lq_kernels_amx : NULL;
+#elif ISA_ID == ISA_avx2 || ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni || ISA_ID == ISA_amx
     *why = "this CPU (or OS) lacks the instructions of the table";
     return CAT(lq_, CAT(ISA, _usable))() ? &CAT(lq_kernels_, ISA) : NULL;
 #else
@@ -75,7 +79,7 @@ static const lq_kernels *table_under_test(const char **why) {
 
 /* The VNNI tables fold each block into the float sum with the scalar kernel's own operations,
  * so their K-quant dots must equal scalar's bit for bit (tolerance 0), not just within the bound. */
-#if ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni
+#if ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni || ISA_ID == ISA_amx
 #define KQUANT_BIT_EXACT 1
 #else
 #define KQUANT_BIT_EXACT 0
@@ -536,6 +540,13 @@ int main(int argc, char **argv) {
                 check_rows(K_Q4K, nbs[k], rows_T[i], 1 + rnd_below(6));
                 check_rows(K_Q6K, nbs[k], rows_T[i], 1 + rnd_below(6));
             }
+    /* more rows than one 16-row AMX tile holds, with and without a partial last tile */
+    static const int many_rows[] = {16, 17, 40};
+    for (int i = 0; i < 8; i++)
+        for (int k = 0; k < 3; k++) {
+            check_rows(K_Q4K, nbs[k], rows_T[i], many_rows[(i + k) % 3]);
+            check_rows(K_Q6K, nbs[k], rows_T[i], many_rows[(i + k) % 3]);
+        }
     printf("rows kernels: %s\n", isa->rows[LQ_Q4_K] ? "the table's own" : "none (the per-row fallback)");
     printf("worst |diff|/(eps*mag): q4k %.2f, q6k %.2f, f32 %.2f, f16 %.2f, bf16 %.2f (tolerance is 2*(n+8))\n",
            worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3], worst_ratio[4]);
