@@ -1,4 +1,4 @@
-/* AMX int8 tiles (Sapphire Rapids and later) for the multi-token paths: the Q4_K rows kernel of
+/* AMX int8 tiles (Sapphire Rapids and later) for the multi-token paths: the K-quant rows kernels of
  * a T-token expert group (moe.c phases A and B) or a prefill matmul (matmul.c), when T >= LQ_AMX_MIN_T.
  * Below that, and for every other entry, the table is the AVX-512 VNNI one: one token per
  * weight row cannot fill a tile's 16 columns, and a tile op costs ~16 cycles whatever it holds.
@@ -6,11 +6,12 @@
  * One tile op, tdpbusd C += A B, multiplies a 16 x 32 tile of unsigned weight quants (16 weight
  * rows, one Q4_K sub-block of 32 values each) by an 8 x 64-byte tile of signed Q8_K quants (the
  * same 32 values of up to 16 tokens, 4 consecutive values per 32-bit cell: the "VNNI" layout)
- * into 16 x 16 exact int32 sums. One sub-block per op because each (row, sub-block) has its own
- * 6-bit scale: C is stored, and the scale multiply, the min term (from the Q8_K bsums) and the
+ * into 16 x 16 exact int32 sums (Q6_K: groups of 16 values, its stored q + 32 as the unsigned
+ * bytes, 16 x 16 by 4 x 64-byte tiles). One sub-block per op because each (row, sub-block) has its
+ * own scale: C is stored, and the scale multiply, the min or -32 term (from the Q8_K bsums) and the
  * float fold are plain C over 16 tokens at a time, which the compiler vectorises for this file's
  * target. Every integer sum is exact and each block is folded with the scalar kernel's own float
- * operations in its order (q4k_fold), so results equal kernels_scalar.c's bit for bit, like the
+ * operations in its order (q4k_fold, q6k_fold), so results equal kernels_scalar.c's bit for bit, like the
  * VNNI tables.
  *
  * Tile state is per thread: each rows call loads the tile configuration and releases the tiles
@@ -58,12 +59,13 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((aligned(64))) amx_config;
 
-static void config_init(amx_config *c) {
+/* sub: values per sub-block (one scale each): 32 for Q4_K, 16 for Q6_K. */
+static void config_init(amx_config *c, int sub) {
     memset(c, 0, sizeof *c);
     c->palette = 1;
     c->rows[TC0] = c->rows[TC1] = AMX_M, c->colsb[TC0] = c->colsb[TC1] = AMX_N * 4;
-    c->rows[TA0] = c->rows[TA1] = AMX_M, c->colsb[TA0] = c->colsb[TA1] = 32;
-    c->rows[TB0] = c->rows[TB1] = 32 / 4, c->colsb[TB0] = c->colsb[TB1] = AMX_N * 4;
+    c->rows[TA0] = c->rows[TA1] = AMX_M, c->colsb[TA0] = c->colsb[TA1] = (uint16_t)sub;
+    c->rows[TB0] = c->rows[TB1] = (uint8_t)(sub / 4), c->colsb[TB0] = c->colsb[TB1] = AMX_N * 4;
 }
 
 #if defined(LQ_TEST_EMULATE_AMX)
@@ -111,12 +113,13 @@ static void tile_dpbusd(int c, int a, int b) {
 #endif
 
 /* Up to AMX_N tokens' Q8_K blocks [b0, b0 + nbc) repacked for B tiles: cell [b][g][n] holds
- * quants 4g..4g+3 of token n's block b0 + b (g = 0..63), so sub-block s is the 8 x 64-byte tile at
- * [b][8 s]. Tokens past nt are zero, so their columns compute zeros that nobody reads. */
+ * quants 4g..4g+3 of token n's block b0 + b (g = 0..63), so the sub-block of values
+ * [v, v + sub) is the (sub / 4) x 64-byte tile at [b][v / 4]. Tokens past nt are zero, so their
+ * columns compute zeros that nobody reads. */
 typedef struct {
     uint32_t cell[AMX_CHUNK][QK_K / 4][AMX_N];
-    float d[AMX_CHUNK][AMX_N];                 /* each token's block scale */
-    int32_t pair_sum[AMX_CHUNK][8][AMX_N];     /* bsums[2s] + bsums[2s+1]: sub-block s's quant sum */
+    float d[AMX_CHUNK][AMX_N];            /* each token's block scale */
+    int32_t bsum[AMX_CHUNK][16][AMX_N];   /* its 16 group sums */
 } packed_x;
 
 static void pack_x(const block_q8_K *x, int64_t x_stride, int nt, int64_t b0, int64_t nbc, packed_x *px) {
@@ -128,45 +131,57 @@ static void pack_x(const block_q8_K *x, int64_t x_stride, int nt, int64_t b0, in
             memcpy(g4, xb->qs, sizeof g4);
             for (int g = 0; g < QK_K / 4; g++) px->cell[b][g][n] = g4[g];
             px->d[b][n] = xb->d;
-            for (int s = 0; s < 8; s++) px->pair_sum[b][s][n] = xb->bsums[2 * s] + xb->bsums[2 * s + 1];
+            for (int g = 0; g < 16; g++) px->bsum[b][g][n] = xb->bsums[g];
         }
 }
 
-/* One block of up to AMX_M weight rows: each row's 256 quants as bytes in value order (sub-block
- * s at [r][32 s]), its 8 scales and mins, and its two f16 scales. Rows past nr stay zero. */
+/* One block of up to AMX_M weight rows: each row's 256 quants as unsigned bytes in value order
+ * (Q4_K: the nibbles; Q6_K: q + 32, as stored), the scales of its sub-blocks (and Q4_K's
+ * mins), and its f16 scales. Rows past nr stay zero. */
 typedef struct {
     uint8_t q[AMX_M][QK_K];
-    int32_t sc[AMX_M][8], mn[AMX_M][8];
+    int32_t sc[AMX_M][16], mn[AMX_M][8];
     float d[AMX_M], dmin[AMX_M];
 } unpacked_w;
 
-static void unpack_w(const uint8_t *w, size_t row_bytes, int nr, int64_t b, unpacked_w *uw) {
+static void unpack_w(int fmt, const uint8_t *w, size_t row_bytes, int nr, int64_t b, unpacked_w *uw) {
     for (int r = 0; r < nr; r++) {
-        const block_q4_K *wb = (const block_q4_K *)(w + r * row_bytes) + b;
-        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
-        /* qs bytes 32j..32j+31: low nibbles are sub-block 2j, high nibbles sub-block 2j+1 */
-        for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 32; l++) {
-                uint8_t v = wb->qs[32 * j + l];
-                uw->q[r][64 * j + l] = v & 0x0f;
-                uw->q[r][64 * j + 32 + l] = v >> 4;
-            }
-        uint32_t sc4[2], mn4[2];
-        q4k_unpack_scales(wb->scales, sc4, mn4);
-        const uint8_t *sc = (const uint8_t *)sc4, *mn = (const uint8_t *)mn4;
-        for (int s = 0; s < 8; s++) uw->sc[r][s] = sc[s], uw->mn[r][s] = mn[s];
-        uw->d[r] = lq_fp16_to_fp32(wb->d), uw->dmin[r] = lq_fp16_to_fp32(wb->dmin);
+        if (fmt == LQ_Q4_K) {
+            const block_q4_K *wb = (const block_q4_K *)(w + r * row_bytes) + b;
+            LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
+            /* qs bytes 32j..32j+31: low nibbles are sub-block 2j, high nibbles sub-block 2j+1 */
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) {
+                    uint8_t v = wb->qs[32 * j + l];
+                    uw->q[r][64 * j + l] = v & 0x0f;
+                    uw->q[r][64 * j + 32 + l] = v >> 4;
+                }
+            uint32_t sc4[2], mn4[2];
+            q4k_unpack_scales(wb->scales, sc4, mn4);
+            const uint8_t *sc = (const uint8_t *)sc4, *mn = (const uint8_t *)mn4;
+            for (int s = 0; s < 8; s++) uw->sc[r][s] = sc[s], uw->mn[r][s] = mn[s];
+            uw->d[r] = lq_fp16_to_fp32(wb->d), uw->dmin[r] = lq_fp16_to_fp32(wb->dmin);
+        } else {
+            const block_q6_K *wb = (const block_q6_K *)(w + r * row_bytes) + b;
+            LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
+            __m256i q[8];
+            q6k_unpack_256(wb, q);
+            for (int m = 0; m < 8; m++) _mm256_storeu_si256((__m256i *)&uw->q[r][32 * m], q[m]);
+            for (int g = 0; g < 16; g++) uw->sc[r][g] = wb->scales[g];
+            uw->d[r] = lq_fp16_to_fp32(wb->d);
+        }
     }
 }
 
 /* acc[r][n] += block b of rows x tokens, folded as the scalar kernel folds it */
-static void block_tiles(const unpacked_w *uw, const packed_x *px, int64_t b, float acc[AMX_M][AMX_N]) {
-    int32_t c[8][AMX_M][AMX_N]; /* sub-block s's exact dot of every row with every token */
-    for (int s = 0; s < 8; s += 2) {
-        TILE_LOAD(TA0, &uw->q[0][32 * s], QK_K);
-        TILE_LOAD(TA1, &uw->q[0][32 * (s + 1)], QK_K);
-        TILE_LOAD(TB0, &px->cell[b][8 * s][0], AMX_N * 4);
-        TILE_LOAD(TB1, &px->cell[b][8 * (s + 1)][0], AMX_N * 4);
+static void block_tiles(int fmt, const unpacked_w *uw, const packed_x *px, int64_t b, float acc[AMX_M][AMX_N]) {
+    const int sub = fmt == LQ_Q4_K ? 32 : 16, n_sub = QK_K / sub;
+    int32_t c[16][AMX_M][AMX_N]; /* sub-block s's exact dot of every row with every token */
+    for (int s = 0; s < n_sub; s += 2) {
+        TILE_LOAD(TA0, &uw->q[0][sub * s], QK_K);
+        TILE_LOAD(TA1, &uw->q[0][sub * (s + 1)], QK_K);
+        TILE_LOAD(TB0, &px->cell[b][sub / 4 * s][0], AMX_N * 4);
+        TILE_LOAD(TB1, &px->cell[b][sub / 4 * (s + 1)][0], AMX_N * 4);
         TILE_ZERO(TC0);
         TILE_ZERO(TC1);
         TILE_DPBUSD(TC0, TA0, TB0);
@@ -174,16 +189,24 @@ static void block_tiles(const unpacked_w *uw, const packed_x *px, int64_t b, flo
         TILE_STORE(TC0, &c[s][0][0], AMX_N * 4);
         TILE_STORE(TC1, &c[s + 1][0][0], AMX_N * 4);
     }
-    /* |dot| <= 32 * 15 * 128 per sub-block; isum <= 8 * 63 * 61440 and imin alike: int32 */
     for (int r = 0; r < AMX_M; r++) {
         int32_t isum[AMX_N] = {0}, imin[AMX_N] = {0};
-        for (int s = 0; s < 8; s++)
-            for (int n = 0; n < AMX_N; n++) {
-                isum[n] += uw->sc[r][s] * c[s][r][n];
-                imin[n] += uw->mn[r][s] * px->pair_sum[b][s][n];
-            }
-        for (int n = 0; n < AMX_N; n++)
-            acc[r][n] = q4k_fold(acc[r][n], px->d[b][n], uw->d[r], uw->dmin[r], isum[n], imin[n]);
+        if (fmt == LQ_Q4_K) {
+            /* |dot| <= 32 * 15 * 128 per sub-block; isum <= 8 * 63 * 61440, imin alike: int32 */
+            for (int s = 0; s < 8; s++)
+                for (int n = 0; n < AMX_N; n++) {
+                    isum[n] += uw->sc[r][s] * c[s][r][n];
+                    imin[n] += uw->mn[r][s] * (px->bsum[b][2 * s][n] + px->bsum[b][2 * s + 1][n]);
+                }
+            for (int n = 0; n < AMX_N; n++)
+                acc[r][n] = q4k_fold(acc[r][n], px->d[b][n], uw->d[r], uw->dmin[r], isum[n], imin[n]);
+        } else {
+            /* the stored values are q + 32: each group gives back 32 * its bsum; |group dot| <=
+             * 16 * 63 * 128, times |scale| <= 128, 16 groups: int32 */
+            for (int g = 0; g < 16; g++)
+                for (int n = 0; n < AMX_N; n++) isum[n] += uw->sc[r][g] * (c[g][r][n] - 32 * px->bsum[b][g][n]);
+            for (int n = 0; n < AMX_N; n++) acc[r][n] = q6k_fold(acc[r][n], px->d[b][n], uw->d[r], isum[n]);
+        }
     }
 }
 
@@ -201,16 +224,18 @@ static void dot_q6k(int64_t n, const void *w, const void *x, int64_t xs, int T, 
 #define dot_q6k lq_avx512_dot_q6k
 #endif
 
-static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
-                     int64_t x_stride, int T, float *out, int64_t ors, int64_t os) {
+static inline __attribute__((always_inline)) void rows_kquant(int fmt, int64_t nb, const void *w, size_t row_bytes,
+                                                              int64_t n_rows, const void *x_rows, int64_t x_stride,
+                                                              int T, float *out, int64_t ors, int64_t os) {
     const uint8_t *wr = w;
     if (T < LQ_AMX_MIN_T) {
-        for (int64_t r = 0; r < n_rows; r++) dot_q4k(nb, wr + r * row_bytes, x_rows, x_stride, T, out + r * ors, os);
+        lq_row_fn dot = fmt == LQ_Q4_K ? dot_q4k : dot_q6k;
+        for (int64_t r = 0; r < n_rows; r++) dot(nb, wr + r * row_bytes, x_rows, x_stride, T, out + r * ors, os);
         return;
     }
     const block_q8_K *x = x_rows;
     amx_config cfg;
-    config_init(&cfg);
+    config_init(&cfg, fmt == LQ_Q4_K ? 32 : 16);
     TILE_LOADCONFIG(&cfg);
     packed_x px;
     unpacked_w uw;
@@ -228,8 +253,8 @@ static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows
                         for (int n = 0; n < nt; n++) acc[r][n] = out[(r0 + r) * ors + (t0 + n) * os];
                 if (nr < AMX_M) memset(&uw, 0, sizeof uw); /* rows past nr read as zero */
                 for (int64_t b = 0; b < nbc; b++) {
-                    unpack_w(wr + r0 * row_bytes, row_bytes, nr, b0 + b, &uw);
-                    block_tiles(&uw, &px, b, acc);
+                    unpack_w(fmt, wr + r0 * row_bytes, row_bytes, nr, b0 + b, &uw);
+                    block_tiles(fmt, &uw, &px, b, acc);
                 }
                 for (int r = 0; r < nr; r++)
                     for (int n = 0; n < nt; n++) out[(r0 + r) * ors + (t0 + n) * os] = acc[r][n];
@@ -239,13 +264,23 @@ static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows
     TILE_RELEASE();
 }
 
+static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
+                     float *out, int64_t ors, int64_t os) {
+    rows_kquant(LQ_Q4_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
+}
+
+static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
+                     float *out, int64_t ors, int64_t os) {
+    rows_kquant(LQ_Q6_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
+}
+
 const lq_kernels lq_kernels_amx = {
     .name = "amx",
     .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
             [LQ_Q4_K] = dot_q4k, [LQ_Q6_K] = dot_q6k},
     .quantize_q8k = lq_avx2_quantize_q8k,
     .gelu_mul = lq_avx2_gelu_mul,
-    .rows = {[LQ_Q4_K] = rows_q4k},
+    .rows = {[LQ_Q4_K] = rows_q4k, [LQ_Q6_K] = rows_q6k},
 };
 
 #endif
