@@ -45,8 +45,9 @@ int lq_avx512_usable(void) {
 /* AMX: cpuid amx-tile and amx-int8 on top of AVX-512 VNNI, XCR0's tile bits, and the OS's
  * permission to use the 8 KiB tile data state, which Linux (>= 5.16) grants a process only on
  * request (arch_prctl ARCH_REQ_XCOMP_PERM): without it the first tile instruction faults. The
- * request is made once; a refusal (older kernel, seccomp, another OS) leaves the table unlisted
- * and the AVX-512 table the best. */
+ * request is made once; a refusal (older kernel, seccomp, another OS, or a thread's alternate
+ * signal stack too small for the larger signal frame: ENOSPC) leaves the table unlisted and the
+ * AVX-512 table the best. */
 #define ARCH_GET_XCOMP_PERM 0x1022
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
