@@ -73,3 +73,23 @@ def test_bytes_per_token_counts_every_weight_file(tmp_path) -> None:
     ef = vx.expert_file(0)
     one = ef.entry(0).gate_up_len + ef.entry(0).down_len
     assert per["experts"] == 2 * cfg.top_k * one
+
+
+def test_isa_comparison_times_every_table_and_restores_the_best() -> None:
+    from larql.benchmarks import kernels as BK
+
+    best = K.isa()
+    bank = BK.make_bank(24)
+    by_isa = BK.isa_comparison(bank, (1, 8), threads=1, repeat=2)
+    tables = [t for t in K.available_isas() if t != "scalar"]
+    assert list(by_isa) == tables
+    for table in tables:
+        assert set(by_isa[table]) == {1, 8}
+        assert all(0 < s < 60 for s in by_isa[table].values())
+    assert K.isa() == best                 # the forced tables are undone
+    lines: list[str] = []
+    BK.say_isa_comparison(lambda *a, **_: lines.append(" ".join(map(str, a))), by_isa, best)
+    rows = [ln for ln in lines if ln.strip().split(" ")[0] in tables]
+    assert len(rows) == len(tables)
+    best_row = next(ln for ln in rows if ln.strip().startswith(best)).split()
+    assert best_row[2] == best_row[4] == "1.00"   # the default table against itself

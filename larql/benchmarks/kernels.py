@@ -319,14 +319,26 @@ def matvec_case(bank: ExpertBank, which: str, threads: int, bw: Bandwidth, repea
                   t_ggml[0] / t if t_ggml else None)
 
 
-def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int, with_numpy: bool) -> Result:
+@dataclass
+class MoeCalls:
+    """Prepared top-k expert FFN calls of T tokens over a bank: call i takes its experts from a
+    window that slides over the whole bank, so an expert comes round again only after the whole
+    bank has been streamed."""
+    T: int
+    span: int                    # experts each call draws from
+    x: np.ndarray
+    w: np.ndarray
+    ids: list[np.ndarray]
+    nbytes: list[int]            # distinct expert bytes each call reads
+    calls: list[Callable[[], None]]
+
+
+def moe_calls(bank: ExpertBank, T: int) -> MoeCalls:
     table = bank.table()
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, HIDDEN)).astype(np.float32)
     w = rng.random((T, TOP_K)).astype(np.float32)
     out = np.empty((T, HIDDEN), np.float32)
-    # call i takes its experts from a window that slides over the whole bank, so an expert comes
-    # round again only after the whole bank has been streamed
     span = TOP_K if T == 1 else 3 * TOP_K  # a batch of tokens draws its experts from a wider window
     ids_list, nbytes_list = [], []
     for i in range(max(1, bank.n // span)):
@@ -335,6 +347,39 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int,
         ids_list.append(ids)
         nbytes_list.append(len(np.unique(ids)) * bank.expert_bytes)
     calls = [K.bench_moe_ffn(table, x, ids, w, out) for ids in ids_list]
+    return MoeCalls(T, span, x, w, ids_list, nbytes_list, calls)
+
+
+def _under(table: str, calls: list[Callable[[], None]]) -> Callable[[int], None]:
+    def call(i: int) -> None:
+        K.force_isa(table)
+        calls[i % len(calls)]()
+    return call
+
+
+def isa_comparison(bank: ExpertBank, Ts: tuple[int, ...], threads: int,
+                   repeat: int) -> dict[str, dict[int, float]]:
+    """Seconds per expert FFN call under each kernel table this CPU can run (scalar left out:
+    it is the reference, not a contender), the tables alternated call by call on the same cold
+    calls, so they are compared in one run: {table: {T: seconds}}."""
+    tables = [t for t in K.available_isas() if t != "scalar"]
+    out: dict[str, dict[int, float]] = {t: {} for t in tables}
+    K.set_num_threads(threads)
+    try:
+        for T in Ts:
+            calls = moe_calls(bank, T).calls
+            times = median_times([_under(t, calls) for t in tables], repeat)
+            for table, t in zip(tables, times, strict=True):
+                out[table][T] = t
+    finally:
+        K.force_isa(None)
+        K.set_num_threads(0)
+    return out
+
+
+def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int, with_numpy: bool) -> Result:
+    mc = moe_calls(bank, T)
+    x, w, ids_list, nbytes_list, calls, span = mc.x, mc.w, mc.ids, mc.nbytes, mc.calls, mc.span
 
     def ours(i: int) -> None:
         calls[i % len(calls)]()
@@ -380,6 +425,19 @@ def quantize_rate(fmt: int, threads: int, rows: int = 1024, cols: int = 4096) ->
 
 
 # ---- CLI ------------------------------------------------------------------------------------
+
+def say_isa_comparison(say: Callable[..., None], by_isa: dict[str, dict[int, float]], best: str) -> None:
+    """The top-8 expert FFN under each table, as ratios to the default (best) table."""
+    say()
+    say(f"top-{TOP_K} expert FFN, Q4_K, under each kernel table (calls alternated; x {best} = its time / "
+        "this table's):")
+    Ts = sorted(next(iter(by_isa.values())))
+    say("  table     " + "".join(f"{f'T={T} ms':>10}{f'x {best}':>10}" for T in Ts))
+    for table, d in by_isa.items():
+        say(f"  {table:<10}" + "".join(f"{d[T] * 1e3:10.2f}{by_isa[best][T] / d[T]:10.2f}" for T in Ts))
+    if len(by_isa) == 1:
+        say(f"  (this CPU runs only the {best} table; AVX-512, AVX-VNNI and AMX machines list theirs here)")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
@@ -433,6 +491,8 @@ def main(args: argparse.Namespace) -> int:
             run(matvec_case(q4, which, threads, bw, args.repeat, ggml, numpy_on))
     for T in (1, 8):
         run(moe_case(q4, T, n_all, bw, args.repeat, numpy_on))
+    by_isa = isa_comparison(q4, (1, 8), n_all, args.repeat)
+    say_isa_comparison(say, by_isa, K.isa())
     banks = {"Q4_K": {"experts": q4.n, "bytes": q4.buf.size}}
     del q4
     rates = {}
@@ -455,6 +515,7 @@ def main(args: argparse.Namespace) -> int:
             "numpy_sum_bytes_per_s": {str(k): v for k, v in bw.numpy_sum.items()},
             "ggml": ggml is not None, "banks": banks,
             "results": [asdict(r) | {"gb_per_s": r.gbs} for r in results],
+            "moe_ffn_s_by_isa": {t: {f"T={T}": v for T, v in d.items()} for t, d in by_isa.items()},
             "quantise_weights_per_s": rates,
         }, indent=1))
     return 0
