@@ -11,8 +11,8 @@
  * own scale: C is stored, and the scale multiply, the min or -32 term (from the Q8_K bsums) and the
  * float fold are plain C over 16 tokens at a time, which the compiler vectorises for this file's
  * target. Every integer sum is exact and each block is folded with the scalar kernel's own float
- * operations in its order (q4k_fold, q6k_fold), so results equal kernels_scalar.c's bit for bit, like the
- * VNNI tables.
+ * operations in its order (q4k_fold, q6k_fold), so results equal kernels_scalar.c's bit for bit,
+ * like the VNNI tables.
  *
  * Tile state is per thread: each rows call loads the tile configuration and releases the tiles
  * at its end (so the thread pool's workers need no set-up, and a thread that never reaches here
@@ -23,9 +23,10 @@
  * Tests: built with -DLQ_TEST_EMULATE_AMX, the tile instructions are C functions with the ISA's
  * semantics (Intel SDM, TDPBUSD: C[m][n] += sum over k of zero-extended A bytes times
  * sign-extended B bytes, 4 per cell), compiled for AVX2, so the layouts, tails, scales and fold
- * are tested against scalar on any AVX2 machine (tests/test_isa_native.py). Not measured: no
- * machine used so far had AMX and an idle moment (the AMX machine in TARGETS.md was never
- * available to this code); LQ_AMX_MIN_T = 4 follows ktransformers' published crossover. */
+ * are tested against scalar on any AVX2 machine (tests/test_isa_native.py). Not yet measured or
+ * run on real tiles: it was written on an AVX2-only machine. LQ_AMX_MIN_T = 4 follows
+ * ktransformers' published crossover (AMX pays above ~4 tokens per expert), to be measured with
+ * `larql bench kernels` (its per-table section) on an AMX machine. */
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <stdint.h>
