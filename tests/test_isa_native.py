@@ -80,3 +80,13 @@ def test_amx_table_with_emulated_tiles(seed: int, tmp_path: Path) -> None:
     result = run([str(exe)], seed=seed, trials=6)
     assert result.table == "amx", result.output
     assert "rows kernels: the table's own" in result.output, result.output
+
+
+@pytest.mark.skipif(ISA != "avx2", reason="the emulated-AMX build is x86-64 only")
+def test_whole_library_with_emulated_amx(tmp_path: Path) -> None:
+    """The library built with the AMX tiles emulated lists the amx table as the best, and its
+    matmul driver (T = 5 and 70: one and several 16-token tiles, 37 rows: a partial 16-row tile)
+    and expert FFN agree with scalar through the public API (csrc/tests/test_lib.c)."""
+    exe = build_lib_test(_compiler(), tmp_path / "test_lib_amx", ["-DLQ_TEST_EMULATE_AMX"])
+    output = run_lib_test([str(exe)], expected_isa="amx")
+    assert "-- amx" in output, output

@@ -67,7 +67,7 @@ static const lq_kernels *table_under_test(const char **why) {
     return lq_avx2_usable() ? &lq_kernels_avxvnni : NULL;
 #elif ISA_ID == ISA_amx && defined(LQ_TEST_EMULATE_AMX)
     *why = "this CPU lacks AVX2 (the AMX table built with its tiles emulated needs it)";
-    return lq_avx2_usable() ? &lq_kernels_amx : NULL;
+    return lq_amx_usable() ? &lq_kernels_amx : NULL; /* = lq_avx2_usable() in this build */
 #elif ISA_ID == ISA_avx2 || ISA_ID == ISA_avx512 || ISA_ID == ISA_avxvnni || ISA_ID == ISA_amx
     *why = "this CPU (or OS) lacks the instructions of the table";
     return CAT(lq_, CAT(ISA, _usable))() ? &CAT(lq_kernels_, ISA) : NULL;
