@@ -101,7 +101,7 @@ class StandIn:
                     continue
                 if not authed and op != "health":
                     await self._refuse(writer, rid, "this server requires authentication: set "
-                                                    "LARQL_API_KEY or --api-key-file on the client")
+                                                    "LARQL_API_KEY or --shard-api-key-file on the client")
                     break
                 if op in ("experts", "multi"):
                     self.forwarded += 1
