@@ -400,12 +400,12 @@ def test_an_http_key_and_a_different_shard_key_each_go_only_where_they_belong(vi
     certs = make_certs(tmp_path / "certs")
     (tmp_path / "http.key").write_text(HTTP_KEY + "\n")
     (tmp_path / "shard.key").write_text(SHARD_KEY + "\n")
-    shard = secure_server(vindex_path, "0-7", tmp_path, SHARD_KEY, certs)
-    # An expert server that would accept the HTTP key: if api-server ever sent that key to its
-    # shards, connecting to this one would succeed.
-    trap = secure_server(vindex_path, "0-7", tmp_path, HTTP_KEY, certs)
-    srv = None
+    shard = trap = srv = None
     try:
+        shard = secure_server(vindex_path, "0-7", tmp_path, SHARD_KEY, certs)
+        # An expert server that would accept the HTTP key: if api-server ever sent that key to
+        # its shards, connecting to this one would succeed.
+        trap = secure_server(vindex_path, "0-7", tmp_path, HTTP_KEY, certs)
         shard.wait_ready()
         trap.wait_ready()
         spec = f"0-7=tls://127.0.0.1:{shard.port}"
@@ -445,11 +445,11 @@ def test_an_http_key_and_a_different_shard_key_each_go_only_where_they_belong(vi
         out = api_server(vindex_path, "--moe-shards", spec, "--shard-api-key-file", tmp_path / "shard.key",
                          "--tls-ca", tmp_path / "no-ca.pem")
         assert out.returncode == 1 and f"--tls-ca: TLS: CA file {tmp_path / 'no-ca.pem'}" in out.stderr
+        assert srv.stop() == 0, srv.log()     # SIGTERM is a clean shutdown
     finally:
-        if srv is not None:
-            assert srv.stop() == 0
-        shard.stop()
-        trap.stop()
+        for p in (srv, shard, trap):          # every child, even after a failed assertion
+            if p is not None:
+                p.stop()
 
 
 def test_shard_key_in_the_environment_does_not_stand_in_for_an_http_key(vindex_path):
@@ -480,11 +480,11 @@ def test_renormalize_keeps_answering_without_a_lost_shard_and_counts_it(vindex_p
         shards[1].stop()
         assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
         assert health(srv)["degraded_layers"] > 0        # not a 503 as with the default, fail
+        assert srv.stop() == 0, srv.log()
     finally:
-        if srv is not None:
-            assert srv.stop() == 0
-        for s in shards:
-            s.stop()
+        for p in (srv, *shards):              # every child, even after a failed assertion
+            if p is not None:
+                p.stop()
 
 
 def test_without_aiohttp_the_command_says_how_to_install_it(vindex_path, tmp_path):
