@@ -186,4 +186,7 @@ class ChatSession:
         else:
             if servers:
                 out["servers"] = servers
+        degraded = getattr(self.model.experts, "degraded_layers", None)   # remote experts only
+        if degraded is not None:
+            out["degraded_layers"] = degraded     # layers run without a lost shard (renormalize)
         return out

@@ -3,7 +3,8 @@
     GET  /v1/models               the one model served
     POST /v1/chat/completions     messages -> the vindex's chat template -> an answer
     POST /v1/completions          a prompt (text, or token ids) -> its continuation
-    GET  /health                  {"status": "ok", "queued": N} (no key needed)
+    GET  /health                  {"status": "ok", "queued": N} (no key needed; with remote
+                                  experts also degraded_layers, see --on-shard-failure)
 
 Both completions accept `max_tokens` (chat: also `max_completion_tokens`), `temperature`,
 `top_p`, `top_k` (an extension), `seed`, `stop` (a string or a list: generation ends at the
@@ -437,7 +438,11 @@ class API:
 
     # -- routes ------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok", "queued": self.engine.queued})
+        out = {"status": "ok", "queued": self.engine.queued}
+        degraded = getattr(self.engine.model.experts, "degraded_layers", None)   # remote experts only
+        if degraded is not None:
+            out["degraded_layers"] = degraded     # layers run without a lost shard (renormalize)
+        return _json(out)
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "larql"}

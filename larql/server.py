@@ -765,7 +765,7 @@ class _RateLimited:
 # (unpack + isfinite of 16 MiB: ~5-10 ms; a one-token f32 body at hidden 2816 is 11 KiB).
 OFFLOAD_BYTES = 256 << 10
 
-UNAUTHORIZED = "this server requires authentication: set LARQL_API_KEY or --api-key-file on the client"
+UNAUTHORIZED = "this server requires authentication: set LARQL_API_KEY or --shard-api-key-file on the client"
 PRE_AUTH_OPS = ("auth", "health")
 
 

@@ -9,13 +9,15 @@
 - `wrong_proof=True`: a server that does not hold the key it claims.
 
 Also: test certificates (a CA, a server certificate for 127.0.0.1/localhost, an expired one)
-made with the `cryptography` package.
+made with the `cryptography` package; `secure_server`, a real `larql serve` child that requires
+a key and speaks TLS with them; `client_env`, an environment without the key variables.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +103,7 @@ class StandIn:
                     continue
                 if not authed and op != "health":
                     await self._refuse(writer, rid, "this server requires authentication: set "
-                                                    "LARQL_API_KEY or --api-key-file on the client")
+                                                    "LARQL_API_KEY or --shard-api-key-file on the client")
                     break
                 if op in ("experts", "multi"):
                     self.forwarded += 1
@@ -208,3 +210,32 @@ def make_certs(folder: Path) -> dict[str, Path]:
     _, other = ca("some other CA")
     write("other_ca", None, other)
     return {p.stem if p.suffix == ".pem" else p.name: p for p in folder.iterdir()}
+
+
+# ------------------------------------------------------------------------------------------
+# A real expert server as on the internet: API key and TLS
+
+
+def secure_server(vindex: Path, experts: str, folder: Path, key: str, certs: dict[str, Path]):
+    """`larql serve VINDEX --experts EXPERTS` in a child on a free loopback port, requiring `key`
+    (--api-key-file) and serving TLS with make_certs' server certificate. Call .wait_ready();
+    its shard address is f"tls://127.0.0.1:{srv.port}"."""
+    from larql.processes import ServerProcess, free_port
+
+    port = free_port()
+    key_file = folder / f"serve-{port}.key"
+    key_file.write_text(key + "\n")
+    return ServerProcess(vindex, experts, port, folder / f"serve-{port}.log",
+                         extra=("--api-key-file", str(key_file), "--tls-cert", str(certs["server"]),
+                                "--tls-key", str(certs["server.key"])))
+
+
+KEY_VARIABLES = ("LARQL_API_KEY", "LARQL_HTTP_API_KEY", "LARQL_TLS_CA")
+
+
+def client_env(root: Path, **extra: str) -> dict[str, str]:
+    """This environment with larql from `root` first on PYTHONPATH and none of the key and CA
+    variables unless given in `extra`: what a child sees is only what the test sets."""
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return {**env, **extra}

@@ -95,7 +95,7 @@ def test_wrong_missing_and_unexpected_keys_are_refused(setup, monkeypatch):
             connect_shards(spec, vindex, timeout=5, api_key=OTHER_KEY)
         # no key: the server refuses hello, naming what to set
         with pytest.raises(AuthError, match=rf"shard 0-7 at {guard.address} requires an API key "
-                                            r"\(set LARQL_API_KEY or --api-key-file\)"):
+                                            r"\(set LARQL_API_KEY or --shard-api-key-file\)"):
             connect_shards(spec, vindex, timeout=5)
         assert guard.refused == 1 and guard.forwarded == 0
         # a server that claims the key but cannot prove it
@@ -211,13 +211,14 @@ def test_larql_run_with_key_and_tls_and_its_refusals(setup, tmp_path):
         spec = f"0-7={tls.address}"
         local = run_cli(vindex.path, "Hello", "-n", "5", "--json")
         remote = run_cli(vindex.path, "Hello", "-n", "5", "--json", "--moe-shards", spec,
-                         "--api-key-file", keyfile, "--tls-ca", certs["ca"])
+                         "--shard-api-key-file", keyfile, "--tls-ca", certs["ca"])
         assert remote.returncode == 0, remote.stderr
         assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
         assert json.loads(remote.stdout)["stats"]["degraded_layers"] == 0
         forced = run_cli(vindex.path, "Hello", "-n", "5", "--json", "--moe-shards", spec,
                          "--api-key-file", keyfile, "--tls-ca", certs["ca"], "--encoding", "f32")
         assert forced.returncode == 0, forced.stderr       # the raw residual instead of auto's choice
+        # (and --api-key-file, run's first spelling of --shard-api-key-file, still works)
         assert json.loads(forced.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
         wrong = tmp_path / "wrong"
         wrong.write_text(OTHER_KEY.decode())
@@ -234,6 +235,15 @@ def test_larql_run_with_key_and_tls_and_its_refusals(setup, tmp_path):
             assert len(lines) == 1 and needle in lines[0], out.stderr      # one line, saying why ...
             assert f"127.0.0.1:{tls.port}" in lines[0]                     # ... and which server
             assert "Traceback" not in out.stderr
+        # a file that cannot be used: one line naming the flag as typed and the file
+        unreadable = "cannot read the API key file"
+        for flag, path, needle in (("--shard-api-key-file", tmp_path / "nope", unreadable),
+                                   ("--api-key-file", tmp_path / "nope", unreadable),
+                                   ("--tls-ca", tmp_path / "no-ca.pem", "TLS: CA file")):
+            out = run_cli(vindex.path, "Hi", "-n", "2", "--moe-shards", spec, flag, path)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 1 and len(lines) == 1, out.stderr
+            assert lines[0].startswith(f"larql run: error: {flag}: {needle} {path}: "), lines[0]
     finally:
         tls.stop()
 

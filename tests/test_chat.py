@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from standin import client_env, make_certs, secure_server
 
 import larql.api as lq
 from larql.chat import ChatSession, next_turn_text
@@ -192,8 +193,9 @@ def test_next_turn_text_on_the_builtin_gemma4_format(model):
 # The command, as a user runs it
 
 
-def larql(*args, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def larql(*args, stdin: str | None = None, timeout: float = 120,
+          env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "larql", *map(str, args)], capture_output=True, text=True,
                           input=stdin, env=env, timeout=timeout)
 
@@ -255,6 +257,101 @@ def test_chat_with_remote_experts_reports_shard_latencies(model, vindex_path, tm
     assert 4 * passes <= last["round_trips"] <= 2 * 4 * passes
     assert 4 <= last["prefill_round_trips"] <= 2 * 4
     assert "shard 0-3 at 127.0.0.1:" in out.stdout and "p50" in out.stdout
+
+
+SHARD_KEY = "shard-key-" + "s" * 24
+OTHER_KEY = "other-key-" + "o" * 24
+
+
+def test_chat_through_an_authenticated_tls_shard_and_its_refusals(model, vindex_path, tmp_path):
+    """The deployment of docs/DEPLOY.md: an expert server that requires a key and speaks TLS
+    with a private CA. The flags are those of `larql run`; the answer is the in-process one."""
+    certs = make_certs(tmp_path / "certs")
+    srv = secure_server(vindex_path, "0-7", tmp_path, SHARD_KEY, certs)
+    (tmp_path / "key").write_text(SHARD_KEY + "\n")
+    (tmp_path / "other").write_text(OTHER_KEY)
+    spec = f"0-7=tls://127.0.0.1:{srv.port}"
+    secure = ("--moe-shards", spec, "--shard-api-key-file", tmp_path / "key", "--tls-ca", certs["ca"])
+    stdin = "Hello there\nAnd again?\n/stats json\n"
+    env = client_env(ROOT)
+    try:
+        srv.wait_ready()
+        out = larql("chat", vindex_path, "-n", N, *secure, stdin=stdin, env=env)
+        # the defaults: $LARQL_API_KEY and $LARQL_TLS_CA, as for `larql run`
+        by_env = larql("chat", vindex_path, "-n", N, "--moe-shards", spec, stdin=stdin,
+                       env=client_env(ROOT, LARQL_API_KEY=SHARD_KEY, LARQL_TLS_CA=str(certs["ca"])))
+        failures = {
+            "no key": larql("chat", vindex_path, "--moe-shards", spec, "--tls-ca", certs["ca"],
+                            stdin="Hi\n", env=env),
+            "wrong key": larql("chat", vindex_path, "--moe-shards", spec, "--tls-ca", certs["ca"],
+                               "--shard-api-key-file", tmp_path / "other", stdin="Hi\n", env=env),
+            "no CA": larql("chat", vindex_path, "--moe-shards", spec, "--shard-api-key-file",
+                           tmp_path / "key", stdin="Hi\n", env=env),
+            "missing key file": larql("chat", vindex_path, *secure[:2], "--shard-api-key-file",
+                                      tmp_path / "nope", "--tls-ca", certs["ca"], stdin="Hi\n", env=env),
+            "missing CA file": larql("chat", vindex_path, *secure[:4], "--tls-ca", tmp_path / "no-ca.pem",
+                                     stdin="Hi\n", env=env),
+        }
+    finally:
+        srv.stop()
+    assert out.returncode == 0, out.stderr
+    (_, a1), (_, a2) = conversation(model, ["Hello there", "And again?"])
+    tok = model.tokenizer
+    want = streamed_text(tok, a1) + "\n" + streamed_text(tok, a2) + "\n"
+    assert out.stdout.startswith(want)
+    stats = json.loads(out.stdout[len(want):])
+    assert [s["shard"] for s in stats["servers"]] == ["0-7"] and stats["servers"][0]["requests"] > 0
+    assert stats["servers"][0]["auth_failures"] == 0 and stats["degraded_layers"] == 0
+    assert by_env.returncode == 0 and by_env.stdout.startswith(want), by_env.stderr
+    for what, needle in [("no key", f"shard 0-7 at 127.0.0.1:{srv.port} requires an API key (set "
+                                    "LARQL_API_KEY or --shard-api-key-file)"),
+                         ("wrong key", "failed to prove it holds the API key"),
+                         ("no CA", f"TLS certificate of 127.0.0.1:{srv.port} not trusted"),
+                         ("missing key file", f"--shard-api-key-file: cannot read the API key file "
+                                              f"{tmp_path / 'nope'}: No such file"),
+                         ("missing CA file", f"--tls-ca: TLS: CA file {tmp_path / 'no-ca.pem'}: "
+                                             "no such file")]:
+        res = failures[what]
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1, (what, res.stderr)     # one line ...
+        assert lines[0].startswith("larql chat: error: ") and needle in lines[0], (what, res.stderr)
+        assert res.stdout == "", what                                          # ... before any chat
+
+
+def test_chat_renormalizes_around_a_lost_shard_when_asked(model, vindex_path, tmp_path):
+    """--on-shard-failure reaches the chat's client: with renormalize, a shard that dies
+    between turns costs its experts (counted in /stats) instead of the turn."""
+    servers = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
+               for i, rng in enumerate(("0-3", "4-7"))]
+    proc = None
+    try:
+        for s in servers:
+            s.wait_ready()
+        spec = f"0-3=127.0.0.1:{servers[0].port},4-7=127.0.0.1:{servers[1].port}"
+        proc = subprocess.Popen([sys.executable, "-m", "larql", "chat", str(vindex_path), "-n", str(N),
+                                 "--moe-shards", spec, "--on-shard-failure", "renormalize", "--timeout", "5"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=client_env(ROOT))
+        (_, a1), (_, a2) = conversation(model, ["Hello there", "And again?"])
+        first = (streamed_text(model.tokenizer, a1) + "\n").encode()
+        proc.stdin.write(b"Hello there\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(len(first)) == first        # turn 1, both shards up
+        servers[1].stop()
+        out, err = proc.communicate(b"And again?\n/stats json\n", timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for s in servers:
+            s.stop()
+    err = err.decode()
+    assert proc.returncode == 0, err
+    assert "larql chat: --on-shard-failure renormalize: a lost shard's experts are dropped" in err
+    assert "turn dropped" not in err
+    stats = json.loads(out.decode().splitlines()[-1])
+    assert stats["turns"] == 2 and stats["last_turn"]["generated_tokens"] > 0
+    assert stats["degraded_layers"] > 0
 
 
 class TerminalReader:

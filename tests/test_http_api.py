@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 pytest.importorskip("aiohttp", reason="the api extra (in the test extra) installs aiohttp")
 
+from standin import client_env, make_certs, secure_server  # noqa: E402
+
 from larql.demo import build_demo_vindex, demo_config  # noqa: E402
 from larql.http_api import StopMatcher  # noqa: E402
 from larql.processes import ServerProcess, free_port  # noqa: E402
@@ -31,8 +33,8 @@ NAME = "tiny-gemma4"
 N = 12
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+def _env(**extra: str) -> dict:
+    return client_env(ROOT, **extra)     # no LARQL_*_KEY / LARQL_TLS_CA unless a test sets them
 
 
 @pytest.fixture(scope="module")
@@ -328,13 +330,26 @@ def test_without_a_key_and_with_the_env_key_and_a_full_queue(vindex_path, tmp_pa
         assert client.completions.create(model="larql-demo-random-f32-seed0", prompt="Hi").choices
     finally:
         assert srv.stop() == 0
-    srv = APIServer(vindex_path, tmp_path / "env.log", env={**_env(), "LARQL_API_KEY": "from-env"})
+    # The HTTP key's variable is LARQL_HTTP_API_KEY; LARQL_API_KEY is the expert servers' key
+    # and does not lock the HTTP API (on loopback; beyond it, see test_shard_key_...).
+    srv = APIServer(vindex_path, tmp_path / "env.log",
+                    env=_env(LARQL_HTTP_API_KEY="from-env", LARQL_API_KEY="the-expert-servers-key"))
     try:
         srv.wait_ready()
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="from-env", max_retries=0)
         assert [m.id for m in ok.models.list().data] == ["larql-demo-random-f32-seed0"]
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        for wrong in ("nope", "the-expert-servers-key"):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=srv.url + "/v1", api_key=wrong, max_retries=0).models.list()
+    finally:
+        assert srv.stop() == 0
+    srv = APIServer(vindex_path, tmp_path / "shard-env.log", "-n", "2",
+                    env=_env(LARQL_API_KEY="the-expert-servers-key"))
+    try:
+        srv.wait_ready()
+        anyone = openai.OpenAI(base_url=srv.url + "/v1", api_key="anything", max_retries=0)
+        assert anyone.completions.create(model="larql-demo-random-f32-seed0", prompt="Hi").choices
+        assert "(no key)" in srv.log()
     finally:
         assert srv.stop() == 0
 
@@ -368,6 +383,110 @@ def test_remote_experts_and_a_shard_that_dies(vindex_path, tmp_path):
             s.stop()
 
 
+HTTP_KEY = "sk-http-" + "h" * 24       # what HTTP clients send
+SHARD_KEY = "shard-" + "s" * 24        # what the expert servers require
+
+
+def api_server(vindex: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`larql api-server` that is expected to stop before serving (a refusal)."""
+    return subprocess.run([sys.executable, "-m", "larql", "api-server", str(vindex), "--port",
+                           str(free_port()), *map(str, args)], capture_output=True, text=True,
+                          env=env or _env(), timeout=60)
+
+
+def test_an_http_key_and_a_different_shard_key_each_go_only_where_they_belong(vindex_path, tmp_path):
+    """The HTTP API behind its key, the experts on an authenticated TLS server behind another:
+    the answer is the in-process one; neither key opens the other door."""
+    certs = make_certs(tmp_path / "certs")
+    (tmp_path / "http.key").write_text(HTTP_KEY + "\n")
+    (tmp_path / "shard.key").write_text(SHARD_KEY + "\n")
+    shard = trap = srv = None
+    try:
+        shard = secure_server(vindex_path, "0-7", tmp_path, SHARD_KEY, certs)
+        # An expert server that would accept the HTTP key: if api-server ever sent that key to
+        # its shards, connecting to this one would succeed.
+        trap = secure_server(vindex_path, "0-7", tmp_path, HTTP_KEY, certs)
+        shard.wait_ready()
+        trap.wait_ready()
+        spec = f"0-7=tls://127.0.0.1:{shard.port}"
+        srv = APIServer(vindex_path, tmp_path / "api.log", "--moe-shards", spec, "-n", str(N),
+                        "--api-key-file", str(tmp_path / "http.key"),
+                        "--shard-api-key-file", str(tmp_path / "shard.key"), "--tls-ca", str(certs["ca"]))
+        srv.wait_ready()
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=HTTP_KEY, max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        want = larql_run(vindex_path, "Hello", "-n", N)       # experts in process
+        assert client.completions.create(model=name, prompt="Hello").choices[0].text == want["text"]
+        chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])
+        assert chat.choices[0].message.content == larql_run(vindex_path, "Hi", "--chat", "-n", N)["text"]
+        assert "bearer key required" in srv.log()
+        with pytest.raises(openai.AuthenticationError):      # the shard key is not an HTTP key
+            openai.OpenAI(base_url=srv.url + "/v1", api_key=SHARD_KEY, max_retries=0).models.list()
+        assert health(srv)["degraded_layers"] == 0
+
+        trap_spec = f"0-7=tls://127.0.0.1:{trap.port}"
+        for how, args, env in [
+                ("flag", ("--api-key-file", tmp_path / "http.key"), _env()),
+                ("variable", (), _env(LARQL_HTTP_API_KEY=HTTP_KEY))]:
+            out = api_server(vindex_path, "--moe-shards", trap_spec, "--tls-ca", certs["ca"], *args, env=env)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 1 and len(lines) == 1, (how, out.stderr)
+            assert (f"larql api-server: error: shard 0-7 at 127.0.0.1:{trap.port} requires an API key "
+                    "(set LARQL_API_KEY or --shard-api-key-file)") == lines[0], how
+        # One key for both: refused before anything is loaded or contacted.
+        out = api_server(vindex_path, "--moe-shards", spec, "--tls-ca", certs["ca"], "--api-key-file",
+                         tmp_path / "http.key", env=_env(LARQL_API_KEY=HTTP_KEY))
+        assert out.returncode == 1 and "is the expert servers' key" in out.stderr, out.stderr
+        assert "use two different keys" in out.stderr
+        # A bad shard-side file names its flag and the file, as `larql run` does.
+        out = api_server(vindex_path, "--moe-shards", spec, "--shard-api-key-file", tmp_path / "nope")
+        assert out.returncode == 1 and (f"--shard-api-key-file: cannot read the API key file "
+                                        f"{tmp_path / 'nope'}") in out.stderr, out.stderr
+        out = api_server(vindex_path, "--moe-shards", spec, "--shard-api-key-file", tmp_path / "shard.key",
+                         "--tls-ca", tmp_path / "no-ca.pem")
+        assert out.returncode == 1 and f"--tls-ca: TLS: CA file {tmp_path / 'no-ca.pem'}" in out.stderr
+        assert srv.stop() == 0, srv.log()     # SIGTERM is a clean shutdown
+    finally:
+        for p in (srv, shard, trap):          # every child, even after a failed assertion
+            if p is not None:
+                p.stop()
+
+
+def test_shard_key_in_the_environment_does_not_stand_in_for_an_http_key(vindex_path):
+    """LARQL_API_KEY used to set the HTTP key too: beyond loopback, a server with only that set
+    would now be open to anyone, so it refuses and says which variable is which."""
+    out = api_server(vindex_path, "--host", "0.0.0.0", env=_env(LARQL_API_KEY=SHARD_KEY))
+    assert out.returncode == 1, out.stderr
+    assert ("refusing to serve on 0.0.0.0 without an HTTP API key: $LARQL_API_KEY is the expert "
+            "servers' key, not the HTTP API's; set --api-key-file or $LARQL_HTTP_API_KEY") in out.stderr
+
+
+def test_renormalize_keeps_answering_without_a_lost_shard_and_counts_it(vindex_path, tmp_path):
+    shards = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
+              for i, rng in enumerate(("0-3", "4-7"))]
+    srv = None
+    try:
+        for s in shards:
+            s.wait_ready()
+        spec = f"0-3=127.0.0.1:{shards[0].port},4-7=127.0.0.1:{shards[1].port}"
+        srv = APIServer(vindex_path, tmp_path / "api.log", "--moe-shards", spec, "-n", str(N),
+                        "--on-shard-failure", "renormalize", "--timeout", "5")
+        srv.wait_ready()
+        assert "--on-shard-failure renormalize: a lost shard's experts are dropped" in srv.log()
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
+        assert health(srv)["degraded_layers"] == 0
+        shards[1].stop()
+        assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
+        assert health(srv)["degraded_layers"] > 0        # not a 503 as with the default, fail
+        assert srv.stop() == 0, srv.log()
+    finally:
+        for p in (srv, *shards):              # every child, even after a failed assertion
+            if p is not None:
+                p.stop()
+
+
 def test_without_aiohttp_the_command_says_how_to_install_it(vindex_path, tmp_path):
     blocker = tmp_path / "block"
     (blocker / "aiohttp").mkdir(parents=True)
@@ -387,7 +506,8 @@ def test_bad_server_arguments(vindex_path, tmp_path):
 
     (tmp_path / "empty").write_text("\n")
     for args, needle in [(("--api-key-file", str(tmp_path / "empty")), "is empty"),
-                         (("--api-key-file", str(tmp_path / "missing")), "No such file"),
+                         (("--api-key-file", str(tmp_path / "missing")),
+                          f"--api-key-file: cannot read {tmp_path / 'missing'}: No such file"),
                          (("--port", "70000"), "--port must be"),
                          (("--max-queue", "0"), "--max-queue must be")]:
         out = run(*args)

@@ -140,7 +140,7 @@ def handshake(key: bytes | None, who: str) -> Handshake:
     if rep.get("ok") is not True:
         code, msg = _error_of(rep)
         if code == P.E_UNAUTHORIZED:
-            raise AuthError(f"{who} requires an API key (set LARQL_API_KEY or --api-key-file)")
+            raise AuthError(f"{who} requires an API key (set LARQL_API_KEY or --shard-api-key-file)")
         raise P.RemoteError(code, msg, who)
     return rep
 

@@ -10,7 +10,11 @@ import signal
 import sys
 import threading
 
-from . import add_sampling_options
+from . import add_remote_arguments, add_sampling_options, remote_options, renormalize_warning
+
+# The HTTP API's own key (api-server --api-key-file). Not $LARQL_API_KEY: that is the expert
+# servers' key (`larql serve` and every shard client read it), and one variable must not be both.
+HTTP_API_KEY_ENV = "LARQL_HTTP_API_KEY"
 
 CHAT_HELP = """\
 commands:
@@ -32,6 +36,7 @@ def _model_options(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
                         "approximate")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
                    help="per-request timeout for --moe-shards (default 30)")
+    add_remote_arguments(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
     p.add_argument("--max-tokens", "-n", type=int, default=512, metavar="N", help=max_tokens_help)
@@ -61,8 +66,9 @@ def add_parser(sub) -> None:
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     q.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     q.add_argument("--api-key-file", default=None, metavar="FILE",
-                   help="require 'Authorization: Bearer KEY' with the key in FILE "
-                        "(default: the LARQL_API_KEY environment variable, else no key)")
+                   help="require 'Authorization: Bearer KEY' of HTTP clients, with the key in FILE "
+                        f"(default: ${HTTP_API_KEY_ENV}, else no key). Not the expert servers' key "
+                        "(--shard-api-key-file, default $LARQL_API_KEY); the two must differ")
     q.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the vindex's model name)")
     q.add_argument("--max-queue", type=int, default=32, metavar="N",
@@ -81,12 +87,18 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise ValueError("--moe-shards is empty (leave it out to run the experts in process)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, remote: dict | None = None):
+    """The model; `remote`: remote_options(args) when already read (None: read them here)."""
     from .. import api, kernels
 
     if args.threads:
         kernels.set_num_threads(args.threads)
-    return api.load(args.vindex, args.moe_shards, dispatch=args.moe_dispatch, timeout=args.timeout)
+    if args.moe_shards and remote is None:
+        remote = remote_options(args)
+    model = api.load(args.vindex, args.moe_shards, dispatch=args.moe_dispatch, timeout=args.timeout,
+                     **(remote or {}))
+    renormalize_warning(args.command, args)
+    return model
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,14 +258,36 @@ def chat_main(args: argparse.Namespace) -> int:
 
 
 def read_api_key(path: str | None) -> str | None:
-    """The key from --api-key-file (first line), else LARQL_API_KEY, else None (no key)."""
+    """The HTTP API's key: --api-key-file (first line), else $LARQL_HTTP_API_KEY, else None."""
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            key = f.readline().strip()
+        try:
+            with open(path, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file: cannot read {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
         if not key:
             raise ValueError(f"--api-key-file {path} is empty")
         return key
-    return os.environ.get("LARQL_API_KEY", "").strip() or None
+    return os.environ.get(HTTP_API_KEY_ENV, "").strip() or None
+
+
+def _check_keys(args: argparse.Namespace, http_key: str | None, remote: dict | None) -> None:
+    """The HTTP key and the expert servers' key are two secrets: refuse one key for both (every
+    HTTP client would hold the expert servers' key), and refuse to serve beyond loopback without
+    an HTTP key when only $LARQL_API_KEY is set (which used to be the HTTP key too: serving
+    without a key would then be a silent surprise)."""
+    shard_key = (remote or {}).get("api_key") or None
+    if http_key and shard_key and http_key.encode("utf-8") == shard_key:
+        raise ValueError("the HTTP API key (--api-key-file / $" + HTTP_API_KEY_ENV + ") is the expert "
+                         "servers' key (--shard-api-key-file / $LARQL_API_KEY): every HTTP client would "
+                         "hold it; use two different keys")
+    if (not http_key and os.environ.get("LARQL_API_KEY", "").strip()
+            and not _is_loopback(args.host)):
+        raise ValueError(f"refusing to serve on {args.host} without an HTTP API key: $LARQL_API_KEY is "
+                         f"the expert servers' key, not the HTTP API's; set --api-key-file or "
+                         f"${HTTP_API_KEY_ENV} (or, to serve without one, unset $LARQL_API_KEY and give "
+                         f"the expert servers' key with --shard-api-key-file)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -297,8 +331,10 @@ def api_server_main(args: argparse.Namespace) -> int:
     import asyncio
 
     key = read_api_key(args.api_key_file)
+    remote = remote_options(args) if args.moe_shards else None
+    _check_keys(args, key, remote)
     _check_port_free(args.host, args.port)   # before loading the model: minutes on a real one
-    model = _load(args)
+    model = _load(args, remote)
     name = args.model_name or model.vindex.index.get("model") or model.vindex.path.name
     app = http_api.create_app(model, model_name=name, api_key=key, max_queue=args.max_queue,
                               default_max_tokens=args.max_tokens)
@@ -311,7 +347,7 @@ def api_server_main(args: argparse.Namespace) -> int:
               f"({'bearer key required' if key else 'no key'}); Ctrl-C stops", file=sys.stderr, flush=True)
         if not key and not _is_loopback(host.strip("[]")):
             print("larql api-server: warning: no API key and not on loopback: anyone who can reach "
-                  "this port can use the model (--api-key-file or LARQL_API_KEY)",
+                  f"this port can use the model (--api-key-file or ${HTTP_API_KEY_ENV})",
                   file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from . import add_sampling_options
+from . import add_remote_arguments, add_sampling_options, remote_options, renormalize_warning
 
 
 def add_parser(sub) -> None:
@@ -45,36 +45,11 @@ def add_parser(sub) -> None:
                         "text so far (free); batch = batch dispatch, one round trip per draft token")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
                    help="per-request timeout for --moe-shards (default 30)")
-    add_remote_arguments(p)
+    add_remote_arguments(p, old_key_flag=True)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.set_defaults(func=main)
-
-
-def add_remote_arguments(p: argparse.ArgumentParser) -> None:
-    """How to reach --moe-shards servers securely and what to do when one is lost (shared by
-    every command that connects to expert servers)."""
-    p.add_argument("--api-key-file", default=None, metavar="FILE",
-                   help="file holding the expert servers' API key (default: $LARQL_API_KEY; none = "
-                        "unauthenticated servers)")
-    p.add_argument("--tls-ca", default=None, metavar="FILE",
-                   help="CA certificate(s) to verify tls:// and https:// shards against (default: "
-                        "$LARQL_TLS_CA, else the system trust store)")
-    p.add_argument("--encoding", choices=["auto", "f32", "q8k", "f16"], default="auto",
-                   help="how the residual goes to the expert servers: auto (default) = q8k for a Q4_K "
-                        "vindex (the experts' own Q8_K input blocks: 3.5x fewer bytes, same result "
-                        "bit for bit), f32 otherwise; f16 halves f32 but rounds")
-    p.add_argument("--on-shard-failure", choices=["fail", "renormalize"], default="fail",
-                   help="fail: stop when a shard has no replica left (default); renormalize: drop that "
-                        "shard's experts for the token and rescale the remaining router weights, with a "
-                        "warning and a count (degraded_layers) in --json stats: changes the output")
-
-
-def remote_options(args: argparse.Namespace) -> dict:
-    """connect_shards keywords from add_remote_arguments' flags."""
-    return {"api_key_file": args.api_key_file, "tls_ca": args.tls_ca,
-            "on_shard_failure": args.on_shard_failure, "encoding": args.encoding}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -119,9 +94,7 @@ def main(args: argparse.Namespace) -> int:
         from ..client import connect_shards  # only needed (and imported) for remote experts
 
         experts = connect_shards(args.moe_shards, vindex, timeout=args.timeout, **remote_options(args))
-        if args.on_shard_failure == "renormalize":
-            print("larql run: --on-shard-failure renormalize: a lost shard's experts are dropped "
-                  "(output changes; counted as degraded_layers)", file=sys.stderr)
+        renormalize_warning("run", args)
     model = models.load(vindex, experts=experts, dispatch=args.moe_dispatch)
     stats = GenerationStats()
     stream = tok.streamer()
