@@ -491,8 +491,7 @@ def main(args: argparse.Namespace) -> int:
             run(matvec_case(q4, which, threads, bw, args.repeat, ggml, numpy_on))
     for T in (1, 8):
         run(moe_case(q4, T, n_all, bw, args.repeat, numpy_on))
-    by_isa = isa_comparison(q4, (1, 8), n_all, args.repeat)
-    say_isa_comparison(say, by_isa, K.isa())
+    by_isa = isa_comparison(q4, (1, 8), n_all, args.repeat)   # printed after the table above
     banks = {"Q4_K": {"experts": q4.n, "bytes": q4.buf.size}}
     del q4
     rates = {}
@@ -502,6 +501,8 @@ def main(args: argparse.Namespace) -> int:
         run(matvec_case(q6, "down", n_all, bw, args.repeat, ggml, numpy_on))
         run(moe_case(q6, 1, n_all, bw, args.repeat, numpy_on))
         del q6
+    say_isa_comparison(say, by_isa, K.isa())
+    if not args.quick:
         say()
         for fmt in (K.Q4_K, K.Q6_K):
             rates[K.FORMAT_NAMES[fmt]] = quantize_rate(fmt, n_all)
