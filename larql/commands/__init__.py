@@ -18,6 +18,29 @@ def add_sampling_options(p, seed_help: str = "random seed for reproducible sampl
     p.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
 
 
+def add_shard_arguments(p, *, old_key_flag: bool = False) -> None:
+    """--moe-shards and how to use them: the same flags for every command that runs the model
+    (run, chat, api-server); check them with check_shard_arguments."""
+    p.add_argument("--moe-shards", default=None, metavar="SPEC",
+                   help='remote experts, e.g. "0-63=HOST:PORT,64-127=tls://HOST:PORT" (default: in '
+                        "process, from the vindex's layer files)")
+    p.add_argument("--moe-dispatch", choices=["exact", "batch"], default="exact",
+                   help="exact: experts layer by layer (default); batch: one round trip per token, "
+                        "approximate")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
+                   help="per-request timeout for --moe-shards (default 30)")
+    add_remote_arguments(p, old_key_flag=old_key_flag)
+
+
+def check_shard_arguments(args) -> None:
+    """ValueError naming the flag for add_shard_arguments' values that cannot work."""
+    if args.moe_shards is not None and not args.moe_shards.strip():
+        raise ValueError('--moe-shards is empty: give "A-B=HOST:PORT,..." or leave it out to run '
+                         "the experts in process")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, not {args.timeout:g}")
+
+
 def add_remote_arguments(p, *, old_key_flag: bool = False) -> None:
     """How to reach --moe-shards expert servers securely and what to do when one is lost: the
     same flags for every command that connects to them (run, chat, api-server).

@@ -10,7 +10,13 @@ import signal
 import sys
 import threading
 
-from . import add_remote_arguments, add_sampling_options, remote_options, renormalize_warning
+from . import (
+    add_sampling_options,
+    add_shard_arguments,
+    check_shard_arguments,
+    remote_options,
+    renormalize_warning,
+)
 
 # The HTTP API's own key (api-server --api-key-file). Not $LARQL_API_KEY: that is the expert
 # servers' key (`larql serve` and every shard client read it), and one variable must not be both.
@@ -29,14 +35,7 @@ start a message with // to send one that begins with /."""
 
 def _model_options(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
     p.add_argument("vindex", help="path to a vindex directory")
-    p.add_argument("--moe-shards", default=None, metavar="SPEC",
-                   help='remote experts, e.g. "0-63=HOST:PORT,64-127=HOST:PORT" (default: in process)')
-    p.add_argument("--moe-dispatch", choices=["exact", "batch"], default="exact",
-                   help="exact: experts layer by layer (default); batch: one round trip per token, "
-                        "approximate")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
-                   help="per-request timeout for --moe-shards (default 30)")
-    add_remote_arguments(p)
+    add_shard_arguments(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
     p.add_argument("--max-tokens", "-n", type=int, default=512, metavar="N", help=max_tokens_help)
@@ -81,10 +80,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be >= 1, not {args.max_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, not {args.threads}")
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0, not {args.timeout}")
-    if args.moe_shards is not None and not args.moe_shards.strip():
-        raise ValueError("--moe-shards is empty (leave it out to run the experts in process)")
+    check_shard_arguments(args)
 
 
 def _load(args: argparse.Namespace, remote: dict | None = None):

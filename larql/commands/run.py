@@ -11,7 +11,13 @@ import argparse
 import json
 import sys
 
-from . import add_remote_arguments, add_sampling_options, remote_options, renormalize_warning
+from . import (
+    add_sampling_options,
+    add_shard_arguments,
+    check_shard_arguments,
+    remote_options,
+    renormalize_warning,
+)
 
 
 def add_parser(sub) -> None:
@@ -30,11 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--logprobs", type=int, default=0, metavar="K",
                    help="with --json: the top-K (id, logprob) pairs of every generated step")
-    p.add_argument("--moe-shards", default=None, metavar="SPEC",
-                   help='remote experts, e.g. "0-63=HOST:PORT,64-127=HOST:PORT"')
-    p.add_argument("--moe-dispatch", choices=["exact", "batch"], default="exact",
-                   help="exact: experts layer by layer (default); batch: one round trip per token, "
-                        "approximate")
+    add_shard_arguments(p, old_key_flag=True)
     p.add_argument("--speculate", default="off", metavar="N|auto|off",
                    help="speculative decoding: draft up to N tokens and verify them in one pass "
                         "through the experts (output identical to off when greedy, same distribution "
@@ -43,9 +45,6 @@ def add_parser(sub) -> None:
     p.add_argument("--draft", choices=["lookup", "batch"], default="lookup",
                    help="drafter for --speculate: lookup = n-gram match against the prompt and the "
                         "text so far (free); batch = batch dispatch, one round trip per draft token")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
-                   help="per-request timeout for --moe-shards (default 30)")
-    add_remote_arguments(p, old_key_flag=True)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="kernel threads (default: all cores)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -61,11 +60,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, not {args.threads}")
     if args.logprobs and not args.json:
         raise ValueError("--logprobs needs --json (log-probabilities are part of the JSON output)")
-    if args.moe_shards is not None and not args.moe_shards.strip():
-        raise ValueError('--moe-shards is empty: give "A-B=HOST:PORT,..." or leave it out to run '
-                         "the experts in process")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, not {args.timeout:g}")
+    check_shard_arguments(args)
     from ..speculative import parse_speculate
 
     try:
