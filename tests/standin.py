@@ -10,7 +10,8 @@
 
 Also: test certificates (a CA, a server certificate for 127.0.0.1/localhost, an expired one)
 made with the `cryptography` package; `secure_server`, a real `larql serve` child that requires
-a key and speaks TLS with them; `client_env`, an environment without the key variables.
+a key and speaks TLS with them; `client_env`, an environment without the key variables;
+`two_shards`, two plain `larql serve` children splitting a vindex's experts.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import asyncio
 import datetime
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from larql import protocol as P
 from larql import transport
+from larql.processes import ServerProcess, free_port
 
 
 class StandIn:
@@ -239,3 +242,20 @@ def client_env(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return {**env, **extra}
+
+
+@contextmanager
+def two_shards(vindex: Path, folder: Path,
+               ranges: tuple[str, str] = ("0-3", "4-7")) -> Iterator[tuple[list[ServerProcess], str]]:
+    """Two plain `larql serve` children on loopback (1 kernel thread each), one per expert
+    range, ready: (servers, the --moe-shards spec). Both are stopped on the way out, whatever
+    the test did (stopping one inside is fine: stop() is idempotent)."""
+    servers = [ServerProcess(vindex, rng, free_port(), folder / f"s{i}.log", threads=1)
+               for i, rng in enumerate(ranges)]
+    try:
+        for s in servers:
+            s.wait_ready()
+        yield servers, ",".join(f"{rng}=127.0.0.1:{s.port}" for rng, s in zip(ranges, servers, strict=True))
+    finally:
+        for s in servers:
+            s.stop()

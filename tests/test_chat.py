@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import client_env, make_certs, secure_server
+from standin import client_env, make_certs, secure_server, two_shards
 
 import larql.api as lq
 from larql.chat import ChatSession, next_turn_text
 from larql.demo import build_demo_vindex, demo_config
 from larql.generate import generate
-from larql.processes import ServerProcess, free_port
 from larql.sampling import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,17 +231,9 @@ def test_chat_commands_and_bad_arguments(vindex_path):
 
 
 def test_chat_with_remote_experts_reports_shard_latencies(model, vindex_path, tmp_path):
-    servers = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
-               for i, rng in enumerate(("0-3", "4-7"))]
-    try:
-        for s in servers:
-            s.wait_ready()
-        spec = f"0-3=127.0.0.1:{servers[0].port},4-7=127.0.0.1:{servers[1].port}"
+    with two_shards(vindex_path, tmp_path) as (_, spec):
         out = larql("chat", vindex_path, "-n", N, "--moe-shards", spec,
                     stdin="Hello there\nAnd again?\n/stats json\n/stats\n")
-    finally:
-        for s in servers:
-            s.stop()
     assert out.returncode == 0, out.stderr
     (_, a1), (_, a2) = conversation(model, ["Hello there", "And again?"])
     tok = model.tokenizer
@@ -321,30 +312,25 @@ def test_chat_through_an_authenticated_tls_shard_and_its_refusals(model, vindex_
 def test_chat_renormalizes_around_a_lost_shard_when_asked(model, vindex_path, tmp_path):
     """--on-shard-failure reaches the chat's client: with renormalize, a shard that dies
     between turns costs its experts (counted in /stats) instead of the turn."""
-    servers = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
-               for i, rng in enumerate(("0-3", "4-7"))]
     proc = None
-    try:
-        for s in servers:
-            s.wait_ready()
-        spec = f"0-3=127.0.0.1:{servers[0].port},4-7=127.0.0.1:{servers[1].port}"
-        proc = subprocess.Popen([sys.executable, "-m", "larql", "chat", str(vindex_path), "-n", str(N),
-                                 "--moe-shards", spec, "--on-shard-failure", "renormalize", "--timeout", "5"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=client_env(ROOT))
-        (_, a1), (_, a2) = conversation(model, ["Hello there", "And again?"])
-        first = (streamed_text(model.tokenizer, a1) + "\n").encode()
-        proc.stdin.write(b"Hello there\n")
-        proc.stdin.flush()
-        assert proc.stdout.read(len(first)) == first        # turn 1, both shards up
-        servers[1].stop()
-        out, err = proc.communicate(b"And again?\n/stats json\n", timeout=120)
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for s in servers:
-            s.stop()
+    with two_shards(vindex_path, tmp_path) as (servers, spec):
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "larql", "chat", str(vindex_path), "-n", str(N),
+                                     "--moe-shards", spec, "--on-shard-failure", "renormalize",
+                                     "--timeout", "5"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=client_env(ROOT))
+            (_, a1), (_, a2) = conversation(model, ["Hello there", "And again?"])
+            first = (streamed_text(model.tokenizer, a1) + "\n").encode()
+            proc.stdin.write(b"Hello there\n")
+            proc.stdin.flush()
+            assert proc.stdout.read(len(first)) == first        # turn 1, both shards up
+            servers[1].stop()
+            out, err = proc.communicate(b"And again?\n/stats json\n", timeout=120)
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     err = err.decode()
     assert proc.returncode == 0, err
     assert "larql chat: --on-shard-failure renormalize: a lost shard's experts are dropped" in err

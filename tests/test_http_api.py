@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 pytest.importorskip("aiohttp", reason="the api extra (in the test extra) installs aiohttp")
 
-from standin import client_env, make_certs, secure_server  # noqa: E402
+from standin import client_env, make_certs, secure_server, two_shards  # noqa: E402
 
 from larql.demo import build_demo_vindex, demo_config  # noqa: E402
 from larql.http_api import StopMatcher  # noqa: E402
-from larql.processes import ServerProcess, free_port  # noqa: E402
+from larql.processes import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-larql-test-key"
@@ -355,31 +355,24 @@ def test_without_a_key_and_with_the_env_key_and_a_full_queue(vindex_path, tmp_pa
 
 
 def test_remote_experts_and_a_shard_that_dies(vindex_path, tmp_path):
-    shards = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
-              for i, rng in enumerate(("0-3", "4-7"))]
-    srv = None
-    try:
-        for s in shards:
-            s.wait_ready()
-        spec = f"0-3=127.0.0.1:{shards[0].port},4-7=127.0.0.1:{shards[1].port}"
+    with two_shards(vindex_path, tmp_path) as (shards, spec):
         srv = APIServer(vindex_path, tmp_path / "api.log", "--moe-shards", spec, "-n", str(N))
-        srv.wait_ready()
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        name = client.models.list().data[0].id
-        want = larql_run(vindex_path, "Hello", "-n", N)       # experts in process
-        assert client.completions.create(model=name, prompt="Hello").choices[0].text == want["text"]
-        shards[1].stop()
-        with pytest.raises(openai.InternalServerError) as err:
-            client.completions.create(model=name, prompt="Hello")
-        assert err.value.status_code == 503 and err.value.body["code"] == "experts_unavailable"
-        assert "4-7" in err.value.body["message"]
-        with pytest.raises(openai.APIError, match="4-7"):     # reported inside the event stream
-            list(client.completions.create(model=name, prompt="Hello", stream=True))
-        assert health(srv)["status"] == "ok"
-    finally:
-        rc = srv.stop() if srv is not None else 0
-        for s in shards:                 # every child stopped before the exit code is judged
-            s.stop()
+        try:
+            srv.wait_ready()
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            name = client.models.list().data[0].id
+            want = larql_run(vindex_path, "Hello", "-n", N)       # experts in process
+            assert client.completions.create(model=name, prompt="Hello").choices[0].text == want["text"]
+            shards[1].stop()
+            with pytest.raises(openai.InternalServerError) as err:
+                client.completions.create(model=name, prompt="Hello")
+            assert err.value.status_code == 503 and err.value.body["code"] == "experts_unavailable"
+            assert "4-7" in err.value.body["message"]
+            with pytest.raises(openai.APIError, match="4-7"):     # reported inside the event stream
+                list(client.completions.create(model=name, prompt="Hello", stream=True))
+            assert health(srv)["status"] == "ok"
+        finally:
+            rc = srv.stop()          # judged after every child has stopped
     assert rc == 0
 
 
@@ -462,29 +455,22 @@ def test_shard_key_in_the_environment_does_not_stand_in_for_an_http_key(vindex_p
 
 
 def test_renormalize_keeps_answering_without_a_lost_shard_and_counts_it(vindex_path, tmp_path):
-    shards = [ServerProcess(vindex_path, rng, free_port(), tmp_path / f"s{i}.log", threads=1)
-              for i, rng in enumerate(("0-3", "4-7"))]
-    srv = None
-    try:
-        for s in shards:
-            s.wait_ready()
-        spec = f"0-3=127.0.0.1:{shards[0].port},4-7=127.0.0.1:{shards[1].port}"
+    with two_shards(vindex_path, tmp_path) as (shards, spec):
         srv = APIServer(vindex_path, tmp_path / "api.log", "--moe-shards", spec, "-n", str(N),
                         "--on-shard-failure", "renormalize", "--timeout", "5")
-        srv.wait_ready()
-        assert "--on-shard-failure renormalize: a lost shard's experts are dropped" in srv.log()
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        name = client.models.list().data[0].id
-        assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
-        assert health(srv)["degraded_layers"] == 0
-        shards[1].stop()
-        assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
-        assert health(srv)["degraded_layers"] > 0        # not a 503 as with the default, fail
-        assert srv.stop() == 0, srv.log()
-    finally:
-        for p in (srv, *shards):              # every child, even after a failed assertion
-            if p is not None:
-                p.stop()
+        try:
+            srv.wait_ready()
+            assert "--on-shard-failure renormalize: a lost shard's experts are dropped" in srv.log()
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            name = client.models.list().data[0].id
+            assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
+            assert health(srv)["degraded_layers"] == 0
+            shards[1].stop()
+            assert client.completions.create(model=name, prompt="Hello").usage.completion_tokens == N
+            assert health(srv)["degraded_layers"] > 0        # not a 503 as with the default, fail
+        finally:
+            rc = srv.stop()
+    assert rc == 0, srv.log()
 
 
 def test_without_aiohttp_the_command_says_how_to_install_it(vindex_path, tmp_path):
