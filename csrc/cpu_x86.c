@@ -67,7 +67,6 @@ int lq_amx_usable(void) {
 #if defined(LQ_TEST_EMULATE_AMX)
     return lq_avx2_usable(); /* test builds: kernels_amx.c does the tile instructions in C */
 #endif
-    if (!LQ_AMX_COMPILED) return 0; /* built by a compiler without AMX intrinsics */
     static int granted = -1; /* dispatch.c asks under pthread_once; test harnesses from one thread */
     __builtin_cpu_init();
     if (!lq_avx512_usable() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||

@@ -89,16 +89,6 @@ extern const lq_kernels lq_kernels_avxvnni; /* AVX-VNNI: 256-bit vpdpbusd (Alder
 int lq_avxvnni_usable(void);
 extern const lq_kernels lq_kernels_avx512; /* AVX-512 F/BW/VL + VNNI: 512-bit vpdpbusd */
 int lq_avx512_usable(void);
-/* AMX intrinsics came with GCC 11 and clang 12 (Apple's clang 13): an older compiler builds the
- * library without the tile kernels, and the amx table is then never listed. */
-#ifndef LQ_AMX_COMPILED /* -DLQ_AMX_COMPILED=0 builds the old compiler's way (a test does) */
-#if defined(LQ_TEST_EMULATE_AMX) || (defined(__clang__) && __clang_major__ >= 13) || \
-    (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11)
-#define LQ_AMX_COMPILED 1
-#else
-#define LQ_AMX_COMPILED 0
-#endif
-#endif
 extern const lq_kernels lq_kernels_amx; /* AVX-512 VNNI + AMX int8 tiles for rows kernels at T >= 4 */
 int lq_amx_usable(void);                 /* also asks the OS for the tile state (once) */
 /* The AVX-512 VNNI K-quant row kernels, shared by the AMX table below its tile threshold. */

@@ -31,20 +31,6 @@
 
 #include <stdint.h>
 
-#include "kernels.h"
-
-#if !LQ_AMX_COMPILED
-/* A compiler without AMX intrinsics: the table exists (dispatch.c names it) but lq_amx_usable()
- * never lists it, so these entries, the AVX-512 ones, are never reached through it. */
-const lq_kernels lq_kernels_amx = {
-    .name = "amx",
-    .dot = {[LQ_F32] = lq_avx2_dot_f32, [LQ_F16] = lq_avx2_dot_f16, [LQ_BF16] = lq_avx2_dot_bf16,
-            [LQ_Q4_K] = lq_avx512_dot_q4k, [LQ_Q6_K] = lq_avx512_dot_q6k},
-    .quantize_q8k = lq_avx2_quantize_q8k,
-    .gelu_mul = lq_avx2_gelu_mul,
-};
-#else
-
 #if defined(LQ_TEST_EMULATE_AMX)
 #pragma GCC target("avx2,fma,f16c")
 #else
@@ -297,7 +283,5 @@ const lq_kernels lq_kernels_amx = {
     .gelu_mul = lq_avx2_gelu_mul,
     .rows = {[LQ_Q4_K] = rows_q4k, [LQ_Q6_K] = rows_q6k},
 };
-
-#endif /* LQ_AMX_COMPILED */
 
 #endif

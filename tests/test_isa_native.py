@@ -90,12 +90,3 @@ def test_whole_library_with_emulated_amx(tmp_path: Path) -> None:
     exe = build_lib_test(_compiler(), tmp_path / "test_lib_amx", ["-DLQ_TEST_EMULATE_AMX"])
     output = run_lib_test([str(exe)], expected_isa="amx")
     assert "-- amx" in output, output
-
-
-@pytest.mark.skipif(ISA != "avx2", reason="the AMX kernels exist on x86-64 only")
-def test_whole_library_built_without_amx_intrinsics(tmp_path: Path) -> None:
-    """A compiler without AMX intrinsics (GCC < 11, clang < 12) still builds the library: the
-    tile kernels are left out and the amx table is never listed."""
-    exe = build_lib_test(_compiler(), tmp_path / "test_lib_no_amx", ["-DLQ_AMX_COMPILED=0"])
-    output = run_lib_test([str(exe)], expected_isa=ISA)
-    assert "amx" not in output.splitlines()[0], output
