@@ -82,6 +82,12 @@ static inline void lq_dot_rows(const lq_kernels *k, int fmt, int64_t n, const vo
 
 extern const lq_kernels lq_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
+/* The AVX-VNNI and AMX files, and cpuid's names for them, need GCC 11 or clang 13 (Apple's
+ * numbering): say so here rather than fail on an intrinsic. */
+#if !((defined(__clang__) && __clang_major__ >= 13) || \
+      (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11))
+#error "larql's x86 kernels need GCC 11 or newer, or clang 13 or newer (CC=... pip install .)"
+#endif
 /* Each x86 table with the cpuid (and OS state) check that says whether it can run here. */
 extern const lq_kernels lq_kernels_avx2;
 int lq_avx2_usable(void);
