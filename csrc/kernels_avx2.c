@@ -180,27 +180,6 @@ static float q4k_row1(int64_t nb, const block_q4_K *w, const block_q8_K *x) {
     return q4k_finish(acc, acc_m);
 }
 
-/* lq_rows_fn for Q4_K: q4k_row1 (T = 1) or column groups of q4k_cols (LQ_EACH_COL_GROUP) for each
- * row, with the T and column-group dispatch done once per call instead of once per row, and each result stored straight to its place. Expert
- * FFN T = 8 (8 tokens x top-8 of 24 experts), hot weights, 1 thread, a C harness alternating the
- * builds 4 times: phase B (down rows of 3 blocks) 4.3-4.5 -> 3.8-4.1 ms per call, the call's
- * best time 10.6-10.75 -> 9.84-10.05 ms; phase A (rows of 11 blocks) within the noise. */
-static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
-                     int64_t x_stride, int T, float *out, int64_t out_row_stride, int64_t out_stride) {
-    const uint8_t *w8 = w;
-    const block_q8_K *x = x_rows;
-    if (T == 1) {
-        for (int64_t r = 0; r < n_rows; r++)
-            out[r * out_row_stride] = q4k_row1(nb, (const block_q4_K *)(w8 + (size_t)r * row_bytes), x);
-        return;
-    }
-#define Q4K_ROWS(k, xg, og)                                                                                    \
-    for (int64_t r = 0; r < n_rows; r++)                                                                       \
-    q4k_cols(nb, (const block_q4_K *)(w8 + (size_t)r * row_bytes), xg, x_stride, k, og + r * out_row_stride, out_stride)
-    LQ_EACH_COL_GROUP(LQ_COLS_MAX, T, x, x_stride, out, out_stride, Q4K_ROWS);
-#undef Q4K_ROWS
-}
-
 /* int16 lanes [scale 2m x 8, scale 2m+1 x 8]: register m of a Q6_K block holds values
  * 32m..32m+31, and each int8 scale covers 16 of them */
 static const uint8_t q6k_pair_ctrl[8][16] __attribute__((aligned(16))) = {
@@ -334,21 +313,47 @@ static float q6k_row1(int64_t nb, const block_q6_K *w, const block_q8_K *x) {
     return _mm_cvtss_f32(acc);
 }
 
-/* lq_rows_fn for Q6_K, as rows_q4k */
-static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
-                     int64_t x_stride, int T, float *out, int64_t out_row_stride, int64_t out_stride) {
+/* The rows kernels (lq_rows_fn) of both K-quants: q4k_row1 / q6k_row1 per row (T = 1), or column
+ * groups of q4k_cols / q6k_cols (LQ_EACH_COL_GROUP) per row, with the T and column-group dispatch
+ * done once per call instead of once per row, and each result stored straight to its place.
+ * fmt is a constant in each caller (rows_q4k, rows_q6k), so each gets its own format's code only.
+ * Expert FFN T = 8 (8 tokens x top-8 of 24 experts), hot weights, 1 thread, a C harness
+ * alternating the builds 4 times: phase B (down rows of 3 blocks) 4.3-4.5 -> 3.8-4.1 ms per call,
+ * the call's best time 10.6-10.75 -> 9.84-10.05 ms; phase A (rows of 11 blocks) within the noise. */
+static inline __attribute__((always_inline)) void rows_kquant(const int fmt, int64_t nb, const void *w,
+                                                              size_t row_bytes, int64_t n_rows, const void *x_rows,
+                                                              int64_t x_stride, int T, float *out,
+                                                              int64_t out_row_stride, int64_t out_stride) {
     const uint8_t *w8 = w;
     const block_q8_K *x = x_rows;
     if (T == 1) {
-        for (int64_t r = 0; r < n_rows; r++)
-            out[r * out_row_stride] = q6k_row1(nb, (const block_q6_K *)(w8 + (size_t)r * row_bytes), x);
+        for (int64_t r = 0; r < n_rows; r++) {
+            const uint8_t *wr = w8 + (size_t)r * row_bytes;
+            out[r * out_row_stride] = fmt == LQ_Q4_K ? q4k_row1(nb, (const block_q4_K *)wr, x)
+                                                     : q6k_row1(nb, (const block_q6_K *)wr, x);
+        }
         return;
     }
-#define Q6K_ROWS(k, xg, og)                                                                                    \
-    for (int64_t r = 0; r < n_rows; r++)                                                                       \
-    q6k_cols(nb, (const block_q6_K *)(w8 + (size_t)r * row_bytes), xg, x_stride, k, og + r * out_row_stride, out_stride)
-    LQ_EACH_COL_GROUP(LQ_Q6K_COLS_MAX, T, x, x_stride, out, out_stride, Q6K_ROWS);
-#undef Q6K_ROWS
+#define KQ_ROWS(k, xg, og)                                                                               \
+    for (int64_t r = 0; r < n_rows; r++) {                                                               \
+        const uint8_t *wr = w8 + (size_t)r * row_bytes;                                                  \
+        if (fmt == LQ_Q4_K)                                                                              \
+            q4k_cols(nb, (const block_q4_K *)wr, xg, x_stride, k, og + r * out_row_stride, out_stride);  \
+        else                                                                                             \
+            q6k_cols(nb, (const block_q6_K *)wr, xg, x_stride, k, og + r * out_row_stride, out_stride);  \
+    }
+    LQ_EACH_COL_GROUP(fmt == LQ_Q4_K ? LQ_COLS_MAX : LQ_Q6K_COLS_MAX, T, x, x_stride, out, out_stride, KQ_ROWS);
+#undef KQ_ROWS
+}
+
+static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
+                     float *out, int64_t ors, int64_t os) {
+    rows_kquant(LQ_Q4_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
+}
+
+static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
+                     float *out, int64_t ors, int64_t os) {
+    rows_kquant(LQ_Q6_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
 }
 
 /* The table's lq_row_fn for the K-quants: one row of the rows kernel (one copy of each column
