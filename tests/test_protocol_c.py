@@ -9,6 +9,7 @@ bytes, and everything off the plain path still gets protocol.py's errors.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 import msgpack
@@ -428,6 +429,39 @@ def test_client_c_path_equals_the_python_path(vindex_path, acc, enc):
                     assert fast.tobytes() == local.forward(1, h, ids, w).tobytes()
         assert rx.client.c_path_calls == 24
         assert a.server.stats.c_path > 0 and b.server.stats.c_path > 0
+        rx.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_client_lane_is_the_steady_state_and_hands_trouble_to_failover(vindex_path):
+    """Two single-replica shards: every decode call runs on the lane (two C calls), exactly the
+    in-process sum. A write that fails on the lane (the client's side of shard 0 shut) is handed
+    to the general path as it stands: shard 0 reconnects and is asked again, shard 1's reply,
+    already written, is still added in shard order; the next call runs on a new lane over the
+    new connection."""
+    v = open_vindex(vindex_path)
+    a = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    local = LocalExperts(v)
+    try:
+        rx = connect_shards(f"0-3={a.address},4-7={b.address}", v, api_key="", accumulate="f64", timeout=20)
+        rng = np.random.default_rng(8)
+        work = [(1, rng.standard_normal((1, H)).astype(np.float32), np.array([[2, 6]]),
+                 rng.random((1, 2)).astype(np.float32)) for _ in range(4)]
+        for wk in work:
+            assert rx.forward(*wk).tobytes() == local.forward(*wk).tobytes()
+        assert rx.client.lane_calls == 4
+        c = rx.client
+        old = c.shards[0].replicas[0].conn
+        old.sock.shutdown(socket.SHUT_WR)        # the next write to shard 0 fails (EPIPE)
+        assert rx.forward(*work[0]).tobytes() == local.forward(*work[0]).tobytes()
+        assert c.lane_calls == 4                 # that call finished on the general path
+        new = c.shards[0].replicas[0].conn
+        assert new is not None and new is not old and c.shards[0].policy.replicas[0].up()
+        assert rx.forward(*work[1]).tobytes() == local.forward(*work[1]).tobytes()
+        assert c.lane_calls == 5 and c._lanes[1].conns[0] is new
         rx.close()
     finally:
         a.stop()

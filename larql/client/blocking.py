@@ -359,21 +359,49 @@ _F32 = np.dtype(np.float32)
 _INT_IDS = (np.dtype(np.int64), np.dtype(np.int32))
 
 
+def one_token(h, ids, weights, hidden: int) -> bool:
+    """True when a layer call is what the C path takes: one contiguous f32 token of `hidden`
+    values, at most 16 slots of int32/int64 ids and f32 weights (else the general path takes
+    it, and words any error)."""
+    return not (type(h) is not np.ndarray or type(ids) is not np.ndarray or type(weights) is not np.ndarray
+                or h.dtype is not _F32 or weights.dtype is not _F32 or ids.dtype not in _INT_IDS
+                or h.size != hidden or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS
+                or h.ndim > 2 or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)
+                or not (h.flags.c_contiguous and ids.flags.c_contiguous and weights.flags.c_contiguous))
+
+
+def c_collect(ptrs, n: int, hidden: int, acc64: bool, deadline: float, left: float, sum_c, first: bool,
+              out_c) -> tuple[int, float]:
+    """lq_wire_token_collect until every leg is added (returns n) or one is not a plain success
+    (its index), with the seconds it was last given. A signal (Ctrl-C) returns to Python, whose
+    handlers run here, then on."""
+    while True:
+        stop = lib.lq_wire_token_collect(ptrs, n, hidden, acc64, max(1, int(left * 1000)), P.MAX_FRAME, sum_c,
+                                         first, out_c)
+        if stop == n or ptrs[stop].status != lib.LQ_WIRE_INTERRUPTED:
+            return stop, left
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return stop, left
+
+
 class _TokenCall:
     """One decode step's layer between `_token_send` and `_token_collect`: its inputs, the
     sum the replies are added into (f64 scratch for f64 partial sums, else the output
     itself) and the f32 output."""
 
     def __init__(self, layer: int, h, ids, weights, acc64: bool, hidden: int, scratch64: np.ndarray,
-                 x: tuple[np.ndarray, str]) -> None:
+                 x: tuple[np.ndarray, str], out: tuple[np.ndarray, object] | None = None) -> None:
         self.layer, self.h, self.ids, self.weights = layer, h, ids, weights
         self.acc64, self.hidden = acc64, hidden
         self.x, enc = x                 # what goes on the wire: h, or its normed Q8_K blocks
         self.enc = protocol_c.ENCODINGS[enc]
         self.x_c, self.w_c = ffi.from_buffer(self.x), ffi.from_buffer("float[]", weights)
         self.norm_c, self.eps = ffi.NULL, 0.0    # set: x is h, and C makes its Q8_K blocks
-        self.out = np.empty((1, hidden), dtype=_F32)
-        self.out_c = ffi.from_buffer("float[]", self.out)
+        if out is None:
+            out = np.empty((1, hidden), dtype=_F32), None
+        self.out = out[0]
+        self.out_c = out[1] if out[1] is not None else ffi.from_buffer("float[]", self.out)
         self.total = scratch64 if acc64 else self.out
         self.sum_c = ffi.from_buffer(self.total) if acc64 else self.out_c
         self.first = True
@@ -399,6 +427,48 @@ class _TokenCall:
         return self.out
 
 
+class _Lane:
+    """A layer's one-token calls in the steady state, set up once: every shard that serves the
+    layer has a single replica, up and connected on plain TCP, so the policy has nothing to
+    choose and a call is two C calls (lq_wire_token_send, lq_wire_token_collect) and a few lines.
+
+    Why: between two layers the model's own kernels evict the interpreter's code and data, so
+    each Python step of the general path runs cold. Measured on the 2-vCPU dev VM, one shard,
+    the model's compute between calls: the general path (`_token_send` + `_token_collect`)
+    cost 535 us over in-process, the two C calls alone 317 us; the bare echo was 148 us.
+
+    Valid while the client's epoch (bumped by every connection or health change) is its own
+    and none of its connections broke. A call that meets anything else (a failed write, a reply
+    that is not a plain success, a timeout) is handed to the general path as it stands
+    (`BlockingExpertClient._adopt`), which owns failover and every error message."""
+
+    __slots__ = ("epoch", "entries", "conns", "legs", "ptrs", "n", "enc", "enc_name", "norm_c", "eps",
+                 "acc64")
+
+    def __init__(self, epoch: int, entries: list, legs: list, enc_name: str, norm_c, eps: float,
+                 acc64: bool) -> None:
+        self.epoch = epoch
+        self.entries = entries           # (shard index, Shard, Replica, BlockingConnection), shard order
+        self.conns = [e[3] for e in entries]
+        self.legs = legs                 # their lq_wire_leg structs
+        self.ptrs = ffi.new("lq_wire_leg *[]", legs)
+        self.n = len(legs)
+        self.enc_name, self.enc = enc_name, protocol_c.ENCODINGS[enc_name]
+        self.norm_c, self.eps = norm_c, eps    # q8k: the layer's norm, made into Q8_K blocks by C
+        self.acc64 = acc64
+
+
+class _LaneCall:
+    """One `start` on a lane, until its `result`."""
+
+    __slots__ = ("lane", "layer", "h", "ids", "weights", "out", "out_c", "sent", "deadline")
+
+    def __init__(self, lane: _Lane, layer: int, h, ids, weights, out: np.ndarray, out_c, sent: int,
+                 deadline: float) -> None:
+        self.lane, self.layer, self.h, self.ids, self.weights = lane, layer, h, ids, weights
+        self.out, self.out_c, self.sent, self.deadline = out, out_c, sent, deadline
+
+
 class BlockingExpertClient:
     """Shard-map client on blocking sockets: `forward`, `forward_multi`, `stats`, `ping`."""
 
@@ -410,8 +480,16 @@ class BlockingExpertClient:
         self.planner = Planner(shards, identity, options.encoding, quantize)
         self.round_trips = 0
         self.retries = 0
-        self.c_path_calls = 0                # layer calls built and summed in C (`_token_send`)
+        self.c_path_calls = 0                # layer calls built and summed in C (`_token_send`, lanes)
+        self.lane_calls = 0                  # of which on a lane, start to finish (`_Lane`)
         self._scratch64 = np.empty(identity.hidden, dtype=np.float64)
+        self._scratch64_c = ffi.from_buffer(self._scratch64)
+        # The lane (one-token calls in two C calls) serves shards of one replica each, failing
+        # rather than renormalising, with an encoding C builds.
+        self._lane_ok = (options.encoding in protocol_c.ENCODINGS and options.on_shard_failure == "fail"
+                         and all(len(sh.replicas) == 1 for sh in self.shards))
+        self._lanes: list[_Lane | None] = [None] * identity.num_layers
+        self._epoch = 0                      # bumped by every connection or health change
         self._legs: dict[tuple[int, ...], tuple] = {}   # connections -> (them, their C leg pointers)
         self._lock = threading.Lock()        # guards policy state and connections vs the prober
         self._prober: threading.Thread | None = None
@@ -467,6 +545,7 @@ class BlockingExpertClient:
         if rep.conn is not None:
             rep.conn.close()
         rep.conn = conn
+        self._epoch += 1
         return conn
 
     def close(self) -> None:
@@ -493,6 +572,12 @@ class BlockingExpertClient:
         computes meanwhile (the model: its dense MLP while the servers run the experts)."""
         if self._closed:
             raise ShardError("the remote experts client is closed")
+        if self._lane_ok:
+            lane = self._lane(layer)
+            if lane is not None and one_token(h, ids, weights, self.identity.hidden):
+                pending = self._lane_send(lane, layer, h, ids, weights)
+                if pending is not None:
+                    return pending
         if self.options.encoding in protocol_c.ENCODINGS and self.options.on_shard_failure == "fail":
             call = self._token_send(layer, h, ids, weights)
             if call is not None:
@@ -518,16 +603,119 @@ class BlockingExpertClient:
         self._schedule_probes()
         return self.planner.combine(plan, results)
 
+    # --- the lane: a layer's one-token call in the steady state --------------------------------
+    def _lane(self, layer) -> _Lane | None:
+        lanes = self._lanes
+        if type(layer) is not int or not 0 <= layer < len(lanes):
+            return None
+        lane = lanes[layer]
+        if lane is not None and lane.epoch == self._epoch:
+            for c in lane.conns:
+                if c.broken:
+                    break
+            else:
+                return lane
+        lane = lanes[layer] = self._new_lane(layer)
+        return lane
+
+    def _new_lane(self, layer: int) -> _Lane | None:
+        entries = []
+        for si, sh in enumerate(self.shards):
+            if sh.spec.serves(layer):
+                rep = sh.replicas[0]
+                conn = rep.conn
+                if conn is None or conn.broken or conn.fd < 0 or not rep.state.up():
+                    return None
+                entries.append((si, sh, rep, conn))
+        planner = self.planner
+        norm_c, eps = ffi.NULL, 0.0
+        if planner.encoding == "q8k":
+            quantize = planner.quantize
+            if not hasattr(quantize, "norm_c"):
+                return None
+            norm_c, eps = quantize.norm_c(layer), quantize.eps
+        if not entries:
+            return None
+        legs = [conn.leg(self.identity.hidden, sh.spec) for _, sh, _, conn in entries]
+        return _Lane(self._epoch, entries, legs, planner.encoding, norm_c, eps, planner.acc == "f64")
+
+    def _lane_send(self, lane: _Lane, layer: int, h, ids, weights) -> Pending | None:
+        """Every shard's request encoded and written by one C call; None if an id is out of
+        range (nothing went out: the general path words the error)."""
+        H = self.identity.hidden
+        out = np.empty((1, H), dtype=_F32)
+        out_c = ffi.from_buffer("float[]", out)
+        for c in lane.conns:
+            c.sync_leg()
+        timeout = self.options.timeout
+        rc = lib.lq_wire_token_send(lane.ptrs, lane.n, layer, ffi.from_buffer(h), lane.enc, lane.norm_c,
+                                    lane.eps, H, ffi.from_buffer(ids), ids.dtype.itemsize == 8,
+                                    ffi.from_buffer("float[]", weights), ids.size, self.identity.num_experts,
+                                    lane.acc64, max(1, int(timeout * 1000)))
+        if rc < 0:
+            return None
+        sent = failed = 0
+        for leg, c in zip(lane.legs, lane.conns, strict=True):
+            status = leg.sent
+            if status == 1:
+                c.next_id += 1
+                sent += 1
+            elif status < 0:
+                failed = 1
+        self.round_trips += sent
+        lc = _LaneCall(lane, layer, h, ids, weights, out, out_c, sent, time.monotonic() + timeout)
+        if failed:
+            call = self._adopt(lc)
+            return Pending(lambda: self._token_collect(call))
+        return Pending(lambda: self._lane_collect(lc))
+
+    def _lane_collect(self, lc: _LaneCall) -> np.ndarray:
+        lane = lc.lane
+        if lc.sent:
+            sum_c = self._scratch64_c if lane.acc64 else lc.out_c
+            stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
+                                   lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
+            if stop != lane.n:
+                call = self._adopt(lc)
+                return self._token_collect(call, self._collect_legs(call, stop, left))
+            for c in lane.conns:
+                c.unsync_leg()
+        else:
+            lc.out[:] = 0.0                 # every slot empty (-1): nothing to add
+        self.c_path_calls += 1
+        self.lane_calls += 1
+        return lc.out
+
+    def _adopt(self, lc: _LaneCall) -> _TokenCall:
+        """A lane call as the general path holds it after `_send_legs` (a write failed, or a
+        reply was not a plain success): the same output and sums, and its requests recorded
+        and counted against their replicas."""
+        lane = lc.lane
+        call = _TokenCall(lc.layer, lc.h, lc.ids, lc.weights, lane.acc64, self.identity.hidden,
+                          self._scratch64, (lc.h, lane.enc_name), (lc.out, lc.out_c))
+        call.deadline = lc.deadline
+        call.legs = lane.ptrs, lane.n
+        for (si, sh, rep, conn), leg in zip(lane.entries, lane.legs, strict=True):
+            status = leg.sent
+            if status == 0:
+                continue
+            with self._lock:
+                rep.state.inflight += 1     # as `_pick` counts it; the general path uncounts it
+            if status < 0:
+                self._send_failed(sh, rep, conn.write_failed(status, leg.err))
+                call.sent.append((si, None, None, 0))
+            else:
+                call.sent.append((si, rep, conn, int(leg.id)))
+                if status == 2:             # its reply is already in the sum
+                    call.first = False
+        return call
+
     def _token_send(self, layer: int, h, ids, weights) -> _TokenCall | None:
         """A decode step's layer with its requests built in C (protocol_c), sent to every shard
         that has a slot of it; None when the inputs are not one f32 token of at most 16 slots
         with valid ids (the general path then takes them, and words any error)."""
         H = self.identity.hidden
-        if (type(h) is not np.ndarray or type(ids) is not np.ndarray or type(weights) is not np.ndarray
-                or h.dtype is not _F32 or weights.dtype is not _F32 or ids.dtype not in _INT_IDS
-                or h.size != H or ids.size != weights.size or ids.size > protocol_c.MAX_TOKEN_SLOTS
-                or h.ndim > 2 or ids.ndim > 2 or weights.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1)
-                or not (h.flags.c_contiguous and ids.flags.c_contiguous and weights.flags.c_contiguous)):
+        if not one_token(h, ids, weights, H):
             return None
         picks = []
         plain = True
@@ -618,13 +806,17 @@ class BlockingExpertClient:
             call.sent.append((si, rep, conn, rid))
         return True
 
-    def _token_collect(self, call: _TokenCall) -> np.ndarray:
+    def _token_collect(self, call: _TokenCall,
+                       collected: tuple[int, Exception | None] | None = None) -> np.ndarray:
         """The replies of `_token_send`, checked and summed by C in shard order. Anything off
         the plain path (a replica down, an error reply, a bad reply) goes through the same
-        failover as the general path, shard by shard, its partial sum added at its turn."""
+        failover as the general path, shard by shard, its partial sum added at its turn.
+        `collected`: `_collect_legs`' answer, already had (a lane call)."""
         H, deadline = call.hidden, call.deadline
         start, error = 0, None
-        if call.legs is not None:
+        if collected is not None:
+            start, error = collected
+        elif call.legs is not None:
             start, error = self._collect_legs(call)
         jobs: dict[int, core.Job] | None = None
         for si, rep, conn, rid in call.sent[start:]:
@@ -661,27 +853,24 @@ class BlockingExpertClient:
         self.c_path_calls += 1
         return call.finish()
 
-    def _collect_legs(self, call: _TokenCall) -> tuple[int, Exception | None]:
+    def _collect_legs(self, call: _TokenCall, stop: int | None = None,
+                      left: float = 0.0) -> tuple[int, Exception | None]:
         """C reads and adds the replies in shard order until one is not a plain success; that
         one's position in call.sent and its transport error (None: its frame is buffered, or
-        it is a shard that was down, for the Python path to take)."""
+        it is a shard that was down, for the Python path to take). With `stop` (and the `left`
+        it was given), C already did so (a lane call) and stopped at that leg."""
         ptrs, n = call.legs
         deadline = min((self._attempt_deadline(self.shards[si], rep, call.deadline)
                         for si, rep, _, _ in call.sent if rep is not None), default=call.deadline)
-        left = deadline - time.monotonic()
-        if left <= 0 or not call.sent:      # the first shard goes to the Python path as it is
-            first = call.sent[0] if call.sent else None
-            if first is None or first[1] is None:
-                return 0, None
-            return 0, first[2].read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
-        while True:   # a signal (Ctrl-C) returns to Python, whose handlers run here, then on
-            stop = lib.lq_wire_token_collect(ptrs, n, call.hidden, call.acc64, max(1, int(left * 1000)),
-                                             P.MAX_FRAME, call.sum_c, call.first, call.out_c)
-            if stop == n or ptrs[stop].status != lib.LQ_WIRE_INTERRUPTED:
-                break
+        if stop is None:
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
+            if left <= 0 or not call.sent:      # the first shard goes to the Python path as it is
+                first = call.sent[0] if call.sent else None
+                if first is None or first[1] is None:
+                    return 0, None
+                return 0, first[2].read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
+            stop, left = c_collect(ptrs, n, call.hidden, call.acc64, deadline, left, call.sum_c, call.first,
+                                   call.out_c)
         k = 0                               # position in call.sent
         for i in range(n):
             leg = ptrs[i]
@@ -724,12 +913,14 @@ class BlockingExpertClient:
             state.inflight -= 1
             if state.failures:
                 sh.policy.succeeded(state)
+                self._epoch += 1
 
     def _send_failed(self, sh: Shard, rep: Replica, e: Exception) -> None:
         """A request that never went out: uncounted, and the replica marked failed."""
         with self._lock:
             rep.state.inflight -= 1
             sh.policy.failed(rep.state, str(e), time.monotonic())
+            self._epoch += 1
 
     def _send_first(self, job: core.Job):
         """Send on a connected, up replica chosen by the policy (None: go through `_finish`'s
@@ -817,11 +1008,13 @@ class BlockingExpertClient:
         if state.failures:
             with self._lock:
                 sh.policy.succeeded(state)
+                self._epoch += 1
         return ys
 
     def _failed(self, sh: Shard, rep: Replica, e: Exception, attempt) -> None:
         with self._lock:
             rep.state.inflight = max(0, rep.state.inflight - 1)
+            self._epoch += 1
         if not retryable(e):
             raise e
         with self._lock:
@@ -861,6 +1054,7 @@ class BlockingExpertClient:
                     elif conn is not None:
                         conn.close()
                     sh.policy.probe_done(rep.state, error, time.monotonic())
+                    self._epoch += 1
                 if error is None:
                     log.info("shard %s replica %s is back", sh.spec.label, rep.state.where)
             if not down:
