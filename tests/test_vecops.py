@@ -117,3 +117,28 @@ def test_attend_one_masks_by_position(rng, window):
     np.testing.assert_allclose(got.reshape(heads, d), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(kernels.KernelError, match="at least n"):
         kernels.attend_one(q, k, v, pos, 7, q_pos, window)
+
+
+@pytest.mark.parametrize("heads,kvh,d", [(16, 2, 40), (16, 8, 256), (6, 3, 16), (4, 4, 7)])
+def test_attend_one_grouped_heads_and_unwritten_slots(rng, heads, kvh, d):
+    """Query heads grouped per KV head (2-8 of them, as on Gemma 4's layers), head sizes with a
+    tail past the 16-value register blocks, more slots than one value pass: the numpy result.
+    Unwritten slots hold NaN and slots outside the window hold huge values: neither may leak."""
+    slots, n, q_pos, window = 23, 21, 40, 12
+    q = rng.standard_normal((heads, d)).astype(np.float32)
+    k = rng.standard_normal((kvh, slots, d)).astype(np.float32)
+    v = rng.standard_normal((kvh, slots, d)).astype(np.float32)
+    pos = np.arange(20, 20 + slots, dtype=np.int64)
+    v[:, pos <= q_pos - window] = 1e30          # visible only without the window
+    pos[[3, 9, 17]] = -1
+    k[:, [3, 9, 17]] = np.nan
+    v[:, [3, 9, 17]] = np.nan
+    got = kernels.attend_one(q, k, v, pos, n, q_pos, window).reshape(heads, d)
+    dist = q_pos - pos[:n]
+    vis = (pos[:n] >= 0) & (dist >= 0) & (dist < window)
+    for h in range(heads):
+        kv = h // (heads // kvh)
+        sc = k[kv, :n][vis].astype(np.float64) @ q[h]
+        p = np.exp(sc - sc.max())
+        want = (p / p.sum()) @ v[kv, :n][vis].astype(np.float64)
+        np.testing.assert_allclose(got[h], want, rtol=2e-5, atol=2e-5)
