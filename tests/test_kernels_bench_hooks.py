@@ -93,3 +93,23 @@ def test_isa_comparison_times_every_table_and_restores_the_best() -> None:
     assert len(rows) == len(tables)
     best_row = next(ln for ln in rows if ln.strip().startswith(best)).split()
     assert best_row[2] == best_row[4] == "1.00"   # the default table against itself
+
+
+def test_bench_run_floor_uses_the_reads_between_the_tokens(tmp_path) -> None:
+    """larql bench run's anchor: one C read per call, the floor from their median (the best is
+    reported beside it), measured / floor as the ratio."""
+    from larql.benchmarks.run import InterleavedRead, bandwidth_floor, bytes_per_token
+    from larql.demo import build_demo_vindex
+    from larql.vindex import open_vindex
+
+    vindex = open_vindex(build_demo_vindex(tmp_path / "v"))
+    read = InterleavedRead(8 << 20)
+    for _ in range(5):
+        read()
+    f = bandwidth_floor(vindex, 0.5, 2.0, 30, read)
+    median, best = read.bandwidth()
+    assert f["c_reads"] == 5 and 0 < median <= best == f["c_read_best_bytes_per_s"]
+    total = sum(bytes_per_token(vindex, list(range(vindex.config.num_layers))).values())
+    assert f["floor_s"] == pytest.approx(total / median)
+    assert f["x_floor"] == pytest.approx(0.5 / f["floor_s"])
+    assert f["projected_x_floor"] == pytest.approx(2.0 / f["projected_floor_s"])
