@@ -142,3 +142,55 @@ def test_an_uncollected_call_does_not_lock_the_client(vindex, servers):
     t.start()
     t.join(20)
     assert done.is_set()
+
+
+def test_a_signal_while_the_lane_waits_leaves_the_client_exact(vindex):
+    """Ctrl-C while C waits for a slow shard's reply (the other shard's already added): the
+    handler's exception reaches the caller within ~50 ms (C returns to Python to let handlers
+    run), and the calls after it, with the late reply still on its way, are exact."""
+    import signal
+    import time
+
+    from standin import StandIn
+
+    class Interrupted(Exception):
+        pass
+
+    a = ExpertServer(vindex, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(vindex, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    slow = {"on": False}
+
+    def delay(req, rep):
+        if slow["on"] and req.get("op") == "experts":
+            slow["on"] = False
+            time.sleep(0.6)
+        return rep
+
+    proxy = StandIn((b.host, b.port), mangle=delay)
+    local = LocalExperts(vindex)
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        rx = connect_shards(f"0-3={a.address},4-7={proxy.address}", vindex, api_key="", accumulate="f64",
+                            timeout=20)
+        rng = np.random.default_rng(6)
+        work = [(0, rng.standard_normal((1, H)).astype(np.float32), np.array([[1, 6]]),
+                 rng.random((1, 2)).astype(np.float32)) for _ in range(4)]
+        assert rx.forward(*work[0]).tobytes() == local.forward(*work[0]).tobytes()
+        slow["on"] = True
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            rx.forward(*work[1])
+        assert time.monotonic() - t0 < 0.5                 # not held until the late reply
+        for wk in work:
+            assert rx.forward(*wk).tobytes() == local.forward(*wk).tobytes()
+        rx.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        a.stop()
+        b.stop()

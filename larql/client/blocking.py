@@ -673,13 +673,15 @@ class BlockingExpertClient:
         lane = lc.lane
         if lc.sent:
             sum_c = self._scratch64_c if lane.acc64 else lc.out_c
-            stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
-                                   lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
+            try:
+                stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
+                                       lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
+            finally:   # also when a signal handler raises (Ctrl-C): the bytes C read stay read
+                for c in lane.conns:
+                    c.unsync_leg()
             if stop != lane.n:
                 call = self._adopt(lc)
                 return self._token_collect(call, self._collect_legs(call, stop, left))
-            for c in lane.conns:
-                c.unsync_leg()
         else:
             lc.out[:] = 0.0                 # every slot empty (-1): nothing to add
         self.c_path_calls += 1
@@ -869,8 +871,13 @@ class BlockingExpertClient:
                 if first is None or first[1] is None:
                     return 0, None
                 return 0, first[2].read_failed(lib.LQ_WIRE_TIMEOUT, 0, deadline, 0.0)
-            stop, left = c_collect(ptrs, n, call.hidden, call.acc64, deadline, left, call.sum_c, call.first,
-                                   call.out_c)
+            try:
+                stop, left = c_collect(ptrs, n, call.hidden, call.acc64, deadline, left, call.sum_c,
+                                       call.first, call.out_c)
+            finally:   # also when a signal handler raises (Ctrl-C): the bytes C read stay read
+                for _, rep, conn, _ in call.sent:
+                    if rep is not None:
+                        conn.unsync_leg()
         k = 0                               # position in call.sent
         for i in range(n):
             leg = ptrs[i]
