@@ -86,6 +86,7 @@ class LocalExperts:
             self._check_layer(layer)
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
+            ef.advise_huge(self.experts)
             table = ef.table(self.experts)
             self._tables[layer] = table
             self._norms[layer] = self.vindex.norm(f"layers.{layer}.pre_feedforward_layernorm_2.weight")

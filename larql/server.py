@@ -556,6 +556,7 @@ class ExpertServer:
         for layer in self.layers:
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
+            ef.advise_huge(self.experts)
             for a, b in ef.page_ranges(self.experts):
                 pieces += [(ef, p, min(b, p + step)) for p in range(a, b, step)]
         bar = None

@@ -83,3 +83,20 @@ def test_disk_read_rate_measures_then_evicts(vindex_path):
     srv.warmup(progress=False)
     assert srv.disk_read_rate() is None  # already cached: not measured, nothing evicted
     assert files[0].resident(range(0, 8)) == 1.0
+
+
+def test_prefault_advises_huge_pages_inside_the_owned_ranges_only(vindex_path):
+    """prefault asks for huge pages (MADV_HUGEPAGE) only on whole 2 MiB pieces inside the named
+    experts' ranges: a fault there reads a 2 MiB folio, and still no byte of another expert."""
+    vx = open_vindex(vindex_path)
+    files = cold_files(vx)
+    owned = range(4, 12)
+    for ef in files:
+        ef.prefault(owned)
+        assert ef._huge, "the kernel refused MADV_HUGEPAGE on a file mapping"
+        spans = ef.page_ranges(owned)
+        for lo, hi in ef._huge:
+            assert lo % reader.HUGE_PAGE == 0 and hi % reader.HUGE_PAGE == 0 and lo < hi
+            assert any(a <= lo and hi <= b for a, b in spans)
+        assert ef.resident(owned) == 1.0
+        assert ef.resident([*range(0, 4), *range(12, E)]) < 0.02

@@ -115,6 +115,8 @@ _populate_read_ok: bool | None = None  # None: not tried yet on this kernel
 # Readahead request size for warm-up: Linux's default read_ahead_kb, so no request is cut
 # short whatever the device (the kernel limits one to max(read_ahead_kb, max_sectors_kb)).
 READAHEAD_STEP = 128 << 10
+# The PMD size with 4 KiB base pages (x86-64, AArch64 Linux): what one huge-page TLB entry maps.
+HUGE_PAGE = 2 << 20
 
 
 def _c():
@@ -189,6 +191,7 @@ class ExpertFile:
                     raise VindexError(
                         f"{path}: expert {e} uses {fm.FORMAT_NAMES[f]}, which larql cannot compute"
                     )
+        self._huge: list[tuple[int, int]] = []   # ranges under MADV_HUGEPAGE (advise_huge)
         self.header = hdr
         self.version = hdr.version
         self.quant_format = hdr.quant_format
@@ -260,6 +263,42 @@ class ExpertFile:
     def advise_random(self) -> None:
         self._map.madvise(mmap.MADV_RANDOM)
 
+    def advise_huge(self, experts=None) -> int:
+        """MADV_HUGEPAGE on the 2 MiB-aligned inside of the named experts' ranges; returns the
+        bytes advised (0 where the kernel refuses it).
+
+        Under it a page fault reads and maps a whole aligned 2 MiB folio, MADV_RANDOM or not
+        (Linux maps file THP where the filesystem has large folios, ext4 and xfs today): one TLB
+        entry for 512 pages, and a fault reads 2 MiB instead of 4 KiB. Only whole 2 MiB pieces
+        inside the ranges are advised, so nothing outside them is ever read. Measured on the dev
+        VM (ext4, Linux 6.18), top-8 expert FFN at T=1 on a prefaulted 2-layer bank, the two
+        mappings alternated call by call: 1774 us against 1879 us on 4 KiB pages (1.06x).
+
+        Pages already cached as small folios stay small: the server's warm-up verifies the
+        owned bytes through the descriptor first (which fills the cache that way), because
+        reading a huge folio through a descriptor starts that descriptor's readahead past it,
+        MADV_RANDOM or not, into experts the shard does not own."""
+        total = 0
+        for a, b in self.page_ranges(experts):
+            lo, hi = -(-a // HUGE_PAGE) * HUGE_PAGE, b // HUGE_PAGE * HUGE_PAGE
+            if hi <= lo or (lo, hi) in self._huge:
+                continue
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE, lo, hi - lo)
+            except (OSError, AttributeError):   # no file THP here (or no MADV_HUGEPAGE name)
+                return total
+            self._huge.append((lo, hi))
+            total += hi - lo
+        return total
+
+    def _outside_huge(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) less the MADV_HUGEPAGE ranges."""
+        out = [(start, end)]
+        for lo, hi in self._huge:
+            out = [piece for a, b in out for piece in ((a, min(b, lo)), (max(a, hi), b))
+                   if piece[0] < piece[1]]
+        return out
+
     def page_ranges(self, experts=None) -> list[tuple[int, int]]:
         """The named experts' bytes as page-aligned [start, end) file ranges, adjacent ones merged
         (experts 64-127 of a packed v1 file are one range)."""
@@ -296,9 +335,12 @@ class ExpertFile:
         # One WILLNEED reads at most max(read_ahead_kb, max_sectors_kb) of its range (measured:
         # 8 MiB of a 210 MiB range), so it is issued per READAHEAD_STEP: all of them queue
         # asynchronous reads at once, the disk works at depth, and nothing past `end` is read.
+        # Not inside the MADV_HUGEPAGE ranges: readahead would fill them with small folios,
+        # which are then mapped 4 KiB at a time; there the faults below read 2 MiB each.
         step = READAHEAD_STEP
-        for pos in range(start, end, step):
-            self._map.madvise(mmap.MADV_WILLNEED, pos, min(step, end - pos))
+        for a, b in self._outside_huge(start, end):
+            for pos in range(a, b, step):
+                self._map.madvise(mmap.MADV_WILLNEED, pos, min(step, b - pos))
         if _populate_read_ok is not False:
             err = _madvise(self._map.address + start, end - start, MADV_POPULATE_READ)
             if err == 0:
@@ -311,8 +353,9 @@ class ExpertFile:
         int(self._map.array[start:end:mmap.PAGESIZE].sum(dtype=np.uint64))
 
     def prefault(self, experts=None) -> int:
-        """Read the named experts' pages into this process (prefetch, then populate each
-        range); returns the bytes of the experts themselves."""
+        """Read the named experts' pages into this process (huge pages where the kernel maps
+        them: advise_huge; then populate each range); returns the bytes of the experts."""
+        self.advise_huge(experts)
         for a, b in self.page_ranges(experts):
             self.populate(a, b)
         return sum(ent.end - ent.start for _, ent in self._entries_for(experts))
