@@ -545,11 +545,13 @@ class ExpertServer:
         (bytes, seconds). The owned ranges are cut into WARMUP_CHUNK pieces and `threads` of
         them are in flight at once (readahead, then MADV_POPULATE_READ: ExpertFile.populate), so the
         disk sees large queued reads instead of one 4 KiB fault at a time. The mappings stay
-        MADV_RANDOM for serving.
+        MADV_RANDOM for serving, on 2 MiB pages where Linux can (ExpertFile.advise_huge).
 
-        First each layer's owned bytes are checked against index.json's digests (read through
-        the file descriptor, which fills the page cache the pre-fault then maps): VindexError
-        names the file and the experts whose bytes do not match."""
+        Then each layer's owned bytes are checked against index.json's digests, read from the
+        page cache the pre-fault filled (ExpertFile.pread): VindexError names the file and the
+        experts whose bytes do not match. Neither step can SIGBUS on a file truncated meanwhile:
+        MADV_POPULATE_READ and process_vm_readv fail with EFAULT instead, and the touch fallback
+        of kernels before 5.14 runs after a size check."""
         t0 = time.perf_counter()
         step = self.WARMUP_CHUNK
         pieces: list[tuple[object, int, int]] = []
@@ -557,6 +559,7 @@ class ExpertServer:
             ef = self.vindex.expert_file(layer)
             ef.advise_random()
             ef.advise_huge(self.experts)
+            ef.check_intact()
             for a, b in ef.page_ranges(self.experts):
                 pieces += [(ef, p, min(b, p + step)) for p in range(a, b, step)]
         bar = None
@@ -565,8 +568,6 @@ class ExpertServer:
 
             bar = tqdm(total=sum(b - a for _, a, b in pieces), unit="B", unit_scale=True,
                        unit_divisor=1024, desc="warm-up", leave=False, dynamic_ncols=True)
-        for layer in self.layers:
-            self.integrity.check(layer)
         workers = max(1, threads or self.WARMUP_THREADS)
         with ThreadPoolExecutor(workers, thread_name_prefix="larql-warmup") as pool:
             for a, b in pool.map(lambda pc: (pc[0].populate(pc[1], pc[2]), pc[1], pc[2])[1:], pieces):
@@ -574,6 +575,8 @@ class ExpertServer:
                     bar.update(b - a)
         if bar is not None:
             bar.close()
+        for layer in self.layers:
+            self.integrity.check(layer)
         return self.owned_bytes(), time.perf_counter() - t0
 
     def disk_read_rate(self, max_bytes: int = 256 << 20) -> float | None:

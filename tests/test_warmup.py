@@ -100,3 +100,35 @@ def test_prefault_advises_huge_pages_inside_the_owned_ranges_only(vindex_path):
             assert any(a <= lo and hi <= b for a, b in spans)
         assert ef.resident(owned) == 1.0
         assert ef.resident([*range(0, 4), *range(12, E)]) < 0.02
+
+
+def test_warmup_verifies_the_huge_pages_through_the_mapping(vindex_path, tmp_path):
+    """The warm-up's digest check reads the 2 MiB-page inside of the owned ranges through the
+    mapping (process_vm_readv) and the rest through the descriptor: a byte changed in either
+    is found and named, and no byte of an unowned expert is read."""
+    import shutil
+
+    from larql.vindex import VindexError
+
+    for where in ("inside", "edge"):
+        copy = tmp_path / where
+        shutil.copytree(vindex_path, copy)
+        vx = open_vindex(copy)
+        ef = vx.expert_file(0)
+        lo = -(-ef.page_ranges(range(4, 12))[0][0] // reader.HUGE_PAGE) * reader.HUGE_PAGE
+        victim = next(e for e in range(4, 12) if ef.entry(e).gate_up_off > lo) if where == "inside" else 4
+        off = ef.entry(victim).gate_up_off + (0 if where == "edge" else 4096)
+        assert (off >= lo) == (where == "inside")
+        with open(ef.path, "r+b") as f:
+            f.seek(off)
+            byte = f.read(1)
+            f.seek(off)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        vx = open_vindex(copy)
+        files = cold_files(vx)
+        srv = ExpertServer(vx, experts=range(4, 12))
+        with pytest.raises(VindexError, match=f"expert {victim} "):
+            srv.warmup(progress=False, threads=2)
+        assert reader._vm_read_ok is True
+        for f in files:
+            assert f.resident([*range(0, 4), *range(12, E)]) < 0.02

@@ -158,28 +158,35 @@ def fingerprint(rec: Record, identity: dict[str, int], norm_digests: list[str]) 
 # short read (an error naming it), never the SIGBUS a read through the mmap would.
 
 
-def _hash_range(fd: int, h, start: int, length: int, path, buf: bytearray) -> None:
+def _hash_range(read, h, start: int, length: int, path, buf: bytearray) -> None:
+    """read(buffer, pos) -> bytes read: os.preadv on a descriptor, or an ExpertFile's pread."""
     view = memoryview(buf)
     pos, end = start, start + length
     while pos < end:
-        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        n = read(view[: min(len(buf), end - pos)], pos)
         if n <= 0:
             raise VindexError(f"{path}: truncated: ends at byte {pos}, the offset table needs {end}")
         h.update(view[:n])
         pos += n
 
 
-def hash_expert(fd: int, ent: fm.ExpertEntry, path) -> str:
+def _fd_reader(fd: int):
+    return lambda buf, pos: os.preadv(fd, [buf], pos)
+
+
+def hash_expert(src, ent: fm.ExpertEntry, path) -> str:
+    """The expert's digest; src is a file descriptor or an ExpertFile (its pread)."""
+    read = _fd_reader(src) if isinstance(src, int) else src.pread
     buf = bytearray(min(CHUNK, max(ent.gate_up_len, ent.down_len, 1)))
     h = hashlib.sha256(struct.pack("<4sII", DIGEST_TAG, ent.gate_up_fmt, ent.down_fmt))
-    _hash_range(fd, h, ent.gate_up_off, ent.gate_up_len, path, buf)
-    _hash_range(fd, h, ent.down_off, ent.down_len, path, buf)
+    _hash_range(read, h, ent.gate_up_off, ent.gate_up_len, path, buf)
+    _hash_range(read, h, ent.down_off, ent.down_len, path, buf)
     return h.hexdigest()
 
 
 def hash_file(fd: int, size: int, path) -> str:
     h = hashlib.sha256()
-    _hash_range(fd, h, 0, size, path, bytearray(CHUNK))
+    _hash_range(_fd_reader(fd), h, 0, size, path, bytearray(CHUNK))
     return h.hexdigest()
 
 
@@ -198,8 +205,9 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
     held = [e for e in experts if ef.has(e)]
     fd = ef.fd
     if digests is not None and all(digests[e] is not None for e in held):
+        ef.advise_huge(held)    # read into 2 MiB folios where Linux can (ExpertFile.pread)
         def one(e: int) -> tuple[int, str]:
-            return e, hash_expert(fd, ef.entry(e), ef.path)
+            return e, hash_expert(ef, ef.entry(e), ef.path)
 
         got = pool.map(one, held) if pool is not None else map(one, held)
         bad = [e for e, d in got if d != digests[e]]

@@ -130,6 +130,39 @@ def _c():
     return _libc
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_vm_read_ok: bool | None = None  # None: not tried yet (a seccomp filter may refuse the call)
+
+
+def _read_mapped(dst: int, src: int, n: int) -> int:
+    """process_vm_readv of this process's own memory: n bytes from src (in a file mapping) to
+    dst. Returns the bytes copied, 0 if the mapping has no page there (the file shrank: the
+    call answers EFAULT where a load would raise SIGBUS), -1 if this system refuses the call."""
+    global _vm_read_ok
+    if _vm_read_ok is False:
+        return -1
+    lib = _c()
+    if _vm_read_ok is None:
+        lib.process_vm_readv.restype = ctypes.c_ssize_t
+        lib.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                         ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+    local, remote = _IoVec(dst, n), _IoVec(src, n)
+    got = lib.process_vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got >= 0:
+        _vm_read_ok = True
+        return got
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        return 0
+    if err in (errno.ENOSYS, errno.EPERM) and not _vm_read_ok:
+        _vm_read_ok = False
+        return -1
+    raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
+
+
 def _mincore(addr: int, length: int) -> np.ndarray:
     """One byte per page of [addr, addr+length) (addr page-aligned): bit 0 set = resident."""
     pages = -(-length // mmap.PAGESIZE)
@@ -290,6 +323,24 @@ class ExpertFile:
             self._huge.append((lo, hi))
             total += hi - lo
         return total
+
+    def pread(self, buf: bytearray, pos: int) -> int:
+        """File bytes at pos into buf (at most len(buf)); returns how many, 0 at or past the end
+        of the file. Inside the MADV_HUGEPAGE ranges the bytes come through the mapping
+        (process_vm_readv, which a truncated file fails with EFAULT, never SIGBUS), so they are
+        cached as huge folios; through the descriptor they would be cached as small ones, and a
+        descriptor read over a huge folio starts readahead past it into unowned experts."""
+        n = len(buf)
+        for lo, hi in self._huge:
+            if lo <= pos < hi:
+                dst = np.frombuffer(buf, dtype=np.uint8)   # a writable buffer's address
+                got = _read_mapped(dst.ctypes.data, self._map.address + pos, min(n, hi - pos))
+                if got >= 0:
+                    return got
+                break                           # refused here: the descriptor
+            if pos < lo < pos + n:
+                n = lo - pos                    # stop where a huge range starts
+        return os.preadv(self._map.fd, [memoryview(buf)[:n]], pos)
 
     def _outside_huge(self, start: int, end: int) -> list[tuple[int, int]]:
         """[start, end) less the MADV_HUGEPAGE ranges."""
