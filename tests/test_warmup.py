@@ -132,3 +132,29 @@ def test_warmup_verifies_the_huge_pages_through_the_mapping(vindex_path, tmp_pat
         assert reader._vm_read_ok is True
         for f in files:
             assert f.resident([*range(0, 4), *range(12, E)]) < 0.02
+
+
+def test_a_whole_file_digest_check_leaves_other_experts_out_of_memory(vindex_path, tmp_path):
+    """A reference vindex has one sha256 per layer file: warm-up must read all of it to check it,
+    and then drops the experts the shard does not own from the page cache again."""
+    import json
+    import shutil
+
+    from larql.vindex import format as fm
+    from larql.vindex import integrity
+
+    copy = tmp_path / "ref"
+    shutil.copytree(vindex_path, copy)
+    idx = json.loads((copy / fm.INDEX_JSON).read_text())
+    for ours in (integrity.FIELD, "expert_fingerprint", "layers_present", "experts_present", "larql_format"):
+        idx.pop(ours, None)
+    (copy / fm.INDEX_JSON).write_text(json.dumps(idx))
+    vx = open_vindex(copy)
+    assert vx.integrity.basis == "files"
+    files = cold_files(vx)
+    srv = ExpertServer(vx, experts=range(4, 12))
+    srv.warmup(progress=False, threads=2)
+    assert {srv.integrity.check(layer) for layer in srv.layers} == {"file"}
+    for ef in files:
+        assert ef.resident(range(4, 12)) == 1.0
+        assert ef.resident([*range(0, 4), *range(12, E)]) < 0.02

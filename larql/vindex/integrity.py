@@ -184,9 +184,11 @@ def hash_expert(src, ent: fm.ExpertEntry, path) -> str:
     return h.hexdigest()
 
 
-def hash_file(fd: int, size: int, path) -> str:
+def hash_file(src, size: int, path) -> str:
+    """The whole file's sha256; src is a file descriptor or an ExpertFile (its pread)."""
+    read = _fd_reader(src) if isinstance(src, int) else src.pread
     h = hashlib.sha256()
-    _hash_range(_fd_reader(fd), h, 0, size, path, bytearray(CHUNK))
+    _hash_range(read, h, 0, size, path, bytearray(CHUNK))
     return h.hexdigest()
 
 
@@ -203,7 +205,6 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
     name = fm.layer_file(layer)
     digests = rec.experts.get(name)
     held = [e for e in experts if ef.has(e)]
-    fd = ef.fd
     if digests is not None and all(digests[e] is not None for e in held):
         ef.advise_huge(held)    # read into 2 MiB folios where Linux can (ExpertFile.pread)
         def one(e: int) -> tuple[int, str]:
@@ -219,7 +220,10 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
         return "experts"
     want = rec.files.get(name)
     if want is not None:
-        got_sha = hash_file(fd, ef.size, ef.path)
+        # The whole file is read, other shards' experts too: those are dropped from the page
+        # cache again afterwards (a shard holds only its own experts in memory).
+        got_sha = hash_file(ef, ef.size, ef.path)
+        ef.evict_outside(held)
         if got_sha != want:
             raise VindexError(
                 f"{ef.path}: sha256 {got_sha[:16]}... differs from the {want[:16]}... recorded for "

@@ -342,6 +342,17 @@ class ExpertFile:
                 n = lo - pos                    # stop where a huge range starts
         return os.preadv(self._map.fd, [memoryview(buf)[:n]], pos)
 
+    def evict_outside(self, experts=None) -> None:
+        """Drop from the page cache what lies outside the named experts' page ranges (pages
+        this process has mapped stay): after a whole-file digest check read them."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        pos = 0
+        for a, b in [*self.page_ranges(experts), (self.size, self.size)]:
+            if a > pos:
+                os.posix_fadvise(self._map.fd, pos, a - pos, os.POSIX_FADV_DONTNEED)
+            pos = max(pos, b)
+
     def _outside_huge(self, start: int, end: int) -> list[tuple[int, int]]:
         """[start, end) less the MADV_HUGEPAGE ranges."""
         out = [(start, end)]
