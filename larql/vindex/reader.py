@@ -307,10 +307,10 @@ class ExpertFile:
         VM (ext4, Linux 6.18), top-8 expert FFN at T=1 on a prefaulted 2-layer bank, the two
         mappings alternated call by call: 1774 us against 1879 us on 4 KiB pages (1.06x).
 
-        Pages already cached as small folios stay small: the server's warm-up verifies the
-        owned bytes through the descriptor first (which fills the cache that way), because
-        reading a huge folio through a descriptor starts that descriptor's readahead past it,
-        MADV_RANDOM or not, into experts the shard does not own."""
+        Pages already cached as small folios (read through a descriptor before) stay small, so
+        the server's warm-up faults the owned bytes in first and checks their digests after,
+        through `pread`. (Reading a huge folio through a descriptor would also start that
+        descriptor's readahead past it, MADV_RANDOM or not, into experts the shard does not own.)"""
         total = 0
         for a, b in self.page_ranges(experts):
             lo, hi = -(-a // HUGE_PAGE) * HUGE_PAGE, b // HUGE_PAGE * HUGE_PAGE
