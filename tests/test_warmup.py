@@ -143,18 +143,27 @@ def test_a_whole_file_digest_check_leaves_other_experts_out_of_memory(vindex_pat
     from larql.vindex import format as fm
     from larql.vindex import integrity
 
-    copy = tmp_path / "ref"
-    shutil.copytree(vindex_path, copy)
-    idx = json.loads((copy / fm.INDEX_JSON).read_text())
-    for ours in (integrity.FIELD, "expert_fingerprint", "layers_present", "experts_present", "larql_format"):
-        idx.pop(ours, None)
-    (copy / fm.INDEX_JSON).write_text(json.dumps(idx))
-    vx = open_vindex(copy)
-    assert vx.integrity.basis == "files"
-    files = cold_files(vx)
+    def reference_copy(name: str):
+        copy = tmp_path / name
+        shutil.copytree(vindex_path, copy)
+        idx = json.loads((copy / fm.INDEX_JSON).read_text())
+        ours = (integrity.FIELD, "expert_fingerprint", "layers_present", "experts_present", "larql_format")
+        for key in ours:
+            idx.pop(key, None)
+        (copy / fm.INDEX_JSON).write_text(json.dumps(idx))
+        vx = open_vindex(copy)
+        assert vx.integrity.basis == "files"
+        return vx, cold_files(vx)
+
+    vx, files = reference_copy("warm")
     srv = ExpertServer(vx, experts=range(4, 12))
     srv.warmup(progress=False, threads=2)
     assert {srv.integrity.check(layer) for layer in srv.layers} == {"file"}
     for ef in files:
         assert ef.resident(range(4, 12)) == 1.0
         assert ef.resident([*range(0, 4), *range(12, E)]) < 0.02
+    # without --warmup: the check a layer's first request waits for does the same
+    vx, files = reference_copy("lazy")
+    srv = ExpertServer(vx, experts=range(4, 12))
+    assert srv.integrity.check(0) == "file"
+    assert files[0].resident([*range(0, 4), *range(12, E)]) < 0.02

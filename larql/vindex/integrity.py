@@ -205,8 +205,8 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
     name = fm.layer_file(layer)
     digests = rec.experts.get(name)
     held = [e for e in experts if ef.has(e)]
+    ef.advise_huge(held)        # read into 2 MiB folios where Linux can (ExpertFile.pread)
     if digests is not None and all(digests[e] is not None for e in held):
-        ef.advise_huge(held)    # read into 2 MiB folios where Linux can (ExpertFile.pread)
         def one(e: int) -> tuple[int, str]:
             return e, hash_expert(ef, ef.entry(e), ef.path)
 
