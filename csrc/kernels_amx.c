@@ -265,15 +265,7 @@ static inline __attribute__((always_inline)) void rows_kquant(int fmt, int64_t n
     TILE_RELEASE();
 }
 
-static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
-                     float *out, int64_t ors, int64_t os) {
-    rows_kquant(LQ_Q4_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
-}
-
-static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
-                     float *out, int64_t ors, int64_t os) {
-    rows_kquant(LQ_Q6_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
-}
+LQ_KQUANT_ROWS_ENTRIES(rows_kquant)
 
 const lq_kernels lq_kernels_amx = {
     .name = "amx",

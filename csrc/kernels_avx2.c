@@ -346,15 +346,7 @@ static inline __attribute__((always_inline)) void rows_kquant(const int fmt, int
 #undef KQ_ROWS
 }
 
-static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
-                     float *out, int64_t ors, int64_t os) {
-    rows_kquant(LQ_Q4_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
-}
-
-static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs, int T,
-                     float *out, int64_t ors, int64_t os) {
-    rows_kquant(LQ_Q6_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);
-}
+LQ_KQUANT_ROWS_ENTRIES(rows_kquant)
 
 /* The table's lq_row_fn for the K-quants: one row of the rows kernel (one copy of each column
  * group's code, not two; the drivers call the rows kernels, so dot is the fallback's shape). */

@@ -73,4 +73,16 @@ static inline float q4k_fold(float acc, float xd, float wd, float wdmin, int32_t
 
 static inline float q6k_fold(float acc, float xd, float wd, int32_t isum) { return acc + (xd * wd) * (float)isum; }
 
+/* A table's Q4_K and Q6_K rows entries (lq_rows_fn) from its one K-quant rows body, called with
+ * a constant format so each entry is that body specialised (kernels_avx2.c, kernels_amx.c). */
+#define LQ_KQUANT_ROWS_ENTRIES(body)                                                                          \
+    static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x,      \
+                         int64_t xs, int T, float *out, int64_t ors, int64_t os) {                       \
+        body(LQ_Q4_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);                                  \
+    }                                                                                                     \
+    static void rows_q6k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x,      \
+                         int64_t xs, int T, float *out, int64_t ors, int64_t os) {                       \
+        body(LQ_Q6_K, nb, w, row_bytes, n_rows, x, xs, T, out, ors, os);                                  \
+    }
+
 #endif
