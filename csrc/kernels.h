@@ -129,6 +129,7 @@ const lq_kernels *lq_neon_sdot_table(void);
  * the same bits, and no branch or libm call stops vectorisation: glibc's scalar tanhf was ~10%
  * of a T=8 expert FFN. */
 typedef float lq_v4f __attribute__((vector_size(16)));
+typedef float lq_v4fu __attribute__((vector_size(16), aligned(4))); /* lq_v4f at any float's address */
 typedef int32_t lq_v4i __attribute__((vector_size(16)));
 typedef double lq_v4d __attribute__((vector_size(32)));
 typedef int64_t lq_v4l __attribute__((vector_size(32)));

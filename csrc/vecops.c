@@ -153,8 +153,6 @@ typedef struct {
  *     of one `o += p * v` per slot. */
 #define VCHUNK 16 /* output values per register block */
 #define VSLOTS 4   /* value rows per pass: read once from memory, then from L1 for every head */
-typedef float lq_f32x4 __attribute__((vector_size(16)));              /* GCC/clang vector: SSE or NEON */
-typedef float lq_f32x4u __attribute__((vector_size(16), aligned(4))); /* the same, unaligned */
 static void attend_range(void *ctx, int64_t begin, int64_t end, int thread_id) {
     (void)thread_id;
     attend_job *j = ctx;
@@ -175,10 +173,8 @@ static void attend_range(void *ctx, int64_t begin, int64_t end, int thread_id) {
             else
                 any = 1;
         }
-        if (!any) { /* nothing visible (cannot happen in decode): zeros */
-            memset(out, 0, (size_t)(g * d) * sizeof(float));
-            continue;
-        }
+        memset(out, 0, (size_t)(g * d) * sizeof(float));
+        if (!any) continue; /* nothing visible (cannot happen in decode): zeros */
         for (int64_t a = 0; a < g; a++) { /* softmax: max, exp, sum, then the weights */
             float *pa = p + a * n, mx = -INFINITY, sum = 0.0f;
             for (int64_t s = 0; s < n; s++)
@@ -189,7 +185,6 @@ static void attend_range(void *ctx, int64_t begin, int64_t end, int thread_id) {
             }
             for (int64_t s = 0; s < n; s++) pa[s] = pa[s] / sum;
         }
-        memset(out, 0, (size_t)(g * d) * sizeof(float));
         for (int64_t s0 = 0; s0 < n; s0 += VSLOTS) {
             const int64_t ns = n - s0 < VSLOTS ? n - s0 : VSLOTS;
             const float *vb = vh + s0 * d;
@@ -198,12 +193,12 @@ static void attend_range(void *ctx, int64_t begin, int64_t end, int thread_id) {
                 float *o = out + a * d;
                 int64_t i = 0;
                 for (; i + VCHUNK <= d; i += VCHUNK) {
-                    lq_f32x4u *ov = (lq_f32x4u *)(o + i);
-                    lq_f32x4 acc0 = ov[0], acc1 = ov[1], acc2 = ov[2], acc3 = ov[3];
+                    lq_v4fu *ov = (lq_v4fu *)(o + i);
+                    lq_v4f acc0 = ov[0], acc1 = ov[1], acc2 = ov[2], acc3 = ov[3];
                     for (int64_t s = 0; s < ns; s++) {
                         const float ws = w[s];
                         if (ws == 0.0f) continue; /* masked, or underflowed: as if not there */
-                        const lq_f32x4u *vr = (const lq_f32x4u *)(vb + s * d + i);
+                        const lq_v4fu *vr = (const lq_v4fu *)(vb + s * d + i);
                         acc0 += ws * vr[0], acc1 += ws * vr[1], acc2 += ws * vr[2], acc3 += ws * vr[3];
                     }
                     ov[0] = acc0, ov[1] = acc1, ov[2] = acc2, ov[3] = acc3;
