@@ -93,7 +93,7 @@ def main() -> int:
 
     def file_sha() -> None:
         ef = files[0]
-        integrity.hash_file(ef.fd, ef.size, ef.path)
+        integrity.hash_file(ef)
 
     times: dict[str, list[float]] = {k: [] for k in
                                      ("prefault", "verify+prefault", "verify warm", "verify cold 1 layer",

@@ -154,41 +154,35 @@ def fingerprint(rec: Record, identity: dict[str, int], norm_digests: list[str]) 
 
 
 # ------------------------------------------------------------------------------------------
-# Hashing the bytes of a file without its mapping: a file truncated under us then gives a
-# short read (an error naming it), never the SIGBUS a read through the mmap would.
+# Hashing the bytes of a file with ExpertFile.pread (the descriptor, or the mapping through
+# process_vm_readv): a file truncated under us then gives a short read (an error naming it),
+# never the SIGBUS a load from the mmap would.
 
 
-def _hash_range(read, h, start: int, length: int, path, buf: bytearray) -> None:
-    """read(buffer, pos) -> bytes read: os.preadv on a descriptor, or an ExpertFile's pread."""
+def _hash_range(ef, h, start: int, length: int, buf: bytearray) -> None:
     view = memoryview(buf)
     pos, end = start, start + length
     while pos < end:
-        n = read(view[: min(len(buf), end - pos)], pos)
+        n = ef.pread(view[: min(len(buf), end - pos)], pos)
         if n <= 0:
-            raise VindexError(f"{path}: truncated: ends at byte {pos}, the offset table needs {end}")
+            raise VindexError(f"{ef.path}: truncated: ends at byte {pos}, the offset table needs {end}")
         h.update(view[:n])
         pos += n
 
 
-def _fd_reader(fd: int):
-    return lambda buf, pos: os.preadv(fd, [buf], pos)
-
-
-def hash_expert(src, ent: fm.ExpertEntry, path) -> str:
-    """The expert's digest; src is a file descriptor or an ExpertFile (its pread)."""
-    read = _fd_reader(src) if isinstance(src, int) else src.pread
+def hash_expert(ef, ent: fm.ExpertEntry) -> str:
+    """An expert's digest, its bytes read with the ExpertFile's pread."""
     buf = bytearray(min(CHUNK, max(ent.gate_up_len, ent.down_len, 1)))
     h = hashlib.sha256(struct.pack("<4sII", DIGEST_TAG, ent.gate_up_fmt, ent.down_fmt))
-    _hash_range(read, h, ent.gate_up_off, ent.gate_up_len, path, buf)
-    _hash_range(read, h, ent.down_off, ent.down_len, path, buf)
+    _hash_range(ef, h, ent.gate_up_off, ent.gate_up_len, buf)
+    _hash_range(ef, h, ent.down_off, ent.down_len, buf)
     return h.hexdigest()
 
 
-def hash_file(src, size: int, path) -> str:
-    """The whole file's sha256; src is a file descriptor or an ExpertFile (its pread)."""
-    read = _fd_reader(src) if isinstance(src, int) else src.pread
+def hash_file(ef) -> str:
+    """An ExpertFile's whole-file sha256, read with its pread."""
     h = hashlib.sha256()
-    _hash_range(read, h, 0, size, path, bytearray(CHUNK))
+    _hash_range(ef, h, 0, ef.size, bytearray(CHUNK))
     return h.hexdigest()
 
 
@@ -208,7 +202,7 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
     ef.advise_huge(held)        # read into 2 MiB folios where Linux can (ExpertFile.pread)
     if digests is not None and all(digests[e] is not None for e in held):
         def one(e: int) -> tuple[int, str]:
-            return e, hash_expert(ef, ef.entry(e), ef.path)
+            return e, hash_expert(ef, ef.entry(e))
 
         got = pool.map(one, held) if pool is not None else map(one, held)
         bad = [e for e, d in got if d != digests[e]]
@@ -222,7 +216,7 @@ def verify_layer(vindex, layer: int, experts: list[int], pool: ThreadPoolExecuto
     if want is not None:
         # The whole file is read, other shards' experts too: those are dropped from the page
         # cache again afterwards (a shard holds only its own experts in memory).
-        got_sha = hash_file(ef, ef.size, ef.path)
+        got_sha = hash_file(ef)
         ef.evict_outside(held)
         if got_sha != want:
             raise VindexError(

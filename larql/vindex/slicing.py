@@ -217,7 +217,7 @@ def slice_vindex(
                 if recorded is None and n in rec.files:
                     # Only whole-file checksums: check the source file before trusting its bytes.
                     ef = vindex.expert_file(layer)
-                    got = integrity.hash_file(ef.fd, ef.size, ef.path)
+                    got = integrity.hash_file(ef)
                     if got != rec.files[n]:
                         raise VindexError(
                             f"{src / n}: sha256 {got[:16]}... != recorded {rec.files[n][:16]}...: "
