@@ -860,7 +860,8 @@ class BlockingExpertClient:
         """C reads and adds the replies in shard order until one is not a plain success; that
         one's position in call.sent and its transport error (None: its frame is buffered, or
         it is a shard that was down, for the Python path to take). With `stop` (and the `left`
-        it was given), C already did so (a lane call) and stopped at that leg."""
+        it was given), C already did so (a lane call) and stopped at that leg. Either way each
+        connection's buffer offsets are back from its leg (unsync_leg) before the walk below."""
         ptrs, n = call.legs
         deadline = min((self._attempt_deadline(self.shards[si], rep, call.deadline)
                         for si, rep, _, _ in call.sent if rep is not None), default=call.deadline)
@@ -886,7 +887,6 @@ class BlockingExpertClient:
             si, rep, conn, _ = call.sent[k]
             if rep is None or i == stop:
                 break
-            conn.unsync_leg()
             self._succeeded(self.shards[si], rep)
             call.first = False
             k += 1
@@ -894,7 +894,6 @@ class BlockingExpertClient:
             return k, None
         if rep is None:
             return k, None
-        conn.unsync_leg()
         return k, conn.read_failed(leg.status, leg.err, deadline, left)
 
     def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
