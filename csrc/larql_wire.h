@@ -113,17 +113,20 @@ int lq_wire_write(int32_t fd, const uint8_t *p, int64_t n, int32_t timeout_ms, i
 int lq_wire_read_frame(int32_t fd, uint8_t *buf, int64_t cap, int64_t start, int64_t *end, int32_t timeout_ms,
                        int64_t max_frame, int64_t *frame_len, int32_t *err);
 
-/* One shard's part of a decode step's layer call on plain TCP, for lq_wire_token_send/_collect. */
+/* One shard's part of a decode step's layer call, for lq_wire_token_send/_collect. */
 typedef struct {
-    int32_t fd;                /* in: the replica's socket */
+    int32_t fd;                /* in: the replica's socket on plain TCP; -1 (TLS): send only
+                                  builds the request, for the caller to write */
     int32_t first, last;       /* in: the shard's expert range */
     uint64_t id;               /* in: the request id */
     uint8_t *out;              /* in: request buffer (frame_capacity bytes) */
     int64_t out_cap;
     uint8_t *input;            /* in: the connection's read buffer, unread bytes [in_start, in_end) */
     int64_t in_cap, in_start, in_end;
-    int32_t sent;              /* out (send): 1 request written, 0 no slot in range, < 0 write failed;
-                                  (collect) 2 once its reply was added */
+    int32_t sent;              /* out (send): 1 request written, 0 no slot in range, < 0 write failed,
+                                  3 built in out[0, out_len) and not written (fd -1: the caller
+                                  writes it and sets 1); (collect) 2 once its reply was added */
+    int64_t out_len;           /* out (send): the request frame's bytes */
     int32_t status;            /* out (collect): LQ_OK added, else the lq_wire_read_frame code or
                                   LQ_WIRE_DECLINED (a whole frame of frame_len bytes at in_start) */
     int32_t err;               /* errno of a failed write or read */
@@ -132,8 +135,8 @@ typedef struct {
 
 /* legs: one pointer per shard of the call, in shard order (each connection keeps its leg). */
 
-/* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write); every leg
- * gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). With enc
+/* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write; a leg with
+ * fd -1 is only encoded: TLS records are written by Python's ssl); every leg gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). With enc
  * LQ_WIRE_Q8K and a norm weight, x is the raw f32 h and the blocks sent are
  * lq_rms_norm_q8k(h, norm, eps): in Python that step cost ~60 us a layer, run cold between two
  * kernel calls (7 us warm), on the 2-vCPU dev VM. */
@@ -144,7 +147,7 @@ int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const
 /* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;
  * `first`: no partial sum added before this call), rounding an f64 sum into out32; an added leg's
  * sent becomes 2 and a later call skips it. Stops at the first leg that is not a plain success (a
- * failed write included) and returns its index: its status says why, later legs are untouched,
+ * failed write included; a TLS leg, fd -1, with status LQ_WIRE_DECLINED) and returns its index: its status says why, later legs are untouched,
  * so the caller keeps the shard order (after LQ_WIRE_INTERRUPTED it calls again). Returns n once
  * every leg was added. timeout_ms covers all the legs. */
 int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidden, int32_t acc64, int32_t timeout_ms,

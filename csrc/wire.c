@@ -506,8 +506,13 @@ int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const
         int64_t len = lq_wire_encode_token(g->out, g->out_cap, g->id, layer, x, enc, hidden, ids, ids64, weights,
                                            slots, num_experts, g->first, g->last, acc64);
         g->err = 0;
+        g->out_len = len > 0 ? len : 0;
         if (len <= 0) {
             g->sent = len == 0 ? 0 : -1;
+            continue;
+        }
+        if (g->fd < 0) {
+            g->sent = 3;
             continue;
         }
         int w = lq_wire_write(g->fd, g->out, len, timeout_ms, &g->err);
@@ -525,6 +530,10 @@ int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidde
         if (g->sent == 2) first = 0; /* added by an earlier call */
         if (g->sent == 0 || g->sent == 2) continue;
         if (g->sent < 0) return i; /* its failover goes first: the sums stay in shard order */
+        if (g->sent != 1 || g->fd < 0) { /* not written, or a TLS leg: not C's to read */
+            g->status = LQ_WIRE_DECLINED;
+            return i;
+        }
         if (g->in_start == g->in_end) g->in_start = g->in_end = 0;
         int64_t left = deadline - now_ms();
         g->status = left <= 0 ? LQ_WIRE_TIMEOUT

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawwire import connect, read_frame, recv_exact, rt
-from standin import StandIn
+from standin import StandIn, make_certs
 
-from larql import kernels
+from larql import kernels, transport
 from larql import protocol as P
 from larql import protocol_c as C
 from larql.client import connect_shards
@@ -466,6 +466,100 @@ def test_client_lane_is_the_steady_state_and_hands_trouble_to_failover(vindex_pa
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("lane-certs"))
+
+
+def test_client_lane_over_tls_and_plain_hands_trouble_to_failover(vindex_path, certs):
+    """A TLS shard and a plain one: every decode call runs on the lane (C builds both requests;
+    Python's ssl writes and reads the TLS records, C checks and adds every reply), exactly the
+    in-process sum. A write that fails (TLS, then plain) is handed to the general path as it
+    stands: that shard reconnects and is asked again, and the next call runs on a new lane."""
+    v = open_vindex(vindex_path)
+    ctx = transport.server_tls_context(certs["server"], certs["server.key"])
+    a = ExpertServer(v, experts=range(0, 4), tls=ctx).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    plain = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    local = LocalExperts(v)
+    try:
+        for acc in ("f32", "f64"):
+            rx = connect_shards(f"0-3=tls://{a.address},4-7={b.address}", v, api_key="", accumulate=acc,
+                                tls_ca=certs["ca"], timeout=20)
+            rng = np.random.default_rng(12)
+            work = [(i % L, rng.standard_normal((1, H)).astype(np.float32), np.array([[i % 4, 4 + i % 4]]),
+                     rng.random((1, 2)).astype(np.float32)) for i in range(4)]
+            ref = connect_shards(f"0-3={plain.address},4-7={b.address}", v, api_key="", accumulate=acc)
+            for wk in work:
+                assert rx.forward(*wk).tobytes() == ref.forward(*wk).tobytes()
+                np.testing.assert_allclose(rx.forward(*wk), local.forward(*wk), rtol=1e-5, atol=1e-5)
+            c = rx.client
+            assert c.lane_calls == 8 and c._lanes[0].tls and c.shards[0].replicas[0].conn.fd < 0
+            old = c.shards[0].replicas[0].conn
+            old.sock.shutdown(socket.SHUT_WR)        # the next TLS write to shard 0 fails
+            assert rx.forward(*work[0]).tobytes() == ref.forward(*work[0]).tobytes()
+            assert c.lane_calls == 8                 # that call finished on the general path
+            new = c.shards[0].replicas[0].conn
+            assert new is not None and new is not old and c.shards[0].policy.replicas[0].up()
+            assert rx.forward(*work[1]).tobytes() == ref.forward(*work[1]).tobytes()
+            assert c.lane_calls == 9 and c._lanes[work[1][0]].conns[0] is new
+            # the plain write fails with the TLS request out: C's collect leaves the TLS leg
+            # to Python (LQ_WIRE_DECLINED), which reads it, then shard 1 is asked again
+            c.shards[1].replicas[0].conn.sock.shutdown(socket.SHUT_WR)
+            assert rx.forward(*work[2]).tobytes() == ref.forward(*work[2]).tobytes()
+            assert c.lane_calls == 9 and c.shards[1].policy.replicas[0].up()
+            assert rx.forward(*work[3]).tobytes() == ref.forward(*work[3]).tobytes() and c.lane_calls == 10
+            rx.close()
+            ref.close()
+    finally:
+        a.stop()
+        b.stop()
+        plain.stop()
+
+
+def test_client_lane_over_tls_words_a_bad_reply_as_the_general_path(vindex_path, certs):
+    """A TLS shard whose replies carry a NaN: the lane reads the reply, C declines it, and the
+    general path reads it again and raises; the same error, word for word, as a client that
+    never takes the lane. Once the replica is back, calls are exact and on the lane again."""
+    v = open_vindex(vindex_path)
+    honest = ExpertServer(v).start_in_thread("127.0.0.1", 0)
+    poison = {"on": True}
+
+    def nan_y(req, rep):
+        if "y" in rep and poison["on"]:
+            y = np.frombuffer(rep["y"], dtype="<f8" if req.get("acc") == "f64" else "<f4").copy()
+            y[3] = np.nan
+            rep["y"] = y.tobytes()
+        return rep
+
+    bad = StandIn((honest.host, honest.port), mangle=nan_y,
+                  tls=transport.server_tls_context(certs["server"], certs["server.key"]))
+    try:
+        spec = f"0-7={bad.address}"
+        rx = connect_shards(spec, v, api_key="", tls_ca=certs["ca"], timeout=20)
+        general = connect_shards(spec, v, api_key="", tls_ca=certs["ca"], timeout=20)
+        general.client._new_lane = lambda layer: None
+        wk = (1, np.random.default_rng(13).standard_normal((1, H)).astype(np.float32), np.array([[2, 6]]),
+              np.array([[0.25, 0.75]], np.float32))
+        errors = []
+        for client in (rx, general):
+            with pytest.raises(Exception) as info:
+                client.forward(*wk)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1] and "finite" in errors[0][1].lower(), errors
+        assert general.client.lane_calls == 0
+        poison["on"] = False
+        want = LocalExperts(v).forward(*wk).tobytes()
+        assert not rx.client.shards[0].replicas[0].state.up()   # the bad reply took it down
+        assert rx.forward(*wk).tobytes() == want      # the general path reconnects it
+        assert rx.forward(*wk).tobytes() == want and rx.client.lane_calls == 1
+        rx.close()
+        general.close()
+    finally:
+        bad.stop()
+        honest.stop()
 
 
 def test_client_c_reads_hand_big_frames_to_python(vindex_path, server):

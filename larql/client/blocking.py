@@ -138,6 +138,10 @@ class BlockingConnection:
             self._stash[r] = reply
         return got
 
+    def keep(self, rid: int, reply: dict) -> None:
+        """A reply read ahead of its caller: `recv`/`recv_token` for rid return it first."""
+        self._stash[rid] = reply
+
     def _fill(self, deadline: float, what: str) -> None:
         """Read more bytes (at least one) into the buffer, within the deadline."""
         if self._start == self._end:
@@ -238,7 +242,8 @@ class BlockingConnection:
         return 0
 
     def send_token(self, buf_c, buf: bytearray, n: int, timeout: float) -> None:
-        """The first n bytes of a C-built request frame, written by C on plain TCP."""
+        """The first n bytes of a C-built request frame, written by C on plain TCP (by Python's
+        ssl on TLS, where buf_c is not used)."""
         if self.fd < 0:
             with memoryview(buf) as view:
                 self.send_frame(view[:n])
@@ -429,13 +434,17 @@ class _TokenCall:
 
 class _Lane:
     """A layer's one-token calls in the steady state, set up once: every shard that serves the
-    layer has a single replica, up and connected on plain TCP, so the policy has nothing to
-    choose and a call is two C calls (lq_wire_token_send, lq_wire_token_collect) and a few lines.
+    layer has a single replica, up and connected, so the policy has nothing to choose and a
+    call on plain TCP is two C calls (lq_wire_token_send, lq_wire_token_collect) and a few lines.
+    Over TLS the same C call builds every request (the norm and Q8_K step included) and
+    Python's ssl writes and reads the records; C still checks and adds each reply.
 
     Why: between two layers the model's own kernels evict the interpreter's code and data, so
     each Python step of the general path runs cold. Measured on the 2-vCPU dev VM, one shard,
     the model's compute between calls: the general path (`_token_send` + `_token_collect`)
-    cost 535 us over in-process, the two C calls alone 317 us; the bare echo was 148 us.
+    cost 535 us over in-process, the two C calls alone 317 us; the bare echo was 148 us. Over
+    TLS (same VM, one shard, client thread CPU per call) the general path cost 440 us against
+    188 us on plain TCP's lane: 49 us of it the norm and Q8_K step in Python.
 
     Valid while the client's epoch (bumped by every connection or health change) is its own
     and none of its connections broke. A call that meets anything else (a failed write, a reply
@@ -443,7 +452,7 @@ class _Lane:
     (`BlockingExpertClient._adopt`), which owns failover and every error message."""
 
     __slots__ = ("epoch", "entries", "conns", "legs", "ptrs", "n", "enc", "enc_name", "norm_c", "eps",
-                 "acc64")
+                 "acc64", "tls")
 
     def __init__(self, epoch: int, entries: list, legs: list, enc_name: str, norm_c, eps: float,
                  acc64: bool) -> None:
@@ -456,17 +465,19 @@ class _Lane:
         self.enc_name, self.enc = enc_name, protocol_c.ENCODINGS[enc_name]
         self.norm_c, self.eps = norm_c, eps    # q8k: the layer's norm, made into Q8_K blocks by C
         self.acc64 = acc64
+        self.tls = any(c.fd < 0 for c in self.conns)   # some replies are read by Python's ssl
 
 
 class _LaneCall:
     """One `start` on a lane, until its `result`."""
 
-    __slots__ = ("lane", "layer", "h", "ids", "weights", "out", "out_c", "sent", "deadline")
+    __slots__ = ("lane", "layer", "h", "ids", "weights", "out", "out_c", "sent", "deadline", "failures")
 
     def __init__(self, lane: _Lane, layer: int, h, ids, weights, out: np.ndarray, out_c, sent: int,
-                 deadline: float) -> None:
+                 deadline: float, failures: dict | None) -> None:
         self.lane, self.layer, self.h, self.ids, self.weights = lane, layer, h, ids, weights
         self.out, self.out_c, self.sent, self.deadline = out, out_c, sent, deadline
+        self.failures = failures         # {leg index: the ShardError of a write by Python (TLS)}
 
 
 class BlockingExpertClient:
@@ -624,7 +635,7 @@ class BlockingExpertClient:
             if sh.spec.serves(layer):
                 rep = sh.replicas[0]
                 conn = rep.conn
-                if conn is None or conn.broken or conn.fd < 0 or not rep.state.up():
+                if conn is None or conn.broken or not rep.state.up():
                     return None
                 entries.append((si, sh, rep, conn))
         planner = self.planner
@@ -655,15 +666,23 @@ class BlockingExpertClient:
         if rc < 0:
             return None
         sent = failed = 0
-        for leg, c in zip(lane.legs, lane.conns, strict=True):
+        failures = None
+        for i, (leg, c) in enumerate(zip(lane.legs, lane.conns, strict=True)):
             status = leg.sent
+            if status == 3:                  # built, for Python's ssl to write (TLS)
+                try:
+                    c.send_token(None, c.out, leg.out_len, timeout)
+                    leg.sent = status = 1
+                except ShardError as e:
+                    leg.sent = status = -lib.LQ_WIRE_IO
+                    failures = {**(failures or {}), i: e}
             if status == 1:
                 c.next_id += 1
                 sent += 1
             elif status < 0:
                 failed = 1
         self.round_trips += sent
-        lc = _LaneCall(lane, layer, h, ids, weights, out, out_c, sent, time.monotonic() + timeout)
+        lc = _LaneCall(lane, layer, h, ids, weights, out, out_c, sent, time.monotonic() + timeout, failures)
         if failed:
             call = self._adopt(lc)
             return Pending(lambda: self._token_collect(call))
@@ -673,20 +692,47 @@ class BlockingExpertClient:
         lane = lc.lane
         if lc.sent:
             sum_c = self._scratch64_c if lane.acc64 else lc.out_c
-            try:
-                stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
-                                       lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
-            finally:   # also when a signal handler raises (Ctrl-C): the bytes C read stay read
-                for c in lane.conns:
-                    c.unsync_leg()
+            error = None
+            if lane.tls:
+                stop, left, error = self._lane_read_each(lc, sum_c)
+            else:
+                try:
+                    stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
+                                           lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
+                finally:   # also when a signal handler raises (Ctrl-C): the bytes C read stay read
+                    for c in lane.conns:
+                        c.unsync_leg()
             if stop != lane.n:
                 call = self._adopt(lc)
-                return self._token_collect(call, self._collect_legs(call, stop, left))
+                return self._token_collect(call, self._collect_legs(call, stop, left, error))
         else:
             lc.out[:] = 0.0                 # every slot empty (-1): nothing to add
         self.c_path_calls += 1
         self.lane_calls += 1
         return lc.out
+
+    def _lane_read_each(self, lc: _LaneCall, sum_c) -> tuple[int, float, Exception | None]:
+        """A lane with a TLS leg: the replies in shard order, each read by its connection (ssl
+        records in Python, plain TCP in C) and checked and added by C, as lq_wire_token_collect
+        does. Where one is not a plain success: (its leg, the time left, the transport error, or
+        None when the reply was read: it is kept for the general path, which reads it again)."""
+        lane = lc.lane
+        H, first = self.identity.hidden, True
+        for i, (leg, c) in enumerate(zip(lane.legs, lane.conns, strict=True)):
+            if leg.sent != 1:
+                continue
+            rid = int(leg.id)
+            try:
+                reply = c.recv_token(rid, lc.deadline, H, lane.acc64, sum_c, first, lc.out_c)
+            except Exception as e:
+                return i, lc.deadline - time.monotonic(), e
+            if reply is not None:
+                c.keep(rid, reply)
+                leg.status = lib.LQ_WIRE_DECLINED
+                return i, lc.deadline - time.monotonic(), None
+            leg.sent = 2
+            first = False
+        return lane.n, 0.0, None
 
     def _adopt(self, lc: _LaneCall) -> _TokenCall:
         """A lane call as the general path holds it after `_send_legs` (a write failed, or a
@@ -697,14 +743,15 @@ class BlockingExpertClient:
                           self._scratch64, (lc.h, lane.enc_name), (lc.out, lc.out_c))
         call.deadline = lc.deadline
         call.legs = lane.ptrs, lane.n
-        for (si, sh, rep, conn), leg in zip(lane.entries, lane.legs, strict=True):
+        for i, ((si, sh, rep, conn), leg) in enumerate(zip(lane.entries, lane.legs, strict=True)):
             status = leg.sent
             if status == 0:
                 continue
             with self._lock:
                 rep.state.inflight += 1     # as `_pick` counts it; the general path uncounts it
             if status < 0:
-                self._send_failed(sh, rep, conn.write_failed(status, leg.err))
+                failed = lc.failures.get(i) if lc.failures else None
+                self._send_failed(sh, rep, failed or conn.write_failed(status, leg.err))
                 call.sent.append((si, None, None, 0))
             else:
                 call.sent.append((si, rep, conn, int(leg.id)))
@@ -855,12 +902,13 @@ class BlockingExpertClient:
         self.c_path_calls += 1
         return call.finish()
 
-    def _collect_legs(self, call: _TokenCall, stop: int | None = None,
-                      left: float = 0.0) -> tuple[int, Exception | None]:
+    def _collect_legs(self, call: _TokenCall, stop: int | None = None, left: float = 0.0,
+                      error: Exception | None = None) -> tuple[int, Exception | None]:
         """C reads and adds the replies in shard order until one is not a plain success; that
         one's position in call.sent and its transport error (None: its frame is buffered, or
         it is a shard that was down, for the Python path to take). With `stop` (and the `left`
-        it was given), C already did so (a lane call) and stopped at that leg. Either way each
+        it was given), a lane call already did so and stopped at that leg, with `error` when it
+        was a transport error read by Python (TLS). Either way each
         connection's buffer offsets are back from its leg (unsync_leg) before the walk below."""
         ptrs, n = call.legs
         deadline = min((self._attempt_deadline(self.shards[si], rep, call.deadline)
@@ -894,7 +942,7 @@ class BlockingExpertClient:
             return k, None
         if rep is None:
             return k, None
-        return k, conn.read_failed(leg.status, leg.err, deadline, left)
+        return k, error if error is not None else conn.read_failed(leg.status, leg.err, deadline, left)
 
     def _pick(self, sh: Shard) -> tuple[Replica, BlockingConnection] | None:
         """The replica the policy chooses, connected and up, with its request counted."""
