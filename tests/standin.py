@@ -6,6 +6,8 @@
   is closed. Without a key, `auth` is answered with scheme "none".
 - `tls=`: an ssl.SSLContext (transport.server_tls_context) terminating TLS, like fly's handler.
 - `mangle=`: a function applied to each reply before it goes back (a broken or hostile shard).
+- `pause_mid_reply=`: a function of the request giving seconds (0: none) to wait halfway
+  through writing its reply frame (a slow link that leaves a partial frame in the client).
 - `wrong_proof=True`: a server that does not hold the key it claims.
 
 Also: test certificates (a CA, a server certificate for 127.0.0.1/localhost, an expired one)
@@ -31,8 +33,10 @@ from larql.processes import ServerProcess, free_port
 
 class StandIn:
     def __init__(self, upstream: tuple[str, int], *, key: bytes | None = None, tls=None,
-                 mangle: Callable[[dict, dict], dict] | None = None, wrong_proof: bool = False) -> None:
+                 mangle: Callable[[dict, dict], dict] | None = None, wrong_proof: bool = False,
+                 pause_mid_reply: Callable[[dict], float] | None = None) -> None:
         self.upstream = upstream
+        self.pause_mid_reply = pause_mid_reply
         self.key = key
         self.tls = tls
         self.mangle = mangle
@@ -133,7 +137,14 @@ class StandIn:
                     rep = self.mangle(req, rep)
                     if rep is None:          # dropped: a server that never answers
                         continue
-                writer.write(P.encode_frame(rep))
+                frame = P.encode_frame(rep)
+                pause = self.pause_mid_reply(req) if self.pause_mid_reply is not None else 0.0
+                if pause > 0:
+                    writer.write(frame[: len(frame) // 2])
+                    await writer.drain()
+                    await asyncio.sleep(pause)
+                    frame = frame[len(frame) // 2:]
+                writer.write(frame)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass

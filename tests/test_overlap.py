@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from larql import models
+from larql import protocol as P
 from larql.client import connect_shards
 from larql.demo import build_demo_vindex, demo_config
 from larql.experts import LocalExperts, Pending
@@ -142,6 +143,70 @@ def test_an_uncollected_call_does_not_lock_the_client(vindex, servers):
     t.start()
     t.join(20)
     assert done.is_set()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_signal_in_the_middle_of_a_reply_frame_leaves_the_client_exact(vindex, tls, tmp_path):
+    """Ctrl-C while half of a shard's reply frame has arrived and the rest is 0.6 s away, on
+    the lane over plain TCP (C reading) and over TLS (Python's ssl reading): the handler's
+    exception reaches the caller at once, the half frame stays buffered, and the next calls,
+    which first meet the rest of that old reply, are exact."""
+    import signal
+    import time
+
+    from standin import StandIn, make_certs
+
+    from larql import transport
+
+    class Interrupted(Exception):
+        pass
+
+    b = ExpertServer(vindex, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    a = ExpertServer(vindex, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    slow = {"on": False}
+
+    def pause(req):
+        if slow["on"] and req.get("op") == "experts":
+            slow["on"] = False
+            return 0.6
+        return 0.0
+
+    certs = make_certs(tmp_path / "certs") if tls else None
+    ctx = transport.server_tls_context(certs["server"], certs["server.key"]) if tls else None
+    proxy = StandIn((b.host, b.port), pause_mid_reply=pause, tls=ctx)
+    local = LocalExperts(vindex)
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        rx = connect_shards(f"0-3={a.address},4-7={proxy.address}", vindex, api_key="", accumulate="f64",
+                            timeout=20, tls_ca=certs["ca"] if tls else None)
+        rng = np.random.default_rng(7)
+        work = [(i % 2, rng.standard_normal((1, H)).astype(np.float32), np.array([[1, 6]]),
+                 rng.random((1, 2)).astype(np.float32)) for i in range(4)]
+        assert rx.forward(*work[0]).tobytes() == local.forward(*work[0]).tobytes()
+        assert rx.client.lane_calls == 1
+        conn = rx.client.shards[1].replicas[0].conn
+        slow["on"] = True
+        signal.setitimer(signal.ITIMER_REAL, 0.25)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            rx.forward(*work[1])
+        assert time.monotonic() - t0 < 0.5                 # not held until the rest arrives
+        (length,) = P.HEADER.unpack(bytes(conn._buf[conn._start:conn._start + 4]))
+        assert 0 < conn._end - conn._start < 4 + length     # half a frame is buffered
+        for wk in work:
+            assert rx.forward(*wk).tobytes() == local.forward(*wk).tobytes()
+        assert rx.client.shards[1].replicas[0].conn is conn  # the same connection, still in step
+        rx.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        proxy.stop()
+        a.stop()
+        b.stop()
 
 
 def test_a_signal_while_the_lane_waits_leaves_the_client_exact(vindex):
