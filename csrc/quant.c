@@ -34,25 +34,22 @@ static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ?
 #define Q4_KMIN (-1)
 #define Q4_KMAX 8
 
-/* 4-lane helpers in GCC's portable vector extension (SSE2 on x86-64, NEON on aarch64): each lane
- * does exactly the IEEE operations the scalar code would, so results do not depend on the ISA. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
+/* 4-lane helpers in GCC's portable vector extension (kernels.h's lq_v4f; SSE2 on x86-64, NEON
+ * on aarch64): each lane does exactly the IEEE operations the scalar code would, so results do
+ * not depend on the ISA. */
 
-static inline v4f round4(v4f v) { /* ties to even, |v| < 2^22 */
-    const v4f magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f}; /* 1.5 * 2^23 */
+static inline lq_v4f round4(lq_v4f v) { /* ties to even, |v| < 2^22 */
+    const lq_v4f magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f}; /* 1.5 * 2^23 */
     return (v + magic) - magic;
 }
 
-static inline v4f clamp4(v4f v, float lo, float hi) {
-    const v4f vlo = {lo, lo, lo, lo}, vhi = {hi, hi, hi, hi};
-    v4i m = v > vlo;
-    v = (v4f)(((v4i)v & m) | ((v4i)vlo & ~m));
-    m = v < vhi;
-    return (v4f)(((v4i)v & m) | ((v4i)vhi & ~m));
+static inline lq_v4f clamp4(lq_v4f v, float lo, float hi) {
+    const lq_v4f vlo = {lo, lo, lo, lo}, vhi = {hi, hi, hi, hi};
+    v = LQ_SEL(v > vlo, v, vlo, lq_v4f, lq_v4i);
+    return LQ_SEL(v < vhi, v, vhi, lq_v4f, lq_v4i);
 }
 
-static inline float hsum4(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+static inline float hsum4(lq_v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
     float xmin = x[0], xmax = x[0], sx = 0.f, sx2 = 0.f;
@@ -74,13 +71,13 @@ static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
     float best_err = INFINITY, best_s = 0.f, best_m = -xmin;
     for (int k = Q4_KMIN; k <= Q4_KMAX; k++) {
         float iscale = (15.f + 0.1f * (float)k) / (xmax - xmin);
-        const v4f vis = {iscale, iscale, iscale, iscale};
-        v4f aq = {0}, aq2 = {0}, aqx = {0};
+        const lq_v4f vis = {iscale, iscale, iscale, iscale};
+        lq_v4f aq = {0}, aq2 = {0}, aqx = {0};
         for (int i = 0; i < 32; i += 4) {
-            v4f xv, sv;
+            lq_v4f xv, sv;
             memcpy(&xv, x + i, 16);
             memcpy(&sv, xs + i, 16);
-            v4f q = round4(clamp4(vis * sv, 0.f, 15.f));
+            lq_v4f q = round4(clamp4(vis * sv, 0.f, 15.f));
             aq += q;
             aq2 += q * q;
             aqx += q * xv;
@@ -108,13 +105,13 @@ static void fit_q4_sub(const float *x, float *s_out, float *m_out) {
 /* sum (s*q - m - x)^2 over 32 values with q = clamp(round((x + m) / s), 0, 15) */
 static float q4_sub_error(const float *x, float s, float m) {
     const float is = s > 0.f ? 1.f / s : 0.f;
-    const v4f vis = {is, is, is, is}, vs = {s, s, s, s}, vm = {m, m, m, m};
-    v4f acc = {0};
+    const lq_v4f vis = {is, is, is, is}, vs = {s, s, s, s}, vm = {m, m, m, m};
+    lq_v4f acc = {0};
     for (int i = 0; i < 32; i += 4) {
-        v4f xv;
+        lq_v4f xv;
         memcpy(&xv, x + i, 16);
-        v4f q = round4(clamp4((xv + vm) * vis, 0.f, 15.f));
-        v4f e = vs * q - vm - xv;
+        lq_v4f q = round4(clamp4((xv + vm) * vis, 0.f, 15.f));
+        lq_v4f e = vs * q - vm - xv;
         acc += e * e;
     }
     return hsum4(acc);
@@ -216,12 +213,12 @@ static float fit_q6_sub(const float *x) {
     float best = -1.f, best_s = 0.f;
     for (int k = -9; k <= 9; k++) {
         float iscale = -(32.f + 0.1f * (float)k) / vmax;
-        const v4f vis = {iscale, iscale, iscale, iscale};
-        v4f axq = {0}, aq2 = {0};
+        const lq_v4f vis = {iscale, iscale, iscale, iscale};
+        lq_v4f axq = {0}, aq2 = {0};
         for (int i = 0; i < 16; i += 4) {
-            v4f xv;
+            lq_v4f xv;
             memcpy(&xv, x + i, 16);
-            v4f q = round4(clamp4(vis * xv, -32.f, 31.f));
+            lq_v4f q = round4(clamp4(vis * xv, -32.f, 31.f));
             axq += xv * q;
             aq2 += q * q;
         }
