@@ -443,8 +443,10 @@ class _Lane:
     each Python step of the general path runs cold. Measured on the 2-vCPU dev VM, one shard,
     the model's compute between calls: the general path (`_token_send` + `_token_collect`)
     cost 535 us over in-process, the two C calls alone 317 us; the bare echo was 148 us. Over
-    TLS (same VM, one shard, client thread CPU per call) the general path cost 440 us against
-    188 us on plain TCP's lane: 49 us of it the norm and Q8_K step in Python.
+    TLS (same VM, one shard, interleaved with the model's compute) the lane took 80-130 us less
+    wall time and ~85 us less client CPU per call than the general path, whose norm and Q8_K
+    step alone cost 49 us in Python; what is left is the ssl records (~70 us to write, ~85 us
+    to read, client CPU).
 
     Valid while the client's epoch (bumped by every connection or health change) is its own
     and none of its connections broke. A call that meets anything else (a failed write, a reply
