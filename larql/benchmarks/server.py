@@ -240,6 +240,8 @@ def bench_rtt(args, path: Path, vindex) -> dict:
             fns.append(rxt.forward)
         times = dict(zip(names, interleaved(fns, works, args.iters), strict=True))
         server = rx1.stats()[0]
+        # each half's compute on the shared cores: why 2 co-located shards cost more than 1
+        halves = [st["compute_p50_us"] for st in rx2.stats()]
         cpu = client_cpu(rx1, spec1, vindex, works, args.iters)
     finally:
         for c in clients:
@@ -256,7 +258,7 @@ def bench_rtt(args, path: Path, vindex) -> dict:
     out = {"p50_us": p50, "p99_us": p99, "overhead_1shard_us": over1, "overhead_2shards_us": over2,
            "overhead_over_echo": over1 / echo, "overhead_2shards_over_echo": over2 / echo,
            "ping_over_echo": p50["ping"] / echo, "server_p50_us": server["p50_us"],
-           "server_compute_p50_us": server["compute_p50_us"]}
+           "server_compute_p50_us": server["compute_p50_us"], "server_compute_p50_us_2shards": halves}
     out["client_cpu_us"] = cpu
     out["encoding"] = enc
     out[f"overhead_2shards_{other}_us"] = p50[f"2 shards {other}"] - p50["in process"]
@@ -289,7 +291,8 @@ def bench_rtt(args, path: Path, vindex) -> dict:
           f"shard and layer; a 30-layer token through 2 shards uploads {up[enc]:.0f} KB ({other}: "
           f"{up[other]:.0f} KB)")
     print(f"server side: p50 {server['p50_us']:.0f} us per request, of which compute p50 "
-          f"{server['compute_p50_us']:.0f} us")
+          f"{server['compute_p50_us']:.0f} us; with 2 shards on these cores each computes its half "
+          f"of the experts in p50 {' and '.join(f'{h:.0f}' for h in halves)} us")
     print(f"client CPU per layer call (thread time, p50; independent of the machine's load): blocking "
           f"decode path {cpu['blocking']:.0f} us, asyncio client on a private loop {cpu['asyncio']:.0f} us "
           f"(the old decode path's shape) -> {cpu['asyncio'] / cpu['blocking']:.1f}x")
