@@ -113,3 +113,15 @@ def test_bench_run_floor_uses_the_reads_between_the_tokens(tmp_path) -> None:
     assert f["floor_s"] == pytest.approx(total / median)
     assert f["x_floor"] == pytest.approx(0.5 / f["floor_s"])
     assert f["projected_x_floor"] == pytest.approx(2.0 / f["projected_floor_s"])
+
+
+def test_thread_scaling_restores_the_thread_count_and_measures_a_ratio() -> None:
+    """The T=8 scaling figure: a positive ratio of two real timings (on a 1-core machine ~1),
+    with the pool back at its default size afterwards."""
+    from larql.benchmarks import kernels as BK
+
+    K.set_num_threads(0)
+    before = K.num_threads()             # the default size
+    ratio = BK.thread_scaling(BK.make_bank(24), 8, threads=2, repeat=4)
+    assert 0.2 < ratio < 8
+    assert K.num_threads() == before

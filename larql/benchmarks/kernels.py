@@ -14,6 +14,8 @@ each kernel, its time, GB/s of weight bytes streamed, and the ratios
            llama-cpp-python is installed; see docs/KERNELS.md), driven row by row from C.
 The weight bank (one quantised expert copied to distinct addresses) is sized past the
 last-level cache the same way, so every call streams its weights from DRAM as a server's would.
+Last, the T=8 expert FFN's speed-up from 1 thread to all, beside the C read's: a call that
+speeds up as the cores do, more than the read does, is bound by arithmetic, not memory.
 `--json` prints every figure as one JSON object instead of the table.
 """
 
@@ -413,6 +415,23 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int,
                   n / t / bw.numpy_sum[threads], numpy_t / t if numpy_t else None)
 
 
+def thread_scaling(bank: ExpertBank, T: int, threads: int, repeat: int) -> float:
+    """How much faster T-token expert FFN calls run on `threads` threads than on 1 (cold calls,
+    best of two rounds each). Beside the read bandwidth's own scaling it tells which bounds the
+    call: memory-bound work speeds up as the read does, compute-bound work as the cores do."""
+    calls = moe_calls(bank, T).calls
+    best: dict[int, float] = {}
+    try:
+        for _ in range(2):
+            for n in (1, threads):
+                K.set_num_threads(n)
+                t = median_time(lambda i: calls[i % len(calls)](), max(5, repeat // 4), warmup=1)
+                best[n] = min(best.get(n, t), t)
+    finally:
+        K.set_num_threads(0)
+    return best[1] / best[threads]
+
+
 def quantize_rate(fmt: int, threads: int, rows: int = 1024, cols: int = 4096) -> float:
     """Weights per second quantised from f32 (best of 3)."""
     x = np.random.default_rng(3).standard_normal((rows, cols)).astype(np.float32)
@@ -492,6 +511,7 @@ def main(args: argparse.Namespace) -> int:
     for T in (1, 8):
         run(moe_case(q4, T, n_all, bw, args.repeat, numpy_on))
     by_isa = isa_comparison(q4, (1, 8), n_all, args.repeat)   # printed after the table above
+    scaling = thread_scaling(q4, 8, n_all, args.repeat) if n_all > 1 else None
     banks = {"Q4_K": {"experts": q4.n, "bytes": q4.buf.size}}
     del q4
     rates = {}
@@ -502,6 +522,11 @@ def main(args: argparse.Namespace) -> int:
         run(moe_case(q6, 1, n_all, bw, args.repeat, numpy_on))
         del q6
     say_isa_comparison(say, by_isa, K.isa())
+    read_scaling = bw.c_read[n_all] / bw.c_read[1]
+    if scaling is not None:
+        bound = "the kernels' arithmetic" if scaling > 1.1 * read_scaling else "memory"
+        say(f"top-{TOP_K} expert FFN, T=8, Q4_K, {K.isa()}: {n_all} threads are {scaling:.2f}x faster "
+            f"than 1 (the C read: {read_scaling:.2f}x, the cores: {n_all}x): {bound} bounds it here")
     if not args.quick:
         say()
         for fmt in (K.Q4_K, K.Q6_K):
@@ -517,6 +542,7 @@ def main(args: argparse.Namespace) -> int:
             "ggml": ggml is not None, "banks": banks,
             "results": [asdict(r) | {"gb_per_s": r.gbs} for r in results],
             "moe_ffn_s_by_isa": {t: {f"T={T}": v for T, v in d.items()} for t, d in by_isa.items()},
+            "moe_ffn_T8_thread_scaling": scaling, "c_read_thread_scaling": read_scaling,
             "quantise_weights_per_s": rates,
         }, indent=1))
     return 0
