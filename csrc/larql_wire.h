@@ -136,10 +136,11 @@ typedef struct {
 /* legs: one pointer per shard of the call, in shard order (each connection keeps its leg). */
 
 /* Encode and write each leg's request (as lq_wire_encode_token, then lq_wire_write; a leg with
- * fd -1 is only encoded: TLS records are written by Python's ssl); every leg gets `sent`. LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). With enc
- * LQ_WIRE_Q8K and a norm weight, x is the raw f32 h and the blocks sent are
- * lq_rms_norm_q8k(h, norm, eps): in Python that step cost ~60 us a layer, run cold between two
- * kernel calls (7 us warm), on the 2-vCPU dev VM. */
+ * fd -1 is only encoded: TLS records are written by Python's ssl); every leg gets `sent`.
+ * LQ_E_EXPERT (nothing written) if an id is outside [-1, num_experts). With enc LQ_WIRE_Q8K
+ * and a norm weight, x is the raw f32 h and the blocks sent are lq_rms_norm_q8k(h, norm, eps):
+ * in Python that step cost ~60 us a layer, run cold between two kernel calls (7 us warm), on
+ * the 2-vCPU dev VM. */
 int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const void *x, int32_t enc,
                        const float *norm, float eps, int32_t hidden, const void *ids, int32_t ids64, const float *weights, int32_t slots,
                        int32_t num_experts, int32_t acc64, int32_t timeout_ms);
@@ -147,9 +148,10 @@ int lq_wire_token_send(lq_wire_leg *const *legs, int32_t n, int32_t layer, const
 /* Read and add the replies of the legs with sent == 1, in order, into sum (as lq_wire_add_reply;
  * `first`: no partial sum added before this call), rounding an f64 sum into out32; an added leg's
  * sent becomes 2 and a later call skips it. Stops at the first leg that is not a plain success (a
- * failed write included; a TLS leg, fd -1, with status LQ_WIRE_DECLINED) and returns its index: its status says why, later legs are untouched,
- * so the caller keeps the shard order (after LQ_WIRE_INTERRUPTED it calls again). Returns n once
- * every leg was added. timeout_ms covers all the legs. */
+ * failed write included; a TLS leg, fd -1, with status LQ_WIRE_DECLINED) and returns its index:
+ * its status says why, later legs are untouched, so the caller keeps the shard order (after
+ * LQ_WIRE_INTERRUPTED it calls again). Returns n once every leg was added. timeout_ms covers
+ * all the legs. */
 int32_t lq_wire_token_collect(lq_wire_leg *const *legs, int32_t n, int32_t hidden, int32_t acc64, int32_t timeout_ms,
                               int64_t max_frame, void *sum, int32_t first, float *out32);
 

@@ -14,8 +14,8 @@ each kernel, its time, GB/s of weight bytes streamed, and the ratios
            llama-cpp-python is installed; see docs/KERNELS.md), driven row by row from C.
 The weight bank (one quantised expert copied to distinct addresses) is sized past the
 last-level cache the same way, so every call streams its weights from DRAM as a server's would.
-Last, the T=8 expert FFN's speed-up from 1 thread to all, beside the C read's: a call that
-speeds up as the cores do, more than the read does, is bound by arithmetic, not memory.
+Last, the T=8 expert FFN's speed-up from 1 thread to all, beside the C read's: a memory-bound
+call speeds up as the read does, a compute-bound one as the cores do.
 `--json` prints every figure as one JSON object instead of the table.
 """
 
@@ -417,12 +417,12 @@ def moe_case(bank: ExpertBank, T: int, threads: int, bw: Bandwidth, repeat: int,
 
 def thread_scaling(bank: ExpertBank, T: int, threads: int, repeat: int) -> float:
     """How much faster T-token expert FFN calls run on `threads` threads than on 1 (cold calls,
-    best of two rounds each). Beside the read bandwidth's own scaling it tells which bounds the
+    best of three rounds each). Beside the read bandwidth's own scaling it tells which bounds the
     call: memory-bound work speeds up as the read does, compute-bound work as the cores do."""
     calls = moe_calls(bank, T).calls
     best: dict[int, float] = {}
     try:
-        for _ in range(2):
+        for _ in range(3):
             for n in (1, threads):
                 K.set_num_threads(n)
                 t = median_time(lambda i: calls[i % len(calls)](), max(5, repeat // 4), warmup=1)
@@ -524,9 +524,14 @@ def main(args: argparse.Namespace) -> int:
     say_isa_comparison(say, by_isa, K.isa())
     read_scaling = bw.c_read[n_all] / bw.c_read[1]
     if scaling is not None:
-        bound = "the kernels' arithmetic" if scaling > 1.1 * read_scaling else "memory"
+        # where the speed-up lies between the read's (memory-bound) and the cores' (compute-bound)
+        share = (scaling - read_scaling) / (n_all - read_scaling) if n_all > read_scaling else 0.0
+        share = min(1.0, max(0.0, share))   # outside [0, 1]: the machine's load moved between the runs
+        bound = ("memory" if share < 0.25 else "the kernels' arithmetic" if share > 0.75
+                 else "memory and the kernels' arithmetic together")
         say(f"top-{TOP_K} expert FFN, T=8, Q4_K, {K.isa()}: {n_all} threads are {scaling:.2f}x faster "
-            f"than 1 (the C read: {read_scaling:.2f}x, the cores: {n_all}x): {bound} bounds it here")
+            f"than 1 (the C read: {read_scaling:.2f}x, the cores: {n_all}x; {share:.0%} of the way "
+            f"from the first to the second): {bound} bound it here")
     if not args.quick:
         say()
         for fmt in (K.Q4_K, K.Q6_K):

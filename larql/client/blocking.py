@@ -677,7 +677,8 @@ class BlockingExpertClient:
                     leg.sent = status = 1
                 except ShardError as e:
                     leg.sent = status = -lib.LQ_WIRE_IO
-                    failures = {**(failures or {}), i: e}
+                    failures = failures or {}
+                    failures[i] = e
             if status == 1:
                 c.next_id += 1
                 sent += 1
