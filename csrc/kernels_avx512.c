@@ -24,6 +24,10 @@ static inline __m512i halves_epi32(int32_t a, int32_t b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b), 1);
 }
 
+/* qs bytes 0-63 hold sub-blocks 0 and 2 (low nibbles) and 1 and 3 (high); bytes 64-127 sub-blocks
+ * 4, 6 and 5, 7. Register k pairs sub-blocks q4k_sub[k][0] (low half) and q4k_sub[k][1]. */
+static const int q4k_sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+
 void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
                     int64_t out_stride) {
     const block_q4_K *w = w_row;
@@ -37,16 +41,13 @@ void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_
         uint32_t sc4[2], mn4[2];
         q4k_unpack_scales(wb->scales, sc4, mn4);
         const uint8_t *sc = (const uint8_t *)sc4;
-        /* qs bytes 0-63 hold sub-blocks 0 and 2 (low nibbles) and 1 and 3 (high); bytes 64-127
-         * sub-blocks 4, 6 and 5, 7. q[k] pairs sub-blocks sub[k][0] (low half) and sub[k][1]. */
-        static const int sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
         __m512i q[4], scale[4];
         for (int h = 0; h < 2; h++) {
             __m512i bytes = _mm512_loadu_si512((const void *)(wb->qs + 64 * h));
             q[2 * h] = _mm512_and_si512(bytes, m4);
             q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
         }
-        for (int k = 0; k < 4; k++) scale[k] = halves_epi32(sc[sub[k][0]], sc[sub[k][1]]);
+        for (int k = 0; k < 4; k++) scale[k] = halves_epi32(sc[q4k_sub[k][0]], sc[q4k_sub[k][1]]);
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn4[1], (int)mn4[0]));
         const float wd = _cvtsh_ss(wb->d), wdmin = _cvtsh_ss(wb->dmin); /* exact, as lq_fp16_to_fp32 */
         for (int t = 0; t < T; t++) {
@@ -54,7 +55,7 @@ void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_
             /* sub-block j meets activations 32j..32j+31; totals fit int32 (see kernels_avxvnni.c) */
             __m512i s = _mm512_setzero_si512();
             for (int k = 0; k < 4; k++) {
-                __m512i y = load_halves(xb->qs, 32 * sub[k][0], 32 * sub[k][1]);
+                __m512i y = load_halves(xb->qs, 32 * q4k_sub[k][0], 32 * q4k_sub[k][1]);
                 __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], y);
                 s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, scale[k]));
             }
@@ -63,6 +64,219 @@ void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_
         }
     }
     for (int t = 0; t < T; t++) out[t * out_stride] = acc[t];
+}
+
+/* ---- Q4_K rows kernel: four dots reduced and folded together ----
+ *
+ * The per-row kernel above pays, per block and activation row, a 16-lane horizontal sum, four
+ * 32-bit multiplies by scale vectors built from scalars, and a scalar fold. On a Zen 5 EPYC it
+ * ran the top-8 expert FFN 1.37-1.44x slower than the AVX2 table, so the table the CPU was
+ * dispatched to was its slowest. The rows kernel below computes four (row, column) dots at once:
+ * - the activations are copied once per call into the order the weight registers hold the
+ *   sub-blocks (y_block), with each sub-block's quant sum (two bsums) beside them, so every row
+ *   reads them with plain loads;
+ * - each 64-value chunk: maddubs (u8 x s8 -> s16 pairs, |pair| <= 2 * 15 * 128) then vpdpwssd
+ *   with the sub-block scales as 16-bit words (-> s32, accumulated), so no 32-bit multiply;
+ * - the four blocks' scales and mins are unpacked together, one 128-bit lane per dot;
+ * - the four 16-lane integer sums are reduced together (9 operations instead of 4 x 8), and the
+ *   four float folds are one 128-bit vector of the scalar kernel's operations in its order.
+ * The integer sums are exact and each lane does q4k_fold's float operations, so the results
+ * equal kernels_scalar.c's bit for bit, as before. Four rows against one column (decode, and
+ * the columns left over from groups of four), or one row against four columns. */
+
+/* One Q8_K block of an activation column in the weight registers' sub-block order. */
+typedef struct {
+    int8_t qs[4][64]; /* register k: sub-blocks q4k_sub[k][0] (low 32 bytes), q4k_sub[k][1] (high) */
+    int16_t qsum[8];  /* sub-block j's quant sum: bsums[2j] + bsums[2j+1] (|.| <= 32 * 128) */
+    float d;
+    uint8_t pad[44];
+} __attribute__((aligned(64))) y_block; /* 320 bytes */
+
+static void y_fill(const block_q8_K *x, int64_t nb, y_block *y) {
+    for (int64_t b = 0; b < nb; b++) {
+        for (int k = 0; k < 4; k++)
+            _mm512_store_si512((void *)y[b].qs[k], load_halves(x[b].qs, 32 * q4k_sub[k][0], 32 * q4k_sub[k][1]));
+        __m256i bs = _mm256_loadu_si256((const __m256i *)x[b].bsums);
+        __m256i pairs = _mm256_madd_epi16(bs, _mm256_set1_epi16(1)); /* 8 x int32, |.| <= 4096 */
+        _mm_storeu_si128((__m128i *)y[b].qsum, _mm256_cvtepi32_epi16(pairs));
+        y[b].d = x[b].d;
+    }
+}
+
+/* Four 16-byte Q4_K block heads (d, dmin, 12 bytes of scales), one per 128-bit lane, unpacked
+ * in place: each lane becomes the block's 8 scales then 8 mins as bytes (q4k_unpack_scales). */
+static inline __m512i q4k_heads_unpack(__m512i h) {
+    const __m512i lo_src = _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i hi_src = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m512i lo_mask = _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    __m512i a = _mm512_shuffle_epi8(h, lo_src);
+    /* bytes 12-15 of each lane (mins 4-7) take the high nibble of scale bytes 8-11 */
+    a = _mm512_mask_blend_epi8(0xf000f000f000f000ULL, a, _mm512_srli_epi16(a, 4));
+    __m512i top = _mm512_and_si512(_mm512_srli_epi16(_mm512_shuffle_epi8(h, hi_src), 2), _mm512_set1_epi8(0x30));
+    return _mm512_or_si512(_mm512_and_si512(a, lo_mask), top);
+}
+
+/* d (low 128 bits) and dmin (high) of the four heads, as f32 (exact, as lq_fp16_to_fp32) */
+static inline __m256 q4k_heads_d(__m512i h) {
+    __m128i dd = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), h));
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(dd), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
+/* The four sub-block scale registers of the dot in lane `lane` of the unpacked heads u: register
+ * k holds sub-block q4k_sub[k][0]'s scale in its low 16 words, q4k_sub[k][1]'s in the high 16. */
+static inline void q4k_scale_words(__m512i u, int lane, __m512i sc[4]) {
+    static const int8_t ctrl[4][64] __attribute__((aligned(64))) = {
+#define W(j) 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, \
+             2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1
+        {W(0), W(0), W(2), W(2)}, {W(1), W(1), W(3), W(3)}, {W(4), W(4), W(6), W(6)}, {W(5), W(5), W(7), W(7)},
+#undef W
+    };
+    __m512i words = _mm512_unpacklo_epi8(u, _mm512_setzero_si512()); /* per lane: 8 scales as words */
+    __m512i own;
+    switch (lane) { /* the shuffle's lane selector is an immediate */
+    case 0: own = _mm512_shuffle_i32x4(words, words, 0x00); break;
+    case 1: own = _mm512_shuffle_i32x4(words, words, 0x55); break;
+    case 2: own = _mm512_shuffle_i32x4(words, words, 0xaa); break;
+    default: own = _mm512_shuffle_i32x4(words, words, 0xff); break;
+    }
+    for (int k = 0; k < 4; k++) sc[k] = _mm512_shuffle_epi8(own, _mm512_load_si512((const void *)ctrl[k]));
+}
+
+/* One block's integer sum: sum over sub-blocks of scale * (weight quants . activation quants) */
+static inline __m512i q4k_block_isum(const block_q4_K *wb, const y_block *yb, const __m512i sc[4]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i s = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        __m512i bytes = _mm512_loadu_si512((const void *)(wb->qs + 64 * h));
+        __m512i lo = _mm512_and_si512(bytes, m4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(lo, _mm512_load_si512((const void *)yb->qs[2 * h])), sc[2 * h]);
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(hi, _mm512_load_si512((const void *)yb->qs[2 * h + 1])),
+                                sc[2 * h + 1]);
+    }
+    return s;
+}
+
+/* The sums of the 16 lanes of a, b, c and d (exact), as one 4-lane vector */
+static inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* The four min terms: per 128-bit lane, sum_j mins[j] * qsum[j] (u: unpacked heads, qs: the
+ * lanes' 8 quant sums as words) */
+static inline __m128i q4k_min_terms(__m512i u, __m512i qs) {
+    __m512i m = _mm512_madd_epi16(_mm512_unpackhi_epi8(u, _mm512_setzero_si512()), qs);
+    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_BADC));
+    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_CDAB));
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), m));
+}
+
+/* q4k_fold on four lanes: the same operations, in the same order, per lane */
+static inline __m128 q4k_fold4(__m128 acc, __m128 xd, __m256 wd_dmin, __m128i isum, __m128i imin) {
+    __m128 d = _mm_mul_ps(xd, _mm256_castps256_ps128(wd_dmin)), dmin = _mm_mul_ps(xd, _mm256_extractf128_ps(wd_dmin, 1));
+    acc = _mm_add_ps(acc, _mm_mul_ps(d, _mm_cvtepi32_ps(isum)));
+    return _mm_sub_ps(acc, _mm_mul_ps(dmin, _mm_cvtepi32_ps(imin)));
+}
+
+static inline __m512i head_lanes(const block_q4_K *a, const block_q4_K *b, const block_q4_K *c, const block_q4_K *d) {
+    __m512i h = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)a));
+    h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)b), 1);
+    h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)c), 2);
+    return _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)d), 3);
+}
+
+/* Rows w[0..3] (nb blocks each) against one activation column y: out[i * ors] = dot of row i */
+static void q4k_rows4_col1(int64_t nb, const block_q4_K *const w[4], const y_block *y, float *out, int64_t ors,
+                           int n_out, size_t ahead) {
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        for (int i = 0; i < 4; i++) {
+            const char *p = (const char *)&w[i][b] + ahead;
+            __builtin_prefetch(p, 0, 3), __builtin_prefetch(p + 64, 0, 3), __builtin_prefetch(p + 128, 0, 3);
+        }
+        const __m512i h = head_lanes(&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
+        const __m512i u = q4k_heads_unpack(h);
+        __m512i s[4], sc[4];
+        for (int i = 0; i < 4; i++) {
+            q4k_scale_words(u, i, sc);
+            s[i] = q4k_block_isum(&w[i][b], &y[b], sc);
+        }
+        __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)y[b].qsum));
+        acc = q4k_fold4(acc, _mm_set1_ps(y[b].d), q4k_heads_d(h), reduce4_epi32(s[0], s[1], s[2], s[3]), q4k_min_terms(u, qs));
+    }
+    float r[4];
+    _mm_storeu_ps(r, acc);
+    for (int i = 0; i < n_out; i++) out[i * ors] = r[i];
+}
+
+/* One row w (nb blocks) against four activation columns y[0..3] (each nb blocks apart) */
+static void q4k_row1_cols4(int64_t nb, const block_q4_K *w, const y_block *y, int64_t y_stride, float *out,
+                           int64_t os, int n_out) {
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q4_K *wb = &w[b];
+        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
+        __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)wb));
+        __m512i u = q4k_heads_unpack(h), sc[4], s[4];
+        q4k_scale_words(u, 0, sc);
+        for (int t = 0; t < 4; t++) s[t] = q4k_block_isum(wb, &y[t * y_stride + b], sc);
+        const y_block *y0 = &y[b], *y1 = y0 + y_stride, *y2 = y1 + y_stride, *y3 = y2 + y_stride;
+        __m512i qs = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)y0->qsum));
+        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y1->qsum), 1);
+        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y2->qsum), 2);
+        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y3->qsum), 3);
+        acc = q4k_fold4(acc, _mm_setr_ps(y0->d, y1->d, y2->d, y3->d), q4k_heads_d(h),
+                        reduce4_epi32(s[0], s[1], s[2], s[3]), q4k_min_terms(u, qs));
+    }
+    float r[4];
+    _mm_storeu_ps(r, acc);
+    for (int t = 0; t < n_out; t++) out[t * os] = r[t];
+}
+
+/* Activation blocks the rows kernel copies at a time (30 KiB on the stack): more columns than
+ * fit are taken in chunks, each over the same rows (which stay in L1/L2 meanwhile). */
+#define Y_BLOCKS 96
+#define ROW_RUN 16 /* rows per pass over the column chunks */
+
+static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
+                     int64_t x_stride, int T, float *out, int64_t ors, int64_t os) {
+    const block_q8_K *x = x_rows;
+    if (nb > Y_BLOCKS || (n_rows < 4 && T < 4)) { /* too wide for the copy, or too small to group */
+        for (int64_t r = 0; r < n_rows; r++)
+            lq_avx512_dot_q4k(nb, (const uint8_t *)w + (size_t)r * row_bytes, x, x_stride, T, out + r * ors, os);
+        return;
+    }
+    y_block y[Y_BLOCKS];
+    /* four rows are read side by side, so the bytes LQ_PREFETCH_AHEAD past each are the next
+     * rows of the same pass: fetch the same blocks of a later group of four instead */
+    const size_t group = 4 * row_bytes, ahead = group * ((LQ_PREFETCH_AHEAD + group - 1) / group);
+    const int chunk = (int)(Y_BLOCKS / nb) < T ? (int)(Y_BLOCKS / nb) : T; /* columns per copy */
+    for (int64_t r0 = 0; r0 < n_rows; r0 += ROW_RUN) {
+        const int64_t r1 = r0 + ROW_RUN < n_rows ? r0 + ROW_RUN : n_rows;
+        for (int t0 = 0; t0 < T; t0 += chunk) {
+            const int nc = T - t0 < chunk ? T - t0 : chunk;
+            if (r0 == 0 || chunk < T)
+                for (int t = 0; t < nc; t++) y_fill(x + (t0 + t) * x_stride, nb, y + t * nb);
+            const int full = nc / 4 * 4; /* columns in groups of four: one row at a time */
+            for (int64_t r = r0; r < r1 && full; r++) {
+                const block_q4_K *wr = (const block_q4_K *)((const uint8_t *)w + (size_t)r * row_bytes);
+                for (int t = 0; t < full; t += 4) q4k_row1_cols4(nb, wr, y + t * nb, nb, out + r * ors + (t0 + t) * os, os, 4);
+            }
+            for (int t = full; t < nc; t++) /* the other columns: four rows at a time */
+                for (int64_t r = r0; r < r1; r += 4) {
+                    const block_q4_K *wr[4];
+                    for (int i = 0; i < 4; i++) {
+                        int64_t ri = r + i < r1 ? r + i : r1 - 1; /* past the end: repeat the last row */
+                        wr[i] = (const block_q4_K *)((const uint8_t *)w + (size_t)ri * row_bytes);
+                    }
+                    q4k_rows4_col1(nb, wr, y + t * nb, out + r * ors + (t0 + t) * os, ors, r1 - r < 4 ? (int)(r1 - r) : 4,
+                                   ahead);
+                }
+        }
+    }
 }
 
 /* lane i of register k (values 64k..64k+63, groups 4k..4k+3) takes scale 4k + i / 4 */
@@ -124,6 +338,7 @@ const lq_kernels lq_kernels_avx512 = {
             [LQ_Q4_K] = lq_avx512_dot_q4k, [LQ_Q6_K] = lq_avx512_dot_q6k},
     .quantize_q8k = lq_avx2_quantize_q8k,
     .gelu_mul = lq_avx2_gelu_mul,
+    .rows = {[LQ_Q4_K] = rows_q4k},
 };
 
 #endif
