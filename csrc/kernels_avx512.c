@@ -81,8 +81,8 @@ void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_
  * - the four 16-lane integer sums are reduced together (9 operations instead of 4 x 8), and the
  *   four float folds are one 128-bit vector of the scalar kernel's operations in its order.
  * The integer sums are exact and each lane does q4k_fold's float operations, so the results
- * equal kernels_scalar.c's bit for bit, as before. Four rows against one column (decode, and
- * the columns left over from groups of four), or one row against four columns. */
+ * equal kernels_scalar.c's bit for bit, as before. Each group of four rows is dotted with up to
+ * four columns at a time, its quants and scale registers made once per block for all of them. */
 
 /* One Q8_K block of an activation column in the weight registers' sub-block order. */
 typedef struct {
@@ -142,20 +142,6 @@ static inline void q4k_scale_words(__m512i u, int lane, __m512i sc[4]) {
     for (int k = 0; k < 4; k++) sc[k] = _mm512_shuffle_epi8(own, _mm512_load_si512((const void *)ctrl[k]));
 }
 
-/* One block's integer sum: sum over sub-blocks of scale * (weight quants . activation quants) */
-static inline __m512i q4k_block_isum(const block_q4_K *wb, const y_block *yb, const __m512i sc[4]) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512i s = _mm512_setzero_si512();
-    for (int h = 0; h < 2; h++) {
-        __m512i bytes = _mm512_loadu_si512((const void *)(wb->qs + 64 * h));
-        __m512i lo = _mm512_and_si512(bytes, m4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
-        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(lo, _mm512_load_si512((const void *)yb->qs[2 * h])), sc[2 * h]);
-        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(hi, _mm512_load_si512((const void *)yb->qs[2 * h + 1])),
-                                sc[2 * h + 1]);
-    }
-    return s;
-}
-
 /* The sums of the 16 lanes of a, b, c and d (exact), as one 4-lane vector */
 static inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
     __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
@@ -188,10 +174,15 @@ static inline __m512i head_lanes(const block_q4_K *a, const block_q4_K *b, const
     return _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)d), 3);
 }
 
-/* Rows w[0..3] (nb blocks each) against one activation column y: out[i * ors] = dot of row i */
-static void q4k_rows4_col1(int64_t nb, const block_q4_K *const w[4], const y_block *y, float *out, int64_t ors,
-                           int n_out, size_t ahead) {
-    __m128 acc = _mm_setzero_ps();
+/* Rows w[0..3] (nb blocks each) against NC (1-4, a constant in each caller) activation columns
+ * y, y + y_stride, ...: out[i * ors + c * os] = dot of row i with column c, for i < n_out. Each
+ * row's quants and scale registers are made once per block and used for every column. */
+static inline __attribute__((always_inline)) void q4k_rows4_cols(int64_t nb, const block_q4_K *const w[4],
+                                                                 const y_block *y, int64_t y_stride, const int NC,
+                                                                 float *out, int64_t ors, int64_t os, int n_out,
+                                                                 size_t ahead) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
     for (int64_t b = 0; b < nb; b++) {
         for (int i = 0; i < 4; i++) {
             const char *p = (const char *)&w[i][b] + ahead;
@@ -199,41 +190,35 @@ static void q4k_rows4_col1(int64_t nb, const block_q4_K *const w[4], const y_blo
         }
         const __m512i h = head_lanes(&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
         const __m512i u = q4k_heads_unpack(h);
-        __m512i s[4], sc[4];
+        __m512i s[4][4];
         for (int i = 0; i < 4; i++) {
+            __m512i sc[4], q[4];
             q4k_scale_words(u, i, sc);
-            s[i] = q4k_block_isum(&w[i][b], &y[b], sc);
+            for (int hf = 0; hf < 2; hf++) {
+                __m512i bytes = _mm512_loadu_si512((const void *)(w[i][b].qs + 64 * hf));
+                q[2 * hf] = _mm512_and_si512(bytes, m4), q[2 * hf + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
+            }
+            for (int c = 0; c < NC; c++) {
+                const y_block *yb = &y[c * y_stride + b];
+                __m512i t = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++)
+                    t = _mm512_dpwssd_epi32(t, _mm512_maddubs_epi16(q[k], _mm512_load_si512((const void *)yb->qs[k])), sc[k]);
+                s[c][i] = t;
+            }
         }
-        __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)y[b].qsum));
-        acc = q4k_fold4(acc, _mm_set1_ps(y[b].d), q4k_heads_d(h), reduce4_epi32(s[0], s[1], s[2], s[3]), q4k_min_terms(u, qs));
+        const __m256 wd = q4k_heads_d(h);
+        for (int c = 0; c < NC; c++) {
+            const y_block *yb = &y[c * y_stride + b];
+            __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->qsum));
+            acc[c] = q4k_fold4(acc[c], _mm_set1_ps(yb->d), wd, reduce4_epi32(s[c][0], s[c][1], s[c][2], s[c][3]),
+                               q4k_min_terms(u, qs));
+        }
     }
-    float r[4];
-    _mm_storeu_ps(r, acc);
-    for (int i = 0; i < n_out; i++) out[i * ors] = r[i];
-}
-
-/* One row w (nb blocks) against four activation columns y[0..3] (each nb blocks apart) */
-static void q4k_row1_cols4(int64_t nb, const block_q4_K *w, const y_block *y, int64_t y_stride, float *out,
-                           int64_t os, int n_out) {
-    __m128 acc = _mm_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const block_q4_K *wb = &w[b];
-        LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128);
-        __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)wb));
-        __m512i u = q4k_heads_unpack(h), sc[4], s[4];
-        q4k_scale_words(u, 0, sc);
-        for (int t = 0; t < 4; t++) s[t] = q4k_block_isum(wb, &y[t * y_stride + b], sc);
-        const y_block *y0 = &y[b], *y1 = y0 + y_stride, *y2 = y1 + y_stride, *y3 = y2 + y_stride;
-        __m512i qs = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)y0->qsum));
-        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y1->qsum), 1);
-        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y2->qsum), 2);
-        qs = _mm512_inserti32x4(qs, _mm_loadu_si128((const __m128i *)y3->qsum), 3);
-        acc = q4k_fold4(acc, _mm_setr_ps(y0->d, y1->d, y2->d, y3->d), q4k_heads_d(h),
-                        reduce4_epi32(s[0], s[1], s[2], s[3]), q4k_min_terms(u, qs));
+    for (int c = 0; c < NC; c++) {
+        float r[4];
+        _mm_storeu_ps(r, acc[c]);
+        for (int i = 0; i < n_out; i++) out[i * ors + c * os] = r[i];
     }
-    float r[4];
-    _mm_storeu_ps(r, acc);
-    for (int t = 0; t < n_out; t++) out[t * os] = r[t];
 }
 
 /* Activation blocks the rows kernel copies at a time (30 KiB on the stack): more columns than
@@ -244,7 +229,7 @@ static void q4k_row1_cols4(int64_t nb, const block_q4_K *w, const y_block *y, in
 static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
                      int64_t x_stride, int T, float *out, int64_t ors, int64_t os) {
     const block_q8_K *x = x_rows;
-    if (nb > Y_BLOCKS || (n_rows < 4 && T < 4)) { /* too wide for the copy, or too small to group */
+    if (nb > Y_BLOCKS || n_rows == 1) { /* too wide for the copy, or one row (a group would be 3/4 waste) */
         for (int64_t r = 0; r < n_rows; r++)
             lq_avx512_dot_q4k(nb, (const uint8_t *)w + (size_t)r * row_bytes, x, x_stride, T, out + r * ors, os);
         return;
@@ -260,21 +245,27 @@ static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows
             const int nc = T - t0 < chunk ? T - t0 : chunk;
             if (r0 == 0 || chunk < T)
                 for (int t = 0; t < nc; t++) y_fill(x + (t0 + t) * x_stride, nb, y + t * nb);
-            const int full = nc / 4 * 4; /* columns in groups of four: one row at a time */
-            for (int64_t r = r0; r < r1 && full; r++) {
-                const block_q4_K *wr = (const block_q4_K *)((const uint8_t *)w + (size_t)r * row_bytes);
-                for (int t = 0; t < full; t += 4) q4k_row1_cols4(nb, wr, y + t * nb, nb, out + r * ors + (t0 + t) * os, os, 4);
-            }
-            for (int t = full; t < nc; t++) /* the other columns: four rows at a time */
-                for (int64_t r = r0; r < r1; r += 4) {
-                    const block_q4_K *wr[4];
-                    for (int i = 0; i < 4; i++) {
-                        int64_t ri = r + i < r1 ? r + i : r1 - 1; /* past the end: repeat the last row */
-                        wr[i] = (const block_q4_K *)((const uint8_t *)w + (size_t)ri * row_bytes);
-                    }
-                    q4k_rows4_col1(nb, wr, y + t * nb, out + r * ors + (t0 + t) * os, ors, r1 - r < 4 ? (int)(r1 - r) : 4,
-                                   ahead);
+            for (int64_t r = r0; r < r1; r += 4) {
+                const block_q4_K *wr[4];
+                for (int i = 0; i < 4; i++) {
+                    int64_t ri = r + i < r1 ? r + i : r1 - 1; /* past the end: repeat the last row */
+                    wr[i] = (const block_q4_K *)((const uint8_t *)w + (size_t)ri * row_bytes);
                 }
+                const int n_out = r1 - r < 4 ? (int)(r1 - r) : 4;
+                /* the columns in groups of at most four, as even as possible (T = 5: 3 + 2) */
+                for (int c = 0, groups = (nc + 3) / 4, g = 0; g < groups; g++) {
+                    const int n = (nc - c) / (groups - g);
+                    const y_block *yc = y + c * nb;
+                    float *oc = out + r * ors + (t0 + c) * os;
+                    switch (n) {
+                    case 1: q4k_rows4_cols(nb, wr, yc, nb, 1, oc, ors, os, n_out, ahead); break;
+                    case 2: q4k_rows4_cols(nb, wr, yc, nb, 2, oc, ors, os, n_out, ahead); break;
+                    case 3: q4k_rows4_cols(nb, wr, yc, nb, 3, oc, ors, os, n_out, ahead); break;
+                    default: q4k_rows4_cols(nb, wr, yc, nb, 4, oc, ors, os, n_out, ahead); break;
+                    }
+                    c += n;
+                }
+            }
         }
     }
 }
