@@ -156,10 +156,18 @@ def test_rowwise_verify_rows_equal_one_token_decode_bit_for_bit(vindexes, case):
     got = model.forward(tail, cache, all_logits=True, rowwise=True)
     np.testing.assert_array_equal(got, want)
     assert_same_cache(cache, seq_cache)
-    # (the ordinary batched path is only close: a different attention kernel)
+    # The ordinary batched path is only close: a different attention kernel. With f32 weights the
+    # difference stays at rounding level. With K-quant weights each layer re-quantises its input
+    # to Q8_K, so a 1e-7 difference can move one quant by a step and the logits by more: on a Zen 5
+    # with the avx512 table (exact K-quant dots, AVX2 float attention) decode differed from the
+    # scalar table's by 0.025 after such a flip in one expert input. Bound: 5% of the largest logit.
     other = model.new_cache()
     model.forward(PROMPT, other)
-    np.testing.assert_allclose(model.forward(tail, other, all_logits=True), want, atol=1e-4)
+    batched = model.forward(tail, other, all_logits=True)
+    if case[1] == "f32":
+        np.testing.assert_allclose(batched, want, atol=1e-4)
+    else:
+        assert np.abs(batched - want).max() <= 0.05 * np.abs(want).max()
 
 
 class OracleDrafter:
