@@ -100,6 +100,9 @@ int lq_amx_usable(void);                 /* also asks the OS for the tile state 
 /* The AVX-512 VNNI K-quant row kernels, shared by the AMX table below its tile threshold. */
 void lq_avx512_dot_q4k(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 void lq_avx512_dot_q6k(int64_t nb, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
+/* The AVX-512 Q4_K rows kernel (lq_rows_fn), which the AMX table uses below its tile threshold. */
+void lq_avx512_rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs,
+                        int T, float *out, int64_t ors, int64_t os);
 /* The AVX2 float-row kernels and Q8_K quantiser, shared by the wider x86 tables. */
 void lq_avx2_dot_f32(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);
 void lq_avx2_dot_f16(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os);

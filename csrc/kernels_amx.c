@@ -212,25 +212,34 @@ static void block_tiles(int fmt, const unpacked_w *uw, const packed_x *px, int64
 }
 
 #if defined(LQ_TEST_EMULATE_AMX)
-/* The per-row kernels below LQ_AMX_MIN_T: the scalar ones, which the AVX-512 ones equal bit for
- * bit (what the real build uses cannot run on the machines this build is for). */
+/* The kernels below LQ_AMX_MIN_T: the scalar ones, which the AVX-512 ones equal bit for bit (what
+ * the real build uses cannot run on the machines this build is for). */
 static void dot_q4k(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
     lq_kernels_scalar.dot[LQ_Q4_K](n, w, x, xs, T, out, os);
 }
 static void dot_q6k(int64_t n, const void *w, const void *x, int64_t xs, int T, float *out, int64_t os) {
     lq_kernels_scalar.dot[LQ_Q6_K](n, w, x, xs, T, out, os);
 }
+static void rows_q4k_small(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x, int64_t xs,
+                           int T, float *out, int64_t ors, int64_t os) {
+    for (int64_t r = 0; r < n_rows; r++) dot_q4k(nb, (const uint8_t *)w + r * row_bytes, x, xs, T, out + r * ors, os);
+}
 #else
 #define dot_q4k lq_avx512_dot_q4k
 #define dot_q6k lq_avx512_dot_q6k
+#define rows_q4k_small lq_avx512_rows_q4k /* decode: four rows at a time (kernels_avx512.c) */
 #endif
 
 static inline __attribute__((always_inline)) void rows_kquant(int fmt, int64_t nb, const void *w, size_t row_bytes,
                                                               int64_t n_rows, const void *x_rows, int64_t x_stride,
                                                               int T, float *out, int64_t ors, int64_t os) {
     const uint8_t *wr = w;
+    if (T < LQ_AMX_MIN_T && fmt == LQ_Q4_K) {
+        rows_q4k_small(nb, w, row_bytes, n_rows, x_rows, x_stride, T, out, ors, os);
+        return;
+    }
     if (T < LQ_AMX_MIN_T) {
-        lq_row_fn dot = fmt == LQ_Q4_K ? dot_q4k : dot_q6k;
+        lq_row_fn dot = dot_q6k;
         for (int64_t r = 0; r < n_rows; r++) dot(nb, wr + r * row_bytes, x_rows, x_stride, T, out + r * ors, os);
         return;
     }

@@ -225,8 +225,8 @@ static inline __attribute__((always_inline)) void q4k_rows4_cols(int64_t nb, con
 #define Y_BLOCKS 96
 #define ROW_RUN 16 /* rows per pass over the column chunks */
 
-static void rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
-                     int64_t x_stride, int T, float *out, int64_t ors, int64_t os) {
+void lq_avx512_rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_rows, const void *x_rows,
+                        int64_t x_stride, int T, float *out, int64_t ors, int64_t os) {
     const block_q8_K *x = x_rows;
     if (nb > Y_BLOCKS || n_rows == 1) { /* too wide for the copy, or one row (a group would be 3/4 waste) */
         for (int64_t r = 0; r < n_rows; r++)
@@ -333,7 +333,7 @@ const lq_kernels lq_kernels_avx512 = {
             [LQ_Q4_K] = lq_avx512_dot_q4k, [LQ_Q6_K] = lq_avx512_dot_q6k},
     .quantize_q8k = lq_avx2_quantize_q8k,
     .gelu_mul = lq_avx2_gelu_mul,
-    .rows = {[LQ_Q4_K] = rows_q4k},
+    .rows = {[LQ_Q4_K] = lq_avx512_rows_q4k},
 };
 
 #endif
