@@ -2,10 +2,11 @@
  * Compiled for the baseline with this file's target pragma; dispatch.c selects the table only
  * when lq_avx512_usable() (cpu_x86.c: cpuid and the OS's saved zmm/opmask state) says so.
  *
- * The arithmetic is that of kernels_avxvnni.c on registers twice as wide: vpdpbusd of unsigned
- * weight quants by signed Q8_K quants into int32 lanes (exact), one multiply by the sub-block
- * scale per lane, an exact integer reduction per block, then the scalar kernel's float operations
- * in its order, so results are bit-identical to kernels_scalar.c. Float rows and the Q8_K
+ * The per-row kernels are those of kernels_avxvnni.c on registers twice as wide: vpdpbusd of
+ * unsigned weight quants by signed Q8_K quants into int32 lanes (exact), one multiply by the
+ * sub-block scale per lane, an exact integer reduction per block, then the scalar kernel's float
+ * operations in its order, so results are bit-identical to kernels_scalar.c. The Q4_K rows
+ * kernel further down (its own comment) does four dots at a time, with the same bits. Float rows and the Q8_K
  * quantiser are the AVX2 ones (memory-bound; wider registers buy nothing there). */
 #if defined(__x86_64__) || defined(_M_X64)
 
@@ -184,7 +185,7 @@ static inline __attribute__((always_inline)) void q4k_rows4_cols(int64_t nb, con
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
     for (int64_t b = 0; b < nb; b++) {
-        /* the group after next, linearly, at the pace this group is read (see rows_q4k) */
+        /* a group of four rows >= 8 KiB ahead, linearly, at the pace this one is read (rows_q4k) */
         const char *p = (const char *)w[0] + ahead + (size_t)b * step;
         for (size_t o = 0; o < step; o += 64) __builtin_prefetch(p + o, 0, 3);
         const __m512i h = head_lanes(&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
