@@ -234,13 +234,12 @@ static inline __attribute__((always_inline)) void rows_kquant(int fmt, int64_t n
                                                               int64_t n_rows, const void *x_rows, int64_t x_stride,
                                                               int T, float *out, int64_t ors, int64_t os) {
     const uint8_t *wr = w;
-    if (T < LQ_AMX_MIN_T && fmt == LQ_Q4_K) {
-        rows_q4k_small(nb, w, row_bytes, n_rows, x_rows, x_stride, T, out, ors, os);
-        return;
-    }
     if (T < LQ_AMX_MIN_T) {
-        lq_row_fn dot = dot_q6k;
-        for (int64_t r = 0; r < n_rows; r++) dot(nb, wr + r * row_bytes, x_rows, x_stride, T, out + r * ors, os);
+        if (fmt == LQ_Q4_K)
+            rows_q4k_small(nb, w, row_bytes, n_rows, x_rows, x_stride, T, out, ors, os);
+        else
+            for (int64_t r = 0; r < n_rows; r++)
+                dot_q6k(nb, wr + r * row_bytes, x_rows, x_stride, T, out + r * ors, os);
         return;
     }
     const block_q8_K *x = x_rows;

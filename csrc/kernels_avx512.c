@@ -6,8 +6,8 @@
  * unsigned weight quants by signed Q8_K quants into int32 lanes (exact), one multiply by the
  * sub-block scale per lane, an exact integer reduction per block, then the scalar kernel's float
  * operations in its order, so results are bit-identical to kernels_scalar.c. The Q4_K rows
- * kernel further down (its own comment) does four dots at a time, with the same bits. Float rows and the Q8_K
- * quantiser are the AVX2 ones (memory-bound; wider registers buy nothing there). */
+ * kernel further down (its own comment) does four dots at a time, with the same bits. Float rows
+ * and the Q8_K quantiser are the AVX2 ones (memory-bound; wider registers buy nothing there). */
 #if defined(__x86_64__) || defined(_M_X64)
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
@@ -107,9 +107,12 @@ static void y_fill(const block_q8_K *x, int64_t nb, y_block *y) {
 /* Four 16-byte Q4_K block heads (d, dmin, 12 bytes of scales), one per 128-bit lane, unpacked
  * in place: each lane becomes the block's 8 scales then 8 mins as bytes (q4k_unpack_scales). */
 static inline __m512i q4k_heads_unpack(__m512i h) {
-    const __m512i lo_src = _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m512i hi_src = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
-    const __m512i lo_mask = _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    const __m512i lo_src =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i hi_src =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m512i lo_mask =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
     __m512i a = _mm512_shuffle_epi8(h, lo_src);
     /* bytes 12-15 of each lane (mins 4-7) take the high nibble of scale bytes 8-11 */
     a = _mm512_mask_blend_epi8(0xf000f000f000f000ULL, a, _mm512_srli_epi16(a, 4));
@@ -117,9 +120,14 @@ static inline __m512i q4k_heads_unpack(__m512i h) {
     return _mm512_or_si512(_mm512_and_si512(a, lo_mask), top);
 }
 
+/* the first 32-bit lane of each 128-bit lane of v */
+static inline __m128i lane_heads_epi32(__m512i v) {
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_castsi128_si512(_mm_setr_epi32(0, 4, 8, 12)), v));
+}
+
 /* d (low 128 bits) and dmin (high) of the four heads, as f32 (exact, as lq_fp16_to_fp32) */
 static inline __m256 q4k_heads_d(__m512i h) {
-    __m128i dd = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), h));
+    const __m128i dd = lane_heads_epi32(h); /* per head: d | dmin << 16 */
     return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(dd), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 
@@ -158,12 +166,13 @@ static inline __m128i q4k_min_terms(__m512i u, __m512i qs) {
     __m512i m = _mm512_madd_epi16(_mm512_unpackhi_epi8(u, _mm512_setzero_si512()), qs);
     m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_BADC));
     m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_CDAB));
-    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), m));
+    return lane_heads_epi32(m);
 }
 
 /* q4k_fold on four lanes: the same operations, in the same order, per lane */
 static inline __m128 q4k_fold4(__m128 acc, __m128 xd, __m256 wd_dmin, __m128i isum, __m128i imin) {
-    __m128 d = _mm_mul_ps(xd, _mm256_castps256_ps128(wd_dmin)), dmin = _mm_mul_ps(xd, _mm256_extractf128_ps(wd_dmin, 1));
+    const __m128 d = _mm_mul_ps(xd, _mm256_castps256_ps128(wd_dmin));
+    const __m128 dmin = _mm_mul_ps(xd, _mm256_extractf128_ps(wd_dmin, 1));
     acc = _mm_add_ps(acc, _mm_mul_ps(d, _mm_cvtepi32_ps(isum)));
     return _mm_sub_ps(acc, _mm_mul_ps(dmin, _mm_cvtepi32_ps(imin)));
 }
@@ -196,13 +205,16 @@ static inline __attribute__((always_inline)) void q4k_rows4_cols(int64_t nb, con
             q4k_scale_words(u, i, sc);
             for (int hf = 0; hf < 2; hf++) {
                 __m512i bytes = _mm512_loadu_si512((const void *)(w[i][b].qs + 64 * hf));
-                q[2 * hf] = _mm512_and_si512(bytes, m4), q[2 * hf + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
+                q[2 * hf] = _mm512_and_si512(bytes, m4);
+                q[2 * hf + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
             }
             for (int c = 0; c < NC; c++) {
                 const y_block *yb = &y[c * y_stride + b];
                 __m512i t = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++)
-                    t = _mm512_dpwssd_epi32(t, _mm512_maddubs_epi16(q[k], _mm512_load_si512((const void *)yb->qs[k])), sc[k]);
+                for (int k = 0; k < 4; k++) {
+                    const __m512i pairs = _mm512_maddubs_epi16(q[k], _mm512_load_si512((const void *)yb->qs[k]));
+                    t = _mm512_dpwssd_epi32(t, pairs, sc[k]);
+                }
                 s[c][i] = t;
             }
         }
