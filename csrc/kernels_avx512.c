@@ -295,13 +295,20 @@ void lq_avx512_rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_r
     }
 }
 
-/* lane i of register k (values 64k..64k+63, groups 4k..4k+3) takes scale 4k + i / 4 */
-static const int32_t q6k_group_idx[4][16] __attribute__((aligned(64))) = {
-    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
-    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
-    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
-    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+/* vpermw indices that lay a Q6_K block's 16 scales (as int16) beside packs_epi32(p[k], p[k+1]):
+ * in 128-bit lane j, words 0-3 are p[k]'s lanes 4j..4j+3 (group 4k + j) and words 4-7 are
+ * p[k+1]'s (group 4k + 4 + j). Row 0 for k = 0, row 1 for k = 2. */
+static const int16_t q6k_pair_scale_idx[2][32] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5, 2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7},
+    {8, 8, 8, 8, 12, 12, 12, 12, 9, 9, 9, 9, 13, 13, 13, 13,
+     10, 10, 10, 10, 14, 14, 14, 14, 11, 11, 11, 11, 15, 15, 15, 15}};
 
+/* One Q6_K row against T columns. Per 64-value chunk k one vpdpbusd gives 16 lanes of 4 products
+ * (|lane| <= 4 * 63 * 128 = 32256, inside int16), so two chunks' lanes are packed to 16-bit words
+ * and one vpdpwssd multiplies both by their group scales: 2 packs + 2 vpdpwssd per block-column
+ * instead of 4 vpmulld (2 uops each) and 3 adds. On a 2-vCPU AMX Xeon, hot 256 x 2816 rows,
+ * ns per row-block-column at T = 1, 4, 8, 16, 32: the vpmulld kernel 9.0, 6.4, 6.0, 5.9, 5.8
+ * against AVX2's bit-identical kernel's 9.2, 5.8, 5.2, 5.2, 5.1; this one 8.0, 5.3, 4.75, 4.8, 4.8. */
 void lq_avx512_dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_t x_stride, int T, float *out,
                     int64_t out_stride) {
     const block_q6_K *w = w_row;
@@ -310,12 +317,14 @@ void lq_avx512_dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_
     /* per-16-bit-lane shifts of the qh bits: low 256 bits one field, high 256 bits the next */
     const __m512i shift_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const __m512i shift_b = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    const __m512i idx01 = _mm512_load_si512((const void *)q6k_pair_scale_idx[0]);
+    const __m512i idx23 = _mm512_load_si512((const void *)q6k_pair_scale_idx[1]);
     float acc[LQ_MAX_T];
     for (int t = 0; t < T; t++) acc[t] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         const block_q6_K *wb = &w[b];
         LQ_PREFETCH(wb, 0), LQ_PREFETCH(wb, 64), LQ_PREFETCH(wb, 128), LQ_PREFETCH(wb, 192);
-        __m512i q[4], scale[4]; /* q[k]: unsigned 6-bit values (q + 32) 64k..64k+63 */
+        __m512i q[4]; /* q[k]: unsigned 6-bit values (q + 32) 64k..64k+63 */
         for (int h = 0; h < 2; h++) {
             /* per 128 values: ql bytes 0-63 (low nibbles: values 0-63, high: 64-127) and qh bytes
              * 0-31 (2-bit fields at shifts 0, 2, 4, 6 for values 0-31, 32-63, 64-95, 96-127) */
@@ -326,19 +335,19 @@ void lq_avx512_dot_q6k(int64_t nb, const void *w_row, const void *x_rows, int64_
             q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), ha);
             q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), hb);
         }
-        const __m512i sc32 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wb->scales));
-        for (int k = 0; k < 4; k++)
-            scale[k] = _mm512_permutexvar_epi32(_mm512_load_si512((const void *)q6k_group_idx[k]), sc32);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
+        const __m512i sc512 = _mm512_castsi256_si512(sc16);
+        const __m512i scale01 = _mm512_permutexvar_epi16(idx01, sc512);
+        const __m512i scale23 = _mm512_permutexvar_epi16(idx23, sc512);
         const float wd = _cvtsh_ss(wb->d);
         for (int t = 0; t < T; t++) {
             const block_q8_K *xb = &x[t * x_stride + b];
-            __m512i s = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++) {
-                __m512i y = _mm512_loadu_si512((const void *)(xb->qs + 64 * k));
-                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], y);
-                s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, scale[k]));
-            }
+            __m512i p[4];
+            for (int k = 0; k < 4; k++)
+                p[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k],
+                                           _mm512_loadu_si512((const void *)(xb->qs + 64 * k)));
+            __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_packs_epi32(p[0], p[1]), scale01);
+            s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), scale23);
             /* the stored values are q + 32: take back 32 * sum_g scale_g * bsum_g */
             __m256i off8 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
             int32_t isum = _mm512_reduce_add_epi32(s) - 32 * hsum_epi32_256(off8);
