@@ -28,14 +28,19 @@ static const lq_kernels *find(const char *name) {
 static void init(void) {
     add(&lq_kernels_scalar);
 #if defined(__x86_64__) || defined(_M_X64)
-    /* best last: AMX (AVX-512 VNNI plus tiles), AVX-512 VNNI, AVX2, AVX-VNNI. AVX-VNNI comes
-     * below AVX2: its exact per-row kernels ran the top-8 expert FFN at 0.55-0.59x the AVX2
-     * table's speed on a Zen 5 EPYC (larql bench kernels), so it is listed and can be forced,
-     * but a CPU with AVX-VNNI and no AVX-512 runs the AVX2 table. */
+    /* best last: AVX-512 VNNI, AMX, AVX2, AVX-VNNI. Two tables rank below a narrower one, by
+     * measurement (larql bench kernels; hot rows in docs/KERNELS.md):
+     * - AVX-VNNI below AVX2: its exact per-row kernels ran the top-8 expert FFN at 0.55-0.59x the
+     *   AVX2 table's speed on a Zen 5 EPYC.
+     * - AMX below AVX-512: on its first real AMX machine (a 2-vCPU Xeon with amx-int8), its
+     *   tile rows kernels took 1.6-4.2x the AVX-512 rows kernel's time per row-block-column for
+     *   Q4_K at every T from 4 to 64, and 0.98-2.4x for Q6_K from 4 to 32 (one sub-block per
+     *   tile op, then a tile store and the scales in vector code per sub-block).
+     * Both are listed and can be forced (LARQL_ISA), and both are tested against scalar. */
     if (lq_avxvnni_usable()) add(&lq_kernels_avxvnni);
     if (lq_avx2_usable()) add(&lq_kernels_avx2);
-    if (lq_avx512_usable()) add(&lq_kernels_avx512);
     if (lq_amx_usable()) add(&lq_kernels_amx);
+    if (lq_avx512_usable()) add(&lq_kernels_avx512);
 #endif
 #if defined(__aarch64__)
     add(&lq_kernels_neon); /* Advanced SIMD is part of the aarch64 baseline */
