@@ -23,10 +23,11 @@
  * Tests: built with -DLQ_TEST_EMULATE_AMX, the tile instructions are C functions with the ISA's
  * semantics (Intel SDM, TDPBUSD: C[m][n] += sum over k of zero-extended A bytes times
  * sign-extended B bytes, 4 per cell), compiled for AVX2, so the layouts, tails, scales and fold
- * are tested against scalar on any AVX2 machine (tests/test_isa_native.py). Not yet measured or
- * run on real tiles: it was written on an AVX2-only machine. LQ_AMX_MIN_T = 4 follows
- * ktransformers' published crossover (AMX pays above ~4 tokens per expert), to be measured with
- * `larql bench kernels` (its per-table section) on an AMX machine. */
+ * are tested against scalar on any AVX2 machine (tests/test_isa_native.py). LQ_AMX_MIN_T = 4
+ * follows ktransformers' published crossover (AMX pays above ~4 tokens per expert). On real tiles
+ * (a 2-vCPU amx-int8 Xeon) the results equal scalar's, but this table was slower than the AVX-512
+ * one at every T measured (Q4_K 1.6-4.2x the time from T = 4 to 64), so dispatch ranks it below
+ * avx512; docs/KERNELS.md has the measurements and where the time goes. */
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <stdint.h>
