@@ -7,6 +7,7 @@ scripts in bench/ can run the same code without the `larql` command.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def synthetic_vindex(directory: str | Path, layers: int, vocab: int, prefix: str
     path = Path(directory) / f"{prefix}-L{layers}-v{vocab}-head-{lm_head}"
     if not (path / "index.json").exists():
         print(f"writing a synthetic 26B-A4B-shaped vindex ({layers} layers, vocab {vocab}, "
-              f"LM head {lm_head}) to {path} ...", flush=True)
+              f"LM head {lm_head}) to {path} ...", file=sys.stderr, flush=True)  # stdout: --json
         write_synthetic_vindex(path, num_layers=layers, quant="q4k", progress=True, vocab_size=vocab,
                                lm_head=lm_head)
     return path
