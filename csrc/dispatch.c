@@ -28,8 +28,8 @@ static const lq_kernels *find(const char *name) {
 static void init(void) {
     add(&lq_kernels_scalar);
 #if defined(__x86_64__) || defined(_M_X64)
-    /* best last: AVX-512 VNNI, AMX, AVX2, AVX-VNNI. Two tables rank below a narrower one, by
-     * measurement (larql bench kernels; hot rows in docs/KERNELS.md):
+    /* added worst first, so the best is last: ranked AVX-512 VNNI, AMX, AVX2, AVX-VNNI. Two
+     * tables rank below a narrower one, by measurement (larql bench kernels; hot rows in docs/KERNELS.md):
      * - AVX-VNNI below AVX2: its exact per-row kernels ran the top-8 expert FFN at 0.55-0.59x the
      *   AVX2 table's speed on a Zen 5 EPYC.
      * - AMX below AVX-512: on its first real AMX machine (a 2-vCPU Xeon with amx-int8), its
