@@ -34,7 +34,7 @@ static void init(void) {
      *   AVX2 table's speed on a Zen 5 EPYC.
      * - AMX below AVX-512: on its first real AMX machine (a 2-vCPU Xeon with amx-int8), its
      *   tile rows kernels took 1.6-4.2x the AVX-512 rows kernel's time per row-block-column for
-     *   Q4_K at every T from 4 to 64, and 0.98-2.4x for Q6_K from 4 to 32 (one sub-block per
+     *   Q4_K at every T from 4 to 64, and 1.1-2.8x for Q6_K from 4 to 32 (one sub-block per
      *   tile op, then a tile store and the scales in vector code per sub-block).
      * Both are listed and can be forced (LARQL_ISA), and both are tested against scalar. */
     if (lq_avxvnni_usable()) add(&lq_kernels_avxvnni);
