@@ -6,7 +6,7 @@
  * unsigned weight quants by signed Q8_K quants into int32 lanes (exact), one multiply by the
  * sub-block scale per lane, an exact integer reduction per block, then the scalar kernel's float
  * operations in its order, so results are bit-identical to kernels_scalar.c. The Q4_K rows
- * kernel further down (its own comment) does four dots at a time, with the same bits. Float rows
+ * kernel further down (its own comment) does up to 16 dots at a time, with the same bits. Float rows
  * and the Q8_K quantiser are the AVX2 ones (memory-bound; wider registers buy nothing there). */
 #if defined(__x86_64__) || defined(_M_X64)
 
@@ -67,26 +67,27 @@ void lq_avx512_dot_q4k(int64_t nb, const void *w_row, const void *x_rows, int64_
     for (int t = 0; t < T; t++) out[t * out_stride] = acc[t];
 }
 
-/* ---- Q4_K rows kernel: four dots reduced and folded together ----
+/* ---- Q4_K rows kernel: four rows, up to four columns, one register of dots ----
  *
  * The per-row kernel above pays, per block and activation row, a 16-lane horizontal sum, four
  * 32-bit multiplies by scale vectors built from scalars, and a scalar fold. On a Zen 5 EPYC it
- * ran the top-8 expert FFN 1.37-1.44x slower than the AVX2 table, so the table the CPU was
- * dispatched to was its slowest. The rows kernel below computes four (row, column) dots at once:
+ * ran the top-8 expert FFN 1.37-1.44x slower than the AVX2 table. The rows kernel below takes
+ * four rows and up to four columns together:
  * - the activations are copied once per call into the order the weight registers hold the
  *   sub-blocks (y_block), with each sub-block's quant sum (two bsums) beside them, so every row
  *   reads them with plain loads;
- * - each 64-value chunk: vpdpbusd (u8 x s8, 4 products per 32-bit lane); two chunks' sums fit
- *   16 bits, so they are packed into one register and one vpdpwssd multiplies both by their
- *   sub-block scales as 16-bit words and accumulates (no 32-bit multiply; 6 multiply-unit
- *   operations per row, block and column instead of maddubs + vpdpwssd's 8: hot rows at T = 1,
- *   2, 3, 8 went from 3.3, 2.5, 2.25, 2.2 to 3.1, 2.2, 2.0, 1.85 ns per row-block-column);
- * - the four blocks' scales and mins are unpacked together, one 128-bit lane per dot;
- * - the four 16-lane integer sums are reduced together (9 operations instead of 4 x 8), and the
- *   four float folds are one 128-bit vector of the scalar kernel's operations in its order.
+ * - each 64-value chunk: vpdpbusd (u8 x s8, 4 products per 32-bit lane) for two rows; their
+ *   sums fit 16 bits, so they are packed into one register and one vpdpwssd multiplies both by
+ *   their sub-block scales (laid out by one vpermw per chunk and row pair) and accumulates;
+ * - the sums of all 16 (row, column) dots are reduced together into one register (lane 4c + i),
+ *   the min terms likewise, and one 16-lane fold does the scalar kernel's float operations in its
+ *   order. Reducing and folding each column's four dots on its own cost up to a fifth of the
+ *   time: hot 256 x 2816 rows, Zen 5, ns per row-block-column at T = 1, 2, 3, 4, 8: per column
+ *   2.93, 2.18, 1.95, 1.89, 1.95; together 2.88, 1.98, 1.71, 1.56, 1.58 (2816 x 768: 3.46, 2.38,
+ *   2.09, 2.00, 1.87 against 3.44, 2.15, 1.81, 1.63, 1.55). Sixteen rows a call at T = 1 (every
+ *   lane a dot) were no faster hot and 0.8 of four rows' speed cold (16 interleaved streams).
  * The integer sums are exact and each lane does q4k_fold's float operations, so the results
- * equal kernels_scalar.c's bit for bit, as before. Each group of four rows is dotted with up to
- * four columns at a time, its quants and scale registers made once per block for all of them. */
+ * equal kernels_scalar.c's bit for bit. */
 
 /* One Q8_K block of an activation column in the weight registers' sub-block order. */
 typedef struct {
@@ -134,53 +135,34 @@ static inline __m256 q4k_heads_d(__m512i h) {
     return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(dd), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 
-/* The two scale registers of the row in lane `lane` of the unpacked heads u, laid out for
- * q4k_rows4_cols' packed sums: in register h (sub-blocks 4h..4h+3), 128-bit lanes 0-1 hold
- * q4k_sub[2h][0]'s scale in words 0-3 and q4k_sub[2h+1][0]'s in words 4-7, lanes 2-3 the same
- * for q4k_sub[2h][1] and q4k_sub[2h+1][1]. */
-static inline void q4k_scale_words(__m512i u, int lane, __m512i sc[2]) {
-    static const int8_t ctrl[2][64] __attribute__((aligned(64))) = {
-#define W4(j) 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1, 2 * (j), 2 * (j) + 1
-#define L(a, b) W4(a), W4(b)
-        {L(0, 1), L(0, 1), L(2, 3), L(2, 3)}, {L(4, 5), L(4, 5), L(6, 7), L(6, 7)},
-#undef L
-#undef W4
-    };
-    __m512i words = _mm512_unpacklo_epi8(u, _mm512_setzero_si512()); /* per lane: 8 scales as words */
-    __m512i own;
-    switch (lane) { /* the shuffle's lane selector is an immediate */
-    case 0: own = _mm512_shuffle_i32x4(words, words, 0x00); break;
-    case 1: own = _mm512_shuffle_i32x4(words, words, 0x55); break;
-    case 2: own = _mm512_shuffle_i32x4(words, words, 0xaa); break;
-    default: own = _mm512_shuffle_i32x4(words, words, 0xff); break;
-    }
-    for (int h = 0; h < 2; h++) sc[h] = _mm512_shuffle_epi8(own, _mm512_load_si512((const void *)ctrl[h]));
+/* vpermw indices for the scale words of quad row pair pr = (pr, pr + 2) and chunk register k:
+ * in 128-bit lane j, words 0-3 are row pr's scale and words 4-7 row pr + 2's, each of the
+ * sub-block register k holds in that lane (q4k_sub[k][j >= 2]); the source has row i's 8 scales
+ * as words 8i..8i+7. */
+#define SW4(r, s) 8 * (r) + (s), 8 * (r) + (s), 8 * (r) + (s), 8 * (r) + (s)
+#define SWK(a, b, s0, s1) SW4(a, s0), SW4(b, s0), SW4(a, s0), SW4(b, s0), SW4(a, s1), SW4(b, s1), SW4(a, s1), SW4(b, s1)
+static const int16_t q4k_pair_scale_idx[2][4][32] __attribute__((aligned(64))) = {
+    {{SWK(0, 2, 0, 2)}, {SWK(0, 2, 1, 3)}, {SWK(0, 2, 4, 6)}, {SWK(0, 2, 5, 7)}},
+    {{SWK(1, 3, 0, 2)}, {SWK(1, 3, 1, 3)}, {SWK(1, 3, 4, 6)}, {SWK(1, 3, 5, 7)}}};
+#undef SWK
+#undef SW4
+
+/* m[q] holds quad q's four integer sums (lane i: row i) as four partials, one per 128-bit lane:
+ * lane 4q + i of the result is the total (exact) */
+static inline __m512i quads_total(__m512i m0, __m512i m1, __m512i m2, __m512i m3) {
+    __m512i p01 = _mm512_add_epi32(_mm512_shuffle_i32x4(m0, m1, 0x44), _mm512_shuffle_i32x4(m0, m1, 0xee));
+    __m512i p23 = _mm512_add_epi32(_mm512_shuffle_i32x4(m2, m3, 0x44), _mm512_shuffle_i32x4(m2, m3, 0xee));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(p01, p23, 0x88), _mm512_shuffle_i32x4(p01, p23, 0xdd));
 }
 
-/* The sums of the 16 lanes of a, b, c and d (exact), as one 4-lane vector */
-static inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
-    __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-    __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-    __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-/* The four min terms: per 128-bit lane, sum_j mins[j] * qsum[j] (u: unpacked heads, qs: the
- * lanes' 8 quant sums as words) */
-static inline __m128i q4k_min_terms(__m512i u, __m512i qs) {
-    __m512i m = _mm512_madd_epi16(_mm512_unpackhi_epi8(u, _mm512_setzero_si512()), qs);
-    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_BADC));
-    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, _MM_PERM_CDAB));
-    return lane_heads_epi32(m);
-}
-
-/* q4k_fold on four lanes: the same operations, in the same order, per lane */
-static inline __m128 q4k_fold4(__m128 acc, __m128 xd, __m256 wd_dmin, __m128i isum, __m128i imin) {
-    const __m128 d = _mm_mul_ps(xd, _mm256_castps256_ps128(wd_dmin));
-    const __m128 dmin = _mm_mul_ps(xd, _mm256_extractf128_ps(wd_dmin, 1));
-    acc = _mm_add_ps(acc, _mm_mul_ps(d, _mm_cvtepi32_ps(isum)));
-    return _mm_sub_ps(acc, _mm_mul_ps(dmin, _mm_cvtepi32_ps(imin)));
+/* v[q]'s 128-bit lane i holds four partials of (quad q, row i): lane 4q + i of the result is
+ * their sum (exact) */
+static inline __m512i lanes_total(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    const __m512i to_quads = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m512i e01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+    __m512i e23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+    __m512i f = _mm512_add_epi32(_mm512_unpacklo_epi64(e01, e23), _mm512_unpackhi_epi64(e01, e23));
+    return _mm512_permutexvar_epi32(to_quads, f); /* f: lane 4i + q */
 }
 
 static inline __m512i head_lanes(const block_q4_K *a, const block_q4_K *b, const block_q4_K *c, const block_q4_K *d) {
@@ -190,54 +172,117 @@ static inline __m512i head_lanes(const block_q4_K *a, const block_q4_K *b, const
     return _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)d), 3);
 }
 
-/* Rows w[0..3] (nb blocks each) against NC (1-4, a constant in each caller) activation columns
- * y, y + y_stride, ...: out[i * ors + c * os] = dot of row i with column c, for i < n_out. Each
- * row's quants and scale registers are made once per block and used for every column. */
-static inline __attribute__((always_inline)) void q4k_rows4_cols(int64_t nb, const block_q4_K *const w[4],
-                                                                 const y_block *y, int64_t y_stride, const int NC,
-                                                                 float *out, int64_t ors, int64_t os, int n_out,
-                                                                 size_t ahead, size_t step) {
+/* a Q4_K block's 256 quants as four registers in q4k_sub order */
+static inline void q4k_quants(const block_q4_K *wb, __m512i q[4]) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
-    for (int64_t b = 0; b < nb; b++) {
-        /* a group of four rows >= 8 KiB ahead, linearly, at the pace this one is read (rows_q4k) */
-        const char *p = (const char *)w[0] + ahead + (size_t)b * step;
-        for (size_t o = 0; o < step; o += 64) __builtin_prefetch(p + o, 0, 3);
-        const __m512i h = head_lanes(&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
-        const __m512i u = q4k_heads_unpack(h);
-        __m512i s[4][4];
-        for (int i = 0; i < 4; i++) {
-            __m512i sc[2], q[4];
-            q4k_scale_words(u, i, sc);
-            for (int hf = 0; hf < 2; hf++) {
-                __m512i bytes = _mm512_loadu_si512((const void *)(w[i][b].qs + 64 * hf));
-                q[2 * hf] = _mm512_and_si512(bytes, m4);
-                q[2 * hf + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
-            }
-            for (int c = 0; c < NC; c++) {
-                const y_block *yb = &y[c * y_stride + b];
-                /* vpdpbusd: 4 products per 32-bit lane, |.| <= 4 * 15 * 128, so two registers pack
-                 * into one of 16-bit words exactly, and one vpdpwssd scales and adds both */
-                __m512i d[4], t = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++)
-                    d[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], _mm512_load_si512((const void *)yb->qs[k]));
-                for (int h = 0; h < 2; h++)
-                    t = _mm512_dpwssd_epi32(t, _mm512_packs_epi32(d[2 * h], d[2 * h + 1]), sc[h]);
-                s[c][i] = t;
-            }
-        }
-        const __m256 wd = q4k_heads_d(h);
-        for (int c = 0; c < NC; c++) {
+    for (int h = 0; h < 2; h++) {
+        __m512i bytes = _mm512_loadu_si512((const void *)(wb->qs + 64 * h));
+        q[2 * h] = _mm512_and_si512(bytes, m4);
+        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
+    }
+}
+
+/* Integer sums of block b of rows w[0..3] with NC (1-4, a constant in each caller) activation
+ * columns y, y + y_stride, ...: m[c] holds column c's four dots (lane i: row i) as partials, one
+ * per 128-bit lane; v[c] their min-term partials (128-bit lane i: row i). */
+static inline __attribute__((always_inline)) void q4k_block_sums(const block_q4_K *const w[4], int64_t b, __m512i u,
+                                                                 const y_block *y, int64_t y_stride, const int NC,
+                                                                 __m512i m[4], __m512i v[4]) {
+    const __m512i words = _mm512_unpacklo_epi8(u, _mm512_setzero_si512()); /* lane i: row i's scales */
+    const __m512i mins = _mm512_unpackhi_epi8(u, _mm512_setzero_si512());  /* lane i: row i's mins */
+    __m512i t[2][4];
+    _Pragma("GCC unroll 2") for (int pr = 0; pr < 2; pr++) { /* rows pr and pr + 2 side by side */
+        __m512i qa[4], qb[4], sc[4];
+        q4k_quants(&w[pr][b], qa);
+        q4k_quants(&w[pr + 2][b], qb);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            sc[k] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)q4k_pair_scale_idx[pr][k]), words);
+        _Pragma("GCC unroll 4") for (int c = 0; c < NC; c++) {
             const y_block *yb = &y[c * y_stride + b];
-            __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->qsum));
-            acc[c] = q4k_fold4(acc[c], _mm_set1_ps(yb->d), wd, reduce4_epi32(s[c][0], s[c][1], s[c][2], s[c][3]),
-                               q4k_min_terms(u, qs));
+            /* vpdpbusd: 4 products per 32-bit lane, |.| <= 4 * 15 * 128, so the two rows' registers
+             * pack into one of 16-bit words exactly, and one vpdpwssd scales and adds both: lanes
+             * 0-1 of each 128-bit lane are row pr's, lanes 2-3 row pr + 2's */
+            __m512i s = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m512i yk = _mm512_load_si512((const void *)yb->qs[k]);
+                const __m512i da = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qa[k], yk);
+                const __m512i db = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qb[k], yk);
+                s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(da, db), sc[k]);
+            }
+            t[pr][c] = s;
         }
     }
-    for (int c = 0; c < NC; c++) {
-        float r[4];
-        _mm_storeu_ps(r, acc[c]);
-        for (int i = 0; i < n_out; i++) out[i * ors + c * os] = r[i];
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        if (c >= NC) { /* no column: zero dots */
+            m[c] = v[c] = _mm512_setzero_si512();
+            continue;
+        }
+        /* t[0]: rows 0, 0, 2, 2 in each 128-bit lane, t[1]: 1, 1, 3, 3 -> rows 0, 1, 2, 3 */
+        const __m512i x = _mm512_mask_blend_epi32(0xaaaa, t[0][c], t[1][c]);
+        const __m512i z = _mm512_mask_blend_epi32(0xaaaa, t[1][c], t[0][c]);
+        m[c] = _mm512_add_epi32(x, _mm512_shuffle_epi32(z, _MM_PERM_CDAB));
+        const __m128i qsum = _mm_loadu_si128((const __m128i *)y[c * y_stride + b].qsum);
+        v[c] = _mm512_madd_epi16(mins, _mm512_broadcast_i32x4(qsum)); /* pairs of sub-blocks */
+    }
+}
+
+/* acc (lane 4c + i: row i, column c) after q4k_fold of block b: one reduction, one min-term sum
+ * and one fold for all the dots */
+static inline __attribute__((always_inline)) __m512 q4k_block_fold(__m512 acc, const block_q4_K *const w[4], int64_t b,
+                                                                   const y_block *y, int64_t y_stride, const int NC) {
+    const __m512i h = head_lanes(&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
+    __m512i m[4], v[4], isum, imin;
+    q4k_block_sums(w, b, q4k_heads_unpack(h), y, y_stride, NC, m, v);
+    if (NC == 1) { /* lanes 0-3 only: shorter trees */
+        isum = _mm512_add_epi32(m[0], _mm512_shuffle_i32x4(m[0], m[0], 0x4e));
+        isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4(isum, isum, 0xb1));
+        imin = _mm512_add_epi32(v[0], _mm512_shuffle_epi32(v[0], _MM_PERM_BADC));
+        imin = _mm512_add_epi32(imin, _mm512_shuffle_epi32(imin, _MM_PERM_CDAB));
+        imin = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), imin);
+    } else {
+        isum = quads_total(m[0], m[1], m[2], m[3]), imin = lanes_total(v[0], v[1], v[2], v[3]);
+    }
+    /* per lane 4c + i: row i's d and dmin, column c's d (set from scalars: a vector load of four
+     * floats just stored waits on store forwarding; T = 1 hot took 3.9 ns instead of 3.0) */
+    const __m512 wd = _mm512_castps256_ps512(q4k_heads_d(h)); /* 128-bit lanes 0: d, 1: dmin */
+    __m512 xd;
+    if (NC == 1)
+        xd = _mm512_set1_ps(y[b].d);
+    else if (NC == 2)
+        xd = _mm512_mask_blend_ps(0x00f0, _mm512_set1_ps(y[b].d), _mm512_set1_ps(y[y_stride + b].d));
+    else
+        xd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_castps128_ps512(_mm_setr_ps(y[b].d, y[y_stride + b].d, y[2 * y_stride + b].d,
+                                                                      NC == 4 ? y[3 * y_stride + b].d : 0.f)));
+    /* q4k_fold on 16 lanes: the same operations, in the same order, per lane */
+    const __m512 d = _mm512_mul_ps(xd, _mm512_shuffle_f32x4(wd, wd, 0x00));
+    const __m512 dmin = _mm512_mul_ps(xd, _mm512_shuffle_f32x4(wd, wd, 0x55));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum)));
+    return _mm512_sub_ps(acc, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(imin)));
+}
+
+/* Rows [r0, r1) of w (nb blocks each) against NC activation columns y, y + y_stride, ..., four
+ * rows at a time: out[(r - r0) * ors + c * os] = dot of row r with column c. Each row's quants and
+ * scale registers are made once per block and used for every column. */
+static inline __attribute__((always_inline)) void q4k_run_cols(int64_t nb, const uint8_t *w, size_t row_bytes,
+                                                               int64_t r0, int64_t r1, const y_block *y,
+                                                               int64_t y_stride, const int NC, float *out, int64_t ors,
+                                                               int64_t os, size_t ahead, size_t step) {
+    for (int64_t r = r0; r < r1; r += 4) {
+        const block_q4_K *w4[4];
+        for (int i = 0; i < 4; i++) /* past the end: repeat the last row */
+            w4[i] = (const block_q4_K *)(w + (size_t)(r + i < r1 ? r + i : r1 - 1) * row_bytes);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            /* a group of four rows >= 8 KiB ahead, linearly, at the pace this one is read */
+            const char *p = (const char *)w4[0] + ahead + (size_t)b * step;
+            for (size_t o = 0; o < step; o += 64) __builtin_prefetch(p + o, 0, 3);
+            acc = q4k_block_fold(acc, w4, b, y, y_stride, NC);
+        }
+        float dots[16];
+        _mm512_storeu_ps(dots, acc);
+        for (int c = 0; c < NC; c++)
+            for (int i = 0; i < 4 && r + i < r1; i++) out[(r - r0 + i) * ors + c * os] = dots[4 * c + i];
     }
 }
 
@@ -261,7 +306,8 @@ void lq_avx512_rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_r
      * 198 MiB, cold), x the C read of the same bytes timed call by call, median of 9, Zen 5:
      * each row's next group's blocks 0.79-0.85 on 1 thread, 0.82-0.87 on 2; linear 8-12 KiB
      * ahead 0.85-0.91 and 0.94-0.99 (the AVX2 table: 0.69-0.75, 0.94-1.2); 16-24 KiB 0.82-0.84,
-     * 0.90-0.95; none 0.59, 0.78. */
+     * 0.90-0.95; none 0.59, 0.78. (Sixteen rows a call, one lane per dot at T = 1, were no
+     * faster hot and 0.8 of four rows' speed cold: sixteen interleaved streams.) */
     const size_t group = 4 * row_bytes, ahead = group * ((8192 + group - 1) / group), step = (group + nb - 1) / nb;
     const int chunk = (int)(Y_BLOCKS / nb) < T ? (int)(Y_BLOCKS / nb) : T; /* columns per copy */
     for (int64_t r0 = 0; r0 < n_rows; r0 += ROW_RUN) {
@@ -270,26 +316,18 @@ void lq_avx512_rows_q4k(int64_t nb, const void *w, size_t row_bytes, int64_t n_r
             const int nc = T - t0 < chunk ? T - t0 : chunk;
             if (r0 == 0 || chunk < T)
                 for (int t = 0; t < nc; t++) y_fill(x + (t0 + t) * x_stride, nb, y + t * nb);
-            for (int64_t r = r0; r < r1; r += 4) {
-                const block_q4_K *wr[4];
-                for (int i = 0; i < 4; i++) {
-                    int64_t ri = r + i < r1 ? r + i : r1 - 1; /* past the end: repeat the last row */
-                    wr[i] = (const block_q4_K *)((const uint8_t *)w + (size_t)ri * row_bytes);
+            /* the columns in groups of at most four, as even as possible (T = 5: 3 + 2) */
+            for (int c = 0, groups = (nc + 3) / 4, g = 0; g < groups; g++) {
+                const int n = (nc - c) / (groups - g);
+                const y_block *yc = y + c * nb;
+                float *oc = out + r0 * ors + (t0 + c) * os;
+                switch (n) {
+                case 1: q4k_run_cols(nb, w, row_bytes, r0, r1, yc, nb, 1, oc, ors, os, ahead, step); break;
+                case 2: q4k_run_cols(nb, w, row_bytes, r0, r1, yc, nb, 2, oc, ors, os, ahead, step); break;
+                case 3: q4k_run_cols(nb, w, row_bytes, r0, r1, yc, nb, 3, oc, ors, os, ahead, step); break;
+                default: q4k_run_cols(nb, w, row_bytes, r0, r1, yc, nb, 4, oc, ors, os, ahead, step); break;
                 }
-                const int n_out = r1 - r < 4 ? (int)(r1 - r) : 4;
-                /* the columns in groups of at most four, as even as possible (T = 5: 3 + 2) */
-                for (int c = 0, groups = (nc + 3) / 4, g = 0; g < groups; g++) {
-                    const int n = (nc - c) / (groups - g);
-                    const y_block *yc = y + c * nb;
-                    float *oc = out + r * ors + (t0 + c) * os;
-                    switch (n) {
-                    case 1: q4k_rows4_cols(nb, wr, yc, nb, 1, oc, ors, os, n_out, ahead, step); break;
-                    case 2: q4k_rows4_cols(nb, wr, yc, nb, 2, oc, ors, os, n_out, ahead, step); break;
-                    case 3: q4k_rows4_cols(nb, wr, yc, nb, 3, oc, ors, os, n_out, ahead, step); break;
-                    default: q4k_rows4_cols(nb, wr, yc, nb, 4, oc, ors, os, n_out, ahead, step); break;
-                    }
-                    c += n;
-                }
+                c += n;
             }
         }
     }
