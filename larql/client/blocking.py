@@ -114,11 +114,11 @@ class BlockingConnection:
         return cls(endpoint, sock)
 
     # --- frames ---------------------------------------------------------------------------
-    def send(self, msg: dict) -> int:
+    def send(self, msg: dict, timeout: float) -> int:
         rid = self.next_id
         self.next_id += 1
         msg["id"] = rid
-        self.send_frame(P.encode_frame(msg))
+        self.send_frame(P.encode_frame(msg), timeout)
         return rid
 
     def recv(self, rid: int, deadline: float, what: str = "request") -> dict:
@@ -246,7 +246,7 @@ class BlockingConnection:
         ssl on TLS, where buf_c is not used)."""
         if self.fd < 0:
             with memoryview(buf) as view:
-                self.send_frame(view[:n])
+                self.send_frame(view[:n], timeout)
             return
         rc = lib.lq_wire_write(self.fd, buf_c, n, max(1, int(timeout * 1000)), self._err)
         if rc != lib.LQ_OK:
@@ -296,9 +296,18 @@ class BlockingConnection:
             self._out_c = ffi.from_buffer(self.out)
         return self.out, self._out_c
 
-    def send_frame(self, frame) -> None:
+    def send_frame(self, frame, timeout: float) -> None:
+        """Write a whole frame within `timeout` seconds. The socket keeps whatever timeout the
+        last read left on it (often a fraction of a second, or none at all), so it is set here:
+        a server that stops reading costs one timeout, never a hang, and a write is never cut
+        short by a read's leftover deadline."""
         try:
+            self.sock.settimeout(max(timeout, 1e-3))
             self.sock.sendall(frame)
+        except TimeoutError:
+            self.broken = True   # part of the frame may be out: the stream is out of step
+            raise ShardError(f"{self.where}: could not send a request within {timeout:g}s "
+                             f"(the server is not reading)") from None
         except OSError as e:
             self.broken = True
             raise ShardError(f"{self.where}: connection lost while sending ({e.strerror or e})") from None
@@ -340,7 +349,7 @@ class BlockingConnection:
 
     def request(self, msg: dict, deadline: float) -> dict:
         """Send and wait for the raw reply (error replies are returned, not raised)."""
-        return self.recv(self.send(msg), deadline, str(msg.get("op")))
+        return self.recv(self.send(msg, deadline - time.monotonic()), deadline, str(msg.get("op")))
 
     def close(self) -> None:
         self.broken = True
@@ -988,7 +997,7 @@ class BlockingExpertClient:
             return None
         rep, conn = picked
         try:
-            rid = conn.send(dict(job.msg))
+            rid = conn.send(dict(job.msg), self.options.timeout)
         except ShardError as e:
             self._send_failed(sh, rep, e)
             return None
