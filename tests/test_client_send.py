@@ -96,3 +96,24 @@ def test_a_slow_write_is_not_cut_short_by_a_reads_leftover_timeout(certs):
         conn.close()
     finally:
         listener.close()
+
+
+def test_ctrl_c_in_the_middle_of_a_write_marks_the_connection_broken(certs):
+    """SIGINT while a TLS write waits on a server that does not read: KeyboardInterrupt reaches
+    the caller, and the connection, with part of a frame written, is not used again."""
+    import os
+    import signal
+
+    server = DeafServer(transport.server_tls_context(certs["server"], certs["server.key"]))
+    try:
+        conn = BlockingConnection.open(Endpoint("127.0.0.1", server.port, True), 5.0,
+                                       transport.client_tls_context(certs["ca"]))
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            conn.send_frame(bytes(64 << 20), 10.0)
+        timer.join()
+        assert conn.broken
+        conn.close()
+    finally:
+        server.close()

@@ -311,6 +311,9 @@ class BlockingConnection:
         except OSError as e:
             self.broken = True
             raise ShardError(f"{self.where}: connection lost while sending ({e.strerror or e})") from None
+        except BaseException:    # Ctrl-C mid-frame: the next request must not follow the torn one
+            self.broken = True
+            raise
 
     def _next_frame(self, deadline: float, what: str) -> int:
         """Wait until a whole frame is buffered at _start; its length with the header."""
