@@ -135,7 +135,8 @@ static inline __m256 q4k_heads_d(__m512i h) {
     return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(dd), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 
-/* vpermw indices for the scale words of quad row pair pr = (pr, pr + 2) and chunk register k:
+/* vpermw indices for the scale words of row pair pr = (pr, pr + 2) of a group of four rows and
+ * chunk register k:
  * in 128-bit lane j, words 0-3 are row pr's scale and words 4-7 row pr + 2's, each of the
  * sub-block register k holds in that lane (q4k_sub[k][j >= 2]); the source has row i's 8 scales
  * as words 8i..8i+7. */
@@ -147,22 +148,22 @@ static const int16_t q4k_pair_scale_idx[2][4][32] __attribute__((aligned(64))) =
 #undef SWK
 #undef SW4
 
-/* m[q] holds quad q's four integer sums (lane i: row i) as four partials, one per 128-bit lane:
- * lane 4q + i of the result is the total (exact) */
-static inline __m512i quads_total(__m512i m0, __m512i m1, __m512i m2, __m512i m3) {
+/* m[c] holds column c's four integer sums (lane i: row i) as four partials, one per 128-bit
+ * lane: lane 4c + i of the result is the total (exact) */
+static inline __m512i columns_total(__m512i m0, __m512i m1, __m512i m2, __m512i m3) {
     __m512i p01 = _mm512_add_epi32(_mm512_shuffle_i32x4(m0, m1, 0x44), _mm512_shuffle_i32x4(m0, m1, 0xee));
     __m512i p23 = _mm512_add_epi32(_mm512_shuffle_i32x4(m2, m3, 0x44), _mm512_shuffle_i32x4(m2, m3, 0xee));
     return _mm512_add_epi32(_mm512_shuffle_i32x4(p01, p23, 0x88), _mm512_shuffle_i32x4(p01, p23, 0xdd));
 }
 
-/* v[q]'s 128-bit lane i holds four partials of (quad q, row i): lane 4q + i of the result is
+/* v[c]'s 128-bit lane i holds four partials of (column c, row i): lane 4c + i of the result is
  * their sum (exact) */
 static inline __m512i lanes_total(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
-    const __m512i to_quads = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i to_columns = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m512i e01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
     __m512i e23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
     __m512i f = _mm512_add_epi32(_mm512_unpacklo_epi64(e01, e23), _mm512_unpackhi_epi64(e01, e23));
-    return _mm512_permutexvar_epi32(to_quads, f); /* f: lane 4i + q */
+    return _mm512_permutexvar_epi32(to_columns, f); /* f: lane 4i + c */
 }
 
 static inline __m512i head_lanes(const block_q4_K *a, const block_q4_K *b, const block_q4_K *c, const block_q4_K *d) {
@@ -240,7 +241,7 @@ static inline __attribute__((always_inline)) __m512 q4k_block_fold(__m512 acc, c
         imin = _mm512_add_epi32(imin, _mm512_shuffle_epi32(imin, _MM_PERM_CDAB));
         imin = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), imin);
     } else {
-        isum = quads_total(m[0], m[1], m[2], m[3]), imin = lanes_total(v[0], v[1], v[2], v[3]);
+        isum = columns_total(m[0], m[1], m[2], m[3]), imin = lanes_total(v[0], v[1], v[2], v[3]);
     }
     /* per lane 4c + i: row i's d and dmin, column c's d (set from scalars: a vector load of four
      * floats just stored waits on store forwarding; T = 1 hot took 3.9 ns instead of 3.0) */
