@@ -359,9 +359,14 @@ static int moe_ffn(const lq_expert *experts, int32_t n_experts, int64_t hidden, 
 
     group_pairs(&s, n_experts, ids, weights, T * K, K);
     gather_inputs(&s, j.k, &c, x, xq, T, hidden, j.hpad);
-    lq_parallel_for(c.n_groups * j.n_slices, 1, phase_a, &j);
+    /* Items handed out guided, like matmul's rows: each thread first takes a long run of
+     * consecutive items (one expert's slices, contiguous bytes), which the prefetchers stream,
+     * and the short last claims balance the threads. Against one item per claim (which
+     * alternated the slices between the threads), 256 MiB bank, 2 threads, Zen 5, 6 A/B pairs:
+     * T = 8 median 2.37 ms against 2.57, T = 1 0.67 against 0.69. */
+    lq_parallel_for_guided(c.n_groups * j.n_slices, 1, phase_a, &j);
     if (c.any_kq_down) lq_parallel_for(c.np, 16, quantize_h, &j); /* 16 pairs or fewer: inline */
-    lq_parallel_for(c.n_groups * j.n_down_slices, 1, phase_b, &j);
+    lq_parallel_for_guided(c.n_groups * j.n_down_slices, 1, phase_b, &j);
     lq_parallel_for(j.n_down_slices, c.np * LQ_DOWN_ROWS >= 65536 ? 1 : j.n_down_slices, phase_c, &j);
     for (int64_t i = 0; i < T * hidden; i++) out[i] = (float)j.acc[i];
     scratch_free(&s);
