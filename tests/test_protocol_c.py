@@ -468,6 +468,41 @@ def test_client_lane_is_the_steady_state_and_hands_trouble_to_failover(vindex_pa
         b.stop()
 
 
+def test_client_lane_takes_a_replicated_shards_replicas_in_turn_and_fails_over(vindex_path):
+    """Shard 0 has two replicas, shard 1 one: decode calls run on the lane, shard 0's replicas
+    answer in turn (the policy's round-robin), each sum exactly the in-process one. One replica
+    stopped: the call that meets it fails over to the other within the deadline, and the calls
+    after it run on a new lane with the replica that is left."""
+    v = open_vindex(vindex_path)
+    a1 = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    a2 = ExpertServer(v, experts=range(0, 4)).start_in_thread("127.0.0.1", 0)
+    b = ExpertServer(v, experts=range(4, 8)).start_in_thread("127.0.0.1", 0)
+    local = LocalExperts(v)
+    try:
+        rx = connect_shards(f"0-3={a1.address}|{a2.address},4-7={b.address}", v, api_key="",
+                            accumulate="f64", timeout=10)
+        c = rx.client
+        rng = np.random.default_rng(9)
+        work = [(i % L, rng.standard_normal((1, H)).astype(np.float32), np.array([[i % 4, 4 + i % 4]]),
+                 rng.random((1, 2)).astype(np.float32)) for i in range(8)]
+        for wk in work:
+            assert rx.forward(*wk).tobytes() == local.forward(*wk).tobytes()
+        assert c.lane_calls == 8
+        served = [a1.server.stats.requests, a2.server.stats.requests]
+        assert min(served) >= 3, served              # both replicas, in turn
+        a1.stop()                                    # one replica of shard 0 gone
+        for wk in work:
+            assert rx.forward(*wk).tobytes() == local.forward(*wk).tobytes()
+        assert not c.shards[0].replicas[0].state.up() and c.shards[0].replicas[1].state.up()
+        assert c.lane_calls >= 8 + 6                 # at most the failed call and a rebuild off it
+        lane = c._lanes[work[-1][0]]
+        assert lane is not None and lane.conns[0] is c.shards[0].replicas[1].conn
+        rx.close()
+    finally:
+        for h in (a2, b):
+            h.stop()
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("lane-certs"))

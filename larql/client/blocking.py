@@ -445,9 +445,10 @@ class _TokenCall:
 
 
 class _Lane:
-    """A layer's one-token calls in the steady state, set up once: every shard that serves the
-    layer has a single replica, up and connected, so the policy has nothing to choose and a
-    call on plain TCP is two C calls (lq_wire_token_send, lq_wire_token_collect) and a few lines.
+    """A layer's one-token calls in the steady state, set up once: one replica, up and
+    connected, of every shard that serves the layer (a replicated shard's: the policy's choice
+    when the lane was built, `_lane_replica`), so a call on plain TCP is two C calls
+    (lq_wire_token_send, lq_wire_token_collect) and a few lines.
     Over TLS the same C call builds every request (the norm and Q8_K step included) and
     Python's ssl writes and reads the records; C still checks and adds each reply.
 
@@ -466,7 +467,7 @@ class _Lane:
     (`BlockingExpertClient._adopt`), which owns failover and every error message."""
 
     __slots__ = ("epoch", "entries", "conns", "legs", "ptrs", "n", "enc", "enc_name", "norm_c", "eps",
-                 "acc64", "tls")
+                 "acc64", "tls", "rotating", "turn", "all_conns")
 
     def __init__(self, epoch: int, entries: list, legs: list, enc_name: str, norm_c, eps: float,
                  acc64: bool) -> None:
@@ -480,6 +481,25 @@ class _Lane:
         self.norm_c, self.eps = norm_c, eps    # q8k: the layer's norm, made into Q8_K blocks by C
         self.acc64 = acc64
         self.tls = any(c.fd < 0 for c in self.conns)   # some replies are read by Python's ssl
+        self.rotating: list = []         # (position, shard index, Shard, [(Replica, conn, leg)])
+        self.turn = 0
+        self.all_conns = list(self.conns)   # every connection a call may use (all must be whole)
+
+    def rotate(self, rotating: list, start: int) -> None:
+        """Replicated shards take their up replicas in turn, call by call (the policy's
+        round-robin among equals: a decode step has nothing in flight), from `start`."""
+        self.rotating, self.turn = rotating, start - 1
+        self.all_conns = [e[3] for e in self.entries] + [c for *_, opts in rotating for _, c, _ in opts]
+        self.tls = any(c.fd < 0 for c in self.all_conns)
+        self.advance()
+
+    def advance(self) -> None:
+        """The next replica of each replicated shard into this call's entries and legs."""
+        self.turn += 1
+        for i, si, sh, opts in self.rotating:
+            rep, conn, leg = opts[self.turn % len(opts)]
+            self.entries[i] = (si, sh, rep, conn)
+            self.conns[i], self.legs[i], self.ptrs[i] = conn, leg, leg
 
 
 class _LaneCall:
@@ -509,10 +529,9 @@ class BlockingExpertClient:
         self.lane_calls = 0                  # of which on a lane, start to finish (`_Lane`)
         self._scratch64 = np.empty(identity.hidden, dtype=np.float64)
         self._scratch64_c = ffi.from_buffer(self._scratch64)
-        # The lane (one-token calls in two C calls) serves shards of one replica each, failing
-        # rather than renormalising, with an encoding C builds.
-        self._lane_ok = (options.encoding in protocol_c.ENCODINGS and options.on_shard_failure == "fail"
-                         and all(len(sh.replicas) == 1 for sh in self.shards))
+        # The lane (one-token calls in two C calls) serves clients that fail rather than
+        # renormalise, with an encoding C builds; each lane holds one replica per shard.
+        self._lane_ok = options.encoding in protocol_c.ENCODINGS and options.on_shard_failure == "fail"
         self._lanes: list[_Lane | None] = [None] * identity.num_layers
         self._epoch = 0                      # bumped by every connection or health change
         self._legs: dict[tuple[int, ...], tuple] = {}   # connections -> (them, their C leg pointers)
@@ -635,7 +654,7 @@ class BlockingExpertClient:
             return None
         lane = lanes[layer]
         if lane is not None and lane.epoch == self._epoch:
-            for c in lane.conns:
+            for c in lane.all_conns:
                 if c.broken:
                     break
             else:
@@ -644,14 +663,15 @@ class BlockingExpertClient:
         return lane
 
     def _new_lane(self, layer: int) -> _Lane | None:
-        entries = []
+        entries, rotating = [], []
         for si, sh in enumerate(self.shards):
             if sh.spec.serves(layer):
-                rep = sh.replicas[0]
-                conn = rep.conn
-                if conn is None or conn.broken or not rep.state.up():
+                reps = [r for r in sh.replicas if r.conn is not None and not r.conn.broken and r.state.up()]
+                if not reps:        # none up and connected: the general path reconnects or waits
                     return None
-                entries.append((si, sh, rep, conn))
+                entries.append((si, sh, reps[0], reps[0].conn))
+                if len(reps) > 1:
+                    rotating.append((len(entries) - 1, si, sh, reps))
         planner = self.planner
         norm_c, eps = ffi.NULL, 0.0
         if planner.encoding == "q8k":
@@ -661,8 +681,13 @@ class BlockingExpertClient:
             norm_c, eps = quantize.norm_c(layer), quantize.eps
         if not entries:
             return None
-        legs = [conn.leg(self.identity.hidden, sh.spec) for _, sh, _, conn in entries]
-        return _Lane(self._epoch, entries, legs, planner.encoding, norm_c, eps, planner.acc == "f64")
+        H = self.identity.hidden
+        legs = [conn.leg(H, sh.spec) for _, sh, _, conn in entries]
+        lane = _Lane(self._epoch, entries, legs, planner.encoding, norm_c, eps, planner.acc == "f64")
+        if rotating:
+            lane.rotate([(i, si, sh, [(r, r.conn, r.conn.leg(H, sh.spec)) for r in reps])
+                         for i, si, sh, reps in rotating], layer)
+        return lane
 
     def _lane_send(self, lane: _Lane, layer: int, h, ids, weights) -> Pending | None:
         """Every shard's request encoded and written by one C call; None if an id is out of
@@ -670,6 +695,8 @@ class BlockingExpertClient:
         H = self.identity.hidden
         out = np.empty((1, H), dtype=_F32)
         out_c = ffi.from_buffer("float[]", out)
+        if lane.rotating:
+            lane.advance()
         for c in lane.conns:
             c.sync_leg()
         timeout = self.options.timeout
@@ -708,12 +735,16 @@ class BlockingExpertClient:
         if lc.sent:
             sum_c = self._scratch64_c if lane.acc64 else lc.out_c
             error = None
+            # as the general path waits: while a replicated shard has another replica up, half
+            # of what is left, so a hung replica still leaves time to fail over
+            wait = min((self._attempt_deadline(sh, rep, lc.deadline) for _, sh, rep, _ in lane.entries),
+                       default=lc.deadline)
             if lane.tls:
-                stop, left, error = self._lane_read_each(lc, sum_c)
+                stop, left, error = self._lane_read_each(lc, sum_c, wait)
             else:
                 try:
-                    stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, lc.deadline,
-                                           lc.deadline - time.monotonic(), sum_c, True, lc.out_c)
+                    stop, left = c_collect(lane.ptrs, lane.n, self.identity.hidden, lane.acc64, wait,
+                                           wait - time.monotonic(), sum_c, True, lc.out_c)
                 finally:   # also when a signal handler raises (Ctrl-C): the bytes C read stay read
                     for c in lane.conns:
                         c.unsync_leg()
@@ -726,7 +757,7 @@ class BlockingExpertClient:
         self.lane_calls += 1
         return lc.out
 
-    def _lane_read_each(self, lc: _LaneCall, sum_c) -> tuple[int, float, Exception | None]:
+    def _lane_read_each(self, lc: _LaneCall, sum_c, wait: float) -> tuple[int, float, Exception | None]:
         """A lane with a TLS leg: the replies in shard order, each read by its connection (ssl
         records in Python, plain TCP in C) and checked and added by C, as lq_wire_token_collect
         does. Where one is not a plain success: (its leg, the time left, the transport error, or
@@ -738,13 +769,13 @@ class BlockingExpertClient:
                 continue
             rid = int(leg.id)
             try:
-                reply = c.recv_token(rid, lc.deadline, H, lane.acc64, sum_c, first, lc.out_c)
+                reply = c.recv_token(rid, wait, H, lane.acc64, sum_c, first, lc.out_c)
             except Exception as e:
-                return i, lc.deadline - time.monotonic(), e
+                return i, wait - time.monotonic(), e
             if reply is not None:
                 c.keep(rid, reply)
                 leg.status = lib.LQ_WIRE_DECLINED
-                return i, lc.deadline - time.monotonic(), None
+                return i, wait - time.monotonic(), None
             leg.sent = 2
             first = False
         return lane.n, 0.0, None
