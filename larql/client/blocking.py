@@ -446,9 +446,9 @@ class _TokenCall:
 
 class _Lane:
     """A layer's one-token calls in the steady state, set up once: one replica, up and
-    connected, of every shard that serves the layer (a replicated shard's: the policy's choice
-    when the lane was built, `_lane_replica`), so a call on plain TCP is two C calls
-    (lq_wire_token_send, lq_wire_token_collect) and a few lines.
+    connected, of every shard that serves the layer per call (a replicated shard's up replicas
+    in turn, `rotate`), so a call on plain TCP is two C calls (lq_wire_token_send,
+    lq_wire_token_collect) and a few lines.
     Over TLS the same C call builds every request (the norm and Q8_K step included) and
     Python's ssl writes and reads the records; C still checks and adds each reply.
 
@@ -530,7 +530,7 @@ class BlockingExpertClient:
         self._scratch64 = np.empty(identity.hidden, dtype=np.float64)
         self._scratch64_c = ffi.from_buffer(self._scratch64)
         # The lane (one-token calls in two C calls) serves clients that fail rather than
-        # renormalise, with an encoding C builds; each lane holds one replica per shard.
+        # renormalise, with an encoding C builds; a call uses one replica per shard (`_Lane`).
         self._lane_ok = options.encoding in protocol_c.ENCODINGS and options.on_shard_failure == "fail"
         self._lanes: list[_Lane | None] = [None] * identity.num_layers
         self._epoch = 0                      # bumped by every connection or health change
